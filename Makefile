@@ -1,0 +1,35 @@
+# The README's two commands: `make run` and `make test`. Everything else builds on them.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+export GATEWAY_MASTER_KEY ?= sk-gateway-dev-master-key
+
+.PHONY: install run test demo lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	@echo "llm-gateway on http://$${GATEWAY_HOST:-127.0.0.1}:$${GATEWAY_PORT:-8080}/v1 (database: $${DATABASE_URL:-embedded SQLite in ./var})"
+	$(VENV)/bin/llm-gateway serve
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) -m tests.demo
+
+lint: install
+	$(VENV)/bin/ruff check app tests bench
+	$(VENV)/bin/ruff format --check app tests bench
+	$(VENV)/bin/mypy app
+
+clean:
+	rm -rf $(VENV) var build *.egg-info

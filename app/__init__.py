@@ -1,0 +1,1 @@
+"""llm-gateway: an OpenAI-compatible gateway that meters every call's tokens and cost."""

@@ -1,0 +1,35 @@
+"""Who pays for a call: the product feature and the end user, from headers (and the body's `user`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from app.call import CallRecord
+from app.errors import bad_request
+
+_MAX_LEN = 128
+
+
+def _checked(value: str, param: str) -> str:
+    if not 1 <= len(value) <= _MAX_LEN or not value.isprintable():
+        raise bad_request(f"{param} must be 1-{_MAX_LEN} printable characters", param=param)
+    return value
+
+
+def attribute(call: CallRecord, headers: Mapping[str, str], body: Mapping[str, Any] | None) -> None:
+    feature = headers.get("x-feature")
+    if feature is not None:
+        call.feature = _checked(feature, "X-Feature")
+    user = headers.get("x-user-id")
+    if user is not None:
+        call.user_id = _checked(user, "X-User-Id")
+        return
+    if body is None:
+        return
+    # OpenAI's own end-user fields: `user`, and its successor `safety_identifier`.
+    for field in ("user", "safety_identifier"):
+        value = body.get(field)
+        if isinstance(value, str):
+            call.user_id = _checked(value, field)
+            return

@@ -1,0 +1,91 @@
+"""What one gateway call learned about itself, kept on the request's state.
+
+Routes and the upstream client fill it in as the call proceeds; the access log and the metering
+middleware read it once the response has ended. It is the only channel between them, so the data path
+stays one-directional.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.types import Scope
+
+STATE_KEY = "gateway_call"
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    # Subsets of prompt_tokens / completion_tokens, never added on top (ARCHITECTURE.md, pitfall 8).
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @classmethod
+    def from_openai(cls, usage: dict[str, Any]) -> Usage:
+        """Chat/embeddings usage (prompt_/completion_tokens) or Responses usage (input_/output_tokens)."""
+        prompt = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
+        completion = _int(usage.get("completion_tokens", usage.get("output_tokens")))
+        prompt_details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+        completion_details = (
+            usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
+        )
+        total = usage.get("total_tokens")
+        return cls(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=_int(total) if total is not None else prompt + completion,
+            cached_tokens=_int(prompt_details.get("cached_tokens"))
+            if isinstance(prompt_details, dict)
+            else 0,
+            reasoning_tokens=(
+                _int(completion_details.get("reasoning_tokens"))
+                if isinstance(completion_details, dict)
+                else 0
+            ),
+        )
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+@dataclass(slots=True)
+class CallRecord:
+    request_id: str
+    method: str
+    path: str
+    started: float = field(default_factory=time.perf_counter)
+    created_at: float = field(default_factory=time.time)
+    # Set by auth and attribution.
+    api_key_id: str | None = None
+    feature: str | None = None
+    user_id: str | None = None
+    # Set by the route: metered routes set `endpoint`; unmetered ones leave it None.
+    endpoint: str | None = None
+    model: str | None = None
+    stream: bool = False
+    # Set by the upstream client and the relay.
+    upstream_model: str | None = None
+    attempts: int = 0
+    status_code: int = 0
+    usage: Usage | None = None
+    ttfb_s: float | None = None
+    error_type: str | None = None
+    client_disconnected: bool = False
+    # What the metering needs to count tokens itself when the upstream reports no usage.
+    request_body: dict[str, Any] | None = None
+    completion_parts: list[str] = field(default_factory=list)
+
+    def mark_first_byte(self) -> None:
+        if self.ttfb_s is None:
+            self.ttfb_s = time.perf_counter() - self.started
+
+
+def get_call(scope: Scope) -> CallRecord | None:
+    state = scope.get("state")
+    return state.get(STATE_KEY) if state is not None else None

@@ -1,0 +1,101 @@
+"""Every setting the gateway reads, validated once at start-up.
+
+The names without the GATEWAY_ prefix (OPENAI_API_KEY, OPENAI_BASE_URL, DATABASE_URL) are the ones
+the OpenAI SDKs and most deployments already use, so they are read as they are.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_UPSTREAM = "https://api.openai.com/v1"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_", extra="ignore", frozen=True, populate_by_name=True
+    )
+
+    # The external contract (ARCHITECTURE.md).
+    openai_api_key: SecretStr | None = Field(default=None, validation_alias="OPENAI_API_KEY")
+    openai_base_url: str = Field(default=DEFAULT_UPSTREAM, validation_alias="OPENAI_BASE_URL")
+    database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
+    master_key: SecretStr = Field(validation_alias="GATEWAY_MASTER_KEY", min_length=8)
+    redis_url: str | None = Field(default=None, validation_alias="GATEWAY_REDIS_URL")
+    config_file: Path | None = Field(default=None, validation_alias="GATEWAY_CONFIG")
+
+    # Where the embedded SQLite database and the usage spool live when nothing else is configured.
+    data_dir: Path = Path("./var")
+
+    # Retry policy for upstream calls.
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    retry_deadline_s: float = Field(default=60.0, gt=0)
+    backoff_initial_s: float = Field(default=0.5, ge=0)
+    backoff_max_s: float = Field(default=8.0, ge=0)
+    retry_after_max_s: float = Field(default=30.0, ge=0)
+    # Answer `x-should-retry: false` once the gateway has spent its own retries, so the SDK's retries
+    # do not multiply the gateway's.
+    suppress_client_retries: bool = True
+
+    # Timeouts.
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    stream_read_timeout_s: float = Field(default=120.0, gt=0)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+
+    # Limits.
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    upstream_max_connections: int = Field(default=2048, ge=1)
+
+    # Process.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1, le=256)
+    shutdown_timeout_s: float = Field(default=30.0, ge=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("openai_base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("openai_api_key", "database_url", "redis_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> Settings:
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("GATEWAY_BACKOFF_MAX_S must be >= GATEWAY_BACKOFF_INITIAL_S")
+        return self
+
+    @property
+    def upstream_configured(self) -> bool:
+        # A self-hosted OpenAI-compatible server often needs no key; OpenAI itself always does.
+        return self.openai_api_key is not None or self.openai_base_url != DEFAULT_UPSTREAM
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message is one line meant for the operator."""
+
+
+def _env_name(loc: tuple[int | str, ...]) -> str:
+    # Errors on aliased fields are located by their env name already; the others by field name.
+    name = str(loc[0]) if loc else ""
+    if name in Settings.model_fields and not Settings.model_fields[name].validation_alias:
+        return f"GATEWAY_{name.upper()}"
+    return name or "settings"
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError(f"invalid configuration: {_env_name(err['loc'])}: {err['msg']}") from None

@@ -1,0 +1,83 @@
+"""Outermost middleware: gives each request its id and CallRecord, and writes its one access-log line.
+
+Pure ASGI (not BaseHTTPMiddleware), so streamed responses pass through event by event.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.call import STATE_KEY, CallRecord
+from app.errors import bad_request
+from app.logs import request_id_var
+
+access_log = logging.getLogger("gateway.access")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:~+/=-]{1,128}")
+
+
+def new_request_id() -> str:
+    return f"req_{uuid.uuid4().hex}"
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = header(scope, b"x-request-id")
+        valid = incoming is None or _REQUEST_ID.fullmatch(incoming) is not None
+        request_id = incoming if incoming is not None and valid else new_request_id()
+        call = CallRecord(request_id=request_id, method=scope["method"], path=scope["path"])
+        scope.setdefault("state", {})[STATE_KEY] = call
+        token = request_id_var.set(request_id)
+        id_header = (b"x-request-id", request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                call.status_code = message["status"]
+                message["headers"] = [*message.get("headers", ()), id_header]
+            await send(message)
+
+        try:
+            if valid:
+                await self.app(scope, receive, send_with_id)
+            else:
+                error = bad_request(
+                    "X-Request-Id must be 1-128 characters of letters, digits and ._:~+/=-",
+                    param="X-Request-Id",
+                )
+                await error.response()(scope, receive, send_with_id)
+        finally:
+            access_log.info(
+                "request",
+                extra={
+                    "method": call.method,
+                    "path": call.path,
+                    "status": call.status_code,
+                    "latency_ms": round((time.perf_counter() - call.started) * 1000, 2),
+                    "attempts": call.attempts,
+                    "feature": call.feature,
+                    "user": call.user_id,
+                    "model": call.model,
+                    "stream": call.stream,
+                    "client_disconnected": call.client_disconnected,
+                    "error_type": call.error_type,
+                },
+            )
+            request_id_var.reset(token)

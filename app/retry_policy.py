@@ -1,0 +1,123 @@
+"""When an upstream call is tried again, and after how long.
+
+Mirrors openai-python's `_base_client` rules (408/409/429/5xx, `x-should-retry`, `retry-after-ms`
+then `Retry-After`), with full-jitter exponential backoff between attempts, a cap on any wait the
+upstream asks for, a maximum number of attempts and a deadline after which no attempt starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
+
+import aiohttp
+from tenacity import AsyncRetrying, RetryCallState, stop_after_attempt, stop_before_delay
+from tenacity.retry import retry_base
+from tenacity.wait import wait_base, wait_random_exponential
+
+from app.config import Settings
+
+log = logging.getLogger("gateway.upstream")
+
+RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+# A stream's first byte is read inside the attempt, so a drop before it is still a retryable failure.
+RETRYABLE_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
+
+
+def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """The wait the upstream asked for, in seconds: `retry-after-ms` first, then `Retry-After` as
+    seconds or as an HTTP date."""
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        try:
+            return max(float(value) / 1000, 0.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - (time.time() if now is None else now), 0.0)
+
+
+def is_retryable_status(status: int, headers: Mapping[str, str]) -> bool:
+    hint = headers.get("x-should-retry")
+    if hint == "true":
+        return True
+    if hint == "false":
+        return False
+    return status in RETRYABLE_STATUSES
+
+
+class _RetryOutcome(retry_base):
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        outcome = retry_state.outcome
+        if outcome is None:
+            return False
+        if outcome.failed:
+            return isinstance(outcome.exception(), RETRYABLE_ERRORS)
+        response = outcome.result()
+        return is_retryable_status(response.status, response.headers)
+
+
+class _Wait(wait_base):
+    def __init__(self, settings: Settings) -> None:
+        self._backoff = wait_random_exponential(
+            multiplier=settings.backoff_initial_s, max=settings.backoff_max_s
+        )
+        self._cap = settings.retry_after_max_s
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        outcome = retry_state.outcome
+        if outcome is not None and not outcome.failed:
+            asked = retry_after_s(outcome.result().headers)
+            if asked is not None:
+                return min(asked, self._cap)
+        return float(self._backoff(retry_state))
+
+
+def _log_retry(retry_state: RetryCallState) -> None:
+    outcome = retry_state.outcome
+    assert outcome is not None
+    failure = type(outcome.exception()).__name__ if outcome.failed else f"status {outcome.result().status}"
+    log.info(
+        "retrying upstream call",
+        extra={
+            "attempt": retry_state.attempt_number,
+            "failure": failure,
+            "sleep_s": round(retry_state.upcoming_sleep, 3),
+        },
+    )
+
+
+def _last_outcome(retry_state: RetryCallState) -> object:
+    # Exhausted on a response: hand back the last response (its status and body go to the client).
+    # Exhausted on an exception: re-raise it.
+    assert retry_state.outcome is not None
+    return retry_state.outcome.result()
+
+
+class RetryPolicy:
+    def __init__(self, settings: Settings) -> None:
+        self.max_attempts = settings.max_attempts
+        self._stop = stop_after_attempt(settings.max_attempts) | stop_before_delay(settings.retry_deadline_s)
+        self._wait = _Wait(settings)
+
+    def retrying(self) -> AsyncRetrying:
+        return AsyncRetrying(
+            stop=self._stop,
+            wait=self._wait,
+            retry=_RetryOutcome(),
+            before_sleep=_log_retry,
+            retry_error_callback=_last_outcome,
+        )

@@ -1,0 +1,143 @@
+"""SSE relay: upstream events go to the client one by one, as they arrive, byte for byte.
+
+Divergences from a plain byte pipe, each deliberate:
+1. The gateway always asks the upstream for usage (`stream_options.include_usage`). When the client did
+   not ask, the usage-only chunk (`choices: []`) is kept back and `"usage":null` is taken out of the
+   other chunks, so client code doing `chunk.choices[0]` sees exactly what OpenAI would have sent it.
+2. A stream the upstream breaks off (connection lost, read timeout, no `[DONE]`) ends with an OpenAI
+   error event, so the SDKs raise instead of returning a silently truncated answer.
+3. When the client goes away, the upstream response is closed at once so the upstream stops generating
+   (and billing) tokens nobody reads (ARCHITECTURE.md, pitfall 2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import aiohttp
+import orjson
+
+from app.call import CallRecord, Usage
+from app.errors import error_body
+from app.upstream import UpstreamResponse
+
+DONE = b"[DONE]"
+
+
+class EventInspector(Protocol):
+    done: bool
+
+    def __call__(self, event: bytes) -> bytes | None:
+        """Learn what metering needs from one event; return the bytes to relay, or None to keep it back."""
+
+
+def sse_data(event: bytes) -> bytes | None:
+    """The data of one SSE event (its `data:` lines joined), or None for comments and data-less events."""
+    if event.startswith(b"data: ") and event.count(b"\n") == 2:
+        return event[6:-2]
+    lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
+
+
+class ChatChunkInspector:
+    def __init__(self, call: CallRecord, client_wants_usage: bool) -> None:
+        self.call = call
+        self.client_wants_usage = client_wants_usage
+        self.done = False
+
+    def __call__(self, event: bytes) -> bytes | None:
+        data = sse_data(event)
+        if data is None:
+            return event
+        if data == DONE:
+            self.done = True
+            return event
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return event
+        if not isinstance(chunk, dict):
+            return event
+        call = self.call
+        if call.upstream_model is None and isinstance(chunk.get("model"), str):
+            call.upstream_model = chunk["model"]
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            call.usage = Usage.from_openai(usage)
+        choices = chunk.get("choices")
+        if isinstance(choices, list):
+            self._collect(choices)
+            if not choices and isinstance(usage, dict) and not self.client_wants_usage:
+                return None
+        if not self.client_wants_usage:
+            return event.replace(b',"usage":null', b"")
+        return event
+
+    def _collect(self, choices: list[object]) -> None:
+        # The text relayed, kept so metering can count completion tokens if no usage ever arrives.
+        parts = self.call.completion_parts
+        for choice in choices:
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if not isinstance(delta, dict):
+                continue
+            content = delta.get("content")
+            if isinstance(content, str) and content:
+                parts.append(content)
+            tool_calls = delta.get("tool_calls")
+            if isinstance(tool_calls, list):
+                for tool_call in tool_calls:
+                    function = tool_call.get("function") if isinstance(tool_call, dict) else None
+                    if isinstance(function, dict):
+                        for key in ("name", "arguments"):
+                            if isinstance(function.get(key), str):
+                                parts.append(function[key])
+
+
+def _error_event(message: str, code: str) -> bytes:
+    return b"data: " + error_body(message, status=502, code=code) + b"\n\n"
+
+
+async def relay_sse(
+    upstream: UpstreamResponse, call: CallRecord, inspect: EventInspector
+) -> AsyncIterator[bytes]:
+    response = upstream.stream
+    assert response is not None
+    buffer = upstream.body
+    failure: tuple[str, str] | None = None
+    try:
+        while True:
+            if b"\r" in buffer:
+                buffer = buffer.replace(b"\r\n", b"\n")
+            start = 0
+            while (end := buffer.find(b"\n\n", start)) != -1:
+                event = buffer[start : end + 2]
+                start = end + 2
+                # Anything after [DONE] is not part of the answer.
+                out = None if inspect.done else inspect(event)
+                if out is not None:
+                    call.mark_first_byte()
+                    yield out
+            buffer = buffer[start:]
+            chunk = await response.content.readany()
+            if not chunk:
+                break
+            buffer += chunk
+        if not inspect.done:
+            failure = ("The upstream ended the stream before it was complete.", "upstream_stream_incomplete")
+    except (asyncio.CancelledError, GeneratorExit):
+        call.client_disconnected = True
+        raise
+    except (TimeoutError, aiohttp.ServerTimeoutError):
+        failure = ("The upstream stopped sending events (read timeout).", "upstream_stream_timeout")
+    except aiohttp.ClientError:
+        failure = ("The upstream connection broke during the stream.", "upstream_stream_broken")
+    finally:
+        if inspect.done:
+            response.release()
+        else:
+            response.close()
+    if failure is not None:
+        call.error_type = failure[1]
+        yield _error_event(*failure)

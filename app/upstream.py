@@ -1,0 +1,179 @@
+"""The one upstream HTTP client per process, and the retrying call through it.
+
+aiohttp rather than httpx (or AsyncOpenAI on httpx): measured on this 2-core machine kind, a bare
+pass-through relaying with aiohttp did ~2,860 req/s on one core, the same with httpx ~350 req/s
+(ARCHITECTURE.md, pitfall 3). The gateway relays bytes, so it needs no SDK models here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import aiohttp
+from multidict import CIMultiDictProxy
+
+from app.call import CallRecord
+from app.config import Settings
+from app.retry_policy import RetryPolicy, is_retryable_status
+
+# Headers of the client's request that never go upstream: the client's gateway key, the gateway's
+# own attribution headers, hop-by-hop headers, and identity headers that belong to the client's
+# OpenAI account rather than the gateway's key.
+_DROP_REQUEST = frozenset(
+    {
+        "authorization",
+        "host",
+        "content-length",
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "expect",
+        "cookie",
+        "accept-encoding",
+        "x-feature",
+        "x-user-id",
+        "x-request-id",
+        "openai-organization",
+        "openai-project",
+    }
+)
+# Upstream response headers a client's SDK reads; everything else (cookies, CDN headers, framing)
+# stays here. The upstream's x-request-id is renamed: ours is the one the client sees.
+_RELAY_RESPONSE = frozenset(
+    {"retry-after", "retry-after-ms", "openai-processing-ms", "openai-version", "openai-model"}
+)
+
+
+class UpstreamUnavailable(Exception):
+    """No response after every attempt: `timeout` (→ 504) or `connect` (→ 502)."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+
+
+@dataclass(slots=True)
+class UpstreamResponse:
+    status: int
+    headers: CIMultiDictProxy[str]
+    # The whole body, or for an open stream the first bytes (read inside the attempt, so a failure
+    # before them is retried while nothing has reached the client yet).
+    body: bytes
+    stream: aiohttp.ClientResponse | None = None
+
+
+def upstream_request_headers(client_headers: Mapping[str, str], api_key: str | None) -> dict[str, str]:
+    headers = {
+        name: value
+        for name, value in client_headers.items()
+        if name not in _DROP_REQUEST and not name.startswith("x-gateway-")
+    }
+    if api_key is not None:
+        headers["authorization"] = f"Bearer {api_key}"
+    return headers
+
+
+def relay_response_headers(upstream: Mapping[str, str]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for name, value in upstream.items():
+        lower = name.lower()
+        if lower in _RELAY_RESPONSE or lower.startswith("x-ratelimit-"):
+            headers[lower] = value
+        elif lower == "x-request-id":
+            headers["x-upstream-request-id"] = value
+    return headers
+
+
+class UpstreamClient:
+    def __init__(self, settings: Settings) -> None:
+        self._base_url = settings.openai_base_url
+        self._api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+        self.policy = RetryPolicy(settings)
+        self.suppress_client_retries = settings.suppress_client_retries and settings.max_attempts > 1
+        self._json_timeout = aiohttp.ClientTimeout(
+            total=settings.request_timeout_s, sock_connect=settings.connect_timeout_s
+        )
+        # A stream may last as long as the model writes; only the gap between reads is bounded.
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=settings.request_timeout_s,
+            sock_connect=settings.connect_timeout_s,
+            sock_read=settings.stream_read_timeout_s,
+        )
+        self._max_connections = settings.upstream_max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300
+        )
+        # The gateway relays upstream bytes; cookies would leak one client's state into another's calls.
+        self._session = aiohttp.ClientSession(
+            connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=True
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def request_headers(self, client_headers: Mapping[str, str]) -> dict[str, str]:
+        return upstream_request_headers(client_headers, self._api_key)
+
+    def relay_headers(self, response: UpstreamResponse) -> dict[str, str]:
+        return relay_response_headers(response.headers)
+
+    def error_headers(self, response: UpstreamResponse) -> dict[str, str]:
+        """Headers for an upstream error relayed to the client after the gateway's retries."""
+        headers = relay_response_headers(response.headers)
+        if self.suppress_client_retries and is_retryable_status(response.status, response.headers):
+            # The gateway already retried; the SDK's own retries would multiply the attempts.
+            headers["x-should-retry"] = "false"
+        return headers
+
+    async def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes,
+        headers: Mapping[str, str],
+        stream: bool,
+        call: CallRecord,
+    ) -> UpstreamResponse:
+        assert self._session is not None, "UpstreamClient.start() was not awaited"
+        session = self._session
+        url = self._base_url + path
+        timeout = self._stream_timeout if stream else self._json_timeout
+
+        async def attempt() -> UpstreamResponse:
+            call.attempts += 1
+            response = await session.request(method, url, data=body, headers=headers, timeout=timeout)
+            try:
+                is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
+                if stream and response.status < 300 and is_sse:
+                    first = await response.content.readany()
+                    if not first:
+                        raise aiohttp.ClientPayloadError("upstream closed the stream before its first byte")
+                    return UpstreamResponse(response.status, response.headers, first, response)
+                data = await response.read()
+            except BaseException:
+                response.close()
+                raise
+            response.release()
+            return UpstreamResponse(response.status, response.headers, data)
+
+        try:
+            result: UpstreamResponse = await self.policy.retrying()(attempt)
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamUnavailable(
+                "timeout", f"upstream timed out after {call.attempts} attempt(s)"
+            ) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamUnavailable(
+                "connect", f"upstream unreachable after {call.attempts} attempt(s): {type(exc).__name__}"
+            ) from exc
+        return result

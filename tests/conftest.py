@@ -1,0 +1,116 @@
+"""Real parts only: a fresh Postgres database per run, the fake OpenAI upstream and the gateway as real
+HTTP servers on 127.0.0.1, and the official openai SDK as the client."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import asyncpg
+import openai
+import pytest
+from sqlalchemy.engine import make_url
+
+from app.config import Settings
+from tests.fakes.openai_upstream import FakeOpenAI
+from tests.harness import MASTER_KEY, ThreadedGateway
+
+ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _plain(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def _admin(sql: str) -> None:
+    conn = await asyncpg.connect(_plain(ADMIN_URL))
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A database made for this test run, dropped at its end."""
+    name = f"gateway_test_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+    url = make_url(_plain(ADMIN_URL)).set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def fake_server() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI() as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake(fake_server: FakeOpenAI) -> FakeOpenAI:
+    fake_server.reset()
+    return fake_server
+
+
+@pytest.fixture(scope="session")
+def make_settings(
+    fake_server: FakeOpenAI, database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., Settings]:
+    data_dir = tmp_path_factory.mktemp("gateway-data")
+
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "master_key": MASTER_KEY,
+            "openai_api_key": fake_server.api_key,
+            "openai_base_url": fake_server.base_url,
+            "database_url": database_url,
+            "data_dir": data_dir,
+            # Short waits keep retry tests fast; the policy under test is the same.
+            "backoff_initial_s": 0.01,
+            "backoff_max_s": 0.05,
+            "log_level": "warning",
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def gateway(make_settings: Callable[..., Settings]) -> Iterator[ThreadedGateway]:
+    server = ThreadedGateway(make_settings()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_gateway(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., ThreadedGateway]]:
+    """A gateway with its own settings, for the tests that need other limits or timeouts."""
+    started: list[ThreadedGateway] = []
+
+    def start(**overrides: Any) -> ThreadedGateway:
+        server = ThreadedGateway(make_settings(**overrides)).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def sdk_client(base_url: str, **kwargs: Any) -> openai.OpenAI:
+    # max_retries=0: every retry counted at the fake upstream is the gateway's own.
+    kwargs.setdefault("api_key", MASTER_KEY)
+    kwargs.setdefault("max_retries", 0)
+    return openai.OpenAI(base_url=base_url, **kwargs)
+
+
+@pytest.fixture
+def client(gateway: ThreadedGateway) -> Iterator[openai.OpenAI]:
+    with sdk_client(gateway.base_url) as sdk:
+        yield sdk

@@ -1,0 +1,535 @@
+"""A fake api.openai.com: a real aiohttp server on 127.0.0.1 for the tests, the demo and the benchmark.
+
+    with FakeOpenAI() as fake:                       # background thread, ephemeral port
+        fake.reply(content="Hi", usage={"cached_tokens": 12})
+        fake.fail(429, headers={"retry-after-ms": "20"})
+        client = openai.OpenAI(base_url=fake.base_url, api_key=fake.api_key)
+
+    python -m tests.fakes.openai_upstream --port 9911 --first-token-delay-ms 20 --inter-token-delay-ms 5
+
+Serves POST /v1/chat/completions, POST /v1/embeddings, GET /v1/models[/{id}]; anything else gets OpenAI's
+404 "Invalid URL" body. Bodies, chunk framing and default usage are described in ``openai_payloads``.
+
+Deliberate divergences from OpenAI:
+- one choice only (``n`` is ignored); no logprobs, audio or refusals;
+- a missing Authorization header gets OpenAI's "You didn't provide an API key" 401, a wrong one the
+  ``invalid_api_key`` 401;
+- scripted faults are consumed by POST requests only, so a gateway's GET /v1/models probe cannot eat
+  a fault a test meant for the next completion.
+
+Each POST takes at most one fault off the FIFO (checked after auth, before any reply is taken); a chat
+completion then takes the next scripted reply, or the default one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import orjson
+from aiohttp import web
+
+from tests.fakes import openai_payloads as p
+
+JSON_TYPE = "application/json"
+SSE_TYPE = "text/event-stream; charset=utf-8"
+
+
+@dataclass
+class RecordedRequest:
+    """One request as the fake saw it; the last four fields are filled in as it is answered."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]  # lower-case names
+    body: bytes
+    json: Any | None
+    request_id: str  # the x-request-id the fake answered with
+    usage: dict[str, Any] | None = None  # as sent in the body; None when no usage reached the client
+    status: int | None = None  # None when the fake dropped the connection or never answered
+    disconnected: bool = False  # the client went away before the fake had finished
+    received_at: float = field(default_factory=time.monotonic)  # when the request arrived
+
+
+@dataclass(frozen=True)
+class _Fail:
+    status: int
+    body: Mapping[str, Any] | str | bytes | None
+    headers: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class _Drop:
+    pass
+
+
+@dataclass(frozen=True)
+class _SlowFirstByte:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Cut:
+    """Send ``after_chunks`` events (or half a JSON body), then close, or hang until the client leaves."""
+
+    after_chunks: int
+    hang: bool
+
+
+_Fault = _Fail | _Drop | _SlowFirstByte | _Cut
+
+
+@dataclass
+class _Call:
+    request: web.Request
+    record: RecordedRequest
+    started: float = field(default_factory=time.monotonic)
+
+
+class FakeOpenAI:
+    """Thread-safe: script it and read its log from any thread while it serves on its own loop."""
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        api_key: str = "sk-upstream-test",
+        first_token_delay_s: float = 0.0,
+        inter_token_delay_s: float = 0.0,
+        stream_usage: bool = True,
+        record_requests: bool = True,
+    ) -> None:
+        self.host, self.port, self.api_key = host, port, api_key
+        # Off for the benchmark: a log of every request would grow without bound.
+        self.record_requests = record_requests
+        self.first_token_delay_s = first_token_delay_s
+        self.inter_token_delay_s = inter_token_delay_s
+        self.stream_usage = stream_usage
+        self.client_disconnected = threading.Event()  # set when any client leaves mid-answer
+        self._cond = threading.Condition()
+        self._requests: list[RecordedRequest] = []
+        self._replies: deque[p.Reply] = deque()
+        self._faults: deque[_Fault] = deque()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        if not self.port:
+            raise RuntimeError("FakeOpenAI is not started")
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self) -> Self:
+        if self._thread is not None:
+            raise RuntimeError("FakeOpenAI is already started")
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                asyncio.run(self.serve(on_ready=ready.set))
+            except Exception as exc:  # surfaced to start()'s caller below
+                failure.append(exc)
+                ready.set()
+
+        self._thread = threading.Thread(target=run, name=f"fake-openai-{id(self):x}", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failure:
+            self._thread.join()
+            self._thread = None
+            raise failure[0]
+        return self
+
+    def stop(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._request_stop()
+        thread.join(timeout=10)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    async def serve(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Serve on the running loop until stop() (or a signal, when run as a script)."""
+        self._loop, self._stopping = asyncio.get_running_loop(), asyncio.Event()
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        # handler_cancellation: without it aiohttp (>= 3.9) lets a handler run on after the client has
+        # gone, and a hanging stream would never learn of it.
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self.host, self.port).start()
+            self.port = runner.addresses[0][1]
+            if on_ready is not None:
+                on_ready()
+            await self._stopping.wait()
+        finally:
+            await runner.cleanup()
+
+    def _request_stop(self) -> None:
+        if self._loop is not None and self._stopping is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._stopping.set)
+
+    # -- scripting -------------------------------------------------------------------------------------
+
+    def reply(
+        self,
+        content: str | None = None,
+        *,
+        tool_calls: Sequence[Mapping[str, Any]] | None = None,
+        usage: Mapping[str, Any] | None = None,
+        model: str | None = None,
+        finish_reason: str | None = None,
+        chunks: Sequence[str] | None = None,
+        stream_usage: bool | None = None,
+    ) -> None:
+        """Queue the answer of the next chat completion (FIFO)."""
+        with self._cond:
+            self._replies.append(
+                p.Reply(content, tool_calls, usage, model, finish_reason, chunks, stream_usage)
+            )
+
+    def fail(
+        self,
+        status: int,
+        times: int = 1,
+        body: Mapping[str, Any] | str | bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Answer the next ``times`` POSTs with an OpenAI error (or ``body`` as given)."""
+        self._add_fault(_Fail(status, body, dict(headers or {})), times)
+
+    def drop_connection(self, times: int = 1) -> None:
+        self._add_fault(_Drop(), times)
+
+    def drop_mid_stream(self, after_chunks: int = 1, times: int = 1) -> None:
+        self._add_fault(_Cut(after_chunks, hang=False), times)
+
+    def hang_stream(self, chunks_before_hang: int = 1, times: int = 1) -> None:
+        """Send some events (none for a non-streamed call), then wait for the client to leave."""
+        self._add_fault(_Cut(chunks_before_hang, hang=True), times)
+
+    def slow_first_byte(self, seconds: float, times: int = 1) -> None:
+        self._add_fault(_SlowFirstByte(seconds), times)
+
+    def _add_fault(self, fault: _Fault, times: int) -> None:
+        with self._cond:
+            self._faults.extend([fault] * times)
+
+    def reset(self) -> None:
+        with self._cond:
+            self._requests.clear()
+            self._replies.clear()
+            self._faults.clear()
+            self.client_disconnected.clear()
+
+    # -- request log -----------------------------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        with self._cond:
+            return list(self._requests)
+
+    def wait_for(self, predicate: Callable[[RecordedRequest], bool], timeout: float = 5.0) -> RecordedRequest:
+        """The first recorded request matching ``predicate``, waiting for one up to ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                match = next((r for r in self._requests if predicate(r)), None)
+                if match is not None:
+                    return match
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    seen = [(r.method, r.path, r.status, r.disconnected) for r in self._requests]
+                    raise TimeoutError(f"no request matched in {timeout}s; saw {seen}")
+                self._cond.wait(remaining)
+
+    def wait_for_requests(self, n: int, timeout: float = 5.0) -> list[RecordedRequest]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self._requests) < n:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"saw {len(self._requests)} of {n} requests in {timeout}s")
+                self._cond.wait(remaining)
+            return list(self._requests)
+
+    async def wait_for_async(
+        self,
+        predicate: Callable[[RecordedRequest], bool],
+        timeout: float = 5.0,  # noqa: ASYNC109 - the deadline lives in wait_for, on a worker thread
+    ) -> RecordedRequest:
+        """wait_for() off the event loop, for tests whose gateway shares the test's loop."""
+        return await asyncio.to_thread(self.wait_for, predicate, timeout)
+
+    def _update(self, record: RecordedRequest, **changes: Any) -> None:
+        with self._cond:
+            for name, value in changes.items():
+                setattr(record, name, value)
+            self._cond.notify_all()
+        if changes.get("disconnected"):
+            self.client_disconnected.set()
+
+    # -- HTTP ------------------------------------------------------------------------------------------
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        try:
+            parsed = orjson.loads(body) if body else None
+        except orjson.JSONDecodeError:
+            parsed = None
+        record = RecordedRequest(
+            method=request.method,
+            path=request.path,
+            query=dict(request.query),
+            headers={k.lower(): v for k, v in request.headers.items()},
+            body=body,
+            json=parsed,
+            request_id="req_" + secrets.token_hex(16),
+        )
+        if self.record_requests:
+            with self._cond:
+                self._requests.append(record)
+                self._cond.notify_all()
+        call = _Call(request, record)
+        try:
+            return await self._answer(call)
+        except (asyncio.CancelledError, ConnectionResetError) as exc:
+            # Cancelled by stop() is not a client leaving.
+            if self._stopping is None or not self._stopping.is_set():
+                self._update(record, disconnected=True)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return web.Response()
+
+    async def _answer(self, call: _Call) -> web.StreamResponse:
+        request = call.request
+        auth = request.headers.get("Authorization")
+        if auth != f"Bearer {self.api_key}":
+            if auth is None:
+                return await self._error(call, 401, p.error(p.NO_KEY_MESSAGE, "invalid_request_error"))
+            given = p.mask_key(auth.removeprefix("Bearer "))
+            message = (
+                f"Incorrect API key provided: {given}. "
+                "You can find your API key at https://platform.openai.com/account/api-keys."
+            )
+            return await self._error(call, 401, p.error(message, "invalid_request_error", "invalid_api_key"))
+        endpoint = self._route(request.method, request.path)
+        if endpoint is None:
+            message = f"Invalid URL ({request.method} {request.path})"
+            return await self._error(call, 404, p.error(message, "invalid_request_error"))
+        fault: _Fault | None = None
+        if request.method == "POST":
+            with self._cond:
+                fault = self._faults.popleft() if self._faults else None
+        if isinstance(fault, _Drop):
+            return self._drop(call)
+        if isinstance(fault, _Fail):
+            return await self._fail(call, fault)
+        if isinstance(fault, _SlowFirstByte):
+            await asyncio.sleep(fault.seconds)
+        return await endpoint(call, fault if isinstance(fault, _Cut) else None)
+
+    def _route(
+        self, method: str, path: str
+    ) -> Callable[[_Call, _Cut | None], Awaitable[web.StreamResponse]] | None:
+        if method == "POST" and path == "/v1/chat/completions":
+            return self._chat
+        if method == "POST" and path == "/v1/embeddings":
+            return self._embeddings
+        if method == "GET" and (path == "/v1/models" or path.startswith("/v1/models/")):
+            return self._models
+        return None
+
+    async def _chat(self, call: _Call, cut: _Cut | None) -> web.StreamResponse:
+        body = call.record.json
+        if (problem := p.invalid_request(body, "messages")) is not None:
+            return await self._error(call, 400, problem)
+        assert isinstance(body, dict)
+        if body.get("stream_options") is not None and body.get("stream") is not True:
+            message = "The 'stream_options' parameter is only allowed when 'stream' is enabled."
+            problem = p.error(message, "invalid_request_error", None, "stream_options")
+            return await self._error(call, 400, problem)
+        with self._cond:
+            scripted = self._replies.popleft() if self._replies else None
+        plan = p.plan_reply(body, scripted)
+        completion_id, created = p.random_id("chatcmpl-", 29), int(time.time())
+        if body.get("stream") is True:
+            return await self._stream(call, body, plan, completion_id, created, cut)
+        # A non-streamed answer takes as long as the same answer streamed would.
+        delay = self.first_token_delay_s + self.inter_token_delay_s * max(0, len(plan.pieces) - 1)
+        if delay:
+            await asyncio.sleep(delay)
+        payload = p.dump_body(p.completion_body(plan, completion_id, created))
+        return await self._send(call, 200, payload, cut, usage=plan.usage)
+
+    async def _stream(
+        self,
+        call: _Call,
+        body: dict[str, Any],
+        plan: p.Plan,
+        completion_id: str,
+        created: int,
+        cut: _Cut | None,
+    ) -> web.StreamResponse:
+        options = body.get("stream_options") or {}
+        sends_usage = self.stream_usage if plan.stream_usage is None else plan.stream_usage
+        include_usage = options.get("include_usage") is True and sends_usage
+        chunks = p.stream_chunks(
+            plan,
+            completion_id,
+            created,
+            include_usage=include_usage,
+            obfuscate=options.get("include_obfuscation") is not False,
+        )
+        response = web.StreamResponse(headers=self._headers(call, SSE_TYPE, plan.usage["prompt_tokens"]))
+        await response.prepare(call.request)
+        if self.first_token_delay_s:
+            await asyncio.sleep(self.first_token_delay_s)
+        for index, chunk in enumerate(chunks[: cut.after_chunks] if cut else chunks):
+            if index and self.inter_token_delay_s:
+                await asyncio.sleep(self.inter_token_delay_s)
+            await response.write(p.sse(chunk))  # one write per event: each is flushed as written
+        if cut is not None:
+            return await self._cut(call, cut, response)
+        await response.write(p.DONE)
+        await response.write_eof()
+        self._update(call.record, status=200, usage=plan.usage if include_usage else None)
+        return response
+
+    async def _embeddings(self, call: _Call, cut: _Cut | None) -> web.StreamResponse:
+        if (problem := p.invalid_request(call.record.json, "input")) is not None:
+            return await self._error(call, 400, problem)
+        assert isinstance(call.record.json, dict)
+        payload = p.embeddings_body(call.record.json)
+        return await self._send(call, 200, p.dump_body(payload), cut, usage=payload["usage"])
+
+    async def _models(self, call: _Call, cut: _Cut | None) -> web.StreamResponse:
+        if call.request.path == "/v1/models":
+            return await self._send(call, 200, p.dump_body(p.models_body()), cut)
+        name = call.request.path.removeprefix("/v1/models/")
+        created = dict(p.LISTED_MODELS).get(name)
+        if created is None:
+            message = f"The model '{name}' does not exist"
+            problem = p.error(message, "invalid_request_error", "model_not_found", "model")
+            return await self._error(call, 404, problem)
+        return await self._send(call, 200, p.dump_body(p.model_object(name, created)), cut)
+
+    async def _fail(self, call: _Call, fault: _Fail) -> web.StreamResponse:
+        if fault.body is None:
+            body = call.record.json if isinstance(call.record.json, dict) else {}
+            error = p.status_error(fault.status, str(body.get("model", "the model")))
+            return await self._error(call, fault.status, error, fault.headers)
+        if isinstance(fault.body, Mapping):
+            return await self._error(call, fault.status, fault.body, fault.headers)
+        raw = fault.body.encode() if isinstance(fault.body, str) else fault.body
+        return await self._send(call, fault.status, raw, None, "text/plain; charset=utf-8", fault.headers)
+
+    async def _error(
+        self, call: _Call, status: int, body: Mapping[str, Any], headers: Mapping[str, str] | None = None
+    ) -> web.StreamResponse:
+        return await self._send(call, status, p.dump_error(body), None, JSON_TYPE, headers)
+
+    async def _send(
+        self,
+        call: _Call,
+        status: int,
+        payload: bytes,
+        cut: _Cut | None,
+        content_type: str = JSON_TYPE,
+        extra_headers: Mapping[str, str] | None = None,
+        usage: dict[str, Any] | None = None,
+    ) -> web.StreamResponse:
+        headers = self._headers(call, content_type) | dict(extra_headers or {})
+        if cut is not None and cut.hang:
+            return await self._cut(call, cut, None)
+        if cut is not None:
+            # Promise the whole body, deliver half: the client must see a truncated response.
+            response = web.StreamResponse(status=status, headers=headers)
+            response.content_length = len(payload)
+            await response.prepare(call.request)
+            await response.write(payload[: len(payload) // 2])
+            return self._drop(call, response)
+        self._update(call.record, status=status, usage=usage)
+        return web.Response(status=status, body=payload, headers=headers)
+
+    async def _cut(self, call: _Call, cut: _Cut, response: web.StreamResponse | None) -> web.StreamResponse:
+        if cut.hang and self._stopping is not None:
+            # Only the client leaving (which cancels this handler) or stop() ends a hang.
+            await self._stopping.wait()
+        return self._drop(call, response)
+
+    def _drop(self, call: _Call, response: web.StreamResponse | None = None) -> web.StreamResponse:
+        # Closing the transport and returning at once: aiohttp then writes nothing more, and the client
+        # sees "server disconnected" (or an incomplete body) rather than any HTTP status.
+        if call.request.transport is not None:
+            call.request.transport.close()
+        return response if response is not None else web.Response()
+
+    def _headers(self, call: _Call, content_type: str, tokens: int = 0) -> dict[str, str]:
+        return {
+            "Content-Type": content_type,
+            "x-request-id": call.record.request_id,
+            "openai-processing-ms": str(int((time.monotonic() - call.started) * 1000)),
+            "openai-version": "2020-10-01",
+            "x-ratelimit-limit-requests": "10000",
+            "x-ratelimit-remaining-requests": "9999",
+            "x-ratelimit-reset-requests": "6ms",
+            "x-ratelimit-limit-tokens": "10000000",
+            "x-ratelimit-remaining-tokens": str(10_000_000 - tokens),
+            "x-ratelimit-reset-tokens": "0s",
+        }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Fake OpenAI upstream for the demo and the benchmark.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9911)
+    parser.add_argument("--api-key", default="sk-upstream-test")
+    parser.add_argument("--first-token-delay-ms", type=float, default=0.0)
+    parser.add_argument("--inter-token-delay-ms", type=float, default=0.0)
+    parser.add_argument("--no-stream-usage", action="store_true", help="ignore stream_options.include_usage")
+    args = parser.parse_args(argv)
+    fake = FakeOpenAI(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        first_token_delay_s=args.first_token_delay_ms / 1000,
+        inter_token_delay_s=args.inter_token_delay_ms / 1000,
+        stream_usage=not args.no_stream_usage,
+        record_requests=False,
+    )
+
+    def ready() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, fake._request_stop)
+        print(fake.base_url, flush=True)
+
+    asyncio.run(fake.serve(on_ready=ready))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Health probes, start-up with a bad configuration, and graceful SIGTERM of a real process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.fakes.openai_upstream import FakeOpenAI
+from tests.harness import MASTER_KEY, GatewayProcess, ThreadedGateway, free_port
+
+
+def test_healthz(gateway: ThreadedGateway) -> None:
+    response = httpx.get(gateway.url + "/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+def test_readyz_when_ready(gateway: ThreadedGateway) -> None:
+    response = httpx.get(gateway.url + "/readyz")
+    assert response.status_code == 200
+    assert response.json()["checks"] == {"database": "ok", "upstream": "ok"}
+
+
+def test_readyz_reports_an_unreachable_database(start_gateway: Callable[..., ThreadedGateway]) -> None:
+    gateway = start_gateway(database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/nothing")
+    response = httpx.get(gateway.url + "/readyz")
+    assert response.status_code == 503
+    assert response.json()["checks"]["database"].startswith("unreachable")
+
+
+def test_readyz_reports_a_missing_openai_key(start_gateway: Callable[..., ThreadedGateway]) -> None:
+    gateway = start_gateway(openai_api_key=None, openai_base_url="https://api.openai.com/v1")
+    response = httpx.get(gateway.url + "/readyz")
+    assert response.status_code == 503
+    assert response.json()["checks"]["upstream"] == "OPENAI_API_KEY is not set"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"GATEWAY_MASTER_KEY": ""}, "GATEWAY_MASTER_KEY"),
+        ({"GATEWAY_MAX_ATTEMPTS": "many"}, "GATEWAY_MAX_ATTEMPTS"),
+        ({"OPENAI_BASE_URL": "api.openai.com"}, "OPENAI_BASE_URL"),
+    ],
+)
+def test_bad_configuration_stops_startup_with_one_line(env: dict[str, str], expected: str) -> None:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "OPENAI_"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(free_port())],
+        env={**base, "GATEWAY_MASTER_KEY": MASTER_KEY, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("llm-gateway: invalid configuration: " + expected)
+    assert "Traceback" not in result.stderr
+
+
+def test_sigterm_lets_an_open_stream_finish(
+    fake_server: FakeOpenAI, database_url: str, tmp_path: Path
+) -> None:
+    fake_server.reset()
+    slow = FakeOpenAI(inter_token_delay_s=0.2).start()
+    gateway = GatewayProcess(
+        {
+            "GATEWAY_MASTER_KEY": MASTER_KEY,
+            "OPENAI_API_KEY": slow.api_key,
+            "OPENAI_BASE_URL": slow.base_url,
+            "DATABASE_URL": database_url,
+            "GATEWAY_DATA_DIR": str(tmp_path),
+            "GATEWAY_SHUTDOWN_TIMEOUT_S": "20",
+        },
+        tmp_path / "gateway.log",
+    ).start()
+    try:
+        with openai.OpenAI(base_url=gateway.url + "/v1", api_key=MASTER_KEY, max_retries=0) as sdk:
+            slow.reply("one two three four five six")
+            stream = sdk.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "x"}], stream=True
+            )
+            chunks = iter(stream)
+            first = next(chunks)
+            assert gateway.proc is not None
+            gateway.proc.send_signal(signal.SIGTERM)
+            rest = list(chunks)
+        text = (first.choices[0].delta.content or "") + "".join(
+            c.choices[0].delta.content or "" for c in rest
+        )
+        assert text == "one two three four five six"
+        assert rest[-1].choices[0].finish_reason == "stop"
+        # uvicorn re-raises the signal once it has shut down cleanly, so the exit status is -SIGTERM.
+        assert gateway.proc.wait(timeout=20) in (0, -signal.SIGTERM)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(gateway.url + "/healthz")
+    finally:
+        gateway.stop()
+        slow.stop()
