@@ -18,6 +18,7 @@ install: $(STAMP)
 
 run: install
 	@echo "llm-gateway on http://$${GATEWAY_HOST:-127.0.0.1}:$${GATEWAY_PORT:-8080}/v1 (database: $${DATABASE_URL:-embedded SQLite in ./var})"
+	$(VENV)/bin/llm-gateway migrate
 	$(VENV)/bin/llm-gateway serve
 
 test: install

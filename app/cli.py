@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
 import sys
+from datetime import UTC, date, datetime, timedelta
 
+import orjson
 import uvicorn
 
-from app.config import ConfigError, load_settings
+from app.config import ConfigError, load_database_settings, load_settings
+from app.config_file import load_config_file
+from app.db.engine import create_engine
+from app.db.migrate import upgrade
 from app.logs import configure_logging
+from app.reporting import UsageQuery, parse_group_by, parse_since, to_csv, to_table, usage_report
 
 
 def _serve(args: argparse.Namespace) -> int:
     settings = load_settings()
+    load_config_file(settings.config_file)
     configure_logging(settings.log_level)
     uvicorn.run(
         "app.main:create_app",
@@ -31,6 +39,46 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _migrate(_: argparse.Namespace) -> int:
+    settings = load_database_settings()
+    upgrade(settings.database_url, settings.data_dir)
+    print("llm-gateway: database is at the latest schema")
+    return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    settings = load_database_settings()
+    try:
+        groups = parse_group_by(args.by)
+        start = parse_since(args.since)
+        end = parse_since(args.until) if args.until else None
+    except ValueError as exc:
+        print(f"llm-gateway usage: {exc}", file=sys.stderr)
+        return 2
+    filters = {name: value for name in ("feature", "user", "model") if (value := getattr(args, name))}
+
+    async def report() -> list[dict[str, object]]:
+        engine = create_engine(settings.database_url, settings.data_dir)
+        try:
+            query = UsageQuery(start, end or _tomorrow(), groups, filters)
+            return await usage_report(engine, query)
+        finally:
+            await engine.dispose()
+
+    rows = asyncio.run(report())
+    if args.format == "csv":
+        sys.stdout.write(to_csv(rows, groups))
+    elif args.format == "json":
+        sys.stdout.write(orjson.dumps(rows, default=str).decode() + "\n")
+    else:
+        print(to_table(rows, groups))
+    return 0
+
+
+def _tomorrow() -> date:
+    return datetime.now(UTC).date() + timedelta(days=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llm-gateway", description="OpenAI-compatible LLM gateway")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +87,17 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="port (GATEWAY_PORT, default 8080)")
     serve.add_argument("--workers", type=int, help="worker processes (GATEWAY_WORKERS, default 1)")
     serve.set_defaults(handler=_serve)
+    migrate = commands.add_parser("migrate", help="apply the database migrations (DATABASE_URL)")
+    migrate.set_defaults(handler=_migrate)
+    usage = commands.add_parser("usage", help="print tokens and cost from usage_daily")
+    usage.add_argument("--by", default="feature", help="any of day,feature,user,model (default: feature)")
+    usage.add_argument("--since", default="7d", help="7d, 4w, 3m or YYYY-MM-DD (default: 7d)")
+    usage.add_argument("--until", help="end day, exclusive (default: tomorrow)")
+    usage.add_argument("--feature", help="only this feature")
+    usage.add_argument("--user", help="only this end user")
+    usage.add_argument("--model", help="only this model")
+    usage.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    usage.set_defaults(handler=_usage)
     args = parser.parse_args(argv)
     try:
         code: int = args.handler(args)

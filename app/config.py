@@ -7,7 +7,7 @@ the OpenAI SDKs and most deployments already use, so they are read as they are.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -15,21 +15,36 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_UPSTREAM = "https://api.openai.com/v1"
 
 
-class Settings(BaseSettings):
+class DatabaseSettings(BaseSettings):
+    """What the commands that only touch the database (`migrate`, `usage`) need."""
+
     model_config = SettingsConfigDict(
         env_prefix="GATEWAY_", extra="ignore", frozen=True, populate_by_name=True
     )
 
+    database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
+    # Where the embedded SQLite database and the usage spool live.
+    data_dir: Path = Path("./var")
+
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+
+class Settings(DatabaseSettings):
     # The external contract (ARCHITECTURE.md).
     openai_api_key: SecretStr | None = Field(default=None, validation_alias="OPENAI_API_KEY")
     openai_base_url: str = Field(default=DEFAULT_UPSTREAM, validation_alias="OPENAI_BASE_URL")
-    database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
     master_key: SecretStr = Field(validation_alias="GATEWAY_MASTER_KEY", min_length=8)
     redis_url: str | None = Field(default=None, validation_alias="GATEWAY_REDIS_URL")
     config_file: Path | None = Field(default=None, validation_alias="GATEWAY_CONFIG")
 
-    # Where the embedded SQLite database and the usage spool live when nothing else is configured.
-    data_dir: Path = Path("./var")
+    # Usage metering: the recorder's queue and batches.
+    metering: bool = True
+    recorder_max_queue: int = Field(default=100_000, ge=100)
+    recorder_batch_size: int = Field(default=2000, ge=1)
+    recorder_flush_interval_s: float = Field(default=0.2, gt=0, le=10)
 
     # Retry policy for upstream calls.
     max_attempts: int = Field(default=3, ge=1, le=20)
@@ -64,9 +79,9 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
-    @field_validator("openai_api_key", "database_url", "redis_url", mode="before")
+    @field_validator("openai_api_key", "redis_url", "config_file", mode="before")
     @classmethod
-    def _empty_is_unset(cls, value: object) -> object:
+    def _blank_is_unset(cls, value: object) -> object:
         return None if value == "" else value
 
     @model_validator(mode="after")
@@ -79,6 +94,9 @@ class Settings(BaseSettings):
     def upstream_configured(self) -> bool:
         # A self-hosted OpenAI-compatible server often needs no key; OpenAI itself always does.
         return self.openai_api_key is not None or self.openai_base_url != DEFAULT_UPSTREAM
+
+
+_S = TypeVar("_S", bound=DatabaseSettings)
 
 
 class ConfigError(Exception):
@@ -94,8 +112,16 @@ def _env_name(loc: tuple[int | str, ...]) -> str:
 
 
 def load_settings() -> Settings:
+    return _load(Settings)
+
+
+def load_database_settings() -> DatabaseSettings:
+    return _load(DatabaseSettings)
+
+
+def _load(kind: type[_S]) -> _S:
     try:
-        return Settings()
+        return kind()
     except ValidationError as exc:
         err = exc.errors()[0]
         raise ConfigError(f"invalid configuration: {_env_name(err['loc'])}: {err['msg']}") from None

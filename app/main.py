@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,11 +12,17 @@ from sse_starlette.sse import AppStatus
 from starlette.types import ASGIApp
 
 from app.config import ConfigError, Settings, load_settings
+from app.config_file import GatewayConfig, load_config_file
 from app.db.engine import create_engine
 from app.errors import install_error_handlers
 from app.logs import configure_logging
+from app.metering import tokens
+from app.metering.metrics import Metrics
+from app.metering.middleware import Meter, MeteringMiddleware
+from app.metering.pricing import PriceTable
+from app.metering.recorder import Recorder
 from app.request_context import RequestContextMiddleware
-from app.routes import chat, health
+from app.routes import chat, health, metrics, usage
 from app.upstream import UpstreamClient
 
 
@@ -26,9 +33,10 @@ class GatewayApp(FastAPI):
         return RequestContextMiddleware(super().build_middleware_stack())
 
 
-def _settings_or_exit() -> Settings:
+def _configuration(settings: Settings | None) -> tuple[Settings, GatewayConfig]:
     try:
-        return load_settings()
+        settings = settings or load_settings()
+        return settings, load_config_file(settings.config_file)
     except ConfigError as exc:
         # One clear line for the operator, not a traceback.
         print(f"llm-gateway: {exc}", file=sys.stderr)
@@ -36,8 +44,9 @@ def _settings_or_exit() -> Settings:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or _settings_or_exit()
+    settings, config = _configuration(settings)
     configure_logging(settings.log_level)
+    app_metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -46,17 +55,41 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = create_engine(settings.database_url, settings.data_dir)
         app.state.upstream = upstream
         app.state.engine = engine
+        recorder: Recorder | None = None
+        if settings.metering:
+            # Built off the event loop now, so the first estimated call does not stall it.
+            await asyncio.to_thread(tokens.preload)
+            recorder = Recorder(
+                engine,
+                settings.data_dir / "spool",
+                max_queue=settings.recorder_max_queue,
+                batch_size=settings.recorder_batch_size,
+                flush_interval_s=settings.recorder_flush_interval_s,
+            )
+            await recorder.start()
+            app_metrics.watch_recorder(recorder.stats)
+            prices = PriceTable(
+                config.prices, on_unknown=lambda model: app_metrics.unknown_models.labels(model).inc()
+            )
+            app.state.meter = Meter(recorder, prices, app_metrics)
         try:
             yield
         finally:
+            # uvicorn has let in-flight requests finish by now, so every event is queued.
+            if recorder is not None:
+                await recorder.close(timeout_s=settings.shutdown_timeout_s)
             await upstream.close()
             await engine.dispose()
 
     app = GatewayApp(title="llm-gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
+    app.state.metrics = app_metrics
     install_error_handlers(app)
+    app.add_middleware(MeteringMiddleware)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(chat.router)
+    app.include_router(usage.router)
     # sse-starlette cancels open streams on SIGTERM by default; we let them finish within uvicorn's
     # graceful-shutdown deadline instead (sse-starlette issue #167).
     AppStatus.disable_automatic_graceful_drain()  # type: ignore[no-untyped-call]

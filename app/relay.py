@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from app.call import CallRecord, Usage
 from app.errors import GatewayError
-from app.streaming import EventInspector, relay_sse
+from app.streaming import EventInspector, collect_text, relay_sse
 from app.upstream import UpstreamClient, UpstreamResponse, UpstreamUnavailable
 
 ATTEMPTS_HEADER = "x-gateway-attempts"
@@ -59,6 +59,13 @@ def _json_usage(call: CallRecord, body: bytes) -> None:
         call.upstream_model = parsed["model"]
     if isinstance(parsed.get("usage"), dict):
         call.usage = Usage.from_openai(parsed["usage"])
+        return
+    # No usage from this upstream: keep the answer's text so metering can count it.
+    choices = parsed.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if isinstance(message, dict):
+            collect_text(message, call.completion_parts)
 
 
 async def forward(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -76,23 +76,23 @@ class ChatChunkInspector:
         return event
 
     def _collect(self, choices: list[object]) -> None:
-        # The text relayed, kept so metering can count completion tokens if no usage ever arrives.
-        parts = self.call.completion_parts
         for choice in choices:
             delta = choice.get("delta") if isinstance(choice, dict) else None
-            if not isinstance(delta, dict):
-                continue
-            content = delta.get("content")
-            if isinstance(content, str) and content:
-                parts.append(content)
-            tool_calls = delta.get("tool_calls")
-            if isinstance(tool_calls, list):
-                for tool_call in tool_calls:
-                    function = tool_call.get("function") if isinstance(tool_call, dict) else None
-                    if isinstance(function, dict):
-                        for key in ("name", "arguments"):
-                            if isinstance(function.get(key), str):
-                                parts.append(function[key])
+            if isinstance(delta, dict):
+                collect_text(delta, self.call.completion_parts)
+
+
+def collect_text(message: dict[str, Any], parts: list[str]) -> None:
+    """The generated text of a message or delta (content, tool-call names and arguments), kept so
+    metering can count completion tokens when no usage ever arrives."""
+    content = message.get("content")
+    if isinstance(content, str) and content:
+        parts.append(content)
+    tool_calls = message.get("tool_calls")
+    for tool_call in tool_calls if isinstance(tool_calls, list) else ():
+        function = tool_call.get("function") if isinstance(tool_call, dict) else None
+        if isinstance(function, dict):
+            parts.extend(function[key] for key in ("name", "arguments") if isinstance(function.get(key), str))
 
 
 def _error_event(message: str, code: str) -> bytes:

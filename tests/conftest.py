@@ -7,6 +7,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -15,6 +16,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from app.config import Settings
+from app.db.migrate import upgrade
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import MASTER_KEY, ThreadedGateway
 
@@ -39,6 +41,7 @@ def database_url() -> Iterator[str]:
     name = f"gateway_test_{uuid.uuid4().hex[:12]}"
     asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
     url = make_url(_plain(ADMIN_URL)).set(database=name).render_as_string(hide_password=False)
+    upgrade(url, Path("unused-for-postgres"))
     try:
         yield url
     finally:

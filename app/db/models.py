@@ -1,0 +1,105 @@
+"""The usage tables, as SQLAlchemy Core sees them (the migrations in migrations/versions create them).
+
+`usage_daily` is a rollup table kept in step with `usage_events` by the recorder, in the same
+transaction as the event inserts; see README_schema.md for why it is not a view.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Date,
+    DateTime,
+    Dialect,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    PrimaryKeyConstraint,
+    SmallInteger,
+    Table,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    text,
+)
+
+metadata = MetaData()
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """timestamptz on Postgres; on SQLite, which stores no offset, values are written in UTC and read
+    back as aware UTC datetimes, so callers see the same type on both."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+# SQLite only auto-assigns ids to a column declared exactly INTEGER PRIMARY KEY (a rowid alias).
+_BIGINT_ID = BigInteger().with_variant(Integer(), "sqlite")
+_MONEY = Numeric(20, 10)
+
+usage_events = Table(
+    "usage_events",
+    metadata,
+    Column("id", _BIGINT_ID, Identity()),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("request_id", Text, nullable=False),
+    Column("api_key_id", Text),
+    Column("feature", Text),
+    Column("user_id", Text),
+    Column("endpoint", Text, nullable=False),
+    Column("model", Text),
+    Column("upstream_model", Text),
+    Column("stream", Boolean, nullable=False),
+    Column("status_code", Integer, nullable=False),
+    Column("attempts", SmallInteger, nullable=False),
+    Column("prompt_tokens", BigInteger, nullable=False, server_default=text("0")),
+    Column("completion_tokens", BigInteger, nullable=False, server_default=text("0")),
+    Column("total_tokens", BigInteger, nullable=False, server_default=text("0")),
+    Column("cached_tokens", BigInteger, nullable=False, server_default=text("0")),
+    Column("reasoning_tokens", BigInteger, nullable=False, server_default=text("0")),
+    Column("usage_source", Text, nullable=False),
+    Column("cost_usd", _MONEY),
+    Column("latency_ms", Integer, nullable=False),
+    Column("ttfb_ms", Integer),
+    Column("error_type", Text),
+    PrimaryKeyConstraint("id", name="pk_usage_events"),
+    # The recorder's idempotence rests on this: a replayed event conflicts and is skipped.
+    UniqueConstraint("request_id", name="uq_usage_events_request_id"),
+    Index("ix_usage_events_created_at", "created_at"),
+    Index("ix_usage_events_feature_created_at", "feature", "created_at"),
+    Index("ix_usage_events_user_id_created_at", "user_id", "created_at"),
+    Index("ix_usage_events_api_key_id_created_at", "api_key_id", "created_at"),
+)
+
+# Key columns hold '' rather than NULL: NULLs never conflict in a unique key, so the upsert would insert
+# a fresh row for every batch instead of adding to the existing one.
+usage_daily = Table(
+    "usage_daily",
+    metadata,
+    Column("day", Date, nullable=False),
+    Column("feature", Text, nullable=False, server_default=text("''")),
+    Column("user_id", Text, nullable=False, server_default=text("''")),
+    Column("model", Text, nullable=False, server_default=text("''")),
+    Column("requests", BigInteger, nullable=False, server_default=text("0")),
+    Column("prompt_tokens", BigInteger, nullable=False, server_default=text("0")),
+    Column("completion_tokens", BigInteger, nullable=False, server_default=text("0")),
+    Column("total_tokens", BigInteger, nullable=False, server_default=text("0")),
+    # Calls without a known price count as 0 here, unlike SUM(usage_events.cost_usd) which skips them.
+    Column("cost_usd", _MONEY, nullable=False, server_default=text("0")),
+    PrimaryKeyConstraint("day", "feature", "user_id", "model", name="pk_usage_daily"),
+)

@@ -1,0 +1,66 @@
+"""Pure ASGI metering middleware: once a response has ended — finished, failed, or abandoned by the
+client mid-stream — hand ONE usage event to the recorder.
+
+Nothing here awaits: on a client disconnect the request task may already be cancelled, and anything
+awaited in a `finally` would be cancelled with it (ARCHITECTURE.md, pitfall 2). `Recorder.submit` is a
+`put_nowait`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Protocol
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.call import CallRecord, get_call
+from app.metering.events import UsageEvent
+from app.metering.metrics import Metrics
+from app.metering.pricing import PriceTable
+from app.metering.usage import build_event
+
+log = logging.getLogger("gateway.metering")
+
+
+class EventSink(Protocol):
+    def submit(self, event: UsageEvent) -> None: ...
+
+
+class Meter:
+    """What the middleware needs at the end of a response; made in the lifespan."""
+
+    def __init__(self, recorder: EventSink | None, prices: PriceTable, metrics: Metrics) -> None:
+        self.recorder = recorder
+        self.prices = prices
+        self.metrics = metrics
+
+    def finish(self, scope: Scope, call: CallRecord) -> None:
+        route = call.endpoint or getattr(scope.get("route"), "path", None) or "unmatched"
+        self.metrics.observe_request(route, call, time.perf_counter() - call.started)
+        if call.endpoint is None:
+            return
+        event = build_event(call, self.prices)
+        self.metrics.observe_usage(event)
+        if self.recorder is not None:
+            self.recorder.submit(event)
+
+
+class MeteringMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            call = get_call(scope)
+            meter: Meter | None = getattr(scope["app"].state, "meter", None)
+            if call is not None and meter is not None:
+                try:
+                    meter.finish(scope, call)
+                except Exception:  # metering must never turn a served response into an error
+                    log.exception("metering failed")

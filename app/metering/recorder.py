@@ -1,0 +1,299 @@
+"""The background batch writer between the metering middleware and the database.
+
+submit() only queues: the request path never waits for the database, and a request task being
+cancelled on client disconnect cannot lose its event (ARCHITECTURE.md, pitfall 2). A writer task writes
+the queue in batches; when the database fails, batches go to the local spool (spool.py) and the writer
+keeps spooling, without trying the database again, until the replay task has written the spool back,
+retrying with backoff. One recorder per worker process (pitfall 5); workers may share a spool directory.
+
+Events the database refuses outright (a NUL byte in a header value, a number out of range) would fail
+every retry and wedge the spool, so a refused batch is split until the refused events are isolated;
+those go to the spool directory's rejected.jsonl for an operator and are counted in events_rejected.
+
+Logs never carry event contents, nor database error messages, whose DETAIL may quote a row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from pathlib import Path
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.db.usage_writer import is_rejected_data, write_batch
+from app.metering.events import UsageEvent
+from app.metering.spool import Spool
+
+log = logging.getLogger("gateway.metering.recorder")
+
+# How often an idle recorder looks for spool files a crashed sibling worker left behind.
+_RESCAN_S = 60.0
+
+
+class Recorder:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        spool_dir: Path,
+        *,
+        max_queue: int = 100_000,
+        batch_size: int = 2000,
+        flush_interval_s: float = 0.2,
+        write_timeout_s: float = 10.0,
+        retry_initial_s: float = 0.5,
+        retry_max_s: float = 30.0,
+    ) -> None:
+        self._engine = engine
+        self._spool = Spool(spool_dir)
+        self._max_queue = max_queue
+        self._batch_size = batch_size
+        self._flush_interval_s = flush_interval_s
+        self._write_timeout_s = write_timeout_s
+        self._retry_initial_s = retry_initial_s
+        self._retry_max_s = retry_max_s
+        # Unbounded on purpose: submit() enforces max_queue itself, so close() can always queue the
+        # stop marker (None).
+        self._queue: asyncio.Queue[UsageEvent | None] = asyncio.Queue()
+        self._inflight: list[UsageEvent] = []
+        self._db_ok = True
+        self._closed = False
+        self._replay_wanted = asyncio.Event()
+        self._replay_offsets: dict[Path, int] = {}
+        self._writer: asyncio.Task[None] | None = None
+        self._replayer: asyncio.Task[None] | None = None
+        # Counters for /metrics (app/metering/metrics.py reads stats()).
+        self.events_written = 0
+        self.write_errors = 0
+        self.events_spooled = 0
+        self.events_rejected = 0
+        self.events_lost = 0
+
+    async def start(self) -> None:
+        self._writer = asyncio.create_task(self._write_loop(), name="usage-recorder-writer")
+        self._replayer = asyncio.create_task(self._replay_loop(), name="usage-recorder-replay")
+        # A previous process may have left a spool behind.
+        self._replay_wanted.set()
+
+    def submit(self, event: UsageEvent) -> None:
+        """Never blocks, never raises, never awaits: safe from a request task being cancelled."""
+        try:
+            if self._closed or self._queue.qsize() >= self._max_queue:
+                # Written now, fsynced by the writer within a flush interval (not at all once closed:
+                # the page cache still outlives the process).
+                self._spool.append([event], sync=False)
+                self.events_spooled += 1
+                self._replay_wanted.set()
+            else:
+                self._queue.put_nowait(event)
+        except Exception as exc:
+            self.events_lost += 1
+            log.error("usage event lost: the spool cannot be written (%s)", _describe(exc))
+
+    async def close(self, timeout_s: float) -> None:
+        """Write what is queued to the database, or to the spool when it cannot be written within
+        timeout_s. The spool is replayed by the next start()."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put_nowait(None)
+        # A replay in progress is abandoned; its file stays and is replayed next time.
+        await _cancel(self._replayer)
+        # Try the database once more even if the replay task has not yet seen it come back.
+        self._db_ok = True
+        if self._writer is not None:
+            _, pending = await asyncio.wait({self._writer}, timeout=timeout_s)
+            if pending:
+                await _cancel(self._writer)
+        leftovers = self._inflight + [e for e in _drain(self._queue) if e is not None]
+        if leftovers:
+            await self._spool_batch(leftovers)
+        await asyncio.to_thread(self._spool.seal)
+
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def spool_events(self) -> int:
+        """Events in spool files this process wrote or is replaying, not yet in the database."""
+        return self._spool.events()
+
+    def spool_bytes(self) -> int:
+        return self._spool.size_bytes()
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "queue_depth": self.queue_depth(),
+            "spool_events": self.spool_events(),
+            "spool_bytes": self.spool_bytes(),
+            "write_errors": self.write_errors,
+            "events_written": self.events_written,
+            "events_spooled": self.events_spooled,
+            "events_rejected": self.events_rejected,
+            "events_lost": self.events_lost,
+        }
+
+    async def _write_loop(self) -> None:
+        while True:
+            batch, stop = await self._next_batch()
+            if batch:
+                self._inflight = batch
+                await self._write_or_spool(batch)
+                self._inflight = []
+            if self._spool.unsynced:
+                await self._sync_spool()
+            if stop:
+                return
+
+    async def _next_batch(self) -> tuple[list[UsageEvent], bool]:
+        """Up to batch_size events: what is queued now plus what arrives within flush_interval_s of the
+        first. True once the stop marker is reached."""
+        first = await self._queue.get()
+        if first is None:
+            return [], True
+        batch = [first]
+        deadline = asyncio.get_running_loop().time() + self._flush_interval_s
+        while len(batch) < self._batch_size:
+            try:
+                event = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        event = await self._queue.get()
+                except TimeoutError:
+                    break
+            if event is None:
+                return batch, True
+            batch.append(event)
+        return batch, False
+
+    async def _write_or_spool(self, batch: list[UsageEvent]) -> None:
+        if self._db_ok:
+            try:
+                await self._store(batch)
+                return
+            except Exception as exc:
+                self.write_errors += 1
+                self._db_ok = False
+                log.warning("usage write failed (%s); spooling until the database is back", _describe(exc))
+        await self._spool_batch(batch)
+        self._replay_wanted.set()
+
+    async def _store(self, events: list[UsageEvent]) -> None:
+        """Write events, rejecting those the database refuses; raises when it is unavailable."""
+        try:
+            async with asyncio.timeout(self._write_timeout_s):
+                inserted = await write_batch(self._engine, events)
+        except Exception as exc:
+            if not is_rejected_data(exc):
+                raise
+            if len(events) == 1:
+                await self._reject(events, exc)
+            else:
+                middle = len(events) // 2
+                await self._store(events[:middle])
+                await self._store(events[middle:])
+        else:
+            # Not `+= await write_batch(...)`, which reads the counter before the await and so loses
+            # what the other task (writer or replay) added meanwhile.
+            self.events_written += inserted
+
+    async def _reject(self, events: list[UsageEvent], exc: Exception) -> None:
+        log.error(
+            "the database refused a usage event (%s); kept in the spool's rejected file", _describe(exc)
+        )
+        try:
+            await asyncio.to_thread(self._spool.reject, events)
+        except Exception as write_exc:
+            self.events_lost += len(events)
+            log.error("refused usage event lost: %s", _describe(write_exc))
+            return
+        self.events_rejected += len(events)
+
+    async def _spool_batch(self, batch: list[UsageEvent]) -> None:
+        try:
+            await asyncio.to_thread(self._spool.append, batch)
+        except Exception as exc:
+            self.events_lost += len(batch)
+            log.error("%d usage events lost: the spool cannot be written (%s)", len(batch), _describe(exc))
+            return
+        self.events_spooled += len(batch)
+
+    async def _sync_spool(self) -> None:
+        try:
+            await asyncio.to_thread(self._spool.sync)
+        except Exception as exc:
+            log.error("usage spool fsync failed (%s)", _describe(exc))
+
+    async def _replay_loop(self) -> None:
+        delay = self._retry_initial_s
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_RESCAN_S):
+                    await self._replay_wanted.wait()
+            self._replay_wanted.clear()
+            try:
+                await self._replay_all()
+            except Exception as exc:
+                self.write_errors += 1
+                log.warning("usage spool replay failed (%s); retrying in %.1fs", _describe(exc), delay)
+                self._replay_wanted.set()
+                # Jitter so that the workers of a restarted deployment do not retry in lockstep.
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, self._retry_max_s)
+            else:
+                self._db_ok = True
+                delay = self._retry_initial_s
+
+    async def _replay_all(self) -> None:
+        await self._replay_sealed()
+        # Sealed only once the older files went through: while the database is down each attempt
+        # would otherwise leave one more small file behind.
+        if self._spool.has_active_events():
+            await asyncio.to_thread(self._spool.seal)
+            await self._replay_sealed()
+
+    async def _replay_sealed(self) -> None:
+        for path in await asyncio.to_thread(self._spool.sealed_files):
+            claimed = await asyncio.to_thread(self._spool.claim, path)
+            if claimed is None:
+                continue
+            with claimed:
+                # Resumed where the last attempt stopped, not from the start; only this process knows
+                # the offset, so a restart replays the whole file (duplicates are skipped).
+                offset = self._replay_offsets.get(path, 0)
+                while True:
+                    events, end, malformed = await asyncio.to_thread(
+                        claimed.read_batch, offset, self._batch_size
+                    )
+                    if end == offset:
+                        break
+                    if malformed:
+                        log.warning("skipped %d malformed lines in %s", malformed, path.name)
+                    if events:
+                        await self._store(events)
+                    claimed.replayed(len(events) + malformed)
+                    offset = self._replay_offsets[path] = end
+                await asyncio.to_thread(claimed.remove)
+                self._replay_offsets.pop(path, None)
+
+
+def _drain(queue: asyncio.Queue[UsageEvent | None]) -> list[UsageEvent | None]:
+    items: list[UsageEvent | None] = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    if task is not None and not task.done():
+        task.cancel()
+        await asyncio.wait({task})
+
+
+def _describe(exc: BaseException) -> str:
+    """The exception's type and SQLSTATE, never its message: a Postgres DETAIL can quote a row."""
+    sqlstate = getattr(exc, "sqlstate", None) or getattr(getattr(exc, "orig", None), "sqlstate", None)
+    name = type(exc).__name__
+    return f"{name} {sqlstate}" if sqlstate else name

@@ -1,0 +1,69 @@
+"""Turn what a call learned (CallRecord) into the one usage event the recorder persists."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from app.call import CallRecord, Usage
+from app.metering import tokens
+from app.metering.events import UsageEvent
+from app.metering.pricing import PriceTable
+
+log = logging.getLogger("gateway.metering")
+
+
+def _estimate(call: CallRecord) -> Usage:
+    """Count tokens ourselves: the upstream sent no usage, or the client left before it came."""
+    model = call.upstream_model or call.model or ""
+    body: dict[str, Any] = call.request_body or {}
+    try:
+        if call.endpoint == "/v1/chat/completions":
+            prompt = tokens.count_chat_prompt(model, body)
+        else:
+            prompt = tokens.count_input(model, body.get("input", ""))
+        completion = tokens.count_text(model, "".join(call.completion_parts))
+    except Exception:  # counting must never lose the event; a row with zero tokens is still a row
+        log.warning("token estimation failed", exc_info=True)
+        return Usage()
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def build_event(call: CallRecord, prices: PriceTable) -> UsageEvent:
+    assert call.endpoint is not None
+    ended = time.perf_counter()
+    if call.usage is not None:
+        usage, source = call.usage, "upstream"
+    elif call.status_code < 400 or call.completion_parts:
+        # The upstream did (or may have) generated tokens: a 2xx without usage, a stream the client
+        # abandoned, or one the upstream broke off after some output.
+        usage, source = _estimate(call), "estimated"
+    else:
+        # Rejected before any generation (429, 5xx after retries, timeouts): nothing was billed.
+        usage, source = Usage(), "estimated"
+    model = call.upstream_model or call.model
+    return UsageEvent(
+        request_id=call.request_id,
+        created_at=datetime.fromtimestamp(call.created_at, UTC),
+        api_key_id=call.api_key_id,
+        feature=call.feature,
+        user_id=call.user_id,
+        endpoint=call.endpoint,
+        model=call.model,
+        upstream_model=call.upstream_model,
+        stream=call.stream,
+        status_code=call.status_code,
+        attempts=call.attempts,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+        cached_tokens=usage.cached_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
+        usage_source=source,  # type: ignore[arg-type]
+        cost_usd=prices.cost_usd(model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens),
+        latency_ms=round((ended - call.started) * 1000),
+        ttfb_ms=None if call.ttfb_s is None else round(call.ttfb_s * 1000),
+        error_type=call.error_type,
+    )

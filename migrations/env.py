@@ -1,0 +1,62 @@
+"""Alembic environment: the URL comes from app.db.migrate.upgrade() (Config.attributes) or, for the
+`alembic` command line, from DATABASE_URL and GATEWAY_DATA_DIR as the gateway reads them.
+
+Settings is not imported on purpose: it requires GATEWAY_MASTER_KEY, which migrating does not need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from logging.config import fileConfig
+from pathlib import Path
+
+from alembic import context
+from sqlalchemy.engine import Connection
+
+from app.db.engine import async_url, create_engine
+from app.db.models import metadata
+
+config = context.config
+if config.config_file_name is not None:
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
+
+database_url: str | None = config.attributes.get("database_url", os.environ.get("DATABASE_URL"))
+data_dir: Path = config.attributes.get("data_dir", Path(os.environ.get("GATEWAY_DATA_DIR", "./var")))
+
+
+def run_migrations_offline() -> None:
+    context.configure(
+        url=async_url(database_url, data_dir),
+        target_metadata=metadata,
+        literal_binds=True,
+        dialect_opts={"paramstyle": "named"},
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def do_run_migrations(connection: Connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        # SQLite cannot ALTER most things in place; batch mode recreates the table instead.
+        render_as_batch=connection.dialect.name == "sqlite",
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def run_async_migrations() -> None:
+    engine = create_engine(database_url, data_dir)
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(do_run_migrations)
+    finally:
+        await engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    asyncio.run(run_async_migrations())

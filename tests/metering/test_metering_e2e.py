@@ -1,0 +1,222 @@
+"""Every call through the gateway lands in usage_events exactly once, with exact tokens and cost."""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+
+import httpx
+import openai
+import pytest
+
+from tests.db import usage_rows, wait_for_rows
+from tests.fakes.openai_upstream import FakeOpenAI
+from tests.harness import MASTER_KEY, ThreadedGateway, wait_until
+
+MESSAGES = [{"role": "user", "content": "Say hello"}]
+USAGE = {
+    "prompt_tokens": 31,
+    "completion_tokens": 9,
+    "total_tokens": 40,
+    "prompt_tokens_details": {"cached_tokens": 12},
+    "completion_tokens_details": {"reasoning_tokens": 3},
+}
+# gpt-4o-mini: $0.15 input, $0.075 cached input, $0.60 output per 1M tokens;
+# (31 - 12) * 0.15 + 12 * 0.075 + 9 * 0.60 = 9.15 per 1M.
+USAGE_COST = Decimal("0.0000091500")
+
+
+def rid() -> str:
+    return f"test-{uuid.uuid4().hex}"
+
+
+def test_json_call_lands_with_exact_tokens_and_cost(
+    client: openai.OpenAI, fake: FakeOpenAI, database_url: str
+) -> None:
+    request_id = rid()
+    fake.reply("Hi!", usage=USAGE)
+    client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        extra_headers={"X-Request-Id": request_id, "X-Feature": "support", "X-User-Id": "user-9"},
+    )
+    (row,) = wait_for_rows(database_url, request_id)
+    assert row["feature"] == "support"
+    assert row["user_id"] == "user-9"
+    assert row["endpoint"] == "/v1/chat/completions"
+    assert row["model"] == "gpt-4o-mini"
+    assert row["upstream_model"] == "gpt-4o-mini-2024-07-18"
+    assert row["stream"] is False
+    assert row["status_code"] == 200
+    assert row["attempts"] == 1
+    assert (row["prompt_tokens"], row["completion_tokens"], row["total_tokens"]) == (31, 9, 40)
+    assert (row["cached_tokens"], row["reasoning_tokens"]) == (12, 3)
+    assert row["usage_source"] == "upstream"
+    assert row["cost_usd"] == USAGE_COST
+    assert row["latency_ms"] >= 0
+    assert row["ttfb_ms"] is not None
+    assert row["error_type"] is None
+    assert row["api_key_id"] is None
+
+
+@pytest.mark.parametrize("client_wants_usage", [False, True])
+def test_stream_lands_with_the_usage_the_gateway_asked_for(
+    client_wants_usage: bool, client: openai.OpenAI, fake: FakeOpenAI, database_url: str
+) -> None:
+    request_id = rid()
+    fake.reply("one two three", usage=USAGE)
+    options = {"stream_options": {"include_usage": True}} if client_wants_usage else {}
+    stream = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        stream=True,
+        extra_headers={"X-Request-Id": request_id},
+        **options,  # type: ignore[arg-type]
+    )
+    list(stream)
+    (row,) = wait_for_rows(database_url, request_id)
+    assert row["stream"] is True
+    assert (row["prompt_tokens"], row["completion_tokens"], row["cached_tokens"]) == (31, 9, 12)
+    assert row["usage_source"] == "upstream"
+    assert row["cost_usd"] == USAGE_COST
+    assert row["ttfb_ms"] is not None and row["ttfb_ms"] <= row["latency_ms"]
+
+
+def test_stream_without_upstream_usage_is_counted_by_the_gateway(
+    client: openai.OpenAI, fake: FakeOpenAI, database_url: str
+) -> None:
+    request_id = rid()
+    fake.reply("Hello world", stream_usage=False)
+    list(
+        client.chat.completions.create(
+            model="gpt-4o",
+            messages=MESSAGES,
+            stream=True,
+            extra_headers={"X-Request-Id": request_id},  # type: ignore[arg-type]
+        )
+    )
+    (row,) = wait_for_rows(database_url, request_id)
+    # o200k_base: "Say hello" is 2 tokens, + 3 per message + 1 for the role + 3 to prime the reply;
+    # "Hello world" is 2 tokens.
+    assert (row["prompt_tokens"], row["completion_tokens"], row["total_tokens"]) == (9, 2, 11)
+    assert row["usage_source"] == "estimated"
+    # gpt-4o: 9 * 2.50 + 2 * 10.00 per 1M.
+    assert row["cost_usd"] == Decimal("0.0000425000")
+
+
+def test_client_disconnect_mid_stream_still_gives_one_row(
+    client: openai.OpenAI, fake: FakeOpenAI, database_url: str
+) -> None:
+    request_id = rid()
+    fake.reply("alpha beta gamma delta epsilon")
+    fake.hang_stream(chunks_before_hang=3)
+    stream = client.chat.completions.create(
+        model="gpt-4o",
+        messages=MESSAGES,
+        stream=True,
+        extra_headers={"X-Request-Id": request_id},  # type: ignore[arg-type]
+    )
+    chunks = iter(stream)
+    next(chunks)
+    next(chunks)
+    stream.close()
+    fake.wait_for(lambda request: request.disconnected)
+    (row,) = wait_for_rows(database_url, request_id)
+    assert row["usage_source"] == "estimated"
+    assert row["prompt_tokens"] == 9
+    # The role chunk and "alpha" and " beta" were relayed before the upstream went silent.
+    assert row["completion_tokens"] == 2
+    assert row["status_code"] == 200
+
+
+def test_retries_give_one_row_with_the_attempts(
+    client: openai.OpenAI, fake: FakeOpenAI, database_url: str
+) -> None:
+    request_id = rid()
+    fake.fail(503, times=2, headers={"retry-after-ms": "1"})
+    fake.reply("third time lucky", usage=USAGE)
+    client.chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, extra_headers={"X-Request-Id": request_id}
+    )  # type: ignore[arg-type]
+    (row,) = wait_for_rows(database_url, request_id)
+    assert row["attempts"] == 3
+    assert row["prompt_tokens"] == 31
+
+
+def test_failed_call_gets_a_row_with_its_status_and_error(
+    client: openai.OpenAI, fake: FakeOpenAI, database_url: str
+) -> None:
+    request_id = rid()
+    fake.fail(429, times=3, headers={"retry-after-ms": "1"})
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(
+            model="gpt-4o", messages=MESSAGES, extra_headers={"X-Request-Id": request_id}
+        )  # type: ignore[arg-type]
+    (row,) = wait_for_rows(database_url, request_id)
+    assert row["status_code"] == 429
+    assert row["attempts"] == 3
+    assert row["error_type"] == "rate_limit_exceeded"
+    assert (row["prompt_tokens"], row["completion_tokens"], row["cost_usd"]) == (0, 0, Decimal(0))
+
+
+def test_bad_input_leaves_no_row(gateway: ThreadedGateway, database_url: str, fake: FakeOpenAI) -> None:
+    request_id = rid()
+    response = httpx.post(
+        gateway.base_url + "/chat/completions",
+        json={"model": "gpt-4o"},
+        headers={"authorization": f"Bearer {MASTER_KEY}", "x-request-id": request_id},
+    )
+    assert response.status_code == 400
+    # A later metered call is written, so the recorder has flushed past the bad one.
+    marker = rid()
+    httpx.post(
+        gateway.base_url + "/chat/completions",
+        json={"model": "gpt-4o", "messages": MESSAGES},
+        headers={"authorization": f"Bearer {MASTER_KEY}", "x-request-id": marker},
+    )
+    wait_for_rows(database_url, marker)
+    assert usage_rows(database_url, request_id) == []
+
+
+def test_unknown_model_costs_null_and_is_counted(
+    gateway: ThreadedGateway, client: openai.OpenAI, fake: FakeOpenAI, database_url: str
+) -> None:
+    request_id = rid()
+    client.chat.completions.create(
+        model="my-finetune-xyz",
+        messages=MESSAGES,
+        extra_headers={"X-Request-Id": request_id},  # type: ignore[arg-type]
+    )
+    (row,) = wait_for_rows(database_url, request_id)
+    assert row["cost_usd"] is None
+    assert row["prompt_tokens"] > 0
+    metrics = httpx.get(gateway.url + "/metrics").text
+    assert 'gateway_unknown_model_calls_total{model="my-finetune-xyz"} 1.0' in metrics
+
+
+def test_metrics_expose_requests_tokens_cost_and_recorder(
+    gateway: ThreadedGateway, client: openai.OpenAI, fake: FakeOpenAI, database_url: str
+) -> None:
+    request_id = rid()
+    fake.reply("x", usage=USAGE)
+    client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        extra_headers={"X-Request-Id": request_id, "X-Feature": "metrics-f"},  # type: ignore[arg-type]
+    )
+    wait_for_rows(database_url, request_id)
+    text = wait_until(lambda: (t := httpx.get(gateway.url + "/metrics").text) and "metrics-f" in t and t)
+    for name in (
+        'gateway_requests_total{route="/v1/chat/completions",status="200"}',
+        "gateway_request_duration_seconds_bucket",
+        "gateway_time_to_first_byte_seconds_bucket",
+        "gateway_upstream_attempts_total",
+        'gateway_tokens_total{feature="metrics-f",kind="prompt",model="gpt-4o-mini-2024-07-18"} 31.0',
+        'gateway_tokens_total{feature="metrics-f",kind="cached",model="gpt-4o-mini-2024-07-18"} 12.0',
+        'gateway_cost_usd_total{feature="metrics-f",model="gpt-4o-mini-2024-07-18"}',
+        "gateway_recorder_queue_depth",
+        "gateway_recorder_spool_events",
+        "gateway_recorder_spool_bytes",
+        "gateway_recorder_db_write_errors_total",
+    ):
+        assert name in text, name
