@@ -40,16 +40,3 @@ def parse_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
     return body
-
-
-def require_str(body: dict[str, Any], name: str) -> str:
-    value = body.get(name)
-    if value is None:
-        raise bad_request(
-            f"Missing required parameter: '{name}'.", param=name, code="missing_required_parameter"
-        )
-    if not isinstance(value, str) or not value:
-        raise bad_request(
-            f"Invalid type for '{name}': expected a non-empty string.", param=name, code="invalid_type"
-        )
-    return value

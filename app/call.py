@@ -69,7 +69,9 @@ class CallRecord:
     endpoint: str | None = None
     model: str | None = None
     stream: bool = False
-    # Set by the upstream client and the relay.
+    # Set by the upstream client and the relay: the model sent upstream that answered (after aliases and
+    # fallbacks), and the one the upstream says it is (e.g. a dated snapshot).
+    routed_model: str | None = None
     upstream_model: str | None = None
     attempts: int = 0
     status_code: int = 0
@@ -77,6 +79,11 @@ class CallRecord:
     ttfb_s: float | None = None
     error_type: str | None = None
     client_disconnected: bool = False
+    # The usage row's unique key when it is not the request id: a background response is metered under
+    # its response id, so however often it is polled it lands once.
+    usage_key: str | None = None
+    # A resumed stream of a response metered elsewhere: a row only if its final usage arrives.
+    metered_only_with_usage: bool = False
     # What the metering needs to count tokens itself when the upstream reports no usage.
     request_body: dict[str, Any] | None = None
     completion_parts: list[str] = field(default_factory=list)

@@ -63,6 +63,8 @@ class Settings(DatabaseSettings):
 
     # Limits.
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    # Passthrough uploads (files, audio) are streamed, never held in memory; OpenAI takes files to 512 MB.
+    max_upload_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)
     upstream_max_connections: int = Field(default=2048, ge=1)
 
     # Process.

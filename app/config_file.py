@@ -1,23 +1,90 @@
-"""The optional YAML file named by GATEWAY_CONFIG, validated at start-up with a one-line reason."""
+"""The optional YAML file named by GATEWAY_CONFIG, validated at start-up (and on SIGHUP) with a one-line
+reason. Example:
+
+    upstreams:                      # optional; "openai" (OPENAI_BASE_URL / OPENAI_API_KEY) always exists
+      vllm: {base_url: "http://vllm:8000/v1", api_key_env: VLLM_API_KEY}
+    models:                         # which upstreams serve a model name, with weights
+      llama-3.1-70b: {upstreams: [{upstream: vllm}]}
+      gpt-4o-mini: {upstreams: [{upstream: openai, weight: 3}, {upstream: vllm, weight: 1}]}
+    aliases: {fast: gpt-4o-mini, smart: gpt-4.1}
+    fallbacks: {gpt-4.1: [gpt-4o, gpt-4o-mini]}
+    features:
+      support-bot: {default_model: fast, allowed_models: [fast, gpt-4o]}
+    prices:
+      llama-3.1-70b: {input_per_1m: 0.6, output_per_1m: 0.6}
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.config import ConfigError
 from app.metering.pricing import PriceTable
 
+DEFAULT_UPSTREAM = "openai"
 
-class GatewayConfig(BaseModel):
+
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+
+class UpstreamConfig(_Strict):
+    base_url: str
+    # The key is read from this environment variable, so the file holds no secret.
+    api_key_env: str | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class WeightedUpstream(_Strict):
+    upstream: str
+    weight: float = Field(default=1.0, gt=0)
+
+
+class ModelRoute(_Strict):
+    upstreams: list[WeightedUpstream] = Field(min_length=1)
+
+
+class FeatureConfig(_Strict):
+    default_model: str | None = None
+    # None: any model; a list: only these (aliases allowed, resolved like the request's model).
+    allowed_models: list[str] | None = None
+
+
+class GatewayConfig(_Strict):
+    upstreams: dict[str, UpstreamConfig] = {}
+    models: dict[str, ModelRoute] = {}
+    aliases: dict[str, str] = {}
+    fallbacks: dict[str, list[str]] = {}
+    features: dict[str, FeatureConfig] = {}
     # USD per 1M tokens, per model: {input_per_1m, cached_input_per_1m?, output_per_1m}; replaces the
     # shipped entry of that model.
     prices: dict[str, dict[str, Any]] = {}
+
+    @model_validator(mode="after")
+    def _references(self) -> GatewayConfig:
+        known = {DEFAULT_UPSTREAM, *self.upstreams}
+        for model, route in self.models.items():
+            for entry in route.upstreams:
+                if entry.upstream not in known:
+                    raise ValueError(f"models.{model}: unknown upstream {entry.upstream!r}")
+        for alias, target in self.aliases.items():
+            if target in self.aliases:
+                raise ValueError(f"aliases.{alias}: points at another alias ({target!r}); name a model")
+        return self
 
 
 def load_config_file(path: Path | None) -> GatewayConfig:
@@ -36,8 +103,9 @@ def load_config_file(path: Path | None) -> GatewayConfig:
         config = GatewayConfig.model_validate(raw or {})
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = ".".join(str(part) for part in err["loc"]) or "top level"
-        raise ConfigError(f"{where}: {loc}: {err['msg']}") from None
+        loc = ".".join(str(part) for part in err["loc"])
+        message = str(err["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"{where}: {loc + ': ' if loc else ''}{message}") from None
     try:
         PriceTable(config.prices)
     except ValueError as exc:

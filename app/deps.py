@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from app.auth import Principal, require_principal
 from app.call import STATE_KEY, CallRecord
 from app.config import Settings
+from app.policy import Policy
 from app.upstream import UpstreamClient
 
 
@@ -22,6 +23,12 @@ def _upstream(request: Request) -> UpstreamClient:
     return upstream
 
 
+def _policy(request: Request) -> Policy:
+    # Read per request: SIGHUP swaps the whole object, and a request keeps the one it started with.
+    policy: Policy = request.app.state.policy
+    return policy
+
+
 def _call(request: Request) -> CallRecord:
     call: CallRecord = request.scope["state"][STATE_KEY]
     return call
@@ -29,5 +36,6 @@ def _call(request: Request) -> CallRecord:
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
 UpstreamDep = Annotated[UpstreamClient, Depends(_upstream)]
+PolicyDep = Annotated[Policy, Depends(_policy)]
 CallDep = Annotated[CallRecord, Depends(_call)]
 PrincipalDep = Annotated[Principal, Depends(require_principal)]

@@ -70,6 +70,14 @@ class GatewayError(Exception):
         )
 
 
+class RelayedError(Exception):
+    """An upstream error response, relayed as it came; raised so routes need no branch for it."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status_code)
+        self.response = response
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> GatewayError:
     return GatewayError(400, message, param=param, code=code)
 
@@ -77,6 +85,11 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 async def _gateway_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
     return exc.response()
+
+
+async def _relayed_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RelayedError)
+    return exc.response
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -105,6 +118,7 @@ async def _unexpected(_: Request, exc: Exception) -> Response:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(GatewayError, _gateway_error)
+    app.add_exception_handler(RelayedError, _relayed_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,6 +14,7 @@ from fastapi import FastAPI
 from sse_starlette.sse import AppStatus
 from starlette.types import ASGIApp
 
+from app.background import BackgroundResponses
 from app.config import ConfigError, Settings, load_settings
 from app.config_file import GatewayConfig, load_config_file
 from app.db.engine import create_engine
@@ -21,9 +25,12 @@ from app.metering.metrics import Metrics
 from app.metering.middleware import Meter, MeteringMiddleware
 from app.metering.pricing import PriceTable
 from app.metering.recorder import Recorder
+from app.policy import Policy
 from app.request_context import RequestContextMiddleware
-from app.routes import chat, health, metrics, usage
+from app.routes import chat, embeddings, health, metrics, models, passthrough, responses, usage
 from app.upstream import UpstreamClient
+
+log = logging.getLogger("gateway")
 
 
 class GatewayApp(FastAPI):
@@ -48,6 +55,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     configure_logging(settings.log_level)
     app_metrics = Metrics()
 
+    def price_table(config: GatewayConfig) -> PriceTable:
+        return PriceTable(
+            config.prices, on_unknown=lambda model: app_metrics.unknown_models.labels(model).inc()
+        )
+
+    def reload_config() -> None:
+        """SIGHUP: validate the file again and swap the policy and prices whole; requests in flight keep
+        the ones they started with. A bad file keeps the running configuration."""
+        try:
+            fresh = load_config_file(settings.config_file)
+        except ConfigError as exc:
+            log.error("configuration not reloaded; keeping the running one", extra={"reason": str(exc)})
+            return
+        app.state.policy = Policy(settings, fresh)
+        meter: Meter | None = getattr(app.state, "meter", None)
+        if meter is not None:
+            meter.prices = price_table(fresh)
+        log.info("configuration reloaded")
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         upstream = UpstreamClient(settings)
@@ -68,10 +94,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             await recorder.start()
             app_metrics.watch_recorder(recorder.stats)
-            prices = PriceTable(
-                config.prices, on_unknown=lambda model: app_metrics.unknown_models.labels(model).inc()
-            )
-            app.state.meter = Meter(recorder, prices, app_metrics)
+            app.state.meter = Meter(recorder, price_table(config), app_metrics)
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            # Only the main thread of a process can take signals (not so in the tests' threaded server).
+            loop.add_signal_handler(signal.SIGHUP, reload_config)
         try:
             yield
         finally:
@@ -84,12 +111,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = GatewayApp(title="llm-gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
     app.state.metrics = app_metrics
+    app.state.policy = Policy(settings, config)
+    app.state.reload_config = reload_config
+    app.state.background = BackgroundResponses()
     install_error_handlers(app)
     app.add_middleware(MeteringMiddleware)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(chat.router)
+    app.include_router(embeddings.router)
+    app.include_router(responses.router)
+    app.include_router(models.router)
     app.include_router(usage.router)
+    # Last: it takes every /v1/* path the routers above do not.
+    app.include_router(passthrough.router)
     # sse-starlette cancels open streams on SIGTERM by default; we let them finish within uvicorn's
     # graceful-shutdown deadline instead (sse-starlette issue #167).
     AppStatus.disable_automatic_graceful_drain()  # type: ignore[no-untyped-call]

@@ -1,23 +1,52 @@
-"""Forward one metered call upstream and turn what comes back into the client's response."""
+"""Forward one metered JSON call upstream — trying the model's fallbacks when its retries are spent — and
+turn what comes back into the client's response."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import AsyncIterable, Callable, Mapping
 from typing import Any
 
+import aiohttp
 import orjson
 from sse_starlette import EventSourceResponse
 from starlette.responses import Response
 
 from app.call import CallRecord, Usage
-from app.errors import GatewayError
+from app.errors import GatewayError, RelayedError
+from app.policy import Candidate, UpstreamTarget
 from app.streaming import EventInspector, collect_text, relay_sse
-from app.upstream import UpstreamClient, UpstreamResponse, UpstreamUnavailable
+from app.upstream import (
+    UpstreamClient,
+    UpstreamResponse,
+    UpstreamUnavailable,
+    is_sse,
+    never_open,
+    upstream_request_headers,
+)
+
+log = logging.getLogger("gateway.relay")
 
 ATTEMPTS_HEADER = "x-gateway-attempts"
+MODEL_HEADER = "x-gateway-model"
 
 
-def _upstream_error(upstream: UpstreamClient, response: UpstreamResponse, call: CallRecord) -> Response:
+class Payload:
+    """The request body for each model tried: the client's own bytes whenever nothing had to change."""
+
+    def __init__(self, raw: bytes, body: dict[str, Any], *, modified: bool = False) -> None:
+        self.raw = raw
+        self.body = body
+        self.modified = modified
+
+    def for_model(self, model: str) -> bytes:
+        if not self.modified and self.body.get("model") == model:
+            return self.raw
+        return orjson.dumps({**self.body, "model": model})
+
+
+def upstream_error(upstream: UpstreamClient, response: UpstreamResponse, call: CallRecord) -> Response:
+    """The upstream's error, relayed: its status, body and rate-limit headers."""
     attempts = {ATTEMPTS_HEADER: str(call.attempts)}
     if response.status == 401:
         # The caller's key was accepted by the gateway; a 401 would blame it for the gateway's own key.
@@ -37,6 +66,49 @@ def _upstream_error(upstream: UpstreamClient, response: UpstreamResponse, call: 
     )
 
 
+def unavailable(upstream: UpstreamClient, exc: UpstreamUnavailable, call: CallRecord) -> GatewayError:
+    call.error_type = f"upstream_{exc.kind}"
+    headers = {ATTEMPTS_HEADER: str(call.attempts)}
+    if upstream.suppress_client_retries:
+        headers["x-should-retry"] = "false"
+    return GatewayError(
+        504 if exc.kind == "timeout" else 502, str(exc), code=call.error_type, headers=headers
+    )
+
+
+async def send_checked(
+    upstream: UpstreamClient,
+    call: CallRecord,
+    target: UpstreamTarget,
+    method: str,
+    path: str,
+    *,
+    client_headers: Mapping[str, str],
+    body: bytes | AsyncIterable[bytes] = b"",
+    keep_open: Callable[[aiohttp.ClientResponse], bool] = never_open,
+    replayable: bool = True,
+    extra_headers: Mapping[str, str] | None = None,
+) -> UpstreamResponse:
+    """One upstream call (with retries) whose failures become the client's answer: an upstream error is
+    relayed (RelayedError), no answer at all is a 502/504 (GatewayError)."""
+    try:
+        answer = await upstream.send(
+            target,
+            method,
+            path,
+            body=body,
+            headers={**upstream_request_headers(client_headers), **(extra_headers or {})},
+            call=call,
+            keep_open=keep_open,
+            replayable=replayable,
+        )
+    except UpstreamUnavailable as exc:
+        raise unavailable(upstream, exc, call) from None
+    if answer.status >= 400:
+        raise RelayedError(upstream_error(upstream, answer, call))
+    return answer
+
+
 def _error_type(body: bytes) -> str | None:
     try:
         error = orjson.loads(body).get("error")
@@ -48,58 +120,85 @@ def _error_type(body: bytes) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _json_usage(call: CallRecord, body: bytes) -> None:
+def read_json_usage(call: CallRecord, body: bytes) -> dict[str, Any] | None:
+    """Learn the model and usage from a JSON answer; keep its text when it carries no usage."""
     try:
         parsed: Any = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return
+        return None
     if not isinstance(parsed, dict):
-        return
+        return None
     if isinstance(parsed.get("model"), str):
         call.upstream_model = parsed["model"]
     if isinstance(parsed.get("usage"), dict):
         call.usage = Usage.from_openai(parsed["usage"])
-        return
-    # No usage from this upstream: keep the answer's text so metering can count it.
+        return parsed
     choices = parsed.get("choices")
     for choice in choices if isinstance(choices, list) else ():
         message = choice.get("message") if isinstance(choice, dict) else None
         if isinstance(message, dict):
             collect_text(message, call.completion_parts)
+    return parsed
+
+
+def _falls_back(response: UpstreamResponse) -> bool:
+    return response.status == 429 or response.status >= 500
 
 
 async def forward(
     upstream: UpstreamClient,
     call: CallRecord,
+    candidates: list[Candidate],
     *,
     path: str,
-    payload: bytes,
-    client_headers: dict[str, str],
+    payload: Payload,
+    client_headers: Mapping[str, str],
     inspector: Callable[[], EventInspector] | None,
 ) -> Response:
-    """Send `payload` to `path`; relay JSON whole, or an SSE stream event by event when `inspector` is
-    given (it is made only once the upstream has answered with a stream)."""
-    try:
-        response = await upstream.send(
-            "POST",
-            path,
-            body=payload,
-            headers={**upstream.request_headers(client_headers), "content-type": "application/json"},
-            stream=inspector is not None,
-            call=call,
-        )
-    except UpstreamUnavailable as exc:
-        call.error_type = f"upstream_{exc.kind}"
-        status = 504 if exc.kind == "timeout" else 502
-        headers = {ATTEMPTS_HEADER: str(call.attempts)}
-        if upstream.suppress_client_retries:
-            headers["x-should-retry"] = "false"
-        raise GatewayError(status, str(exc), code=call.error_type, headers=headers) from None
-    if response.status >= 400:
-        return _upstream_error(upstream, response, call)
-    headers = {**upstream.relay_headers(response), ATTEMPTS_HEADER: str(call.attempts)}
+    """POST `payload` to `path` for each candidate model in turn until one answers; relay JSON whole, or
+    an SSE stream event by event when `inspector` is given (made once the upstream answered a stream)."""
+    headers = {**upstream_request_headers(client_headers), "content-type": "application/json"}
+    keep_open = is_sse if inspector is not None else never_open
+    for index, candidate in enumerate(candidates):
+        last = index == len(candidates) - 1
+        try:
+            response = await upstream.send(
+                candidate.target,
+                "POST",
+                path,
+                body=payload.for_model(candidate.model),
+                headers=headers,
+                call=call,
+                keep_open=keep_open,
+            )
+        except UpstreamUnavailable as exc:
+            if last:
+                raise unavailable(upstream, exc, call) from None
+            log.warning("falling back", extra={"from_model": candidate.model, "reason": exc.kind})
+            continue
+        if response.status >= 400:
+            if last or not _falls_back(response):
+                return upstream_error(upstream, response, call)
+            log.warning("falling back", extra={"from_model": candidate.model, "reason": response.status})
+            continue
+        call.routed_model = candidate.model
+        return _answer(upstream, call, response, inspector)
+    raise AssertionError("forward() needs at least one candidate")
+
+
+def _answer(
+    upstream: UpstreamClient,
+    call: CallRecord,
+    response: UpstreamResponse,
+    inspector: Callable[[], EventInspector] | None,
+) -> Response:
+    headers = {
+        **upstream.relay_headers(response),
+        ATTEMPTS_HEADER: str(call.attempts),
+        MODEL_HEADER: call.routed_model or "",
+    }
     if response.stream is None:
-        _json_usage(call, response.body)
+        read_json_usage(call, response.body)
         call.mark_first_byte()
         return Response(
             response.body,

@@ -59,15 +59,23 @@ def is_retryable_status(status: int, headers: Mapping[str, str]) -> bool:
     return status in RETRYABLE_STATUSES
 
 
+# Failures that happen before a connection exists: not a byte of the request has left.
+BEFORE_CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+
+
 class _RetryOutcome(retry_base):
+    def __init__(self, errors: tuple[type[BaseException], ...], responses: bool) -> None:
+        self._errors = errors
+        self._responses = responses
+
     def __call__(self, retry_state: RetryCallState) -> bool:
         outcome = retry_state.outcome
         if outcome is None:
             return False
         if outcome.failed:
-            return isinstance(outcome.exception(), RETRYABLE_ERRORS)
+            return isinstance(outcome.exception(), self._errors)
         response = outcome.result()
-        return is_retryable_status(response.status, response.headers)
+        return self._responses and is_retryable_status(response.status, response.headers)
 
 
 class _Wait(wait_base):
@@ -114,10 +122,17 @@ class RetryPolicy:
         self._wait = _Wait(settings)
 
     def retrying(self) -> AsyncRetrying:
+        return self._retrying(_RetryOutcome(RETRYABLE_ERRORS, responses=True))
+
+    def retrying_before_connect(self) -> AsyncRetrying:
+        """For requests that must not be sent twice: retry only failures to connect."""
+        return self._retrying(_RetryOutcome(BEFORE_CONNECT_ERRORS, responses=False))
+
+    def _retrying(self, retry: retry_base) -> AsyncRetrying:
         return AsyncRetrying(
             stop=self._stop,
             wait=self._wait,
-            retry=_RetryOutcome(),
+            retry=retry,
             before_sleep=_log_retry,
             retry_error_callback=_last_outcome,
         )

@@ -141,3 +141,49 @@ async def relay_sse(
     if failure is not None:
         call.error_type = failure[1]
         yield _error_event(*failure)
+
+
+# Responses API stream events that end a response; each carries the final response object with its usage.
+_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_TEXT_DELTAS = frozenset(
+    {"response.output_text.delta", "response.function_call_arguments.delta", "response.refusal.delta"}
+)
+
+
+class ResponsesEventInspector:
+    """Responses API events (`event: <type>` + `data: {...}`): relayed unchanged; usage from the terminal
+    event's response. These streams end without `[DONE]`; the terminal event (or `error`) is the end."""
+
+    def __init__(self, call: CallRecord) -> None:
+        self.call = call
+        self.done = False
+
+    def __call__(self, event: bytes) -> bytes | None:
+        data = sse_data(event)
+        if data is None:
+            return event
+        try:
+            payload = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return event
+        if not isinstance(payload, dict):
+            return event
+        kind = payload.get("type")
+        if kind in _TEXT_DELTAS and isinstance(payload.get("delta"), str):
+            self.call.completion_parts.append(payload["delta"])
+        elif isinstance(payload.get("response"), dict):
+            learn_response(self.call, payload["response"])
+        if kind in _TERMINAL or kind == "error":
+            self.done = True
+        return event
+
+
+def learn_response(call: CallRecord, response: dict[str, Any]) -> None:
+    """What metering needs from a Responses API object: its model, its usage, and for a background
+    response its id, under which it is metered once however often it is streamed or polled."""
+    if isinstance(response.get("model"), str):
+        call.upstream_model = response["model"]
+    if isinstance(response.get("usage"), dict):
+        call.usage = Usage.from_openai(response["usage"])
+    if response.get("background") is True and isinstance(response.get("id"), str):
+        call.usage_key = response["id"]

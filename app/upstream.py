@@ -7,7 +7,7 @@ pass-through relaying with aiohttp did ~2,860 req/s on one core, the same with h
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterable, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -15,6 +15,7 @@ from multidict import CIMultiDictProxy
 
 from app.call import CallRecord
 from app.config import Settings
+from app.policy import UpstreamTarget
 from app.retry_policy import RetryPolicy, is_retryable_status
 
 # Headers of the client's request that never go upstream: the client's gateway key, the gateway's
@@ -66,15 +67,21 @@ class UpstreamResponse:
     stream: aiohttp.ClientResponse | None = None
 
 
-def upstream_request_headers(client_headers: Mapping[str, str], api_key: str | None) -> dict[str, str]:
-    headers = {
+def upstream_request_headers(client_headers: Mapping[str, str]) -> dict[str, str]:
+    return {
         name: value
         for name, value in client_headers.items()
         if name not in _DROP_REQUEST and not name.startswith("x-gateway-")
     }
-    if api_key is not None:
-        headers["authorization"] = f"Bearer {api_key}"
-    return headers
+
+
+def is_sse(response: aiohttp.ClientResponse) -> bool:
+    return response.status < 300 and response.headers.get("content-type", "").startswith("text/event-stream")
+
+
+def never_open(_: aiohttp.ClientResponse) -> bool:
+    """For calls answered with one JSON body: read whole, under the total request timeout."""
+    return False
 
 
 def relay_response_headers(upstream: Mapping[str, str]) -> dict[str, str]:
@@ -90,14 +97,13 @@ def relay_response_headers(upstream: Mapping[str, str]) -> dict[str, str]:
 
 class UpstreamClient:
     def __init__(self, settings: Settings) -> None:
-        self._base_url = settings.openai_base_url
-        self._api_key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
         self.policy = RetryPolicy(settings)
         self.suppress_client_retries = settings.suppress_client_retries and settings.max_attempts > 1
         self._json_timeout = aiohttp.ClientTimeout(
             total=settings.request_timeout_s, sock_connect=settings.connect_timeout_s
         )
-        # A stream may last as long as the model writes; only the gap between reads is bounded.
+        # A stream may last as long as the model writes (or the file is long); only the gap between reads
+        # is bounded.
         self._stream_timeout = aiohttp.ClientTimeout(
             total=None,
             connect=settings.request_timeout_s,
@@ -120,9 +126,6 @@ class UpstreamClient:
         if self._session is not None:
             await self._session.close()
 
-    def request_headers(self, client_headers: Mapping[str, str]) -> dict[str, str]:
-        return upstream_request_headers(client_headers, self._api_key)
-
     def relay_headers(self, response: UpstreamResponse) -> dict[str, str]:
         return relay_response_headers(response.headers)
 
@@ -136,27 +139,35 @@ class UpstreamClient:
 
     async def send(
         self,
+        target: UpstreamTarget,
         method: str,
         path: str,
         *,
-        body: bytes,
+        body: bytes | AsyncIterable[bytes],
         headers: Mapping[str, str],
-        stream: bool,
         call: CallRecord,
+        keep_open: Callable[[aiohttp.ClientResponse], bool] = is_sse,
+        replayable: bool = True,
     ) -> UpstreamResponse:
+        """One call with retries. A response for which `keep_open` is true comes back open, with its first
+        bytes already read; any other is read whole. When the request is not `replayable` (a streamed
+        upload, a non-idempotent passthrough), only failures before a connection existed are retried:
+        until then not a byte of the body has left."""
         assert self._session is not None, "UpstreamClient.start() was not awaited"
         session = self._session
-        url = self._base_url + path
-        timeout = self._stream_timeout if stream else self._json_timeout
+        url = target.base_url + path
+        headers = dict(headers)
+        if target.api_key is not None:
+            headers["authorization"] = f"Bearer {target.api_key}"
+        timeout = self._json_timeout if keep_open is never_open else self._stream_timeout
 
         async def attempt() -> UpstreamResponse:
             call.attempts += 1
             response = await session.request(method, url, data=body, headers=headers, timeout=timeout)
             try:
-                is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
-                if stream and response.status < 300 and is_sse:
+                if keep_open(response):
                     first = await response.content.readany()
-                    if not first:
+                    if not first and is_sse(response):
                         raise aiohttp.ClientPayloadError("upstream closed the stream before its first byte")
                     return UpstreamResponse(response.status, response.headers, first, response)
                 data = await response.read()
@@ -166,8 +177,9 @@ class UpstreamClient:
             response.release()
             return UpstreamResponse(response.status, response.headers, data)
 
+        retrying = self.policy.retrying() if replayable else self.policy.retrying_before_connect()
         try:
-            result: UpstreamResponse = await self.policy.retrying()(attempt)
+            result: UpstreamResponse = await retrying(attempt)
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamUnavailable(
                 "timeout", f"upstream timed out after {call.attempts} attempt(s)"

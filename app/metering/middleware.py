@@ -38,7 +38,7 @@ class Meter:
     def finish(self, scope: Scope, call: CallRecord) -> None:
         route = call.endpoint or getattr(scope.get("route"), "path", None) or "unmatched"
         self.metrics.observe_request(route, call, time.perf_counter() - call.started)
-        if call.endpoint is None:
+        if call.endpoint is None or (call.metered_only_with_usage and call.usage is None):
             return
         event = build_event(call, self.prices)
         self.metrics.observe_usage(event)

@@ -17,11 +17,13 @@ log = logging.getLogger("gateway.metering")
 
 def _estimate(call: CallRecord) -> Usage:
     """Count tokens ourselves: the upstream sent no usage, or the client left before it came."""
-    model = call.upstream_model or call.model or ""
+    model = call.upstream_model or call.routed_model or call.model or ""
     body: dict[str, Any] = call.request_body or {}
     try:
         if call.endpoint == "/v1/chat/completions":
             prompt = tokens.count_chat_prompt(model, body)
+        elif call.endpoint == "/v1/responses":
+            prompt = tokens.count_chat_prompt(model, {"messages": _responses_messages(body)})
         else:
             prompt = tokens.count_input(model, body.get("input", ""))
         completion = tokens.count_text(model, "".join(call.completion_parts))
@@ -29,6 +31,19 @@ def _estimate(call: CallRecord) -> Usage:
         log.warning("token estimation failed", exc_info=True)
         return Usage()
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _responses_messages(body: dict[str, Any]) -> list[Any]:
+    """A Responses API input as chat messages, which is how OpenAI counts it too."""
+    messages: list[Any] = []
+    if isinstance(body.get("instructions"), str):
+        messages.append({"role": "system", "content": body["instructions"]})
+    given = body.get("input")
+    if isinstance(given, str):
+        messages.append({"role": "user", "content": given})
+    elif isinstance(given, list):
+        messages.extend(item for item in given if isinstance(item, dict))
+    return messages
 
 
 def build_event(call: CallRecord, prices: PriceTable) -> UsageEvent:
@@ -43,16 +58,16 @@ def build_event(call: CallRecord, prices: PriceTable) -> UsageEvent:
     else:
         # Rejected before any generation (429, 5xx after retries, timeouts): nothing was billed.
         usage, source = Usage(), "estimated"
-    model = call.upstream_model or call.model
+    answered_by = call.upstream_model or call.routed_model
     return UsageEvent(
-        request_id=call.request_id,
+        request_id=call.usage_key or call.request_id,
         created_at=datetime.fromtimestamp(call.created_at, UTC),
         api_key_id=call.api_key_id,
         feature=call.feature,
         user_id=call.user_id,
         endpoint=call.endpoint,
         model=call.model,
-        upstream_model=call.upstream_model,
+        upstream_model=answered_by,
         stream=call.stream,
         status_code=call.status_code,
         attempts=call.attempts,
@@ -62,7 +77,9 @@ def build_event(call: CallRecord, prices: PriceTable) -> UsageEvent:
         cached_tokens=usage.cached_tokens,
         reasoning_tokens=usage.reasoning_tokens,
         usage_source=source,  # type: ignore[arg-type]
-        cost_usd=prices.cost_usd(model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens),
+        cost_usd=prices.cost_usd(
+            answered_by or call.model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
+        ),
         latency_ms=round((ended - call.started) * 1000),
         ttfb_ms=None if call.ttfb_s is None else round(call.ttfb_s * 1000),
         error_type=call.error_type,

@@ -1,18 +1,16 @@
-"""POST /v1/chat/completions: validated just enough to meter it, then relayed untouched."""
+"""POST /v1/chat/completions: validated just enough to meter and route it, then relayed untouched."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from app.attribution import attribute
-from app.body import parse_object, read_body, require_str
-from app.deps import CallDep, PrincipalDep, SettingsDep, UpstreamDep
+from app.deps import CallDep, PolicyDep, PrincipalDep, SettingsDep, UpstreamDep
 from app.errors import bad_request
-from app.relay import forward
+from app.relay import Payload, forward
+from app.routes.metered import read_metered
 from app.streaming import ChatChunkInspector
 
 router = APIRouter()
@@ -53,26 +51,21 @@ def _ask_for_usage(body: dict[str, Any]) -> bool:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(
-    request: Request, _: PrincipalDep, settings: SettingsDep, upstream: UpstreamDep, call: CallDep
+    request: Request,
+    _: PrincipalDep,
+    settings: SettingsDep,
+    policy: PolicyDep,
+    upstream: UpstreamDep,
+    call: CallDep,
 ) -> Response:
-    raw = await read_body(request, settings.max_body_bytes)
-    body = parse_object(raw)
-    call.model = require_str(body, "model")
-    _check_messages(body)
-    attribute(call, request.headers, body)
-    call.endpoint = "/v1" + PATH
-    call.request_body = body
-    call.stream = body.get("stream") is True
-    if not call.stream:
-        return await forward(
-            upstream, call, path=PATH, payload=raw, client_headers=dict(request.headers), inspector=None
-        )
-    client_wants_usage = _ask_for_usage(body)
+    metered = await read_metered(request, settings, policy, call, "/v1" + PATH, _check_messages)
+    client_wants_usage = _ask_for_usage(metered.body) if call.stream else False
     return await forward(
         upstream,
         call,
+        metered.candidates,
         path=PATH,
-        payload=orjson.dumps(body),
-        client_headers=dict(request.headers),
-        inspector=lambda: ChatChunkInspector(call, client_wants_usage),
+        payload=Payload(metered.raw, metered.body, modified=call.stream),
+        client_headers=request.headers,
+        inspector=(lambda: ChatChunkInspector(call, client_wants_usage)) if call.stream else None,
     )

@@ -87,7 +87,12 @@ class Router:
         self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
 
     def add(self, method: str, template: str, handler: Handler) -> None:
-        pattern = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(template))
+        """``{name}`` matches one path segment, ``{name:path}`` the rest of the path."""
+
+        def group(found: re.Match[str]) -> str:
+            return f"(?P<{found[1]}>{'.+' if found[2] else '[^/]+'})"
+
+        pattern = re.sub(r"\\\{(\w+)(:path)?\\\}", group, re.escape(template))
         self._routes.append((method, re.compile(pattern), handler))
 
     def match(self, method: str, path: str) -> tuple[Handler, dict[str, str]] | None:

@@ -48,6 +48,7 @@ MODEL_SNAPSHOTS = {
     "gpt-4.1-mini": "gpt-4.1-mini-2025-04-14",
     "gpt-4.1-nano": "gpt-4.1-nano-2025-04-14",
     "o4-mini": "o4-mini-2025-04-16",
+    "o3-mini": "o3-mini-2025-01-31",
     "gpt-3.5-turbo": "gpt-3.5-turbo-0125",
 }
 LISTED_MODELS = [
@@ -55,8 +56,14 @@ LISTED_MODELS = [
     ("gpt-4o-mini-2024-07-18", 1721172717),
     ("gpt-4o", 1715367049),
     ("gpt-4o-2024-08-06", 1722814719),
+    ("gpt-4.1", 1744316542),
+    ("gpt-4.1-2025-04-14", 1744315746),
+    ("o3-mini", 1737146383),
+    ("o3-mini-2025-01-31", 1738010200),
     ("text-embedding-3-small", 1705948997),
     ("text-embedding-3-large", 1705953180),
+    ("omni-moderation-latest", 1731689265),
+    ("other-model", 1700000000),  # matches no family, for tests that filter the list
 ]
 
 # Short keys a test may put at the top of a scripted usage; they belong in a *_details object.
@@ -149,6 +156,11 @@ class Plan:
 def random_id(prefix: str, length: int) -> str:
     # Not secrets: ids only need to be unique, and this runs per request under benchmark load.
     return prefix + "".join(random.choices(_ALNUM, k=length))
+
+
+def hex_id(prefix: str, length: int) -> str:
+    """Ids like resp_67ccd2bed1ec8190b14f964abc0542670bb6a6b452d3795b: the Responses-era id format."""
+    return prefix + random.randbytes((length + 1) // 2).hex()[:length]
 
 
 def compact(value: Any) -> str:
@@ -450,3 +462,56 @@ def model_object(model: str, created: int) -> JSON:
 
 def models_body() -> JSON:
     return {"object": "list", "data": [model_object(name, created) for name, created in LISTED_MODELS]}
+
+
+# Category, and whether OpenAI's omni-moderation also applies it to images.
+_MODERATION_CATEGORIES = [
+    ("harassment", False),
+    ("harassment/threatening", False),
+    ("hate", False),
+    ("hate/threatening", False),
+    ("illicit", False),
+    ("illicit/violent", False),
+    ("self-harm", True),
+    ("self-harm/intent", True),
+    ("self-harm/instructions", True),
+    ("sexual", True),
+    ("sexual/minors", False),
+    ("violence", True),
+    ("violence/graphic", True),
+]
+MODERATION_SNAPSHOTS = {
+    "omni-moderation-latest": "omni-moderation-2024-09-26",
+    "text-moderation-latest": "text-moderation-007",
+}
+
+
+def _moderation_result(kinds: set[str], seed: str) -> JSON:
+    scores = hashlib.shake_256(seed.encode()).digest(len(_MODERATION_CATEGORIES))
+    applied = {
+        name: [k for k in ("text", "image") if k in kinds and (k == "text" or images)]
+        for name, images in _MODERATION_CATEGORIES
+    }
+    return {
+        "flagged": False,
+        "categories": {name: False for name, _ in _MODERATION_CATEGORIES},
+        "category_scores": {
+            name: (score + 1) / 1e6 for (name, _), score in zip(_MODERATION_CATEGORIES, scores, strict=True)
+        },
+        "category_applied_input_types": applied,
+    }
+
+
+def moderation_body(body: Mapping[str, Any]) -> JSON:
+    """Nothing is ever flagged; scores are tiny and derived from the input. One result per input string,
+    one for a whole list of multimodal parts."""
+    value = body.get("input")
+    results: list[JSON]
+    if isinstance(value, list) and any(isinstance(part, Mapping) for part in value):
+        kinds = {"image" if part.get("type") == "image_url" else "text" for part in value}
+        results = [_moderation_result(kinds, compact(value))]
+    else:
+        texts = value if isinstance(value, list) else [value]
+        results = [_moderation_result({"text"}, str(text)) for text in texts]
+    model = str(body.get("model") or "omni-moderation-latest")
+    return {"id": hex_id("modr-", 32), "model": MODERATION_SNAPSHOTS.get(model, model), "results": results}

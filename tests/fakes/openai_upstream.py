@@ -7,8 +7,10 @@
 
     python -m tests.fakes.openai_upstream --port 9911 --first-token-delay-ms 20 --inter-token-delay-ms 5
 
-Serves POST /v1/chat/completions, POST /v1/embeddings, GET /v1/models[/{id}]; anything else gets OpenAI's
-404 "Invalid URL" body. Bodies, chunk framing and default usage are described in ``openai_payloads``.
+Serves POST /v1/chat/completions, POST /v1/embeddings, POST /v1/moderations, GET /v1/models[/{id}]; the
+Responses API and conversations (``responses_api``); files and vector stores (``files_api``); anything else
+gets OpenAI's 404 "Invalid URL" body. Bodies, chunk framing and default usage are described in
+``openai_payloads`` and ``responses_payloads``; the objects the fake keeps live in ``store``.
 
 Deliberate divergences from OpenAI:
 - one choice only (``n`` is ignored); no logprobs, audio or refusals;
@@ -18,7 +20,10 @@ Deliberate divergences from OpenAI:
   a fault a test meant for the next completion.
 
 Each POST takes at most one fault off the FIFO (checked after auth, before any reply is taken); a chat
-completion then takes the next scripted reply, or the default one.
+completion or a response then takes the next scripted reply, or the default one.
+
+A multipart upload is never read whole: its RecordedRequest has ``body=b""`` and the file's size and
+sha256 in ``upload_size`` / ``upload_sha256``; ``body_size`` is filled in for every request.
 """
 
 from __future__ import annotations
@@ -39,14 +44,19 @@ import orjson
 from aiohttp import web
 
 from tests.fakes import openai_payloads as p
-
-JSON_TYPE = "application/json"
-SSE_TYPE = "text/event-stream; charset=utf-8"
+from tests.fakes import stateless_api
+from tests.fakes.answers import JSON_TYPE as JSON_TYPE
+from tests.fakes.answers import SSE_TYPE as SSE_TYPE
+from tests.fakes.answers import Answer, Download, Events, Handler, Incoming, Router
+from tests.fakes.faults import Cut, Drop, Fail, Fault, SlowFirstByte
+from tests.fakes.files_api import FilesAPI
+from tests.fakes.responses_api import ResponsesAPI
+from tests.fakes.store import FakeStore
 
 
 @dataclass
 class RecordedRequest:
-    """One request as the fake saw it; the last four fields are filled in as it is answered."""
+    """One request as the fake saw it; the fields after ``request_id`` are filled in as it is answered."""
 
     method: str
     path: str
@@ -59,34 +69,11 @@ class RecordedRequest:
     status: int | None = None  # None when the fake dropped the connection or never answered
     disconnected: bool = False  # the client went away before the fake had finished
     received_at: float = field(default_factory=time.monotonic)  # when the request arrived
-
-
-@dataclass(frozen=True)
-class _Fail:
-    status: int
-    body: Mapping[str, Any] | str | bytes | None
-    headers: Mapping[str, str]
-
-
-@dataclass(frozen=True)
-class _Drop:
-    pass
-
-
-@dataclass(frozen=True)
-class _SlowFirstByte:
-    seconds: float
-
-
-@dataclass(frozen=True)
-class _Cut:
-    """Send ``after_chunks`` events (or half a JSON body), then close, or hang until the client leaves."""
-
-    after_chunks: int
-    hang: bool
-
-
-_Fault = _Fail | _Drop | _SlowFirstByte | _Cut
+    body_size: int = 0  # request body bytes; an upload's are counted as it streams in (0 if never read)
+    upload_filename: str | None = None  # multipart uploads: the file part's filename,
+    upload_size: int | None = None  # its size in bytes
+    upload_sha256: str | None = None  # and the hex sha256 of its content,
+    form: dict[str, str] | None = None  # and the other (text) fields
 
 
 @dataclass
@@ -109,6 +96,8 @@ class FakeOpenAI:
         inter_token_delay_s: float = 0.0,
         stream_usage: bool = True,
         record_requests: bool = True,
+        background_delay_s: float = 0.2,
+        ingest_delay_s: float = 0.0,
     ) -> None:
         self.host, self.port, self.api_key = host, port, api_key
         # Off for the benchmark: a log of every request would grow without bound.
@@ -116,11 +105,18 @@ class FakeOpenAI:
         self.first_token_delay_s = first_token_delay_s
         self.inter_token_delay_s = inter_token_delay_s
         self.stream_usage = stream_usage
+        self.background_delay_s = background_delay_s  # how long a background response takes
+        self.ingest_delay_s = ingest_delay_s  # how long a file attached to a vector store stays in_progress
+        self.store = FakeStore()
+        self._router = Router()
+        ResponsesAPI(self.store, self._take_reply, lambda: self.background_delay_s).register(self._router)
+        FilesAPI(self.store, lambda: self.ingest_delay_s).register(self._router)
+        stateless_api.register(self._router)
         self.client_disconnected = threading.Event()  # set when any client leaves mid-answer
         self._cond = threading.Condition()
         self._requests: list[RecordedRequest] = []
         self._replies: deque[p.Reply] = deque()
-        self._faults: deque[_Fault] = deque()
+        self._faults: deque[Fault] = deque()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
@@ -219,24 +215,28 @@ class FakeOpenAI:
         headers: Mapping[str, str] | None = None,
     ) -> None:
         """Answer the next ``times`` POSTs with an OpenAI error (or ``body`` as given)."""
-        self._add_fault(_Fail(status, body, dict(headers or {})), times)
+        self._add_fault(Fail(status, body, dict(headers or {})), times)
 
     def drop_connection(self, times: int = 1) -> None:
-        self._add_fault(_Drop(), times)
+        self._add_fault(Drop(), times)
 
     def drop_mid_stream(self, after_chunks: int = 1, times: int = 1) -> None:
-        self._add_fault(_Cut(after_chunks, hang=False), times)
+        self._add_fault(Cut(after_chunks, hang=False), times)
 
     def hang_stream(self, chunks_before_hang: int = 1, times: int = 1) -> None:
         """Send some events (none for a non-streamed call), then wait for the client to leave."""
-        self._add_fault(_Cut(chunks_before_hang, hang=True), times)
+        self._add_fault(Cut(chunks_before_hang, hang=True), times)
 
     def slow_first_byte(self, seconds: float, times: int = 1) -> None:
-        self._add_fault(_SlowFirstByte(seconds), times)
+        self._add_fault(SlowFirstByte(seconds), times)
 
-    def _add_fault(self, fault: _Fault, times: int) -> None:
+    def _add_fault(self, fault: Fault, times: int) -> None:
         with self._cond:
             self._faults.extend([fault] * times)
+
+    def _take_reply(self) -> p.Reply | None:
+        with self._cond:
+            return self._replies.popleft() if self._replies else None
 
     def reset(self) -> None:
         with self._cond:
@@ -244,8 +244,14 @@ class FakeOpenAI:
             self._replies.clear()
             self._faults.clear()
             self.client_disconnected.clear()
+        self.store.clear()
 
     # -- request log -----------------------------------------------------------------------------------
+
+    def polls(self, response_id: str) -> int:
+        """How many times GET /v1/responses/{response_id} was asked for."""
+        with self.store.lock:
+            return self.store.polls.get(response_id, 0)
 
     @property
     def requests(self) -> list[RecordedRequest]:
@@ -295,7 +301,9 @@ class FakeOpenAI:
     # -- HTTP ------------------------------------------------------------------------------------------
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
+        # An upload is left on the socket for its endpoint to stream through (files_api).
+        multipart = request.content_type.startswith("multipart/")
+        body = b"" if multipart else await request.read()
         try:
             parsed = orjson.loads(body) if body else None
         except orjson.JSONDecodeError:
@@ -308,6 +316,7 @@ class FakeOpenAI:
             body=body,
             json=parsed,
             request_id="req_" + secrets.token_hex(16),
+            body_size=len(body),
         )
         if self.record_requests:
             with self._cond:
@@ -340,30 +349,29 @@ class FakeOpenAI:
         if endpoint is None:
             message = f"Invalid URL ({request.method} {request.path})"
             return await self._error(call, 404, p.error(message, "invalid_request_error"))
-        fault: _Fault | None = None
+        fault: Fault | None = None
         if request.method == "POST":
             with self._cond:
                 fault = self._faults.popleft() if self._faults else None
-        if isinstance(fault, _Drop):
+        if isinstance(fault, Drop):
             return self._drop(call)
-        if isinstance(fault, _Fail):
+        if isinstance(fault, Fail):
             return await self._fail(call, fault)
-        if isinstance(fault, _SlowFirstByte):
+        if isinstance(fault, SlowFirstByte):
             await asyncio.sleep(fault.seconds)
-        return await endpoint(call, fault if isinstance(fault, _Cut) else None)
+        return await endpoint(call, fault if isinstance(fault, Cut) else None)
 
     def _route(
         self, method: str, path: str
-    ) -> Callable[[_Call, _Cut | None], Awaitable[web.StreamResponse]] | None:
+    ) -> Callable[[_Call, Cut | None], Awaitable[web.StreamResponse]] | None:
         if method == "POST" and path == "/v1/chat/completions":
             return self._chat
-        if method == "POST" and path == "/v1/embeddings":
-            return self._embeddings
-        if method == "GET" and (path == "/v1/models" or path.startswith("/v1/models/")):
-            return self._models
+        if (found := self._router.match(method, path)) is not None:
+            handler, params = found
+            return lambda call, cut: self._deliver(handler, params, call, cut)
         return None
 
-    async def _chat(self, call: _Call, cut: _Cut | None) -> web.StreamResponse:
+    async def _chat(self, call: _Call, cut: Cut | None) -> web.StreamResponse:
         body = call.record.json
         if (problem := p.invalid_request(body, "messages")) is not None:
             return await self._error(call, 400, problem)
@@ -372,9 +380,7 @@ class FakeOpenAI:
             message = "The 'stream_options' parameter is only allowed when 'stream' is enabled."
             problem = p.error(message, "invalid_request_error", None, "stream_options")
             return await self._error(call, 400, problem)
-        with self._cond:
-            scripted = self._replies.popleft() if self._replies else None
-        plan = p.plan_reply(body, scripted)
+        plan = p.plan_reply(body, self._take_reply())
         completion_id, created = p.random_id("chatcmpl-", 29), int(time.time())
         if body.get("stream") is True:
             return await self._stream(call, body, plan, completion_id, created, cut)
@@ -392,7 +398,7 @@ class FakeOpenAI:
         plan: p.Plan,
         completion_id: str,
         created: int,
-        cut: _Cut | None,
+        cut: Cut | None,
     ) -> web.StreamResponse:
         options = body.get("stream_options") or {}
         sends_usage = self.stream_usage if plan.stream_usage is None else plan.stream_usage
@@ -404,40 +410,61 @@ class FakeOpenAI:
             include_usage=include_usage,
             obfuscate=options.get("include_obfuscation") is not False,
         )
-        response = web.StreamResponse(headers=self._headers(call, SSE_TYPE, plan.usage["prompt_tokens"]))
+        events = [p.sse(chunk) for chunk in chunks]
+        usage = plan.usage if include_usage else None
+        return await self._write_events(call, Events(events, usage, p.DONE, plan.usage["prompt_tokens"]), cut)
+
+    async def _write_events(self, call: _Call, answer: Events, cut: Cut | None) -> web.StreamResponse:
+        response = web.StreamResponse(headers=self._headers(call, SSE_TYPE, answer.tokens))
         await response.prepare(call.request)
-        if self.first_token_delay_s:
+        if not answer.lead and self.first_token_delay_s:
             await asyncio.sleep(self.first_token_delay_s)
-        for index, chunk in enumerate(chunks[: cut.after_chunks] if cut else chunks):
-            if index and self.inter_token_delay_s:
-                await asyncio.sleep(self.inter_token_delay_s)
-            await response.write(p.sse(chunk))  # one write per event: each is flushed as written
+        for index, event in enumerate(answer.events[: cut.after_chunks] if cut else answer.events):
+            delay = self.first_token_delay_s if index == answer.lead else self.inter_token_delay_s
+            if index and index >= answer.lead and delay:
+                await asyncio.sleep(delay)
+            await response.write(event)  # one write per event: each is flushed as written
         if cut is not None:
             return await self._cut(call, cut, response)
-        await response.write(p.DONE)
+        if answer.tail:
+            await response.write(answer.tail)
         await response.write_eof()
-        self._update(call.record, status=200, usage=plan.usage if include_usage else None)
+        self._update(call.record, status=200, usage=answer.usage)
         return response
 
-    async def _embeddings(self, call: _Call, cut: _Cut | None) -> web.StreamResponse:
-        if (problem := p.invalid_request(call.record.json, "input")) is not None:
-            return await self._error(call, 400, problem)
-        assert isinstance(call.record.json, dict)
-        payload = p.embeddings_body(call.record.json)
-        return await self._send(call, 200, p.dump_body(payload), cut, usage=payload["usage"])
+    async def _deliver(
+        self, handler: Handler, params: dict[str, str], call: _Call, cut: Cut | None
+    ) -> web.StreamResponse:
+        answer: Answer = await handler(Incoming(call.request, call.record.json, params))
+        if isinstance(answer, Events):
+            return await self._write_events(call, answer, cut)
+        if isinstance(answer, Download):
+            # Faults are POST-only and downloads GET-only: no cut to apply.
+            response = web.StreamResponse(headers=self._headers(call, answer.content_type))
+            response.content_length = answer.size
+            await response.prepare(call.request)
+            for chunk in answer.chunks:
+                await response.write(chunk)
+            await response.write_eof()
+            self._update(call.record, status=200)
+            return response
+        if answer.record:
+            self._update(call.record, **answer.record)
+        if answer.pieces is not None and answer.status < 400:
+            delay = self.first_token_delay_s + self.inter_token_delay_s * max(0, answer.pieces - 1)
+            if delay:
+                await asyncio.sleep(delay)
+        return await self._send(
+            call,
+            answer.status,
+            answer.payload,
+            cut if answer.status < 400 else None,
+            answer.content_type,
+            answer.headers,
+            answer.usage,
+        )
 
-    async def _models(self, call: _Call, cut: _Cut | None) -> web.StreamResponse:
-        if call.request.path == "/v1/models":
-            return await self._send(call, 200, p.dump_body(p.models_body()), cut)
-        name = call.request.path.removeprefix("/v1/models/")
-        created = dict(p.LISTED_MODELS).get(name)
-        if created is None:
-            message = f"The model '{name}' does not exist"
-            problem = p.error(message, "invalid_request_error", "model_not_found", "model")
-            return await self._error(call, 404, problem)
-        return await self._send(call, 200, p.dump_body(p.model_object(name, created)), cut)
-
-    async def _fail(self, call: _Call, fault: _Fail) -> web.StreamResponse:
+    async def _fail(self, call: _Call, fault: Fail) -> web.StreamResponse:
         if fault.body is None:
             body = call.record.json if isinstance(call.record.json, dict) else {}
             error = p.status_error(fault.status, str(body.get("model", "the model")))
@@ -457,7 +484,7 @@ class FakeOpenAI:
         call: _Call,
         status: int,
         payload: bytes,
-        cut: _Cut | None,
+        cut: Cut | None,
         content_type: str = JSON_TYPE,
         extra_headers: Mapping[str, str] | None = None,
         usage: dict[str, Any] | None = None,
@@ -475,7 +502,7 @@ class FakeOpenAI:
         self._update(call.record, status=status, usage=usage)
         return web.Response(status=status, body=payload, headers=headers)
 
-    async def _cut(self, call: _Call, cut: _Cut, response: web.StreamResponse | None) -> web.StreamResponse:
+    async def _cut(self, call: _Call, cut: Cut, response: web.StreamResponse | None) -> web.StreamResponse:
         if cut.hang and self._stopping is not None:
             # Only the client leaving (which cancels this handler) or stop() ends a hang.
             await self._stopping.wait()

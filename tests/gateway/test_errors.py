@@ -77,14 +77,19 @@ def test_body_over_the_limit_is_413(start_gateway: Callable[..., ThreadedGateway
     assert fake.requests == []
 
 
-def test_unknown_route_is_404(gateway: ThreadedGateway) -> None:
+def test_unknown_route_is_404(gateway: ThreadedGateway, fake: FakeOpenAI) -> None:
+    response = httpx.post(gateway.url + "/no/such/thing", json={}, headers=AUTH)
+    assert response.status_code == 404
+    assert "/no/such/thing" in str(_error(response)["message"])
+    # Under /v1 every path is the upstream's to answer (passthrough): its 404 comes back as it was.
     response = httpx.post(gateway.url + "/v1/no/such/thing", json={}, headers=AUTH)
     assert response.status_code == 404
-    assert "/v1/no/such/thing" in str(_error(response)["message"])
+    assert _error(response)["message"]
+    assert fake.requests[-1].path == "/v1/no/such/thing"
 
 
 def test_wrong_method_is_405_in_openai_format(gateway: ThreadedGateway) -> None:
-    response = httpx.get(gateway.url + CHAT, headers=AUTH)
+    response = httpx.post(gateway.url + "/healthz", headers=AUTH)
     assert response.status_code == 405
     _error(response)
 

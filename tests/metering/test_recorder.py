@@ -262,7 +262,10 @@ async def test_usage_daily_equals_the_sums_of_usage_events(
 ) -> None:
     recorder = make_recorder(engine, batch_size=7)
     await recorder.start()
-    events = varied_events(300)
+    # Costs finer than numeric(20,10) are rounded on insert; the rollup must add the rounded values.
+    day = datetime(2026, 3, 2, 12, tzinfo=UTC)
+    fine = [make_event(created_at=day, cost_usd=Decimal(f"0.000000000{d}5")) for d in range(10)]
+    events = varied_events(300) + fine
     for e in events:
         recorder.submit(e)
 
@@ -464,19 +467,23 @@ async def test_an_event_the_database_refuses_is_set_aside(
     recorder = make_recorder(engine)
     await recorder.start()
     good = varied_events(9)
-    refused = make_event(feature="chat\x00")  # Postgres text cannot hold NUL
-    for e in [*good[:4], refused, *good[4:]]:
+    refused = [
+        make_event(feature="chat\x00"),  # Postgres text cannot hold NUL
+        make_event(cost_usd=Decimal("NaN")),  # would poison its usage_daily row
+    ]
+    for e in [*good[:4], refused[0], *good[4:], refused[1]]:
         recorder.submit(e)
 
     async def settled() -> bool:
-        return recorder.events_written == 9 and recorder.events_rejected == 1
+        return recorder.events_written == 9 and recorder.events_rejected == 2
 
     await eventually(settled)
     assert set(await stored(engine)) == {e.request_id for e in good}
     assert recorder.write_errors == 0
     assert recorder.events_spooled == 0
     rejected = (tmp_path / "spool" / REJECTED_FILE).read_bytes().splitlines()
-    assert [UsageEvent.from_json(line) for line in rejected] == [refused]
+    assert {UsageEvent.from_json(line).request_id for line in rejected} == {e.request_id for e in refused}
+    await assert_rollup_matches_events(engine)
 
 
 def _schema_diff(conn: Connection) -> list[Any]:
@@ -547,4 +554,4 @@ def _no_event_contents_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[Non
     yield
     for record in caplog.records:
         assert "user_1" not in record.getMessage()
-        assert "chat\x00" not in record.getMessage()
+        assert "\x00" not in record.getMessage()

@@ -1,0 +1,97 @@
+"""Model policy: aliases, per-feature defaults and allowed models, fallbacks, and which upstream serves a
+model. Built from the settings and the GATEWAY_CONFIG file; replaced whole on SIGHUP, so a request keeps
+the policy it started with."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from app.config import Settings
+from app.config_file import DEFAULT_UPSTREAM, GatewayConfig
+from app.errors import GatewayError, bad_request
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTarget:
+    name: str
+    base_url: str
+    api_key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One model to try, in order: the requested one first, then its fallbacks."""
+
+    model: str
+    target: UpstreamTarget
+
+
+class Policy:
+    def __init__(self, settings: Settings, config: GatewayConfig) -> None:
+        default = UpstreamTarget(
+            DEFAULT_UPSTREAM,
+            settings.openai_base_url,
+            settings.openai_api_key.get_secret_value() if settings.openai_api_key else None,
+        )
+        self.default_target = default
+        self.targets = {DEFAULT_UPSTREAM: default} | {
+            name: UpstreamTarget(name, upstream.base_url, upstream.api_key())
+            for name, upstream in config.upstreams.items()
+        }
+        self.aliases = dict(config.aliases)
+        self._routes = {
+            model: ([self.targets[e.upstream] for e in route.upstreams], [e.weight for e in route.upstreams])
+            for model, route in config.models.items()
+        }
+        self._fallbacks = config.fallbacks
+        self._features = config.features
+        self.config = config
+
+    def resolve(self, model: str) -> str:
+        return self.aliases.get(model, model)
+
+    def allowed_models(self, feature: str | None) -> set[str] | None:
+        """The models a feature may use (aliases resolved), or None when any model is allowed."""
+        rules = self._features.get(feature) if feature is not None else None
+        if rules is None or rules.allowed_models is None:
+            return None
+        return {self.resolve(model) for model in rules.allowed_models}
+
+    def requested_model(self, model: object, feature: str | None) -> str:
+        """The body's `model`, or the feature's default when the body names none."""
+        if model is None:
+            rules = self._features.get(feature) if feature is not None else None
+            if rules is not None and rules.default_model is not None:
+                return rules.default_model
+            raise bad_request(
+                "Missing required parameter: 'model'.", param="model", code="missing_required_parameter"
+            )
+        if not isinstance(model, str) or not model:
+            raise bad_request("Invalid type for 'model': expected a non-empty string.", param="model")
+        return model
+
+    def candidates(self, requested: str, feature: str | None) -> list[Candidate]:
+        model = self.resolve(requested)
+        allowed = self.allowed_models(feature)
+        if allowed is not None and model not in allowed:
+            raise GatewayError(
+                403,
+                f"Feature '{feature}' may not use model '{requested}'.",
+                param="model",
+                code="model_not_allowed",
+            )
+        chain = [model]
+        for fallback in self._fallbacks.get(requested, self._fallbacks.get(model, [])):
+            resolved = self.resolve(fallback)
+            # A fallback the feature may not use is skipped, not an error: the request itself was allowed.
+            if resolved not in chain and (allowed is None or resolved in allowed):
+                chain.append(resolved)
+        return [Candidate(name, self.target_for(name)) for name in chain]
+
+    def target_for(self, model: str) -> UpstreamTarget:
+        route = self._routes.get(model)
+        if route is None:
+            return self.default_target
+        targets, weights = route
+        return targets[0] if len(targets) == 1 else random.choices(targets, weights)[0]

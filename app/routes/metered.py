@@ -1,0 +1,48 @@
+"""What every metered JSON endpoint does before it forwards: read and parse the body, attribute the call,
+and resolve the model through the policy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+
+from app.attribution import attribute
+from app.body import parse_object, read_body
+from app.call import CallRecord
+from app.config import Settings
+from app.policy import Candidate, Policy
+
+
+@dataclass(slots=True)
+class MeteredRequest:
+    raw: bytes
+    body: dict[str, Any]
+    candidates: list[Candidate]
+
+
+def _no_check(_: dict[str, Any]) -> None:
+    return None
+
+
+async def read_metered(
+    request: Request,
+    settings: Settings,
+    policy: Policy,
+    call: CallRecord,
+    endpoint: str,
+    check: Callable[[dict[str, Any]], None] = _no_check,
+) -> MeteredRequest:
+    """Raises the 4xx for bad input before the call counts as metered: rejected input leaves no row."""
+    raw = await read_body(request, settings.max_body_bytes)
+    body = parse_object(raw)
+    attribute(call, request.headers, body)
+    call.model = policy.requested_model(body.get("model"), call.feature)
+    check(body)
+    candidates = policy.candidates(call.model, call.feature)
+    call.endpoint = endpoint
+    call.request_body = body
+    call.stream = body.get("stream") is True
+    return MeteredRequest(raw, body, candidates)

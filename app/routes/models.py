@@ -1,0 +1,75 @@
+"""GET /v1/models: the upstream's list, filtered to what the caller may use, plus configured aliases and
+models served by other upstreams."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from app.attribution import attribute
+from app.deps import CallDep, PolicyDep, PrincipalDep, UpstreamDep
+from app.errors import GatewayError
+from app.policy import Policy
+from app.relay import send_checked
+
+router = APIRouter()
+
+
+def _entry(model: str, owner: str) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": 0, "owned_by": owner}
+
+
+def _listing(
+    policy: Policy, upstream_models: list[dict[str, Any]], feature: str | None
+) -> list[dict[str, Any]]:
+    allowed = policy.allowed_models(feature)
+    models = {m["id"]: m for m in upstream_models if isinstance(m, dict) and isinstance(m.get("id"), str)}
+    for name, route in policy.config.models.items():
+        models.setdefault(name, _entry(name, route.upstreams[0].upstream))
+    for alias, target in policy.aliases.items():
+        models[alias] = _entry(alias, f"alias of {target}")
+    return [m for m in models.values() if allowed is None or policy.resolve(m["id"]) in allowed]
+
+
+@router.get("/v1/models")
+async def list_models(
+    request: Request, _: PrincipalDep, policy: PolicyDep, upstream: UpstreamDep, call: CallDep
+) -> Response:
+    attribute(call, request.headers, None)
+    answer = await send_checked(
+        upstream, call, policy.default_target, "GET", "/models", client_headers=request.headers
+    )
+    try:
+        data = orjson.loads(answer.body).get("data", [])
+    except (orjson.JSONDecodeError, AttributeError):
+        raise GatewayError(
+            502, "The upstream's model list is not valid JSON.", code="upstream_bad_response"
+        ) from None
+    body = {"object": "list", "data": _listing(policy, data if isinstance(data, list) else [], call.feature)}
+    return Response(orjson.dumps(body), media_type="application/json", headers=upstream.relay_headers(answer))
+
+
+@router.get("/v1/models/{model:path}")
+async def retrieve_model(
+    request: Request, model: str, _: PrincipalDep, policy: PolicyDep, upstream: UpstreamDep, call: CallDep
+) -> Response:
+    attribute(call, request.headers, None)
+    allowed = policy.allowed_models(call.feature)
+    if allowed is not None and policy.resolve(model) not in allowed:
+        raise GatewayError(
+            404,
+            f"The model '{model}' does not exist or you do not have access to it.",
+            param="model",
+            code="model_not_found",
+        )
+    if model in policy.aliases:
+        return Response(
+            orjson.dumps(_entry(model, f"alias of {policy.aliases[model]}")), media_type="application/json"
+        )
+    answer = await send_checked(
+        upstream, call, policy.target_for(model), "GET", f"/models/{model}", client_headers=request.headers
+    )
+    return Response(answer.body, media_type="application/json", headers=upstream.relay_headers(answer))

@@ -1,0 +1,136 @@
+"""Every other /v1/* path (files, uploads, vector stores, batches, audio, images, moderations, …), passed
+through in both directions as a stream: a 500 MB upload or download is never held in memory.
+
+Retries: a request the gateway can replay (an idempotent method with a small, buffered body) is retried
+like any call; any other only when no connection could be made, since then not a byte of it has left.
+A JSON answer that carries `usage` (legacy completions, transcriptions, image generation) is metered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response, StreamingResponse
+
+from app.attribution import attribute
+from app.body import read_body
+from app.call import CallRecord
+from app.deps import CallDep, PolicyDep, PrincipalDep, SettingsDep, UpstreamDep
+from app.errors import GatewayError
+from app.relay import ATTEMPTS_HEADER, read_json_usage, send_checked
+from app.upstream import UpstreamResponse
+
+router = APIRouter()
+
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+# Bodies up to this size are read whole, so the call can be retried; larger ones are streamed.
+_BUFFERED_BODY = 1024 * 1024
+# JSON answers up to this size are read whole to look for usage; anything else streams back.
+_INSPECTED_ANSWER = 8 * 1024 * 1024
+# Response headers a client needs for files and downloads, beyond the ones every relay keeps.
+_CONTENT_HEADERS = ("content-disposition", "content-range", "accept-ranges", "etag", "last-modified")
+
+
+def _read_whole(response: aiohttp.ClientResponse) -> bool:
+    length = response.content_length
+    json = response.headers.get("content-type", "").startswith("application/json")
+    return json and length is not None and length <= _INSPECTED_ANSWER
+
+
+def _stream_back(response: aiohttp.ClientResponse) -> bool:
+    return not _read_whole(response)
+
+
+async def _upload(request: Request, limit: int) -> AsyncIterator[bytes]:
+    sent = 0
+    async for chunk in request.stream():
+        sent += len(chunk)
+        if sent > limit:
+            raise GatewayError(
+                413, f"Upload is larger than the gateway's limit of {limit} bytes.", code="request_too_large"
+            )
+        yield chunk
+
+
+async def _download(answer: UpstreamResponse) -> AsyncIterator[bytes]:
+    response = answer.stream
+    assert response is not None
+    finished = False
+    try:
+        if answer.body:
+            yield answer.body
+        async for chunk in response.content.iter_any():
+            yield chunk
+        finished = True
+    finally:
+        # Released to the pool when read to the end; closed (the upstream stops sending) otherwise.
+        if finished:
+            response.release()
+        else:
+            response.close()
+
+
+def _meter_json(call: CallRecord, path: str, request_body: bytes | None, answer: bytes) -> None:
+    if request_body:
+        try:
+            sent = orjson.loads(request_body)
+        except orjson.JSONDecodeError:
+            sent = None
+        if isinstance(sent, dict) and isinstance(sent.get("model"), str):
+            call.model = sent["model"]
+    read_json_usage(call, answer)
+    if call.usage is not None:
+        call.endpoint = "/v1/" + path
+
+
+@router.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+async def passthrough(
+    request: Request,
+    path: str,
+    _: PrincipalDep,
+    settings: SettingsDep,
+    policy: PolicyDep,
+    upstream: UpstreamDep,
+    call: CallDep,
+) -> Response:
+    attribute(call, request.headers, None)
+    declared = request.headers.get("content-length")
+    length = int(declared) if declared is not None and declared.isdigit() else None
+    if length is not None and length > settings.max_upload_bytes:
+        raise GatewayError(
+            413,
+            f"Upload is larger than the gateway's limit of {settings.max_upload_bytes} bytes.",
+            code="request_too_large",
+        )
+    extra: dict[str, str] = {}
+    buffered: bytes | None = None
+    if length is not None and length <= _BUFFERED_BODY:
+        buffered = await read_body(request, _BUFFERED_BODY)
+    elif length is not None:
+        # Passed on, so the upstream sees a sized upload rather than a chunked one.
+        extra["content-length"] = str(length)
+    query = f"?{request.url.query}" if request.url.query else ""
+    answer = await send_checked(
+        upstream,
+        call,
+        policy.default_target,
+        request.method,
+        f"/{path}{query}",
+        client_headers=request.headers,
+        body=buffered if buffered is not None else _upload(request, settings.max_upload_bytes),
+        keep_open=_stream_back,
+        replayable=buffered is not None and request.method in _IDEMPOTENT,
+        extra_headers=extra,
+    )
+    headers = {**upstream.relay_headers(answer), ATTEMPTS_HEADER: str(call.attempts)}
+    headers.update({name: answer.headers[name] for name in _CONTENT_HEADERS if name in answer.headers})
+    media_type = answer.headers.get("content-type")
+    if answer.stream is None:
+        _meter_json(call, path, buffered, answer.body)
+        return Response(answer.body, status_code=answer.status, headers=headers, media_type=media_type)
+    return StreamingResponse(
+        _download(answer), status_code=answer.status, headers=headers, media_type=media_type
+    )

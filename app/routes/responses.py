@@ -1,0 +1,144 @@
+"""The Responses API: POST /v1/responses (JSON and SSE), and the retrieval, resumed streaming and
+cancelling of background responses, which are metered once, when they are found complete."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from sse_starlette import EventSourceResponse
+from starlette.responses import Response
+
+from app.attribution import attribute
+from app.background import BackgroundResponses
+from app.call import CallRecord
+from app.deps import CallDep, PolicyDep, PrincipalDep, SettingsDep, UpstreamDep
+from app.relay import ATTEMPTS_HEADER, Payload, forward, send_checked
+from app.routes.metered import read_metered
+from app.streaming import ResponsesEventInspector, learn_response, relay_sse
+from app.upstream import is_sse, never_open
+
+router = APIRouter()
+
+ENDPOINT = "/v1/responses"
+# A response in one of these states will not change again; its usage is final.
+_FINAL = frozenset({"completed", "failed", "incomplete", "cancelled"})
+
+
+def _registry(request: Request) -> BackgroundResponses:
+    registry: BackgroundResponses = request.app.state.background
+    return registry
+
+
+def _parsed(body: bytes) -> dict[str, Any] | None:
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+@router.post("/v1/responses")
+async def create_response(
+    request: Request,
+    _: PrincipalDep,
+    settings: SettingsDep,
+    policy: PolicyDep,
+    upstream: UpstreamDep,
+    call: CallDep,
+) -> Response:
+    metered = await read_metered(request, settings, policy, call, ENDPOINT)
+    response = await forward(
+        upstream,
+        call,
+        metered.candidates,
+        path="/responses",
+        payload=Payload(metered.raw, metered.body),
+        client_headers=request.headers,
+        inspector=(lambda: ResponsesEventInspector(call)) if call.stream else None,
+    )
+    if metered.body.get("background") is True and not call.stream and response.status_code < 300:
+        created = _parsed(bytes(response.body))
+        if created is not None and isinstance(created.get("id"), str) and created.get("status") not in _FINAL:
+            # Queued: nothing to meter yet. The poll that finds it complete meters it, for this caller.
+            target = next(c.target for c in metered.candidates if c.model == call.routed_model)
+            _registry(request).remember(created["id"], call, target.name)
+            call.endpoint = None
+    return response
+
+
+async def _follow(
+    request: Request,
+    response_id: str,
+    method: str,
+    suffix: str,
+    policy: PolicyDep,
+    upstream: UpstreamDep,
+    call: CallRecord,
+) -> Response:
+    attribute(call, request.headers, None)
+    registry = _registry(request)
+    origin = registry.origin(response_id)
+    target = policy.targets.get(origin.upstream, policy.default_target) if origin else policy.default_target
+    stream = request.query_params.get("stream") == "true"
+    query = f"?{request.url.query}" if request.url.query else ""
+    answer = await send_checked(
+        upstream,
+        call,
+        target,
+        method,
+        f"/responses/{response_id}{suffix}{query}",
+        client_headers=request.headers,
+        keep_open=is_sse if stream else never_open,
+    )
+    if origin is not None:
+        call.feature, call.user_id, call.api_key_id, call.model = (
+            origin.feature,
+            origin.user_id,
+            origin.api_key_id,
+            origin.model,
+        )
+    headers = {**upstream.relay_headers(answer), ATTEMPTS_HEADER: str(call.attempts)}
+    if answer.stream is not None:
+        # A resumed background stream: metered only if it reaches the end, under the response id.
+        call.endpoint, call.stream, call.metered_only_with_usage = ENDPOINT, True, True
+        return EventSourceResponse(
+            relay_sse(answer, call, ResponsesEventInspector(call)), headers=headers, ping=0
+        )
+    found = _parsed(answer.body)
+    if (
+        found is not None
+        and found.get("background") is True
+        and found.get("status") in _FINAL
+        and isinstance(found.get("usage"), dict)
+        and registry.first_metering(response_id)
+    ):
+        learn_response(call, found)
+        call.endpoint = ENDPOINT
+        call.model = call.model or call.upstream_model
+    return Response(answer.body, status_code=answer.status, headers=headers, media_type="application/json")
+
+
+@router.get("/v1/responses/{response_id}")
+async def retrieve_response(
+    request: Request,
+    response_id: str,
+    _: PrincipalDep,
+    policy: PolicyDep,
+    upstream: UpstreamDep,
+    call: CallDep,
+) -> Response:
+    return await _follow(request, response_id, "GET", "", policy, upstream, call)
+
+
+@router.post("/v1/responses/{response_id}/cancel")
+async def cancel_response(
+    request: Request,
+    response_id: str,
+    _: PrincipalDep,
+    policy: PolicyDep,
+    upstream: UpstreamDep,
+    call: CallDep,
+) -> Response:
+    return await _follow(request, response_id, "POST", "/cancel", policy, upstream, call)

@@ -1,0 +1,46 @@
+"""The Python floor: a bare ASGI pass-through (uvicorn + uvloop + httptools, relaying with aiohttp).
+
+No parsing, no auth, no metering: the request body goes upstream as it came (with the upstream key),
+the answer comes back byte for byte, a stream chunk by chunk as read.
+
+    python bench/passthrough.py --port 8201 --upstream http://127.0.0.1:8101 --key sk-upstream-test
+"""
+
+import argparse
+
+import aiohttp
+import uvicorn
+
+args = argparse.Namespace()
+state: dict[str, aiohttp.ClientSession] = {}
+
+
+async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+    if scope["type"] == "lifespan":
+        while (message := await receive())["type"] != "lifespan.shutdown":
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+            state["session"] = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+            await send({"type": "lifespan.startup.complete"})
+        await state["session"].close()
+        return await send({"type": "lifespan.shutdown.complete"})
+    body, more = b"", True
+    while more:
+        message = await receive()
+        body, more = body + message.get("body", b""), message.get("more_body", False)
+    headers = {"authorization": f"Bearer {args.key}", "content-type": "application/json"}
+    async with state["session"].post(args.upstream + scope["path"], data=body, headers=headers) as r:
+        out = [(b"content-type", r.headers.get("content-type", "application/json").encode())]
+        await send({"type": "http.response.start", "status": r.status, "headers": out})
+        async for chunk in r.content.iter_any():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--upstream", required=True, help="origin, e.g. http://127.0.0.1:8101")
+    parser.add_argument("--key", default="sk-upstream-test")
+    parser.parse_args(namespace=args)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, loop="uvloop", http="httptools",
+                log_level="warning", access_log=False, backlog=4096)

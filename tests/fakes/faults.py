@@ -1,0 +1,38 @@
+"""The faults a test can script on the fake upstream (``FakeOpenAI.fail``, ``drop_connection``, ...).
+
+Each POST takes at most one off the FIFO, after auth and before any reply is taken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Fail:
+    status: int
+    body: Mapping[str, Any] | str | bytes | None
+    headers: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Drop:
+    pass
+
+
+@dataclass(frozen=True)
+class SlowFirstByte:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Send ``after_chunks`` events (or half a JSON body), then close, or hang until the client leaves."""
+
+    after_chunks: int
+    hang: bool
+
+
+Fault = Fail | Drop | SlowFirstByte | Cut
