@@ -45,7 +45,14 @@ _DROP_REQUEST = frozenset(
 # Upstream response headers a client's SDK reads; everything else (cookies, CDN headers, framing)
 # stays here. The upstream's x-request-id is renamed: ours is the one the client sees.
 _RELAY_RESPONSE = frozenset(
-    {"retry-after", "retry-after-ms", "openai-processing-ms", "openai-version", "openai-model"}
+    {
+        "retry-after",
+        "retry-after-ms",
+        "openai-processing-ms",
+        "openai-version",
+        "openai-model",
+        "openai-poll-after-ms",
+    }
 )
 
 

@@ -45,7 +45,7 @@ typedef struct {
 } conn_t;
 
 static const char *host = "127.0.0.1", *path = "/v1/chat/completions", *key = "sk-bench", *body_file;
-static int spin, port, conns_n = 64, streams = 1000, max_connecting = 64;
+static int port, conns_n = 64, streams = 1000, max_connecting = 64;
 static double rate = 200, duration = 10, warmup = 2, timeout_s = 30;
 static char *request;
 static size_t request_len;
@@ -357,7 +357,7 @@ static void loop_until(double deadline, int (*done)(void)) {
     while (!done()) {
         double t = now_s();
         if (deadline > 0 && t >= deadline) return;
-        int n = epoll_wait(ep, evs, 256, spin && running ? 0 : 50);
+        int n = epoll_wait(ep, evs, 256, 50);
         if (n < 0 && errno != EINTR) die("epoll_wait");
         t_read = now_s();
         for (int k = 0; k < n; k++) {
@@ -413,7 +413,6 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "--connections")) conns_n = atoi(v);
         else if (!strcmp(k, "--streams")) streams = atoi(v);
         else if (!strcmp(k, "--timeout")) timeout_s = atof(v);
-        else if (!strcmp(k, "--spin")) spin = atoi(v);
         else {
             fprintf(stderr, "loadgen: unknown option %s\n", k);
             return 2;

@@ -42,5 +42,13 @@ if __name__ == "__main__":
     parser.add_argument("--upstream", required=True, help="origin, e.g. http://127.0.0.1:8101")
     parser.add_argument("--key", default="sk-upstream-test")
     parser.parse_args(namespace=args)
-    uvicorn.run(app, host="127.0.0.1", port=args.port, loop="uvloop", http="httptools",
-                log_level="warning", access_log=False, backlog=4096)
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+        backlog=4096,
+    )

@@ -12,10 +12,14 @@ from logging.config import fileConfig
 from pathlib import Path
 
 from alembic import context
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from app.db.engine import async_url, create_engine
 from app.db.models import metadata
+
+# Any constant shared by all gateway processes; "llmg" in ASCII.
+_MIGRATION_LOCK_KEY = 0x6C6C6D67
 
 config = context.config
 if config.config_file_name is not None:
@@ -44,6 +48,10 @@ def do_run_migrations(connection: Connection) -> None:
         render_as_batch=connection.dialect.name == "sqlite",
     )
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Replicas that start together each run the migrations: all but the first wait here, then
+            # find them applied. Held until this transaction ends.
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
         context.run_migrations()
 
 

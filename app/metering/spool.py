@@ -105,7 +105,12 @@ class Spool:
         """Oldest first: the names start with the creation time."""
         with self._lock:
             active = self._path
-        return sorted(p for p in self.directory.glob(f"{_PREFIX}*{_SUFFIX}") if p != active)
+        files = sorted(p for p in self.directory.glob(f"{_PREFIX}*{_SUFFIX}") if p != active)
+        with self._lock:
+            # A file this process began to replay may have been finished by another process since.
+            for gone in self._counts.keys() - {*files, active, self._path}:
+                del self._counts[gone]
+        return files
 
     def claim(self, path: Path) -> ClaimedFile | None:
         """Lock a sealed file for replay; None when another process holds it or it is gone."""

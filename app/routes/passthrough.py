@@ -107,7 +107,9 @@ async def passthrough(
         )
     extra: dict[str, str] = {}
     buffered: bytes | None = None
-    if length is not None and length <= _BUFFERED_BODY:
+    if length is None and "transfer-encoding" not in request.headers:
+        buffered = b""  # no body at all (RFC 9112 §6.3)
+    elif length is not None and length <= _BUFFERED_BODY:
         buffered = await read_body(request, _BUFFERED_BODY)
     elif length is not None:
         # Passed on, so the upstream sees a sized upload rather than a chunked one.

@@ -34,7 +34,7 @@ import secrets
 import signal
 import threading
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -116,7 +116,8 @@ class FakeOpenAI:
         self._cond = threading.Condition()
         self._requests: list[RecordedRequest] = []
         self._replies: deque[p.Reply] = deque()
-        self._faults: deque[Fault] = deque()
+        # Per method: scripted faults hit POSTs unless a test names another method.
+        self._faults: dict[str, deque[Fault]] = defaultdict(deque)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
@@ -213,9 +214,10 @@ class FakeOpenAI:
         times: int = 1,
         body: Mapping[str, Any] | str | bytes | None = None,
         headers: Mapping[str, str] | None = None,
+        method: str = "POST",
     ) -> None:
-        """Answer the next ``times`` POSTs with an OpenAI error (or ``body`` as given)."""
-        self._add_fault(Fail(status, body, dict(headers or {})), times)
+        """Answer the next ``times`` requests of ``method`` with an OpenAI error (or ``body`` as given)."""
+        self._add_fault(Fail(status, body, dict(headers or {})), times, method)
 
     def drop_connection(self, times: int = 1) -> None:
         self._add_fault(Drop(), times)
@@ -230,9 +232,9 @@ class FakeOpenAI:
     def slow_first_byte(self, seconds: float, times: int = 1) -> None:
         self._add_fault(SlowFirstByte(seconds), times)
 
-    def _add_fault(self, fault: Fault, times: int) -> None:
+    def _add_fault(self, fault: Fault, times: int, method: str = "POST") -> None:
         with self._cond:
-            self._faults.extend([fault] * times)
+            self._faults[method].extend([fault] * times)
 
     def _take_reply(self) -> p.Reply | None:
         with self._cond:
@@ -350,9 +352,9 @@ class FakeOpenAI:
             message = f"Invalid URL ({request.method} {request.path})"
             return await self._error(call, 404, p.error(message, "invalid_request_error"))
         fault: Fault | None = None
-        if request.method == "POST":
-            with self._cond:
-                fault = self._faults.popleft() if self._faults else None
+        with self._cond:
+            queue = self._faults.get(request.method)
+            fault = queue.popleft() if queue else None
         if isinstance(fault, Drop):
             return self._drop(call)
         if isinstance(fault, Fail):

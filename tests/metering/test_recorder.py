@@ -442,6 +442,38 @@ async def test_close_spools_what_an_unreachable_database_cannot_take(
     await assert_rollup_matches_events(engine)
 
 
+async def test_close_gives_up_on_a_hung_database_after_its_timeout(
+    engine: AsyncEngine, make_recorder: Callable[..., Recorder], pg_url: str, tmp_path: Path
+) -> None:
+    recorder = make_recorder(engine, write_timeout_s=60)
+    await recorder.start()
+    events = varied_events(50)
+    blocker = create_engine(pg_url, tmp_path)
+    try:
+        async with blocker.connect() as conn:
+            await conn.execute(text("LOCK TABLE usage_events IN ACCESS EXCLUSIVE MODE"))
+            for e in events:
+                recorder.submit(e)
+            started = time.monotonic()
+            await recorder.close(0.5)
+            # The cancelled write's connection is closed gracefully first, for up to 2 s.
+            assert time.monotonic() - started < 5
+            assert recorder.spool_events() == len(events)
+            await conn.rollback()
+    finally:
+        await blocker.dispose()
+
+    successor = make_recorder(engine)
+    await successor.start()
+
+    async def replayed() -> bool:
+        return successor.events_written == len(events)
+
+    await eventually(replayed)
+    assert set(await stored(engine)) == {e.request_id for e in events}
+    await assert_rollup_matches_events(engine)
+
+
 async def test_a_full_queue_overflows_into_the_spool(
     engine: AsyncEngine, make_recorder: Callable[..., Recorder]
 ) -> None:
@@ -459,6 +491,19 @@ async def test_a_full_queue_overflows_into_the_spool(
     await eventually(all_written)
     assert set(await stored(engine)) == {e.request_id for e in events}
     await assert_rollup_matches_events(engine)
+
+
+async def test_submit_never_raises_even_when_the_spool_cannot_be_written(
+    engine: AsyncEngine, make_recorder: Callable[..., Recorder], tmp_path: Path
+) -> None:
+    spool_dir = tmp_path / "spool"
+    recorder = make_recorder(engine, spool_dir, max_queue=0)
+    spool_dir.rmdir()
+    spool_dir.write_bytes(b"")  # a file where the directory was: every spool write fails
+    recorder.submit(make_event())
+    recorder.submit(make_event())
+    assert recorder.events_lost == 2
+    assert recorder.events_spooled == 0
 
 
 async def test_an_event_the_database_refuses_is_set_aside(
@@ -499,6 +544,16 @@ async def test_migrations_create_what_the_models_describe(engine: AsyncEngine, t
                 assert await conn.run_sync(_schema_diff) == []
     finally:
         await sqlite_engine.dispose()
+
+
+async def test_replicas_migrating_at_once_both_succeed(tmp_path: Path) -> None:
+    name = f"metering_test_{uuid.uuid4().hex[:12]}"
+    await _admin(f'CREATE DATABASE "{name}"')
+    url = make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        await asyncio.gather(*(asyncio.to_thread(upgrade, url, tmp_path) for _ in range(3)))
+    finally:
+        await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def test_sqlite_migrations_and_writes(tmp_path: Path, make_recorder: Callable[..., Recorder]) -> None:
