@@ -16,12 +16,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The Node SDK tests (tests/node) need the official `openai` package.
+NODE_STAMP := tests/node/node_modules/.package-lock.json
+$(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
+	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
+
 run: install
 	@echo "llm-gateway on http://$${GATEWAY_HOST:-127.0.0.1}:$${GATEWAY_PORT:-8080}/v1 (database: $${DATABASE_URL:-embedded SQLite in ./var})"
 	$(VENV)/bin/llm-gateway migrate
 	$(VENV)/bin/llm-gateway serve
 
-test: install
+test: install $(NODE_STAMP)
 	$(PY) -m pytest -q
 
 demo: install

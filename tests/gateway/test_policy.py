@@ -109,7 +109,8 @@ def test_fallback_skips_models_the_feature_may_not_use(
 ) -> None:
     path = tmp_path / "gateway.yaml"
     path.write_text(
-        "fallbacks: {gpt-4o: [gpt-4.1, gpt-4o-mini]}\nfeatures: {f: {allowed_models: [gpt-4o, gpt-4o-mini]}}\n"
+        "fallbacks: {gpt-4o: [gpt-4.1, gpt-4o-mini]}\n"
+        "features: {f: {allowed_models: [gpt-4o, gpt-4o-mini]}}\n"
     )
     gateway = start_gateway(config_file=path)
     fake.fail(500, times=3, headers={"retry-after-ms": "1"})
