@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from app.call import CallRecord
-from app.errors import bad_request
+from app.errors import GatewayError, bad_request
 
 _MAX_LEN = 128
 
@@ -19,8 +19,18 @@ def _checked(value: str, param: str) -> str:
 
 def attribute(call: CallRecord, headers: Mapping[str, str], body: Mapping[str, Any] | None) -> None:
     feature = headers.get("x-feature")
+    key = call.key
     if feature is not None:
         call.feature = _checked(feature, "X-Feature")
+        if key is not None and key.pin_feature and key.default_feature != call.feature:
+            raise GatewayError(
+                403,
+                f"This key is pinned to feature '{key.default_feature}'; it cannot bill '{call.feature}'.",
+                param="X-Feature",
+                code="feature_pinned",
+            )
+    elif key is not None:
+        call.feature = key.default_feature
     user = headers.get("x-user-id")
     if user is not None:
         call.user_id = _checked(user, "X-User-Id")

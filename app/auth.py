@@ -8,12 +8,17 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from app.errors import GatewayError
+from app.keys import SECRET_PREFIX, ApiKey, KeyStore
 
 
 @dataclass(frozen=True, slots=True)
 class Principal:
     is_master: bool
-    key_id: str | None = None
+    key: ApiKey | None = None
+
+    @property
+    def key_id(self) -> str | None:
+        return self.key.id if self.key is not None else None
 
 
 def _unauthorized(message: str) -> GatewayError:
@@ -31,18 +36,32 @@ def bearer_key(authorization: str | None) -> str:
     return key.strip()
 
 
-def authenticate(presented: str, master_key: str) -> Principal:
-    # Constant-time comparison: the key must not be guessable from response timing.
+async def authenticate(presented: str, master_key: str, keys: KeyStore) -> Principal:
+    # Constant-time comparison: the master key must not be guessable from response timing. Gateway keys
+    # are looked up by their hash, which leaks nothing about the secret.
     if hmac.compare_digest(presented.encode(), master_key.encode()):
         return Principal(is_master=True)
-    raise _unauthorized("Incorrect API key provided.")
+    key = await keys.authenticate(presented) if presented.startswith(SECRET_PREFIX) else None
+    if key is None:
+        raise _unauthorized("Incorrect API key provided, or the key was revoked or has expired.")
+    return Principal(is_master=False, key=key)
 
 
 async def require_principal(request: Request) -> Principal:
     settings = request.app.state.settings
-    principal = authenticate(
-        bearer_key(request.headers.get("authorization")), settings.master_key.get_secret_value()
+    principal = await authenticate(
+        bearer_key(request.headers.get("authorization")),
+        settings.master_key.get_secret_value(),
+        request.app.state.keys,
     )
     call = request.state.gateway_call
+    call.key = principal.key
     call.api_key_id = principal.key_id
+    return principal
+
+
+async def require_master(request: Request) -> Principal:
+    principal = await require_principal(request)
+    if not principal.is_master:
+        raise GatewayError(403, "This endpoint needs the gateway's master key.", code="master_key_required")
     return principal

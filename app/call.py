@@ -13,6 +13,8 @@ from typing import Any
 
 from starlette.types import Scope
 
+from app.keys import ApiKey
+
 STATE_KEY = "gateway_call"
 
 
@@ -62,6 +64,7 @@ class CallRecord:
     started: float = field(default_factory=time.perf_counter)
     created_at: float = field(default_factory=time.time)
     # Set by auth and attribution.
+    key: ApiKey | None = None
     api_key_id: str | None = None
     feature: str | None = None
     user_id: str | None = None

@@ -10,13 +10,24 @@ from datetime import UTC, date, datetime, timedelta
 
 import orjson
 import uvicorn
+from pydantic import ValidationError
 
 from app.config import ConfigError, load_database_settings, load_settings
 from app.config_file import load_config_file
 from app.db.engine import create_engine
 from app.db.migrate import upgrade
+from app.keys import KeyStore
 from app.logs import configure_logging
-from app.reporting import UsageQuery, parse_group_by, parse_since, to_csv, to_table, usage_report
+from app.reporting import (
+    UsageQuery,
+    parse_group_by,
+    parse_since,
+    to_csv,
+    to_plain_table,
+    to_table,
+    usage_report,
+)
+from app.routes.admin import KeyCreate
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -75,6 +86,54 @@ def _usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    settings = load_database_settings()
+
+    async def run() -> int:
+        engine = create_engine(settings.database_url, settings.data_dir)
+        store = KeyStore(engine)
+        try:
+            if args.keys_command == "create":
+                try:
+                    spec = KeyCreate.model_validate(
+                        {k: v for k, v in vars(args).items() if k in KeyCreate.model_fields and v is not None}
+                    )
+                except ValidationError as exc:
+                    err = exc.errors()[0]
+                    print(
+                        f"llm-gateway keys: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr
+                    )
+                    return 2
+                key, secret = await store.create(spec.model_dump())
+                print(f"created {key.id} ({key.name})")
+                print(f"secret: {secret}")
+                print("The secret is shown only now; the gateway keeps only its hash.")
+            elif args.keys_command == "list":
+                keys = await store.list()
+                rows = [
+                    {
+                        "id": k.id,
+                        "name": k.name,
+                        "prefix": k.prefix,
+                        "feature": k.default_feature,
+                        "state": "revoked" if k.revoked_at else "active",
+                    }
+                    for k in keys
+                ]
+                print(to_plain_table(rows, ("id", "name", "prefix", "feature", "state")))
+            else:
+                revoked = await store.revoke(args.id)
+                if revoked is None:
+                    print(f"llm-gateway keys: no key with id {args.id}", file=sys.stderr)
+                    return 1
+                print(f"revoked {revoked.id} ({revoked.name})")
+            return 0
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
 def _tomorrow() -> date:
     return datetime.now(UTC).date() + timedelta(days=1)
 
@@ -98,6 +157,22 @@ def main(argv: list[str] | None = None) -> int:
     usage.add_argument("--model", help="only this model")
     usage.add_argument("--format", choices=["table", "csv", "json"], default="table")
     usage.set_defaults(handler=_usage)
+    keys = commands.add_parser("keys", help="create, list and revoke gateway keys")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_commands.add_parser("create", help="create a key; its secret is printed once")
+    create.add_argument("name")
+    create.add_argument("--owner")
+    create.add_argument("--default-feature", dest="default_feature")
+    create.add_argument("--pin-feature", dest="pin_feature", action="store_true", default=None)
+    create.add_argument("--allowed-models", dest="allowed_models", type=lambda v: v.split(","))
+    create.add_argument("--rpm-limit", dest="rpm_limit", type=int)
+    create.add_argument("--tpm-limit", dest="tpm_limit", type=int)
+    create.add_argument("--budget-daily-usd", dest="budget_daily_usd")
+    create.add_argument("--budget-monthly-usd", dest="budget_monthly_usd")
+    keys_commands.add_parser("list", help="list keys (never their secrets)")
+    revoke = keys_commands.add_parser("revoke", help="revoke a key at once, on every replica")
+    revoke.add_argument("id")
+    keys.set_defaults(handler=_keys)
     args = parser.parse_args(argv)
     try:
         code: int = args.handler(args)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.auth import Principal, require_principal
+from app.auth import Principal, require_master, require_principal
 from app.call import STATE_KEY, CallRecord
 from app.config import Settings
 from app.policy import Policy
@@ -39,3 +39,4 @@ UpstreamDep = Annotated[UpstreamClient, Depends(_upstream)]
 PolicyDep = Annotated[Policy, Depends(_policy)]
 CallDep = Annotated[CallRecord, Depends(_call)]
 PrincipalDep = Annotated[Principal, Depends(require_principal)]
+MasterDep = Annotated[Principal, Depends(require_master)]

@@ -19,6 +19,7 @@ from app.config import ConfigError, Settings, load_settings
 from app.config_file import GatewayConfig, load_config_file
 from app.db.engine import create_engine
 from app.errors import install_error_handlers
+from app.keys import KeyStore
 from app.logs import configure_logging
 from app.metering import tokens
 from app.metering.metrics import Metrics
@@ -27,7 +28,7 @@ from app.metering.pricing import PriceTable
 from app.metering.recorder import Recorder
 from app.policy import Policy
 from app.request_context import RequestContextMiddleware
-from app.routes import chat, embeddings, health, metrics, models, passthrough, responses, usage
+from app.routes import admin, chat, embeddings, health, metrics, models, passthrough, responses, usage
 from app.upstream import UpstreamClient
 
 log = logging.getLogger("gateway")
@@ -81,6 +82,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = create_engine(settings.database_url, settings.data_dir)
         app.state.upstream = upstream
         app.state.engine = engine
+        keys = KeyStore(engine)
+        await keys.start()
+        app.state.keys = keys
         recorder: Recorder | None = None
         if settings.metering:
             # Built off the event loop now, so the first estimated call does not stall it.
@@ -105,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # uvicorn has let in-flight requests finish by now, so every event is queued.
             if recorder is not None:
                 await recorder.close(timeout_s=settings.shutdown_timeout_s)
+            await keys.close()
             await upstream.close()
             await engine.dispose()
 
@@ -123,6 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(responses.router)
     app.include_router(models.router)
     app.include_router(usage.router)
+    app.include_router(admin.router)
     # Last: it takes every /v1/* path the routers above do not.
     app.include_router(passthrough.router)
     # sse-starlette cancels open streams on SIGTERM by default; we let them finish within uvicorn's

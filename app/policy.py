@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from app.config import Settings
 from app.config_file import DEFAULT_UPSTREAM, GatewayConfig
 from app.errors import GatewayError, bad_request
+from app.keys import ApiKey
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,12 +52,17 @@ class Policy:
     def resolve(self, model: str) -> str:
         return self.aliases.get(model, model)
 
-    def allowed_models(self, feature: str | None) -> set[str] | None:
-        """The models a feature may use (aliases resolved), or None when any model is allowed."""
+    def allowed_models(self, feature: str | None, key: ApiKey | None = None) -> set[str] | None:
+        """The models a call may use (aliases resolved): what its feature and its key both allow, or None
+        when neither restricts."""
         rules = self._features.get(feature) if feature is not None else None
-        if rules is None or rules.allowed_models is None:
-            return None
-        return {self.resolve(model) for model in rules.allowed_models}
+        allowed: set[str] | None = None
+        if rules is not None and rules.allowed_models is not None:
+            allowed = {self.resolve(model) for model in rules.allowed_models}
+        if key is not None and key.allowed_models is not None:
+            by_key = {self.resolve(model) for model in key.allowed_models}
+            allowed = by_key if allowed is None else allowed & by_key
+        return allowed
 
     def requested_model(self, model: object, feature: str | None) -> str:
         """The body's `model`, or the feature's default when the body names none."""
@@ -71,9 +77,17 @@ class Policy:
             raise bad_request("Invalid type for 'model': expected a non-empty string.", param="model")
         return model
 
-    def candidates(self, requested: str, feature: str | None) -> list[Candidate]:
+    def candidates(self, requested: str, feature: str | None, key: ApiKey | None = None) -> list[Candidate]:
         model = self.resolve(requested)
-        allowed = self.allowed_models(feature)
+        if (
+            key is not None
+            and key.allowed_models is not None
+            and model not in set(map(self.resolve, key.allowed_models))
+        ):
+            raise GatewayError(
+                403, f"This key may not use model '{requested}'.", param="model", code="model_not_allowed"
+            )
+        allowed = self.allowed_models(feature, key)
         if allowed is not None and model not in allowed:
             raise GatewayError(
                 403,

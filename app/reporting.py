@@ -97,11 +97,15 @@ def to_csv(rows: list[dict[str, Any]], group_by: tuple[str, ...]) -> str:
 
 
 def to_table(rows: list[dict[str, Any]], group_by: tuple[str, ...]) -> str:
-    """A plain-text table for the CLI."""
-    columns = [*group_by, *SUMS]
+    """The usage report as a plain-text table for the CLI."""
+    return to_plain_table(rows, (*group_by, *SUMS), numeric=frozenset(SUMS))
+
+
+def to_plain_table(
+    rows: list[dict[str, Any]], columns: tuple[str, ...], numeric: frozenset[str] = frozenset()
+) -> str:
     cells = [[("-" if row[name] is None else str(row[name])) for name in columns] for row in rows]
     widths = [max([len(name), *(len(line[i]) for line in cells)]) for i, name in enumerate(columns)]
-    numeric = {name for name in SUMS}
     lines = ["  ".join(name.ljust(w) for name, w in zip(columns, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
     for line in cells:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     Column,
@@ -77,6 +78,7 @@ usage_events = Table(
     Column("latency_ms", Integer, nullable=False),
     Column("ttfb_ms", Integer),
     Column("error_type", Text),
+    Column("prompt_truncated", Boolean, nullable=False, server_default=text("false")),
     PrimaryKeyConstraint("id", name="pk_usage_events"),
     # The recorder's idempotence rests on this: a replayed event conflicts and is skipped.
     UniqueConstraint("request_id", name="uq_usage_events_request_id"),
@@ -102,4 +104,28 @@ usage_daily = Table(
     # Calls without a known price count as 0 here, unlike SUM(usage_events.cost_usd) which skips them.
     Column("cost_usd", _MONEY, nullable=False, server_default=text("0")),
     PrimaryKeyConstraint("day", "feature", "user_id", "model", name="pk_usage_daily"),
+)
+
+# Gateway keys. The secret is never stored: only its SHA-256 (keys are 256-bit random, so a slow password
+# hash would add latency without adding safety) and a short prefix for people to recognise it by.
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", Text, nullable=False),
+    Column("name", Text, nullable=False),
+    Column("owner", Text),
+    Column("prefix", Text, nullable=False),
+    Column("secret_hash", Text, nullable=False),
+    Column("default_feature", Text),
+    Column("pin_feature", Boolean, nullable=False, server_default=text("false")),
+    Column("allowed_models", JSON),
+    Column("rpm_limit", Integer),
+    Column("tpm_limit", Integer),
+    Column("budget_daily_usd", _MONEY),
+    Column("budget_monthly_usd", _MONEY),
+    Column("expires_at", UtcDateTime()),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("revoked_at", UtcDateTime()),
+    PrimaryKeyConstraint("id", name="pk_api_keys"),
+    UniqueConstraint("secret_hash", name="uq_api_keys_secret_hash"),
 )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal
@@ -35,6 +35,8 @@ class UsageEvent:
     latency_ms: int
     ttfb_ms: int | None
     error_type: str | None
+    # The gateway dropped old messages to fit the feature's prompt budget.
+    prompt_truncated: bool = False
 
     def __post_init__(self) -> None:
         # The daily rollup buckets by UTC date; a naive timestamp would land in the wrong day silently.
@@ -54,12 +56,16 @@ class UsageEvent:
             cost = data["cost_usd"]
             data["cost_usd"] = None if cost is None else Decimal(cost)
             # Keys written by a newer version are ignored, so an older gateway can still replay its spool.
-            return cls(**{name: data[name] for name in _FIELD_NAMES})
+            # A spool written before a column existed lacks its key: the field's default fills it.
+            return cls(
+                **{name: data[name] for name in _FIELD_NAMES if name in data or name not in _DEFAULTED}
+            )
         except (KeyError, TypeError, ArithmeticError) as exc:
             raise ValueError(f"malformed usage event: {type(exc).__name__}") from None
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(UsageEvent))
+_DEFAULTED = frozenset(f.name for f in fields(UsageEvent) if f.default is not MISSING)
 
 
 def _encode_decimal(value: Any) -> str:

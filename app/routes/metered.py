@@ -41,7 +41,7 @@ async def read_metered(
     attribute(call, request.headers, body)
     call.model = policy.requested_model(body.get("model"), call.feature)
     check(body)
-    candidates = policy.candidates(call.model, call.feature)
+    candidates = policy.candidates(call.model, call.feature, call.key)
     call.endpoint = endpoint
     call.request_body = body
     call.stream = body.get("stream") is True

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from app.attribution import attribute
+from app.call import CallRecord
 from app.deps import CallDep, PolicyDep, PrincipalDep, UpstreamDep
 from app.errors import GatewayError
 from app.policy import Policy
@@ -22,10 +23,8 @@ def _entry(model: str, owner: str) -> dict[str, Any]:
     return {"id": model, "object": "model", "created": 0, "owned_by": owner}
 
 
-def _listing(
-    policy: Policy, upstream_models: list[dict[str, Any]], feature: str | None
-) -> list[dict[str, Any]]:
-    allowed = policy.allowed_models(feature)
+def _listing(policy: Policy, upstream_models: list[dict[str, Any]], call: CallRecord) -> list[dict[str, Any]]:
+    allowed = policy.allowed_models(call.feature, call.key)
     models = {m["id"]: m for m in upstream_models if isinstance(m, dict) and isinstance(m.get("id"), str)}
     for name, route in policy.config.models.items():
         models.setdefault(name, _entry(name, route.upstreams[0].upstream))
@@ -48,7 +47,7 @@ async def list_models(
         raise GatewayError(
             502, "The upstream's model list is not valid JSON.", code="upstream_bad_response"
         ) from None
-    body = {"object": "list", "data": _listing(policy, data if isinstance(data, list) else [], call.feature)}
+    body = {"object": "list", "data": _listing(policy, data if isinstance(data, list) else [], call)}
     return Response(orjson.dumps(body), media_type="application/json", headers=upstream.relay_headers(answer))
 
 
@@ -57,7 +56,7 @@ async def retrieve_model(
     request: Request, model: str, _: PrincipalDep, policy: PolicyDep, upstream: UpstreamDep, call: CallDep
 ) -> Response:
     attribute(call, request.headers, None)
-    allowed = policy.allowed_models(call.feature)
+    allowed = policy.allowed_models(call.feature, call.key)
     if allowed is not None and policy.resolve(model) not in allowed:
         raise GatewayError(
             404,

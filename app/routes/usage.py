@@ -9,8 +9,8 @@ import orjson
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
-from app.deps import PrincipalDep
-from app.errors import GatewayError, bad_request
+from app.deps import MasterDep
+from app.errors import bad_request
 from app.reporting import UsageQuery, parse_group_by, to_csv, usage_report
 
 router = APIRouter()
@@ -28,7 +28,7 @@ def _day(value: str | None, param: str, default: date) -> date:
 @router.get("/v1/usage")
 async def usage(
     request: Request,
-    principal: PrincipalDep,
+    _: MasterDep,
     start: Annotated[
         str | None, Query(description="first UTC day, inclusive (default: 1st of this month)")
     ] = None,
@@ -39,8 +39,6 @@ async def usage(
     model: str | None = None,
     format: Literal["json", "csv"] = "json",
 ) -> Response:
-    if not principal.is_master:
-        raise GatewayError(403, "Usage reports need the master key.")
     today = datetime.now(UTC).date()
     query_start = _day(start, "start", today.replace(day=1))
     query_end = _day(end, "end", today + timedelta(days=1))

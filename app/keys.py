@@ -1,0 +1,252 @@
+"""Gateway keys: created with a secret shown once, stored as a hash, looked up through a short-lived cache.
+
+A request must not cost a database round trip, so a key found (or not found) is cached for a bounded time.
+A revocation or change drops the entry at once in this process, and on Postgres a NOTIFY on
+`gateway_keys` drops it in every other worker and replica as well; the cache lifetime bounds the staleness
+should a notification be missed (the listener reconnects and then clears the whole cache).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+from sqlalchemy import func, insert, select, text, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.db.models import api_keys
+
+log = logging.getLogger("gateway.keys")
+
+SECRET_PREFIX = "sk-gw-"
+_VISIBLE = len(SECRET_PREFIX) + 6
+CHANNEL = "gateway_keys"
+
+
+def new_secret() -> str:
+    return SECRET_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    id: str
+    name: str
+    owner: str | None
+    prefix: str
+    default_feature: str | None
+    pin_feature: bool
+    allowed_models: tuple[str, ...] | None
+    rpm_limit: int | None
+    tpm_limit: int | None
+    budget_daily_usd: Decimal | None
+    budget_monthly_usd: Decimal | None
+    expires_at: datetime | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+    def usable(self, now: datetime) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+
+    def public(self) -> dict[str, Any]:
+        """As the admin API shows it: everything but the hash."""
+        return {
+            "id": self.id,
+            "object": "gateway.key",
+            "name": self.name,
+            "owner": self.owner,
+            "prefix": self.prefix,
+            "default_feature": self.default_feature,
+            "pin_feature": self.pin_feature,
+            "allowed_models": list(self.allowed_models) if self.allowed_models is not None else None,
+            "rpm_limit": self.rpm_limit,
+            "tpm_limit": self.tpm_limit,
+            "budget_daily_usd": _money(self.budget_daily_usd),
+            "budget_monthly_usd": _money(self.budget_monthly_usd),
+            "expires_at": self.expires_at.isoformat() if self.expires_at else None,
+            "created_at": self.created_at.isoformat(),
+            "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
+        }
+
+
+def _money(value: Decimal | None) -> str | None:
+    return None if value is None else format(value.normalize(), "f")
+
+
+def _row_to_key(row: Any) -> ApiKey:
+    models = row.allowed_models
+    return ApiKey(
+        id=row.id,
+        name=row.name,
+        owner=row.owner,
+        prefix=row.prefix,
+        default_feature=row.default_feature,
+        pin_feature=bool(row.pin_feature),
+        allowed_models=tuple(models) if models is not None else None,
+        rpm_limit=row.rpm_limit,
+        tpm_limit=row.tpm_limit,
+        budget_daily_usd=row.budget_daily_usd,
+        budget_monthly_usd=row.budget_monthly_usd,
+        expires_at=row.expires_at,
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+    )
+
+
+# Fields an operator sets at creation and may change later.
+EDITABLE = (
+    "name",
+    "owner",
+    "default_feature",
+    "pin_feature",
+    "allowed_models",
+    "rpm_limit",
+    "tpm_limit",
+    "budget_daily_usd",
+    "budget_monthly_usd",
+    "expires_at",
+)
+
+
+class KeyStore:
+    def __init__(
+        self, engine: AsyncEngine, *, ttl_s: float = 30.0, miss_ttl_s: float = 2.0, max_entries: int = 10_000
+    ) -> None:
+        self._engine = engine
+        self._ttl_s = ttl_s
+        self._miss_ttl_s = miss_ttl_s
+        self._max_entries = max_entries
+        # secret hash -> (key or None for "no such key", expiry on the monotonic clock)
+        self._cache: OrderedDict[str, tuple[ApiKey | None, float]] = OrderedDict()
+        self._listener: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self._engine.dialect.name == "postgresql":
+            self._listener = asyncio.create_task(self._listen(), name="gateway-keys-listener")
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+
+    async def authenticate(self, secret: str) -> ApiKey | None:
+        """The usable key with this secret, or None (unknown, revoked or expired)."""
+        digest = hash_secret(secret)
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[1] > now:
+            key = cached[0]
+        else:
+            key = await self._load(digest)
+            self._cache[digest] = (key, now + (self._ttl_s if key is not None else self._miss_ttl_s))
+            self._cache.move_to_end(digest)
+            while len(self._cache) > self._max_entries:
+                self._cache.popitem(last=False)
+        return key if key is not None and key.usable(datetime.now(UTC)) else None
+
+    async def _load(self, digest: str) -> ApiKey | None:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(select(api_keys).where(api_keys.c.secret_hash == digest))).first()
+        return _row_to_key(row) if row is not None else None
+
+    async def create(self, fields: dict[str, Any]) -> tuple[ApiKey, str]:
+        secret = new_secret()
+        values = {
+            **fields,
+            "id": "key_" + secrets.token_hex(8),
+            "prefix": secret[:_VISIBLE],
+            "secret_hash": hash_secret(secret),
+            "created_at": datetime.now(UTC),
+        }
+        async with self._engine.begin() as conn:
+            await conn.execute(insert(api_keys).values(**values))
+        key = await self.get(values["id"])
+        assert key is not None
+        return key, secret
+
+    async def get(self, key_id: str) -> ApiKey | None:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(select(api_keys).where(api_keys.c.id == key_id))).first()
+        return _row_to_key(row) if row is not None else None
+
+    async def list(self) -> list[ApiKey]:
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(select(api_keys).order_by(api_keys.c.created_at))).all()
+        return [_row_to_key(row) for row in rows]
+
+    async def update(self, key_id: str, changes: dict[str, Any]) -> ApiKey | None:
+        return await self._change(key_id, changes)
+
+    async def revoke(self, key_id: str) -> ApiKey | None:
+        return await self._change(
+            key_id, {"revoked_at": func.coalesce(api_keys.c.revoked_at, datetime.now(UTC))}
+        )
+
+    async def _change(self, key_id: str, changes: dict[str, Any]) -> ApiKey | None:
+        async with self._engine.begin() as conn:
+            result = await conn.execute(
+                update(api_keys)
+                .where(api_keys.c.id == key_id)
+                .values(**changes)
+                .returning(api_keys.c.secret_hash)
+            )
+            digest = result.scalar_one_or_none()
+            if digest is None:
+                return None
+            if conn.dialect.name == "postgresql":
+                # Delivered at commit to every listening worker and replica.
+                await conn.execute(
+                    text("SELECT pg_notify(:channel, :digest)"), {"channel": CHANNEL, "digest": digest}
+                )
+        self.forget(digest)
+        return await self.get(key_id)
+
+    def forget(self, digest: str) -> None:
+        self._cache.pop(digest, None)
+
+    async def _listen(self) -> None:
+        url = self._engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        delay = 0.5
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(url)
+                lost = asyncio.Event()
+                conn.add_termination_listener(functools.partial(_set_event, lost))
+                await conn.add_listener(CHANNEL, lambda *args: self.forget(str(args[3])))
+                # Changes made while nobody listened are unknown: start from an empty cache.
+                self._cache.clear()
+                delay = 0.5
+                await lost.wait()
+            except asyncio.CancelledError:
+                raise
+            except (
+                Exception
+            ) as exc:  # any failure: reconnect with backoff, the cache lifetime bounds staleness
+                log.warning("key-change listener lost its connection", extra={"error": type(exc).__name__})
+            finally:
+                if conn is not None and not conn.is_closed():
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(conn.close(timeout=1))
+            self._cache.clear()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+def _set_event(event: asyncio.Event, *_: object) -> None:
+    event.set()

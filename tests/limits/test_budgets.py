@@ -1,0 +1,285 @@
+"""The budget ledgers against a real Redis and real processes; time comes from an injected clock."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+from redis.asyncio import Redis
+
+from app.limits import (
+    Budget,
+    BudgetLedger,
+    InProcessBudgetLedger,
+    OverBudget,
+    RedisBudgetLedger,
+    RedisUnavailable,
+)
+from app.limits.budgets import period_key, resets_at, to_units, to_usd
+from tests.limits import CLOSED_URL, REDIS_URL, delete_keys, run_workers, unique_prefix
+
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+MIDNIGHT = datetime(2026, 11, 26, tzinfo=UTC)
+
+
+@pytest.fixture
+async def prefix() -> AsyncIterator[str]:
+    made = unique_prefix("budget")
+    yield made
+    await delete_keys(made)
+
+
+@pytest.fixture(params=["in-process", "redis"])
+async def ledger(request: pytest.FixtureRequest, prefix: str) -> AsyncIterator[BudgetLedger]:
+    made: BudgetLedger
+    if request.param == "redis":
+        made = RedisBudgetLedger(REDIS_URL, prefix=prefix, timeout_s=1.0)
+    else:
+        made = InProcessBudgetLedger()
+    yield made
+    assert not made.degraded
+    await made.aclose()
+
+
+def usd(amount: str) -> Decimal:
+    return Decimal(amount)
+
+
+async def test_trips_at_the_right_cent(ledger: BudgetLedger) -> None:
+    budgets = [Budget("key:a", "day", usd("0.05"))]
+    await ledger.charge(["key:a"], usd("0.02"), NOW)
+    await ledger.charge(["key:a"], usd("0.02"), NOW)
+    # 0.04 + 0.01 = 0.05 <= 0.05: reaching the cap exactly is allowed; one unit more is not.
+    assert await ledger.check(budgets, usd("0.01"), NOW) is None
+    over = await ledger.check(budgets, usd("0.0100000001"), NOW)
+    assert over == OverBudget(budgets[0], usd("0.04"), MIDNIGHT)
+
+    await ledger.charge(["key:a"], usd("0.01"), NOW)
+    assert await ledger.spent("key:a", "day", NOW) == usd("0.05")
+    over = await ledger.check(budgets, usd("0.0000000001"), NOW)
+    assert over == OverBudget(budgets[0], usd("0.05"), MIDNIGHT)
+    # A spent cap refuses even a call estimated at nothing.
+    assert await ledger.check(budgets, usd("0"), NOW) is not None
+
+
+async def test_the_first_exceeded_budget_is_reported(ledger: BudgetLedger) -> None:
+    await ledger.charge(["key:a", "user:u-1"], usd("3"), NOW)
+    budgets = [
+        Budget("key:a", "month", usd("100")),
+        Budget("user:u-1", "day", usd("4")),
+        Budget("user:u-1", "month", usd("4.2")),
+    ]
+    # 3 + 1.5 exceeds both of the user's caps; the first one listed is reported.
+    over = await ledger.check(budgets, usd("1.5"), NOW)
+    assert over is not None
+    assert over.budget == budgets[1]
+    assert over.spent_usd == usd("3")
+    assert await ledger.check(budgets, usd("1"), NOW) is None
+    assert await ledger.check([], usd("1000"), NOW) is None
+
+
+async def test_charge_counts_each_scope_once_in_both_periods(ledger: BudgetLedger) -> None:
+    await ledger.charge(["key:a", "feature:f", "key:a"], usd("0.25"), NOW)
+    await ledger.charge([], usd("1"), NOW)
+    for scope in ("key:a", "feature:f"):
+        assert await ledger.spent(scope, "day", NOW) == usd("0.25")
+        assert await ledger.spent(scope, "month", NOW) == usd("0.25")
+    assert await ledger.spent("user:nobody", "day", NOW) == 0
+
+
+async def test_amounts_past_2_to_the_53_units_stay_exact(ledger: BudgetLedger) -> None:
+    await ledger.charge(["key:a"], usd("987654.3210987654"), NOW)
+    await ledger.charge(["key:a"], usd("0.0000000001"), NOW)
+    assert await ledger.spent("key:a", "month", NOW) == usd("987654.3210987655")
+
+
+async def test_the_day_resets_at_utc_midnight(ledger: BudgetLedger) -> None:
+    budgets = [Budget("user:u-1", "day", usd("1")), Budget("user:u-1", "month", usd("10"))]
+    last_second = datetime(2026, 11, 25, 23, 59, 59, tzinfo=UTC)
+    await ledger.charge(["user:u-1"], usd("1"), last_second)
+    assert await ledger.check(budgets, usd("0.01"), last_second) == OverBudget(budgets[0], usd("1"), MIDNIGHT)
+    assert await ledger.check(budgets, usd("0.01"), MIDNIGHT) is None
+    assert await ledger.spent("user:u-1", "day", MIDNIGHT) == 0
+    assert await ledger.spent("user:u-1", "month", MIDNIGHT) == usd("1")
+
+
+@pytest.mark.parametrize(
+    ("last_second", "next_month"),
+    [
+        (datetime(2026, 11, 30, 23, 59, 59, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)),
+        (datetime(2026, 12, 31, 23, 59, 59, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)),
+    ],
+)
+async def test_the_month_resets_on_the_first(
+    ledger: BudgetLedger, last_second: datetime, next_month: datetime
+) -> None:
+    budgets = [Budget("feature:f", "month", usd("2"))]
+    await ledger.charge(["feature:f"], usd("2"), last_second)
+    over = await ledger.check(budgets, usd("0.01"), last_second)
+    assert over is not None
+    assert over.resets_at == next_month
+    assert await ledger.check(budgets, usd("2"), next_month) is None
+
+
+@pytest.mark.parametrize(
+    ("period", "now", "expected"),
+    [
+        ("day", datetime(2026, 11, 25, 0, 0, tzinfo=UTC), datetime(2026, 11, 26, tzinfo=UTC)),
+        ("day", datetime(2026, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)),
+        ("day", datetime(2028, 2, 28, 12, tzinfo=UTC), datetime(2028, 2, 29, tzinfo=UTC)),
+        ("month", datetime(2028, 2, 29, 12, tzinfo=UTC), datetime(2028, 3, 1, tzinfo=UTC)),
+        ("month", datetime(2026, 1, 1, 0, 0, tzinfo=UTC), datetime(2026, 2, 1, tzinfo=UTC)),
+    ],
+)
+def test_resets_at(period: str, now: datetime, expected: datetime) -> None:
+    assert resets_at(period, now) == expected
+
+
+async def test_periods_are_utc_whatever_the_callers_zone(ledger: BudgetLedger) -> None:
+    # 01:00 on the 26th in UTC+2 is still the 25th in UTC.
+    east = datetime(2026, 11, 26, 1, 0, tzinfo=timezone(timedelta(hours=2)))
+    await ledger.charge(["key:a"], usd("1"), east)
+    assert await ledger.spent("key:a", "day", NOW) == usd("1")
+    with pytest.raises(ValueError, match="timezone-aware"):
+        await ledger.spent("key:a", "day", datetime(2026, 11, 25, 12, 0))
+
+
+async def test_seed_loads_the_current_periods_and_never_doubles(ledger: BudgetLedger) -> None:
+    rows = [
+        ("key:a", "day", "2026-11-25", usd("0.30")),
+        ("key:a", "month", "2026-11", usd("1.20")),
+        ("key:a", "day", "2026-11-24", usd("5")),  # yesterday: history, not today's spend
+    ]
+    await ledger.seed(rows, NOW)
+    await ledger.seed(rows, NOW)  # a restart, or a second replica starting
+    assert await ledger.spent("key:a", "day", NOW) == usd("0.30")
+    assert await ledger.spent("key:a", "month", NOW) == usd("1.20")
+
+    await ledger.charge(["key:a"], usd("0.10"), NOW)
+    await ledger.seed(rows, NOW)
+    assert await ledger.spent("key:a", "day", NOW) == usd("0.40")
+    with pytest.raises(ValueError, match="period"):
+        await ledger.seed([("key:a", "week", "2026-W48", usd("1"))], NOW)
+
+
+async def test_a_second_replica_sees_the_spend_and_its_seed_adds_nothing(prefix: str) -> None:
+    first = RedisBudgetLedger(REDIS_URL, prefix=prefix, timeout_s=1.0)
+    second = RedisBudgetLedger(REDIS_URL, prefix=prefix, timeout_s=1.0)
+    try:
+        await first.seed([("user:u-1", "day", "2026-11-25", usd("1"))], NOW)
+        await first.charge(["user:u-1"], usd("0.5"), NOW)
+        await second.seed([("user:u-1", "day", "2026-11-25", usd("1.5"))], NOW)
+        assert await second.spent("user:u-1", "day", NOW) == usd("1.5")
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
+def test_money_is_exact_to_a_ten_billionth_of_a_dollar() -> None:
+    assert to_units(usd("0.0000001234")) == 1234
+    assert to_usd(to_units(usd("123456.789"))) == usd("123456.789")
+    assert sum(to_units(usd("0.1")) for _ in range(10)) == to_units(usd("1"))
+    assert period_key("day", NOW) == "2026-11-25"
+    assert period_key("month", NOW) == "2026-11"
+
+
+async def test_in_process_counters_keep_only_the_current_periods() -> None:
+    ledger = InProcessBudgetLedger()
+    for n in range(50):
+        await ledger.charge([f"user:{n}"], usd("1"), NOW)
+    await ledger.charge(["user:late"], usd("1"), datetime(2026, 12, 1, tzinfo=UTC))
+    assert len(ledger._units) == 2
+
+
+async def test_redis_counters_expire_an_hour_after_their_period(prefix: str) -> None:
+    ledger = RedisBudgetLedger(REDIS_URL, prefix=prefix, timeout_s=1.0)
+    client = Redis.from_url(REDIS_URL)
+    last_second = datetime(2026, 11, 30, 23, 59, 59, tzinfo=UTC)
+    try:
+        await ledger.charge(["key:a"], usd("1"), last_second)
+        assert await client.ttl(f"{prefix}key:a:day:2026-11-30") == 1 + 3600
+        assert await client.ttl(f"{prefix}key:a:month:2026-11") == 1 + 3600
+        assert await client.get(f"{prefix}key:a:month:2026-11") == str(10**10).encode()
+    finally:
+        await client.aclose()
+        await ledger.aclose()
+
+
+WORKER = """
+import asyncio, sys
+from datetime import datetime
+from decimal import Decimal
+from app.limits import RedisBudgetLedger
+
+async def main(url, prefix, now, tasks, charges):
+    ledger = RedisBudgetLedger(url, prefix=prefix, timeout_s=5.0)
+    cost = Decimal("0.0123456789")
+
+    async def spend():
+        for _ in range(charges):
+            await ledger.charge(["feature:shared", "user:shared"], cost, now)
+
+    await ledger.spent("feature:shared", "day", now)  # connect before the start
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    await asyncio.gather(*(spend() for _ in range(tasks)))
+    print(ledger.redis_errors)
+    await ledger.aclose()
+
+asyncio.run(main(sys.argv[1], sys.argv[2], datetime.fromisoformat(sys.argv[3]), 8, 50))
+"""
+
+
+async def test_two_processes_charging_one_redis_sum_exactly(prefix: str) -> None:
+    assert await run_workers(WORKER, REDIS_URL, prefix, NOW.isoformat()) == ["0", "0"]
+    ledger = RedisBudgetLedger(REDIS_URL, prefix=prefix, timeout_s=1.0)
+    try:
+        expected = 2 * 8 * 50 * usd("0.0123456789")
+        for scope in ("feature:shared", "user:shared"):
+            assert await ledger.spent(scope, "day", NOW) == expected
+            assert await ledger.spent(scope, "month", NOW) == expected
+    finally:
+        await ledger.aclose()
+
+
+async def test_unreachable_redis_fails_open_quickly() -> None:
+    ledger = RedisBudgetLedger(CLOSED_URL)
+    budgets = [Budget("key:a", "day", usd("0"))]
+    try:
+        started = time.perf_counter()
+        assert await ledger.check(budgets, usd("1"), NOW) is None
+        await ledger.charge(["key:a"], usd("1"), NOW)
+        assert time.perf_counter() - started < 0.1
+        assert ledger.degraded
+        assert (ledger.redis_errors, ledger.unchecked) == (1, 2)
+        # An unknown spend is an error for the admin API, not a zero.
+        with pytest.raises(RedisUnavailable):
+            await ledger.spent("key:a", "day", NOW)
+    finally:
+        await ledger.aclose()
+
+
+async def test_unreachable_redis_fails_closed_with_a_reason() -> None:
+    ledger = RedisBudgetLedger(CLOSED_URL, fail_open=False)
+    budgets = [Budget("key:a", "month", usd("100"))]
+    try:
+        started = time.perf_counter()
+        over = await ledger.check(budgets, usd("1"), NOW)
+        assert time.perf_counter() - started < 0.1
+        assert over == OverBudget(
+            budgets[0], usd("0"), datetime(2026, 12, 1, tzinfo=UTC), "ledger_unavailable"
+        )
+    finally:
+        await ledger.aclose()
+
+
+async def test_seed_reports_an_unreachable_redis() -> None:
+    ledger = RedisBudgetLedger(CLOSED_URL)
+    try:
+        with pytest.raises(RedisUnavailable):
+            await ledger.seed([("key:a", "day", "2026-11-25", usd("1"))], NOW)
+    finally:
+        await ledger.aclose()
