@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import Scope
 
 from app.keys import ApiKey
+
+if TYPE_CHECKING:
+    from app.limits.guard import Admission
 
 STATE_KEY = "gateway_call"
 
@@ -87,6 +90,10 @@ class CallRecord:
     usage_key: str | None = None
     # A resumed stream of a response metered elsewhere: a row only if its final usage arrives.
     metered_only_with_usage: bool = False
+    # Set by the limits: what was reserved before the call (settled after it), and whether old messages
+    # were dropped to fit the feature's prompt budget.
+    admission: Admission | None = None
+    prompt_truncated: bool = False
     # What the metering needs to count tokens itself when the upstream reports no usage.
     request_body: dict[str, Any] | None = None
     completion_parts: list[str] = field(default_factory=list)

@@ -9,7 +9,10 @@ reason. Example:
     aliases: {fast: gpt-4o-mini, smart: gpt-4.1}
     fallbacks: {gpt-4.1: [gpt-4o, gpt-4o-mini]}
     features:
-      support-bot: {default_model: fast, allowed_models: [fast, gpt-4o]}
+      support-bot: {default_model: fast, allowed_models: [fast, gpt-4o], rpm: 600, tpm: 200000,
+                    budget_daily_usd: 50, max_prompt_tokens: 8000, prompt_overflow: truncate}
+    users: {rpm: 20, budget_daily_usd: 1}
+    limits: {fail_open: true}
     prices:
       llama-3.1-70b: {input_per_1m: 0.6, output_per_1m: 0.6}
 """
@@ -17,8 +20,9 @@ reason. Example:
 from __future__ import annotations
 
 import os
+from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -58,10 +62,28 @@ class ModelRoute(_Strict):
     upstreams: list[WeightedUpstream] = Field(min_length=1)
 
 
-class FeatureConfig(_Strict):
+class Caps(_Strict):
+    """Rate limits and spend caps for one scope; None means no cap."""
+
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    budget_daily_usd: Decimal | None = Field(default=None, ge=0)
+    budget_monthly_usd: Decimal | None = Field(default=None, ge=0)
+
+
+class FeatureConfig(Caps):
     default_model: str | None = None
     # None: any model; a list: only these (aliases allowed, resolved like the request's model).
     allowed_models: list[str] | None = None
+    # The largest chat prompt the feature may send, and what to do with a larger one.
+    max_prompt_tokens: int | None = Field(default=None, ge=1)
+    prompt_overflow: Literal["reject", "truncate"] = "reject"
+
+
+class LimitsConfig(_Strict):
+    # When Redis (GATEWAY_REDIS_URL) cannot be reached: admit and count a metric (open), or refuse (closed).
+    fail_open: bool = True
+    redis_timeout_s: float = Field(default=0.25, gt=0, le=5)
 
 
 class GatewayConfig(_Strict):
@@ -70,6 +92,9 @@ class GatewayConfig(_Strict):
     aliases: dict[str, str] = {}
     fallbacks: dict[str, list[str]] = {}
     features: dict[str, FeatureConfig] = {}
+    # Caps that apply to every end user (X-User-Id) separately.
+    users: Caps = Caps()
+    limits: LimitsConfig = LimitsConfig()
     # USD per 1M tokens, per model: {input_per_1m, cached_input_per_1m?, output_per_1m}; replaces the
     # shipped entry of that model.
     prices: dict[str, dict[str, Any]] = {}

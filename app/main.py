@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sse_starlette.sse import AppStatus
 from starlette.types import ASGIApp
 
@@ -20,6 +21,16 @@ from app.config_file import GatewayConfig, load_config_file
 from app.db.engine import create_engine
 from app.errors import install_error_handlers
 from app.keys import KeyStore
+from app.limits import (
+    BudgetLedger,
+    InProcessBudgetLedger,
+    InProcessRateLimiter,
+    RateLimiter,
+    RedisBudgetLedger,
+    RedisRateLimiter,
+    redis_client,
+)
+from app.limits.guard import Guard, seed_spend
 from app.logs import configure_logging
 from app.metering import tokens
 from app.metering.metrics import Metrics
@@ -51,6 +62,25 @@ def _configuration(settings: Settings | None) -> tuple[Settings, GatewayConfig]:
         raise SystemExit(2) from None
 
 
+async def _make_guard(settings: Settings, config: GatewayConfig, engine: AsyncEngine) -> Guard:
+    """Counters in Redis when several workers or replicas must share them, else in this process."""
+    limiter: RateLimiter
+    ledger: BudgetLedger
+    if settings.redis_url:
+        client = redis_client(settings.redis_url, timeout_s=config.limits.redis_timeout_s)
+        fail_open, timeout_s = config.limits.fail_open, config.limits.redis_timeout_s
+        limiter = RedisRateLimiter(client, fail_open=fail_open, timeout_s=timeout_s)
+        ledger = RedisBudgetLedger(client, fail_open=fail_open, timeout_s=timeout_s)
+    else:
+        limiter, ledger = InProcessRateLimiter(), InProcessBudgetLedger()
+    guard = Guard(limiter, ledger)
+    try:
+        await seed_spend(engine, ledger, guard.clock())
+    except Exception as exc:  # start anyway: the database or Redis may come back; budgets count from now
+        log.warning("could not load this period's spend for budgets", extra={"error": type(exc).__name__})
+    return guard
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings, config = _configuration(settings)
     configure_logging(settings.log_level)
@@ -70,9 +100,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.error("configuration not reloaded; keeping the running one", extra={"reason": str(exc)})
             return
         app.state.policy = Policy(settings, fresh)
+        app.state.prices = price_table(fresh)
         meter: Meter | None = getattr(app.state, "meter", None)
         if meter is not None:
-            meter.prices = price_table(fresh)
+            meter.prices = app.state.prices
         log.info("configuration reloaded")
 
     @asynccontextmanager
@@ -85,6 +116,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         keys = KeyStore(engine)
         await keys.start()
         app.state.keys = keys
+        guard = await _make_guard(settings, config, engine)
+        app.state.guard = guard
+        app_metrics.watch_limits(guard.stats)
+        app.state.prices = price_table(config)
         recorder: Recorder | None = None
         if settings.metering:
             # Built off the event loop now, so the first estimated call does not stall it.
@@ -98,7 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             await recorder.start()
             app_metrics.watch_recorder(recorder.stats)
-            app.state.meter = Meter(recorder, price_table(config), app_metrics)
+            app.state.meter = Meter(recorder, app.state.prices, app_metrics, guard)
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             # Only the main thread of a process can take signals (not so in the tests' threaded server).
@@ -109,6 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # uvicorn has let in-flight requests finish by now, so every event is queued.
             if recorder is not None:
                 await recorder.close(timeout_s=settings.shutdown_timeout_s)
+            await guard.close()
             await keys.close()
             await upstream.close()
             await engine.dispose()

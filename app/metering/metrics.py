@@ -47,6 +47,24 @@ class _RecorderCollector(Collector):
         )
 
 
+class _LimitsCollector(Collector):
+    def __init__(self, read: Callable[[], dict[str, float]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._read()
+        yield GaugeMetricFamily(
+            "gateway_limits_degraded",
+            "1 while Redis is unreachable and limits fall back to their fail mode",
+            value=stats.get("degraded", 0),
+        )
+        yield CounterMetricFamily(
+            "gateway_limits_redis_errors",
+            "Failed Redis calls for limits and budgets",
+            value=stats.get("errors", 0),
+        )
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -81,6 +99,9 @@ class Metrics:
 
     def watch_recorder(self, read: Callable[[], dict[str, float]]) -> None:
         self.registry.register(_RecorderCollector(read))
+
+    def watch_limits(self, read: Callable[[], dict[str, float]]) -> None:
+        self.registry.register(_LimitsCollector(read))
 
     def observe_request(self, route: str, call: CallRecord, seconds: float) -> None:
         self.requests.labels(route, str(call.status_code)).inc()

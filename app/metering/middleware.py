@@ -15,6 +15,7 @@ from typing import Protocol
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.call import CallRecord, get_call
+from app.limits.guard import Guard
 from app.metering.events import UsageEvent
 from app.metering.metrics import Metrics
 from app.metering.pricing import PriceTable
@@ -30,10 +31,13 @@ class EventSink(Protocol):
 class Meter:
     """What the middleware needs at the end of a response; made in the lifespan."""
 
-    def __init__(self, recorder: EventSink | None, prices: PriceTable, metrics: Metrics) -> None:
+    def __init__(
+        self, recorder: EventSink | None, prices: PriceTable, metrics: Metrics, guard: Guard
+    ) -> None:
         self.recorder = recorder
         self.prices = prices
         self.metrics = metrics
+        self.guard = guard
 
     def finish(self, scope: Scope, call: CallRecord) -> None:
         route = call.endpoint or getattr(scope.get("route"), "path", None) or "unmatched"
@@ -42,6 +46,8 @@ class Meter:
             return
         event = build_event(call, self.prices)
         self.metrics.observe_usage(event)
+        if call.admission is not None:
+            self.guard.settle(call.admission, event.total_tokens, event.cost_usd)
         if self.recorder is not None:
             self.recorder.submit(event)
 

@@ -83,4 +83,5 @@ def build_event(call: CallRecord, prices: PriceTable) -> UsageEvent:
         latency_ms=round((ended - call.started) * 1000),
         ttfb_ms=None if call.ttfb_s is None else round(call.ttfb_s * 1000),
         error_type=call.error_type,
+        prompt_truncated=call.prompt_truncated,
     )

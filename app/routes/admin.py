@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Request
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.responses import Response
 
+from app.config_file import Caps, GatewayConfig
+from app.db.models import usage_daily
 from app.deps import MasterDep
 from app.errors import GatewayError
 from app.keys import ApiKey, KeyStore
+from app.limits.budgets import resets_at
+from app.limits.guard import Guard
 
 router = APIRouter(prefix="/admin")
 
@@ -108,3 +115,54 @@ async def update_key(request: Request, key_id: str, spec: KeyUpdate, _: MasterDe
 @router.delete("/keys/{key_id}")
 async def revoke_key(request: Request, key_id: str, _: MasterDep) -> Response:
     return _json(_found(await _store(request).revoke(key_id), key_id).public())
+
+
+@router.get("/budgets")
+async def budgets(request: Request, _: MasterDep) -> Response:
+    """Every spend cap in force, with what its scope has spent this period."""
+    state = request.app.state
+    guard: Guard = state.guard
+    config: GatewayConfig = state.policy.config
+    caps: list[tuple[str, Caps]] = [
+        (
+            f"key:{key.id}",
+            Caps(budget_daily_usd=key.budget_daily_usd, budget_monthly_usd=key.budget_monthly_usd),
+        )
+        for key in await _store(request).list()
+        if key.revoked_at is None
+    ]
+    caps += [(f"feature:{name}", rules) for name, rules in config.features.items()]
+    if config.users.budget_daily_usd is not None or config.users.budget_monthly_usd is not None:
+        caps += [
+            (f"user:{user}", config.users) for user in await _users_this_month(state.engine, guard.clock())
+        ]
+    now = guard.clock()
+    data = []
+    for scope, rules in caps:
+        for period, cap in (("day", rules.budget_daily_usd), ("month", rules.budget_monthly_usd)):
+            if cap is None:
+                continue
+            spent = await guard.ledger.spent(scope, period, now)
+            data.append(
+                {
+                    "scope": scope,
+                    "period": period,
+                    "cap_usd": str(cap),
+                    "spent_usd": str(spent.normalize()),
+                    "remaining_usd": str(max(cap - spent, Decimal(0)).normalize()),
+                    "resets_at": resets_at(period, now).isoformat().replace("+00:00", "Z"),
+                }
+            )
+    return _json({"object": "list", "data": data})
+
+
+async def _users_this_month(engine: AsyncEngine, now: datetime) -> list[str]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            select(usage_daily.c.user_id)
+            .where(usage_daily.c.day >= now.date().replace(day=1), usage_daily.c.user_id != "")
+            .group_by(usage_daily.c.user_id)
+            .order_by(func.sum(usage_daily.c.cost_usd).desc())
+            .limit(1000)
+        )
+        return [row[0] for row in rows]

@@ -65,7 +65,7 @@ async def chat_completions(
         call,
         metered.candidates,
         path=PATH,
-        payload=Payload(metered.raw, metered.body, modified=call.stream),
+        payload=Payload(metered.raw, metered.body, modified=call.stream or metered.modified),
         client_headers=request.headers,
         inspector=(lambda: ChatChunkInspector(call, client_wants_usage)) if call.stream else None,
     )

@@ -3,6 +3,7 @@ and resolve the model through the policy."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,8 @@ from app.attribution import attribute
 from app.body import parse_object, read_body
 from app.call import CallRecord
 from app.config import Settings
+from app.limits.guard import completion_allowance
+from app.limits.prompt_budget import fit_prompt
 from app.policy import Candidate, Policy
 
 
@@ -21,6 +24,8 @@ class MeteredRequest:
     raw: bytes
     body: dict[str, Any]
     candidates: list[Candidate]
+    # The body differs from the client's bytes (messages dropped to fit the prompt budget).
+    modified: bool = False
 
 
 def _no_check(_: dict[str, Any]) -> None:
@@ -42,7 +47,26 @@ async def read_metered(
     call.model = policy.requested_model(body.get("model"), call.feature)
     check(body)
     candidates = policy.candidates(call.model, call.feature, call.key)
+    model = candidates[0].model
+    rules = policy.config.features.get(call.feature) if call.feature is not None else None
+    prompt_tokens = len(raw) // 4
+    if rules is not None and rules.max_prompt_tokens is not None and endpoint == "/v1/chat/completions":
+        fitted = await asyncio.to_thread(
+            fit_prompt,
+            model,
+            body,
+            rules.max_prompt_tokens,
+            truncate=rules.prompt_overflow == "truncate",
+            feature=call.feature or "",
+        )
+        body["messages"] = fitted.messages
+        call.prompt_truncated = fitted.truncated
+        prompt_tokens = fitted.prompt_tokens
+    state = request.app.state
+    call.admission = await state.guard.admit(
+        call, policy.config, state.prices, model, prompt_tokens, completion_allowance(body)
+    )
     call.endpoint = endpoint
     call.request_body = body
     call.stream = body.get("stream") is True
-    return MeteredRequest(raw, body, candidates)
+    return MeteredRequest(raw, body, candidates, modified=call.prompt_truncated)

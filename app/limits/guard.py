@@ -1,0 +1,238 @@
+"""Admission of one call against the rate limits and budgets of its key, feature and end user, and the
+settling of what it really cost once it has ended.
+
+Token estimate before the call: the prompt (counted exactly when a prompt budget already counted it,
+otherwise its JSON size / 4, the usual rule of thumb) plus the completion the caller allows (`max_tokens`,
+`max_completion_tokens` or `max_output_tokens`). The estimate reserves tokens-per-minute; the settle
+step corrects it to the real count, and charges the real cost to each scope's day and month.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.call import CallRecord
+from app.config_file import Caps, GatewayConfig
+from app.db.models import usage_daily, usage_events
+from app.errors import GatewayError
+from app.limits.budgets import Budget, BudgetLedger, OverBudget, Period, period_key
+from app.limits.ratelimit import Denied, Limit, RateLimiter
+from app.metering.pricing import PriceTable
+
+log = logging.getLogger("gateway.limits")
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    limits: tuple[Limit, ...]
+    scopes: tuple[str, ...]
+    token_estimate: int
+
+
+def completion_allowance(body: dict[str, Any]) -> int:
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0
+
+
+def _periods(caps: Caps) -> tuple[tuple[Period, Decimal | None], ...]:
+    return (("day", caps.budget_daily_usd), ("month", caps.budget_monthly_usd))
+
+
+class Guard:
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        ledger: BudgetLedger,
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.limiter = limiter
+        self.ledger = ledger
+        self.clock = clock
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def _caps(self, call: CallRecord, config: GatewayConfig) -> list[tuple[str, Caps]]:
+        caps: list[tuple[str, Caps]] = []
+        key = call.key
+        if key is not None:
+            caps.append(
+                (
+                    f"key:{key.id}",
+                    Caps(
+                        rpm=key.rpm_limit,
+                        tpm=key.tpm_limit,
+                        budget_daily_usd=key.budget_daily_usd,
+                        budget_monthly_usd=key.budget_monthly_usd,
+                    ),
+                )
+            )
+        if call.feature is not None:
+            caps.append((f"feature:{call.feature}", config.features.get(call.feature) or Caps()))
+        if call.user_id is not None:
+            caps.append((f"user:{call.user_id}", config.users))
+        return caps
+
+    async def admit(
+        self,
+        call: CallRecord,
+        config: GatewayConfig,
+        prices: PriceTable,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+    ) -> Admission:
+        caps = self._caps(call, config)
+        limits = tuple(Limit(scope, c.rpm, c.tpm) for scope, c in caps if c.rpm or c.tpm)
+        budgets = [
+            Budget(scope, period, cap) for scope, c in caps for period, cap in _periods(c) if cap is not None
+        ]
+        estimate = prompt_tokens + completion_tokens
+        now = self.clock()
+        if budgets:
+            cost = prices.cost_usd(model, prompt_tokens, completion_tokens, 0) or Decimal(0)
+            over = await self.ledger.check(budgets, cost, now)
+            if over is not None:
+                raise _over_budget(over, now)
+        if limits:
+            denied = await self.limiter.admit(limits, estimate, now.timestamp())
+            if denied is not None:
+                raise _rate_limited(denied)
+        return Admission(limits, tuple(scope for scope, _ in caps), estimate)
+
+    def settle(self, admission: Admission, total_tokens: int, cost: Decimal | None) -> None:
+        """After the call: correct the token reservation and charge the cost, off the request path (the
+        request task may be cancelled by now; pitfall 2)."""
+        task = asyncio.get_running_loop().create_task(self._settle(admission, total_tokens, cost))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _settle(self, admission: Admission, total_tokens: int, cost: Decimal | None) -> None:
+        try:
+            now = self.clock()
+            if admission.limits and total_tokens != admission.token_estimate:
+                await self.limiter.settle(
+                    admission.limits, total_tokens - admission.token_estimate, now.timestamp()
+                )
+            if cost and admission.scopes:
+                await self.ledger.charge(admission.scopes, cost, now)
+        except Exception:  # a lost settle skews one counter for a minute or a period; never the call
+            log.warning("settling limits failed", exc_info=True)
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "degraded": float(self.limiter.degraded or self.ledger.degraded),
+            "errors": self.limiter.redis_errors + self.ledger.redis_errors,
+        }
+
+    async def drain(self) -> None:
+        if self._pending:
+            await asyncio.wait(set(self._pending), timeout=5)
+
+    async def close(self) -> None:
+        await self.drain()
+        await self.limiter.aclose()
+        await self.ledger.aclose()
+
+
+def _money(value: Decimal) -> str:
+    return f"${value.quantize(Decimal('0.01'))}"
+
+
+def _describe(scope: str) -> str:
+    kind, _, name = scope.partition(":")
+    return {"key": f"key '{name}'", "feature": f"feature '{name}'", "user": f"user '{name}'"}.get(kind, scope)
+
+
+def _over_budget(over: OverBudget, now: datetime) -> GatewayError:
+    budget = over.budget
+    if over.reason == "ledger_unavailable":
+        return GatewayError(
+            503, "Budgets cannot be checked right now; try again shortly.", code="budget_unavailable"
+        )
+    wait = max(1, math.ceil((over.resets_at - now).total_seconds()))
+    period = "daily" if budget.period == "day" else "monthly"
+    resets = over.resets_at.isoformat().replace("+00:00", "Z")
+    return GatewayError(
+        429,
+        f"The {period} budget of {_money(budget.cap_usd)} for {_describe(budget.scope)} is spent "
+        f"({_money(over.spent_usd)} so far); it resets at {resets}.",
+        code="budget_exceeded",
+        # Waiting seconds will not help: the SDKs must not retry this.
+        headers={"retry-after": str(wait), "x-should-retry": "false"},
+    )
+
+
+def _rate_limited(denied: Denied) -> GatewayError:
+    if denied.reason == "limiter_unavailable":
+        return GatewayError(
+            503,
+            "Rate limits cannot be checked right now; try again shortly.",
+            code="rate_limiter_unavailable",
+        )
+    unit = "requests" if denied.kind == "requests" else "tokens"
+    header = denied.retry_after_header
+    if header is None:
+        return GatewayError(
+            429,
+            f"This request alone exceeds the limit of {denied.limit} {unit} per minute for "
+            f"{_describe(denied.scope)}.",
+            code="rate_limit_exceeded",
+            headers={"x-should-retry": "false"},
+        )
+    return GatewayError(
+        429,
+        f"Rate limit reached for {_describe(denied.scope)}: {denied.limit} {unit} per minute. "
+        f"Try again in {header}s.",
+        code="rate_limit_exceeded",
+        headers={"retry-after": header},
+    )
+
+
+async def seed_spend(engine: AsyncEngine, ledger: BudgetLedger, now: datetime) -> None:
+    """This day's and month's spend per key, feature and user, from the database, for a ledger that
+    starts empty (a new process, or Redis after a restart)."""
+    month_start = now.date().replace(day=1)
+    day_key, month_key = period_key("day", now), period_key("month", now)
+    rows: list[tuple[str, str, str, Decimal]] = []
+    async with engine.connect() as conn:
+        for scope, column in (("feature", usage_daily.c.feature), ("user", usage_daily.c.user_id)):
+            result = await conn.execute(
+                select(
+                    column,
+                    func.sum(usage_daily.c.cost_usd),
+                    func.sum(usage_daily.c.cost_usd).filter(usage_daily.c.day == now.date()),
+                )
+                .where(usage_daily.c.day >= month_start, column != "")
+                .group_by(column)
+            )
+            for name, month, day in result:
+                rows.append((f"{scope}:{name}", "month", month_key, Decimal(month or 0)))
+                rows.append((f"{scope}:{name}", "day", day_key, Decimal(day or 0)))
+        start = datetime(month_start.year, month_start.month, 1, tzinfo=UTC)
+        today = datetime(now.year, now.month, now.day, tzinfo=UTC)
+        result = await conn.execute(
+            select(
+                usage_events.c.api_key_id,
+                func.sum(usage_events.c.cost_usd),
+                func.sum(usage_events.c.cost_usd).filter(usage_events.c.created_at >= today),
+            )
+            .where(usage_events.c.created_at >= start, usage_events.c.api_key_id.is_not(None))
+            .group_by(usage_events.c.api_key_id)
+        )
+        for key_id, month, day in result:
+            rows.append((f"key:{key_id}", "month", month_key, Decimal(month or 0)))
+            rows.append((f"key:{key_id}", "day", day_key, Decimal(day or 0)))
+    await ledger.seed(rows, now)
