@@ -17,6 +17,7 @@ import uvicorn
 
 from app.config import Settings
 from app.main import create_app
+from tests.fakes.openai_upstream import FakeOpenAI
 
 MASTER_KEY = "sk-gw-test-master-key"
 
@@ -83,12 +84,30 @@ def free_port() -> int:
 
 
 class GatewayProcess:
-    """`llm-gateway serve` as a child process, for what only a real process shows (signals, start-up)."""
+    """`llm-gateway serve` as a child process, for what only a real process shows (signals, workers,
+    memory), in front of `upstream`, writing to `database_url`, keeping its spool and log in data_dir."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        upstream: FakeOpenAI,
+        database_url: str,
+        data_dir: Path,
+        *,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+    ) -> None:
         self.port = free_port()
-        self.env = {**os.environ, **env}
-        self.log_path = log_path
+        self.env = {
+            **os.environ,
+            "GATEWAY_MASTER_KEY": MASTER_KEY,
+            "OPENAI_API_KEY": upstream.api_key,
+            "OPENAI_BASE_URL": upstream.base_url,
+            "DATABASE_URL": database_url,
+            "GATEWAY_DATA_DIR": str(data_dir),
+            "GATEWAY_LOG_LEVEL": "info",
+            **(env or {}),
+        }
+        self.log_path = data_dir / "gateway.log"
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
 

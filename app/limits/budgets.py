@@ -25,7 +25,7 @@ from typing import Literal, Protocol
 from redis.asyncio import Redis
 
 from app.limits import redis_scripts
-from app.limits.redis_guard import RedisGuard, RedisUnavailable, redis_client
+from app.limits.redis_guard import RedisBacked, RedisUnavailable
 
 UNITS_PER_USD = 10**10
 # Counters outlive their period by an hour, so a replica whose clock lags a little still finds them.
@@ -200,7 +200,7 @@ class InProcessBudgetLedger:
             self._current = current
 
 
-class RedisBudgetLedger:
+class RedisBudgetLedger(RedisBacked):
     """Budgets shared by every worker and replica using the same Redis: one counter per scope and
     period, `{prefix}{scope}:{day|month}:{period_key}`, expiring an hour after its period.
 
@@ -217,30 +217,15 @@ class RedisBudgetLedger:
         prefix: str = "gw:budget:",
         retry_interval_s: float = 1.0,
     ) -> None:
-        self._owned = isinstance(redis, str)
-        self._redis = redis_client(redis, timeout_s=timeout_s) if isinstance(redis, str) else redis
-        self._charge = self._redis.register_script(redis_scripts.CHARGE)
-        self._prefix = prefix
-        self._guard = RedisGuard(
-            "budgets", fail_open=fail_open, timeout_s=timeout_s, retry_interval_s=retry_interval_s
+        super().__init__(
+            redis,
+            "budgets",
+            prefix=prefix,
+            fail_open=fail_open,
+            timeout_s=timeout_s,
+            retry_interval_s=retry_interval_s,
         )
-
-    @property
-    def degraded(self) -> bool:
-        return self._guard.degraded
-
-    @property
-    def redis_errors(self) -> int:
-        return self._guard.redis_errors
-
-    @property
-    def unchecked(self) -> int:
-        """Calls decided by the fail mode, and charges lost, instead of going to Redis."""
-        return self._guard.unchecked
-
-    async def aclose(self) -> None:
-        if self._owned:
-            await self._redis.aclose()
+        self._charge = self._redis.register_script(redis_scripts.CHARGE)
 
     async def check(
         self, budgets: Sequence[Budget], estimate_usd: Decimal, now: datetime | None = None

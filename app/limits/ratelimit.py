@@ -22,7 +22,7 @@ from typing import Any, Literal, Protocol
 from redis.asyncio import Redis
 
 from app.limits import redis_scripts
-from app.limits.redis_guard import RedisGuard, RedisUnavailable, redis_client
+from app.limits.redis_guard import RedisBacked, RedisUnavailable
 
 WINDOW_S = 60.0
 # A minute's counters serve as the previous minute for one more minute, then are never read again.
@@ -182,7 +182,7 @@ class InProcessRateLimiter:
             self._minute = minute
 
 
-class RedisRateLimiter:
+class RedisRateLimiter(RedisBacked):
     """Limits shared by every worker and replica using the same Redis.
 
     `redis` is a URL (the limiter then owns its client and closes it in aclose()) or a client from
@@ -198,31 +198,16 @@ class RedisRateLimiter:
         prefix: str = "gw:rl:",
         retry_interval_s: float = 1.0,
     ) -> None:
-        self._owned = isinstance(redis, str)
-        self._redis = redis_client(redis, timeout_s=timeout_s) if isinstance(redis, str) else redis
+        super().__init__(
+            redis,
+            "rate limits",
+            prefix=prefix,
+            fail_open=fail_open,
+            timeout_s=timeout_s,
+            retry_interval_s=retry_interval_s,
+        )
         self._admit = self._redis.register_script(redis_scripts.ADMIT)
         self._settle = self._redis.register_script(redis_scripts.SETTLE)
-        self._prefix = prefix
-        self._guard = RedisGuard(
-            "rate limits", fail_open=fail_open, timeout_s=timeout_s, retry_interval_s=retry_interval_s
-        )
-
-    @property
-    def degraded(self) -> bool:
-        return self._guard.degraded
-
-    @property
-    def redis_errors(self) -> int:
-        return self._guard.redis_errors
-
-    @property
-    def unchecked(self) -> int:
-        """Calls decided by the fail mode instead of by Redis."""
-        return self._guard.unchecked
-
-    async def aclose(self) -> None:
-        if self._owned:
-            await self._redis.aclose()
 
     async def admit(self, limits: Sequence[Limit], tokens: int, now: float | None = None) -> Denied | None:
         active = _active(limits, tokens)

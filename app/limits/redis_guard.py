@@ -85,3 +85,42 @@ class RedisGuard:
             self.degraded = True
             mode = "admitting" if self.fail_open else "refusing"
             log.warning("%s: Redis unavailable (%r); %s requests until it answers", self.what, exc, mode)
+
+
+class RedisBacked:
+    """What the Redis rate limiter and budget ledger share: a client (owned when made from a URL, else
+    shared and closed by whoever made it), a key prefix, and the guard that decides their fail mode."""
+
+    def __init__(
+        self,
+        redis: str | Redis,
+        what: str,
+        *,
+        prefix: str,
+        fail_open: bool,
+        timeout_s: float,
+        retry_interval_s: float,
+    ) -> None:
+        self._owned = isinstance(redis, str)
+        self._redis = redis_client(redis, timeout_s=timeout_s) if isinstance(redis, str) else redis
+        self._prefix = prefix
+        self._guard = RedisGuard(
+            what, fail_open=fail_open, timeout_s=timeout_s, retry_interval_s=retry_interval_s
+        )
+
+    @property
+    def degraded(self) -> bool:
+        return self._guard.degraded
+
+    @property
+    def redis_errors(self) -> int:
+        return self._guard.redis_errors
+
+    @property
+    def unchecked(self) -> int:
+        """Calls decided by the fail mode (and budget charges lost) instead of going to Redis."""
+        return self._guard.unchecked
+
+    async def aclose(self) -> None:
+        if self._owned:
+            await self._redis.aclose()

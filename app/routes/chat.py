@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from app.deps import CallDep, PolicyDep, PrincipalDep, SettingsDep, UpstreamDep
+from app.deps import GatewayDep
 from app.errors import bad_request
 from app.relay import Payload, forward
 from app.routes.metered import read_metered
@@ -50,18 +50,12 @@ def _ask_for_usage(body: dict[str, Any]) -> bool:
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(
-    request: Request,
-    _: PrincipalDep,
-    settings: SettingsDep,
-    policy: PolicyDep,
-    upstream: UpstreamDep,
-    call: CallDep,
-) -> Response:
-    metered = await read_metered(request, settings, policy, call, "/v1" + PATH, _check_messages)
+async def chat_completions(request: Request, gw: GatewayDep) -> Response:
+    call = gw.call
+    metered = await read_metered(request, gw, "/v1" + PATH, _check_messages)
     client_wants_usage = _ask_for_usage(metered.body) if call.stream else False
     return await forward(
-        upstream,
+        gw.upstream,
         call,
         metered.candidates,
         path=PATH,

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from app.deps import CallDep, PolicyDep, PrincipalDep, SettingsDep, UpstreamDep
+from app.deps import GatewayDep
 from app.errors import bad_request
 from app.relay import Payload, forward
 from app.routes.metered import read_metered
@@ -23,22 +23,11 @@ def _check_input(body: dict[str, Any]) -> None:
 
 
 @router.post("/v1/embeddings")
-async def embeddings(
-    request: Request,
-    _: PrincipalDep,
-    settings: SettingsDep,
-    policy: PolicyDep,
-    upstream: UpstreamDep,
-    call: CallDep,
-) -> Response:
-    metered = await read_metered(request, settings, policy, call, "/v1/embeddings")
-    if "input" not in metered.body:
-        raise bad_request(
-            "Missing required parameter: 'input'.", param="input", code="missing_required_parameter"
-        )
+async def embeddings(request: Request, gw: GatewayDep) -> Response:
+    metered = await read_metered(request, gw, "/v1/embeddings", _check_input)
     return await forward(
-        upstream,
-        call,
+        gw.upstream,
+        gw.call,
         metered.candidates,
         path="/embeddings",
         payload=Payload(metered.raw, metered.body),

@@ -12,11 +12,10 @@ from fastapi import Request
 
 from app.attribution import attribute
 from app.body import parse_object, read_body
-from app.call import CallRecord
-from app.config import Settings
+from app.deps import Gateway
 from app.limits.guard import completion_allowance
 from app.limits.prompt_budget import fit_prompt
-from app.policy import Candidate, Policy
+from app.policy import Candidate
 
 
 @dataclass(slots=True)
@@ -33,15 +32,11 @@ def _no_check(_: dict[str, Any]) -> None:
 
 
 async def read_metered(
-    request: Request,
-    settings: Settings,
-    policy: Policy,
-    call: CallRecord,
-    endpoint: str,
-    check: Callable[[dict[str, Any]], None] = _no_check,
+    request: Request, gw: Gateway, endpoint: str, check: Callable[[dict[str, Any]], None] = _no_check
 ) -> MeteredRequest:
     """Raises the 4xx for bad input before the call counts as metered: rejected input leaves no row."""
-    raw = await read_body(request, settings.max_body_bytes)
+    call, policy = gw.call, gw.policy
+    raw = await read_body(request, gw.settings.max_body_bytes)
     body = parse_object(raw)
     attribute(call, request.headers, body)
     call.model = policy.requested_model(body.get("model"), call.feature)

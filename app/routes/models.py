@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from app.attribution import attribute
 from app.call import CallRecord
-from app.deps import CallDep, PolicyDep, PrincipalDep, UpstreamDep
+from app.deps import GatewayDep
 from app.errors import GatewayError
 from app.policy import Policy
 from app.relay import send_checked
@@ -34,9 +34,8 @@ def _listing(policy: Policy, upstream_models: list[dict[str, Any]], call: CallRe
 
 
 @router.get("/v1/models")
-async def list_models(
-    request: Request, _: PrincipalDep, policy: PolicyDep, upstream: UpstreamDep, call: CallDep
-) -> Response:
+async def list_models(request: Request, gw: GatewayDep) -> Response:
+    policy, upstream, call = gw.policy, gw.upstream, gw.call
     attribute(call, request.headers, None)
     answer = await send_checked(
         upstream, call, policy.default_target, "GET", "/models", client_headers=request.headers
@@ -52,9 +51,8 @@ async def list_models(
 
 
 @router.get("/v1/models/{model:path}")
-async def retrieve_model(
-    request: Request, model: str, _: PrincipalDep, policy: PolicyDep, upstream: UpstreamDep, call: CallDep
-) -> Response:
+async def retrieve_model(request: Request, model: str, gw: GatewayDep) -> Response:
+    policy, upstream, call = gw.policy, gw.upstream, gw.call
     attribute(call, request.headers, None)
     allowed = policy.allowed_models(call.feature, call.key)
     if allowed is not None and policy.resolve(model) not in allowed:

@@ -18,7 +18,7 @@ from starlette.responses import Response, StreamingResponse
 from app.attribution import attribute
 from app.body import read_body
 from app.call import CallRecord
-from app.deps import CallDep, PolicyDep, PrincipalDep, SettingsDep, UpstreamDep
+from app.deps import GatewayDep
 from app.errors import GatewayError
 from app.relay import ATTEMPTS_HEADER, read_json_usage, send_checked
 from app.upstream import UpstreamResponse
@@ -87,15 +87,8 @@ def _meter_json(call: CallRecord, path: str, request_body: bytes | None, answer:
 
 
 @router.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
-async def passthrough(
-    request: Request,
-    path: str,
-    _: PrincipalDep,
-    settings: SettingsDep,
-    policy: PolicyDep,
-    upstream: UpstreamDep,
-    call: CallDep,
-) -> Response:
+async def passthrough(request: Request, path: str, gw: GatewayDep) -> Response:
+    settings, upstream, call = gw.settings, gw.upstream, gw.call
     attribute(call, request.headers, None)
     declared = request.headers.get("content-length")
     length = int(declared) if declared is not None and declared.isdigit() else None
@@ -118,7 +111,7 @@ async def passthrough(
     answer = await send_checked(
         upstream,
         call,
-        policy.default_target,
+        gw.policy.default_target,
         request.method,
         f"/{path}{query}",
         client_headers=request.headers,

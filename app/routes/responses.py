@@ -12,8 +12,7 @@ from starlette.responses import Response
 
 from app.attribution import attribute
 from app.background import BackgroundResponses
-from app.call import CallRecord
-from app.deps import CallDep, PolicyDep, PrincipalDep, SettingsDep, UpstreamDep
+from app.deps import Gateway, GatewayDep
 from app.relay import ATTEMPTS_HEADER, Payload, forward, send_checked
 from app.routes.metered import read_metered
 from app.streaming import ResponsesEventInspector, learn_response, relay_sse
@@ -40,17 +39,11 @@ def _parsed(body: bytes) -> dict[str, Any] | None:
 
 
 @router.post("/v1/responses")
-async def create_response(
-    request: Request,
-    _: PrincipalDep,
-    settings: SettingsDep,
-    policy: PolicyDep,
-    upstream: UpstreamDep,
-    call: CallDep,
-) -> Response:
-    metered = await read_metered(request, settings, policy, call, ENDPOINT)
+async def create_response(request: Request, gw: GatewayDep) -> Response:
+    call = gw.call
+    metered = await read_metered(request, gw, ENDPOINT)
     response = await forward(
-        upstream,
+        gw.upstream,
         call,
         metered.candidates,
         path="/responses",
@@ -68,15 +61,8 @@ async def create_response(
     return response
 
 
-async def _follow(
-    request: Request,
-    response_id: str,
-    method: str,
-    suffix: str,
-    policy: PolicyDep,
-    upstream: UpstreamDep,
-    call: CallRecord,
-) -> Response:
+async def _follow(request: Request, response_id: str, method: str, suffix: str, gw: Gateway) -> Response:
+    policy, upstream, call = gw.policy, gw.upstream, gw.call
     attribute(call, request.headers, None)
     registry = _registry(request)
     origin = registry.origin(response_id)
@@ -121,24 +107,10 @@ async def _follow(
 
 
 @router.get("/v1/responses/{response_id}")
-async def retrieve_response(
-    request: Request,
-    response_id: str,
-    _: PrincipalDep,
-    policy: PolicyDep,
-    upstream: UpstreamDep,
-    call: CallDep,
-) -> Response:
-    return await _follow(request, response_id, "GET", "", policy, upstream, call)
+async def retrieve_response(request: Request, response_id: str, gw: GatewayDep) -> Response:
+    return await _follow(request, response_id, "GET", "", gw)
 
 
 @router.post("/v1/responses/{response_id}/cancel")
-async def cancel_response(
-    request: Request,
-    response_id: str,
-    _: PrincipalDep,
-    policy: PolicyDep,
-    upstream: UpstreamDep,
-    call: CallDep,
-) -> Response:
-    return await _follow(request, response_id, "POST", "/cancel", policy, upstream, call)
+async def cancel_response(request: Request, response_id: str, gw: GatewayDep) -> Response:
+    return await _follow(request, response_id, "POST", "/cancel", gw)

@@ -204,17 +204,7 @@ def test_large_upload_and_download_pass_with_bounded_gateway_memory(
     fake_server: FakeOpenAI, database_url: str, tmp_path: Path
 ) -> None:
     fake_server.reset()
-    gateway = GatewayProcess(
-        {
-            "GATEWAY_MASTER_KEY": MASTER_KEY,
-            "OPENAI_API_KEY": fake_server.api_key,
-            "OPENAI_BASE_URL": fake_server.base_url,
-            "DATABASE_URL": database_url,
-            "GATEWAY_DATA_DIR": str(tmp_path),
-            "GATEWAY_LOG_LEVEL": "warning",
-        },
-        tmp_path / "gateway.log",
-    ).start()
+    gateway = GatewayProcess(fake_server, database_url, tmp_path).start()
     size = 64 * 1024 * 1024
     content = os.urandom(1024 * 1024) * 64
     try:

@@ -48,7 +48,8 @@ def test_key_rpm_limit(gateway: ThreadedGateway, fake: FakeOpenAI) -> None:
             sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
     assert caught.value.code == "rate_limit_exceeded"
     assert key["id"] in caught.value.message
-    assert 1 <= int(caught.value.response.headers["retry-after"]) <= 60
+    # A sliding window: the wait may reach into the next minute, never beyond it.
+    assert 1 <= int(caught.value.response.headers["retry-after"]) <= 120
     assert len(fake.requests) == 3
 
 
@@ -188,17 +189,7 @@ def test_two_worker_processes_share_one_limit_through_redis(
 ) -> None:
     fake_server.reset()
     gateway = GatewayProcess(
-        {
-            "GATEWAY_MASTER_KEY": MASTER_KEY,
-            "OPENAI_API_KEY": fake_server.api_key,
-            "OPENAI_BASE_URL": fake_server.base_url,
-            "DATABASE_URL": database_url,
-            "GATEWAY_DATA_DIR": str(tmp_path),
-            "GATEWAY_REDIS_URL": REDIS_URL,
-            "GATEWAY_LOG_LEVEL": "warning",
-        },
-        tmp_path / "gateway.log",
-        args=("--workers", "2"),
+        fake_server, database_url, tmp_path, env={"GATEWAY_REDIS_URL": REDIS_URL}, args=("--workers", "2")
     ).start()
     try:
         key = make_key(gateway.url, rpm_limit=10)

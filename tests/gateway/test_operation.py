@@ -72,17 +72,7 @@ def test_sigterm_lets_an_open_stream_finish(
 ) -> None:
     fake_server.reset()
     slow = FakeOpenAI(inter_token_delay_s=0.2).start()
-    gateway = GatewayProcess(
-        {
-            "GATEWAY_MASTER_KEY": MASTER_KEY,
-            "OPENAI_API_KEY": slow.api_key,
-            "OPENAI_BASE_URL": slow.base_url,
-            "DATABASE_URL": database_url,
-            "GATEWAY_DATA_DIR": str(tmp_path),
-            "GATEWAY_SHUTDOWN_TIMEOUT_S": "20",
-        },
-        tmp_path / "gateway.log",
-    ).start()
+    gateway = GatewayProcess(slow, database_url, tmp_path, env={"GATEWAY_SHUTDOWN_TIMEOUT_S": "20"}).start()
     try:
         with openai.OpenAI(base_url=gateway.url + "/v1", api_key=MASTER_KEY, max_retries=0) as sdk:
             slow.reply("one two three four five six")

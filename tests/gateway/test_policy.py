@@ -196,17 +196,7 @@ def test_sighup_reloads_the_config_without_dropping_requests(
     fake_server.reset()
     path = tmp_path / "gateway.yaml"
     path.write_text("aliases: {fast: gpt-4o-mini}\n")
-    gateway = GatewayProcess(
-        {
-            "GATEWAY_MASTER_KEY": MASTER_KEY,
-            "OPENAI_API_KEY": fake_server.api_key,
-            "OPENAI_BASE_URL": fake_server.base_url,
-            "DATABASE_URL": database_url,
-            "GATEWAY_DATA_DIR": str(tmp_path),
-            "GATEWAY_CONFIG": str(path),
-        },
-        tmp_path / "gateway.log",
-    ).start()
+    gateway = GatewayProcess(fake_server, database_url, tmp_path, env={"GATEWAY_CONFIG": str(path)}).start()
     try:
         assert gateway.proc is not None
         with sdk_client(gateway.url + "/v1") as sdk:

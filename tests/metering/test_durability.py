@@ -133,17 +133,7 @@ def _run_under_sigterm(gateway: GatewayProcess, slow: FakeOpenAI) -> list[str]:
 
 
 def _gateway_process(url: str, slow: FakeOpenAI, data_dir: Path) -> GatewayProcess:
-    return GatewayProcess(
-        {
-            "GATEWAY_MASTER_KEY": MASTER_KEY,
-            "OPENAI_API_KEY": slow.api_key,
-            "OPENAI_BASE_URL": slow.base_url,
-            "DATABASE_URL": url,
-            "GATEWAY_DATA_DIR": str(data_dir),
-            "GATEWAY_LOG_LEVEL": "warning",
-        },
-        data_dir / "gateway.log",
-    )
+    return GatewayProcess(slow, url, data_dir)
 
 
 def test_sigterm_under_traffic_loses_nothing(scratch_db: tuple[str, str], tmp_path: Path) -> None:
