@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from redis.asyncio import Redis
 
@@ -208,23 +208,11 @@ class RedisBudgetLedger(RedisBacked):
     redis_guard.redis_client() shared with the rate limiter (closed by whoever made it).
     """
 
-    def __init__(
-        self,
-        redis: str | Redis,
-        *,
-        fail_open: bool = True,
-        timeout_s: float = 0.05,
-        prefix: str = "gw:budget:",
-        retry_interval_s: float = 1.0,
-    ) -> None:
-        super().__init__(
-            redis,
-            "budgets",
-            prefix=prefix,
-            fail_open=fail_open,
-            timeout_s=timeout_s,
-            retry_interval_s=retry_interval_s,
-        )
+    WHAT = "budgets"
+    PREFIX = "gw:budget:"
+
+    def __init__(self, redis: str | Redis, **options: Any) -> None:
+        super().__init__(redis, **options)
         self._charge = self._redis.register_script(redis_scripts.CHARGE)
 
     async def check(

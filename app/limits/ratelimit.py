@@ -189,23 +189,11 @@ class RedisRateLimiter(RedisBacked):
     redis_guard.redis_client() shared with the budget ledger (closed by whoever made it).
     """
 
-    def __init__(
-        self,
-        redis: str | Redis,
-        *,
-        fail_open: bool = True,
-        timeout_s: float = 0.05,
-        prefix: str = "gw:rl:",
-        retry_interval_s: float = 1.0,
-    ) -> None:
-        super().__init__(
-            redis,
-            "rate limits",
-            prefix=prefix,
-            fail_open=fail_open,
-            timeout_s=timeout_s,
-            retry_interval_s=retry_interval_s,
-        )
+    WHAT = "rate limits"
+    PREFIX = "gw:rl:"
+
+    def __init__(self, redis: str | Redis, **options: Any) -> None:
+        super().__init__(redis, **options)
         self._admit = self._redis.register_script(redis_scripts.ADMIT)
         self._settle = self._redis.register_script(redis_scripts.SETTLE)
 

@@ -91,21 +91,23 @@ class RedisBacked:
     """What the Redis rate limiter and budget ledger share: a client (owned when made from a URL, else
     shared and closed by whoever made it), a key prefix, and the guard that decides their fail mode."""
 
+    WHAT = "redis"  # what the logs call it
+    PREFIX = "gw:"  # its keys' prefix
+
     def __init__(
         self,
         redis: str | Redis,
-        what: str,
         *,
-        prefix: str,
-        fail_open: bool,
-        timeout_s: float,
-        retry_interval_s: float,
+        fail_open: bool = True,
+        timeout_s: float = 0.05,
+        prefix: str | None = None,
+        retry_interval_s: float = 1.0,
     ) -> None:
         self._owned = isinstance(redis, str)
         self._redis = redis_client(redis, timeout_s=timeout_s) if isinstance(redis, str) else redis
-        self._prefix = prefix
+        self._prefix = self.PREFIX if prefix is None else prefix
         self._guard = RedisGuard(
-            what, fail_open=fail_open, timeout_s=timeout_s, retry_interval_s=retry_interval_s
+            self.WHAT, fail_open=fail_open, timeout_s=timeout_s, retry_interval_s=retry_interval_s
         )
 
     @property
