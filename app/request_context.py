@@ -64,20 +64,25 @@ class RequestContextMiddleware:
                 )
                 await error.response()(scope, receive, send_with_id)
         finally:
-            access_log.info(
-                "request",
-                extra={
-                    "method": call.method,
-                    "path": call.path,
-                    "status": call.status_code,
-                    "latency_ms": round((time.perf_counter() - call.started) * 1000, 2),
-                    "attempts": call.attempts,
-                    "feature": call.feature,
-                    "user": call.user_id,
-                    "model": call.model,
-                    "stream": call.stream,
-                    "client_disconnected": call.client_disconnected,
-                    "error_type": call.error_type,
-                },
-            )
+            if access_log.isEnabledFor(logging.INFO):
+                self._log(call)
             request_id_var.reset(token)
+
+    @staticmethod
+    def _log(call: CallRecord) -> None:
+        access_log.info(
+            "request",
+            extra={
+                "method": call.method,
+                "path": call.path,
+                "status": call.status_code,
+                "latency_ms": round((time.perf_counter() - call.started) * 1000, 2),
+                "attempts": call.attempts,
+                "feature": call.feature,
+                "user": call.user_id,
+                "model": call.model,
+                "stream": call.stream,
+                "client_disconnected": call.client_disconnected,
+                "error_type": call.error_type,
+            },
+        )

@@ -184,9 +184,8 @@ class UpstreamClient:
             response.release()
             return UpstreamResponse(response.status, response.headers, data)
 
-        retrying = self.policy.retrying() if replayable else self.policy.retrying_before_connect()
         try:
-            result: UpstreamResponse = await retrying(attempt)
+            result = await self.policy.run(attempt, replayable=replayable)
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamUnavailable(
                 "timeout", f"upstream timed out after {call.attempts} attempt(s)"

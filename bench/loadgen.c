@@ -1,6 +1,7 @@
 /* loadgen: the benchmark's two non-closed-loop load generators, in C so they are not Python-bound.
  *
  *   loadgen rate  --port P --body FILE --key K --rate 200 --duration 10 --warmup 2 [--connections 64]
+ *                 [--expect-done 1]  (latency and time to first body byte, both from the scheduled time)
  *   loadgen burst --port P --body FILE --key K --streams 1000 [--timeout 30]
  *
  * rate:  open loop, wrk2-style. Request i is *scheduled* at t0 + i/rate whatever happened before it, and
@@ -45,7 +46,7 @@ typedef struct {
 } conn_t;
 
 static const char *host = "127.0.0.1", *path = "/v1/chat/completions", *key = "sk-bench", *body_file;
-static int port, conns_n = 64, streams = 1000, max_connecting = 64;
+static int expect_done, port, conns_n = 64, streams = 1000, max_connecting = 64;
 static double rate = 200, duration = 10, warmup = 2, timeout_s = 30;
 static char *request;
 static size_t request_len;
@@ -134,6 +135,13 @@ static void dispatch(void) {
 
 static void close_conn(int i, int reopen) {
     conn_t *c = &conns[i];
+    /* An idle connection the server closed (its keep-alive timeout) leaves the idle stack. */
+    for (int k = 0; k < idle_n; k++) {
+        if (idle[k] == i) {
+            idle[k] = idle[--idle_n];
+            break;
+        }
+    }
     epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
     close(c->fd);
     if (c->state == C_CONNECTING) connecting_n--;
@@ -258,7 +266,7 @@ static int feed(conn_t *c, const char *p, size_t n) {
 
 static void on_complete(int i) {
     conn_t *c = &conns[i];
-    int good = c->status == 200 && (!burst_mode || ends_with_done(c));
+    int good = c->status == 200 && (!(burst_mode || expect_done) || ends_with_done(c));
     finish(c->req, good);
     c->req = -1;
     if (c->close_after || burst_mode) {
@@ -413,6 +421,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "--connections")) conns_n = atoi(v);
         else if (!strcmp(k, "--streams")) streams = atoi(v);
         else if (!strcmp(k, "--timeout")) timeout_s = atof(v);
+        else if (!strcmp(k, "--expect-done")) expect_done = atoi(v);
         else {
             fprintf(stderr, "loadgen: unknown option %s\n", k);
             return 2;
@@ -479,10 +488,12 @@ int main(int argc, char **argv) {
     loop_until(sched[total - 1] + timeout_s, all_finished);
     long first = (long)(warmup * rate), n = total - first, good = 0;
     double *lat = malloc(sizeof(double) * (size_t)n), *lag = malloc(sizeof(double) * (size_t)n), sum = 0;
+    double *ttfb = malloc(sizeof(double) * (size_t)n);
     double last_done = t0;
     for (long r = first; r < total; r++) {
         lat[r - first] = ok[r] ? done_at[r] - sched[r] : INFINITY;
         lag[r - first] = timer_lag[r];
+        ttfb[r - first] = ok[r] && first_byte[r] ? first_byte[r] - sched[r] : INFINITY;
         if (ok[r]) {
             good++;
             sum += done_at[r] - sched[r];
@@ -491,6 +502,7 @@ int main(int argc, char **argv) {
     }
     qsort(lat, (size_t)n, sizeof *lat, cmp_double);
     qsort(lag, (size_t)n, sizeof *lag, cmp_double);
+    qsort(ttfb, (size_t)n, sizeof *ttfb, cmp_double);
     double span = last_done - sched[first];
     printf("{\"mode\":\"rate\",\"rate\":%.1f,\"connections\":%d,\"measured\":%ld,\"ok\":%ld,\"failed\":%ld,"
            "\"unfinished\":%ld,\"achieved_rps\":%.1f,",
@@ -501,6 +513,8 @@ int main(int argc, char **argv) {
     print_ms("p99_ms", pct(lat, n, 99), 0);
     print_ms("p999_ms", pct(lat, n, 99.9), 0);
     print_ms("max_ms", pct(lat, n, 100), 0);
+    print_ms("ttfb_p50_ms", pct(ttfb, n, 50), 0);
+    print_ms("ttfb_p99_ms", pct(ttfb, n, 99), 0);
     print_ms("timer_lag_p99_ms", pct(lag, n, 99), 0);
     print_ms("timer_lag_max_ms", pct(lag, n, 100), 1);
     printf("}\n");

@@ -15,16 +15,12 @@ import argparse
 import asyncio
 import os
 import random
-import sys
 import tempfile
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-
-# Runnable as a plain script from a checkout: put the repository root, not bench/, on the path.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sqlalchemy import text
 from sqlalchemy.engine import make_url

@@ -1,0 +1,348 @@
+"""The benchmark's table: each figure next to its reference from the same run, PASS/FAIL per target."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+OFFERED_RPS = 200.0
+STREAMS = 1000
+
+# (key, label) in table order; run.py defines the same keys.
+TARGETS = [
+    ("direct", "(a) direct to upstream"),
+    ("passthrough", "(b) bare Python pass-through"),
+    ("litellm", "(c) LiteLLM proxy"),
+    ("gw", "(d) gateway, metering on"),
+    ("gw_nometer", "(e) gateway, metering off"),
+    ("gw_w2", "(d) gateway, metering on, --workers 2"),
+]
+
+Row = tuple[str, str, str, str, str]
+
+
+def _n(value: Any, fmt: str = ",.0f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _x(a: Any, b: Any) -> str:
+    return "-" if not a or not b else f"{a / b:.2f}x"
+
+
+def _ms(value: Any) -> str:
+    return "timeout" if value is None else f"{value:.2f}"
+
+
+def _pair(d: dict[str, Any], a: str, b: str) -> str:
+    return f"{_ms(d.get(a))} / {_ms(d.get(b))}" if d else "-"
+
+
+def _added(d: dict[str, Any], ref: dict[str, Any], a: str, b: str) -> str:
+    if not d or not ref or any(x.get(k) is None for x in (d, ref) for k in (a, b)):
+        return "-"
+    return f"{d[a] - ref[a]:+.2f} / {d[b] - ref[b]:+.2f}"
+
+
+def per_target_table(R: dict[str, dict[str, Any]]) -> list[str]:
+    direct, floor, lite = (R.get(k, {}) for k in ("direct", "passthrough", "litellm"))
+    head = [
+        "target",
+        "JSON req/s @32",
+        "@256",
+        "x floor @32",
+        "x LiteLLM @32",
+        f"p50 / p99 ms @{OFFERED_RPS:g} req/s",
+        "added p50 / p99 ms",
+        "streams/s @32",
+        "x floor",
+        "x LiteLLM",
+        f"{STREAMS} streams: complete",
+        "TTFB p50 / p99 ms",
+        "total p50 / p99 ms",
+        "peak RSS MB",
+        f"TTFB p50 / p99 ms @{OFFERED_RPS:g} streams/s",
+        "added p50 / p99 ms",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, label in TARGETS:
+        res = R.get(key)
+        if res is None:
+            continue
+        lat, slat, burst = res.get("latency", {}), res.get("stream_latency", {}), res.get("burst", {})
+        lat_cells = [
+            _pair(lat, "p50_ms", "p99_ms"),
+            _added(lat, direct.get("latency", {}), "p50_ms", "p99_ms"),
+        ]
+        if "skipped" in lat:
+            lat_cells = [f"n/a: {lat['skipped']}", "-"]
+        slat_ref = direct.get("stream_latency", {})
+        slat_cells = [
+            _pair(slat, "ttfb_p50_ms", "ttfb_p99_ms"),
+            _added(slat, slat_ref, "ttfb_p50_ms", "ttfb_p99_ms"),
+        ]
+        if "skipped" in slat:
+            slat_cells = [f"n/a: {slat['skipped']}", "-"]
+        if key == "direct":
+            lat_cells[1] = slat_cells[1] = "(reference)"
+        cells = [
+            label,
+            _n(res.get("rps_32")),
+            _n(res.get("rps_256")),
+            _x(res.get("rps_32"), floor.get("rps_32")),
+            _x(res.get("rps_32"), lite.get("rps_32")),
+            *lat_cells,
+            _n(res.get("streams_per_s")),
+            _x(res.get("streams_per_s"), floor.get("streams_per_s")),
+            _x(res.get("streams_per_s"), lite.get("streams_per_s")),
+            f"{burst['complete']}/{burst['streams']}" if burst else "-",
+            _pair(burst, "ttfb_p50_ms", "ttfb_p99_ms"),
+            _pair(burst, "total_p50_ms", "total_p99_ms"),
+            _n(res.get("rss_burst_mb")),
+            *slat_cells,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def checks(R: dict[str, dict[str, Any]]) -> list[Row]:
+    gw, off, floor, direct, w2, lite = (
+        R.get(k, {}) for k in ("gw", "gw_nometer", "passthrough", "direct", "gw_w2", "litellm")
+    )
+    rows: list[Row] = []
+
+    def verdict(ok: bool | None) -> str:
+        return "-" if ok is None else ("PASS" if ok else "**FAIL**")
+
+    def share(name: str, a: Any, b: Any, ref: str, unit: str) -> None:
+        measured = "-" if not a or not b else f"{a:,.0f} {unit} ({a / b:.0%})"
+        rows.append(
+            (name, measured, f"{ref} {_n(b)}", ">= 70%", verdict(None if not a or not b else a / b >= 0.7))
+        )
+
+    share(
+        "JSON req/s, 1 worker, metering on, 32 conns",
+        gw.get("rps_32"),
+        floor.get("rps_32"),
+        "pass-through",
+        "req/s",
+    )
+    share(
+        "JSON req/s, 1 worker, metering on, 256 conns",
+        gw.get("rps_256"),
+        floor.get("rps_256"),
+        "pass-through",
+        "req/s",
+    )
+    share(
+        "streams/s, 1 worker, metering on, 32 conns",
+        gw.get("streams_per_s"),
+        floor.get("streams_per_s"),
+        "pass-through",
+        "streams/s",
+    )
+
+    lat, ref = gw.get("latency", {}), direct.get("latency", {})
+    for pct, limit in (("p50", 1.0), ("p99", 5.0)):
+        name = f"added latency {pct}, {OFFERED_RPS:g} req/s open loop"
+        a, b = lat.get(f"{pct}_ms"), ref.get(f"{pct}_ms")
+        if not lat or not ref or "skipped" in lat:
+            rows.append((name, "-", "-", f"< {limit:g} ms", verdict(None)))
+        elif a is None or b is None:
+            rows.append((name, "timeouts", f"direct {_ms(b)} ms", f"< {limit:g} ms", verdict(False)))
+        else:
+            fl = floor.get("latency", {}).get(f"{pct}_ms")
+            floor_note = f", pass-through {fl - b:+.2f} ms" if fl is not None else ""
+            rows.append(
+                (
+                    name,
+                    f"{a - b:+.2f} ms ({a:.2f} ms)",
+                    f"direct {b:.2f} ms{floor_note}",
+                    f"< {limit:g} ms",
+                    verdict(a - b < limit),
+                )
+            )
+
+    burst, dburst, fburst = gw.get("burst", {}), direct.get("burst", {}), floor.get("burst", {})
+    if burst:
+        rows.append(
+            (
+                f"{STREAMS} concurrent streams, 1 worker: all complete with [DONE]",
+                f"{burst['complete']}/{burst['streams']}",
+                f"pass-through {fburst.get('complete', '-')}/{fburst.get('streams', '-')}",
+                "all",
+                verdict(burst["complete"] == burst["streams"]),
+            )
+        )
+        a, b, f = burst.get("ttfb_p99_ms"), dburst.get("ttfb_p99_ms"), fburst.get("ttfb_p99_ms")
+        floor_note = f", pass-through {f - b:+.1f} ms" if f is not None and b is not None else ""
+        measured = "timeouts" if a is None or b is None else f"{a - b:+.1f} ms ({a:.1f} ms)"
+        ok = None if b is None else (a is not None and a - b < 10)
+        rows.append(
+            (
+                f"{STREAMS} concurrent streams: TTFB overhead p99",
+                measured,
+                f"direct {_ms(b)} ms{floor_note}",
+                "< 10 ms",
+                verdict(ok),
+            )
+        )
+    slat, sref = gw.get("stream_latency", {}), direct.get("stream_latency", {})
+    if slat and sref and "skipped" not in slat:
+        a, b = slat.get("ttfb_p99_ms"), sref.get("ttfb_p99_ms")
+        f = floor.get("stream_latency", {}).get("ttfb_p99_ms")
+        floor_note = f", pass-through {f - b:+.2f} ms" if f is not None and b is not None else ""
+        measured = "timeouts" if a is None or b is None else f"{a - b:+.2f} ms ({a:.2f} ms)"
+        rows.append(
+            (
+                f"(supplementary) TTFB overhead p99, {OFFERED_RPS:g} streams/s open loop",
+                measured,
+                f"direct {_ms(b)} ms{floor_note}",
+                "< 10 ms",
+                verdict(None if a is None or b is None else a - b < 10),
+            )
+        )
+    rss = gw.get("rss_burst_mb")
+    rows.append(
+        (
+            f"{STREAMS} concurrent streams: peak RSS, 1 worker",
+            f"{_n(rss)} MB (metering off {_n(off.get('rss_burst_mb'))} MB)",
+            f"pass-through {_n(floor.get('rss_burst_mb'))} MB, LiteLLM {_n(lite.get('rss_burst_mb'))} MB",
+            "< 250 MB",
+            verdict(None if rss is None else rss < 250),
+        )
+    )
+    for conns in (32, 256):
+        a, b = gw.get(f"rps_{conns}"), off.get(f"rps_{conns}")
+        rows.append(
+            (
+                f"metering cost, {conns} conns (metering on vs off)",
+                "-" if not a or not b else f"{1 - a / b:+.1%} ({a:,.0f} req/s)",
+                f"metering off {_n(b)} req/s",
+                "<= 10%",
+                verdict(None if not a or not b else 1 - a / b <= 0.10),
+            )
+        )
+    a, b = w2.get("rps_256"), gw.get("rps_256")
+    rows.append(
+        (
+            "--workers 2 scaling, 256 conns (workers on CPUs 0-1; wrk and nginx on CPU 1)",
+            "-" if not a or not b else f"{a / b:.2f}x ({a:,.0f} req/s)",
+            f"1 worker {_n(b)} req/s",
+            ">= 1.7x",
+            verdict(None if not a or not b else a / b >= 1.7),
+        )
+    )
+    return rows
+
+
+def recorder_row(rec: dict[str, Any]) -> Row:
+    text = rec.get("stdout", "")
+    ours = re.search(r"^recorder:.*?=\s*([\d,]+) events/s", text, re.M)
+    ref = re.search(r"^reference:.*?=\s*([\d,]+) events/s", text, re.M)
+    ratio = re.search(r"recorder / reference = ([\d.]+)", text)
+    if ours and ref:
+        measured = f"{ours.group(1)} events/s ({ratio.group(1) if ratio else '?'} of reference)"
+        reference = f"one COPY of the same rows {ref.group(1)} events/s"
+    else:
+        measured, reference = rec.get("line", "?"), "-"
+    return (
+        "recorder throughput (bench/recorder_bench.py)",
+        measured,
+        reference,
+        "-",
+        "ran" if rec.get("ok") else "**FAILED**",
+    )
+
+
+def render(R: dict[str, dict[str, Any]], notes: list[str], meta: dict[str, Any]) -> str:
+    out = [f"# Benchmark, {meta['when']}", "", f"Command: `{meta['command']}`", ""]
+    out.append(
+        f"Machine: {meta['cpus']} CPUs ({meta['cpu_model']}), Python {meta['python']}, "
+        f"nginx {meta['nginx']}, {meta['wrk']}, LiteLLM {meta['litellm']}."
+    )
+    out.append(
+        "Pinning: each proxy `taskset -c 0` (--workers 2: `-c 0,1`); nginx, the fake upstream, wrk and "
+        f"loadgen `taskset -c 1`. wrk runs {meta['duration']:g}s; open loop {meta['latency_duration']:g}s at "
+        f"{OFFERED_RPS:g}/s. Machine busy before the run: {meta['background_busy']:.0f}%."
+    )
+    out += ["", "## Per target", "", *per_target_table(R), "", "## Targets (checked here, not in tests)", ""]
+    out += ["| target | measured | reference (same run) | threshold | result |", "|---|---|---|---|---|"]
+    rows = checks(R)
+    if "recorder" in R:
+        rows.append(recorder_row(R["recorder"]))
+    out += [f"| {' | '.join(row)} |" for row in rows]
+    notes = list(notes)
+    for key, label in TARGETS:
+        res = R.get(key, {})
+        for field in ("errors_32", "errors_256", "stream_errors"):
+            if res.get(field):
+                notes.append(
+                    f"{label}: {res[field]} {field.replace('_', ' ')} (failed or incomplete responses)"
+                )
+    gw = R.get("gw", {})
+    if "usage_rows" in gw:
+        notes.append(f"metering check: usage_events held {gw['usage_rows']:,} rows after the metered runs")
+    if meta["background_busy"] > 15:
+        notes.append(
+            f"the machine was {meta['background_busy']:.0f}% busy with other work before the run: "
+            "the figures are noisy"
+        )
+    if notes:
+        out += ["", "Notes:", *[f"- {n}" for n in notes]]
+    return "\n".join(out) + "\n"
+
+
+def summarize_profile(raw: Path, top: int = 30) -> str:
+    """Shares of the event-loop thread's samples from py-spy's collapsed stacks: by package (self time),
+    by function (self time) and by function (inclusive). Idle pool threads are left out."""
+    self_fn: dict[str, int] = {}
+    incl_fn: dict[str, int] = {}
+    by_pkg: dict[str, int] = {}
+    total = 0
+    if not raw.exists():
+        return "no profile\n"
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        frames = [f.strip() for f in stack.split(";") if f.strip()]
+        if not frames or any("Thread._bootstrap" in f for f in frames):
+            continue
+        count = int(count_text)
+        total += count
+        leaf = frames[-1]
+        self_fn[leaf] = self_fn.get(leaf, 0) + count
+        pkg = _package(leaf)
+        by_pkg[pkg] = by_pkg.get(pkg, 0) + count
+        for frame in set(frames):
+            incl_fn[frame] = incl_fn.get(frame, 0) + count
+
+    def table(counts: dict[str, int], limit: int) -> list[str]:
+        ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:limit]
+        return [f"{100 * c / max(1, total):5.1f}  {name}" for name, c in ranked]
+
+    lines = [f"{total} samples of the event-loop thread", "", "self %  package"]
+    lines += table(by_pkg, 20)
+    lines += ["", "self %  function (file:line)", *table(self_fn, top)]
+    lines += ["", "inclusive %  function (file:line)", *table(incl_fn, top * 2)]
+    return "\n".join(lines) + "\n"
+
+
+def _package(frame: str) -> str:
+    match = re.search(r"\(([^():]+):\d+\)$", frame)
+    path = match.group(1) if match else "?"
+    if path.startswith("<"):
+        return "builtins/generated"
+    head = path.split("/", 1)[0]
+    stdlib = {
+        "asyncio",
+        "concurrent",
+        "threading.py",
+        "uuid.py",
+        "json",
+        "logging",
+        "contextlib.py",
+        "typing.py",
+    }
+    return f"stdlib:{head}" if head in stdlib or (path.endswith(".py") and "/" not in path) else head
