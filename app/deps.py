@@ -35,11 +35,11 @@ class Gateway:
     upstream: UpstreamClient
 
 
-async def _gateway(request: Request) -> Gateway:
+async def gateway(request: Request) -> Gateway:
     principal = await require_principal(request)
     state = request.app.state
     return Gateway(principal, request.scope["state"][STATE_KEY], state.settings, state.policy, state.upstream)
 
 
-GatewayDep = Annotated[Gateway, Depends(_gateway)]
+GatewayDep = Annotated[Gateway, Depends(gateway)]
 MasterDep = Annotated[Principal, Depends(require_master)]

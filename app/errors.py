@@ -9,6 +9,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 log = logging.getLogger("gateway.errors")
@@ -110,15 +111,29 @@ async def _validation_error(_: Request, exc: Exception) -> Response:
     return bad_request(first.get("msg", "invalid request"), param=".".join(loc) or None).response()
 
 
-async def _unexpected(_: Request, exc: Exception) -> Response:
-    # The traceback goes to our log, never to the client.
+def error_response(exc: Exception) -> Response | None:
+    """The client's answer for an exception a route raised: a gateway error, a relayed upstream error,
+    or — for anything unexpected — a 500 whose traceback goes to our log, never to the client. None
+    when the client has gone and nothing can be answered."""
+    if isinstance(exc, GatewayError):
+        return exc.response()
+    if isinstance(exc, RelayedError):
+        return exc.response
+    if isinstance(exc, ClientDisconnect):
+        return None
     log.error("unhandled error", exc_info=exc)
     return GatewayError(500, "The gateway hit an internal error.").response()
+
+
+async def _unexpected(_: Request, exc: Exception) -> Response:
+    return error_response(exc) or Response(status_code=499)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(GatewayError, _gateway_error)
     app.add_exception_handler(RelayedError, _relayed_error)
+    # The client went away while its body was being read: nobody is left to answer (499, as nginx logs it).
+    app.add_exception_handler(ClientDisconnect, _unexpected)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected)

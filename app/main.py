@@ -20,6 +20,7 @@ from app.config import ConfigError, Settings, load_settings
 from app.config_file import GatewayConfig, load_config_file
 from app.db.engine import create_engine
 from app.errors import install_error_handlers
+from app.hot_routes import HotRoutes
 from app.keys import KeyStore
 from app.limits import (
     BudgetLedger,
@@ -45,11 +46,20 @@ from app.upstream import UpstreamClient
 log = logging.getLogger("gateway")
 
 
+HOT_ROUTES = {
+    "/v1/chat/completions": chat.chat_completions,
+    "/v1/embeddings": embeddings.embeddings,
+    "/v1/responses": responses.create_response,
+}
+
+
 class GatewayApp(FastAPI):
     def build_middleware_stack(self) -> ASGIApp:
         # Outside Starlette's ServerErrorMiddleware, so even an unexpected 500 carries its X-Request-Id
-        # and gets its access-log line.
-        return RequestContextMiddleware(super().build_middleware_stack())
+        # and gets its access-log line; metering wraps the hot routes and FastAPI's alike.
+        return RequestContextMiddleware(
+            MeteringMiddleware(HotRoutes(super().build_middleware_stack(), HOT_ROUTES))
+        )
 
 
 def _configuration(settings: Settings | None) -> tuple[Settings, GatewayConfig]:
@@ -156,11 +166,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.reload_config = reload_config
     app.state.background = BackgroundResponses()
     install_error_handlers(app)
-    app.add_middleware(MeteringMiddleware)
     app.include_router(health.router)
     app.include_router(metrics.router)
-    app.include_router(chat.router)
-    app.include_router(embeddings.router)
     app.include_router(responses.router)
     app.include_router(models.router)
     app.include_router(usage.router)

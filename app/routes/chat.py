@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response
 
 from app.deps import GatewayDep
@@ -12,8 +12,6 @@ from app.errors import bad_request
 from app.relay import Payload, forward
 from app.routes.metered import read_metered
 from app.streaming import ChatChunkInspector
-
-router = APIRouter()
 
 PATH = "/chat/completions"
 
@@ -49,7 +47,6 @@ def _ask_for_usage(body: dict[str, Any]) -> bool:
     return client_wants_usage
 
 
-@router.post("/v1/chat/completions")
 async def chat_completions(request: Request, gw: GatewayDep) -> Response:
     call = gw.call
     metered = await read_metered(request, gw, "/v1" + PATH, _check_messages)

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response
 
 from app.deps import GatewayDep
 from app.errors import bad_request
 from app.relay import Payload, forward
 from app.routes.metered import read_metered
-
-router = APIRouter()
 
 
 def _check_input(body: dict[str, Any]) -> None:
@@ -22,7 +20,6 @@ def _check_input(body: dict[str, Any]) -> None:
         )
 
 
-@router.post("/v1/embeddings")
 async def embeddings(request: Request, gw: GatewayDep) -> Response:
     metered = await read_metered(request, gw, "/v1/embeddings", _check_input)
     return await forward(

@@ -38,7 +38,6 @@ def _parsed(body: bytes) -> dict[str, Any] | None:
     return parsed if isinstance(parsed, dict) else None
 
 
-@router.post("/v1/responses")
 async def create_response(request: Request, gw: GatewayDep) -> Response:
     call = gw.call
     metered = await read_metered(request, gw, ENDPOINT)
