@@ -47,6 +47,9 @@ def completion_allowance(body: dict[str, Any]) -> int:
     return 0
 
 
+_NO_CAPS = Caps()
+
+
 def _periods(caps: Caps) -> tuple[tuple[Period, Decimal | None], ...]:
     return (("day", caps.budget_daily_usd), ("month", caps.budget_monthly_usd))
 
@@ -71,7 +74,8 @@ class Guard:
             caps.append(
                 (
                     f"key:{key.id}",
-                    Caps(
+                    # Validated when the key was stored; built per call, so without validating again.
+                    Caps.model_construct(
                         rpm=key.rpm_limit,
                         tpm=key.tpm_limit,
                         budget_daily_usd=key.budget_daily_usd,
@@ -80,7 +84,7 @@ class Guard:
                 )
             )
         if call.feature is not None:
-            caps.append((f"feature:{call.feature}", config.features.get(call.feature) or Caps()))
+            caps.append((f"feature:{call.feature}", config.features.get(call.feature) or _NO_CAPS))
         if call.user_id is not None:
             caps.append((f"user:{call.user_id}", config.users))
         return caps
@@ -93,8 +97,11 @@ class Guard:
         model: str,
         prompt_tokens: int,
         completion_tokens: int,
-    ) -> Admission:
+    ) -> Admission | None:
+        """None when no limit or budget concerns the call (nothing to settle after it)."""
         caps = self._caps(call, config)
+        if not caps:
+            return None
         limits = tuple(Limit(scope, c.rpm, c.tpm) for scope, c in caps if c.rpm or c.tpm)
         budgets = [
             Budget(scope, period, cap) for scope, c in caps for period, cap in _periods(c) if cap is not None
@@ -115,6 +122,8 @@ class Guard:
     def settle(self, admission: Admission, total_tokens: int, cost: Decimal | None) -> None:
         """After the call: correct the token reservation and charge the cost, off the request path (the
         request task may be cancelled by now; pitfall 2)."""
+        if not cost and (not admission.limits or total_tokens == admission.token_estimate):
+            return
         task = asyncio.get_running_loop().create_task(self._settle(admission, total_tokens, cost))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
