@@ -9,13 +9,12 @@ from typing import Any
 
 import aiohttp
 import orjson
-from sse_starlette import EventSourceResponse
 from starlette.responses import Response
 
 from app.call import CallRecord, Usage
 from app.errors import GatewayError, RelayedError
 from app.policy import Candidate, UpstreamTarget
-from app.streaming import EventInspector, collect_text, relay_sse
+from app.streaming import EventInspector, EventRelayResponse, collect_text, relay_sse
 from app.upstream import (
     UpstreamClient,
     UpstreamResponse,
@@ -208,4 +207,4 @@ def _answer(
         )
     assert inspector is not None
     # ping=0: OpenAI sends no keep-alive comments, and byte-for-byte relaying means we send none either.
-    return EventSourceResponse(relay_sse(response, call, inspector()), headers=headers, ping=0)
+    return EventRelayResponse(relay_sse(response, call, inspector()), headers=headers)

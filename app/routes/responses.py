@@ -7,7 +7,6 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
-from sse_starlette import EventSourceResponse
 from starlette.responses import Response
 
 from app.attribution import attribute
@@ -15,7 +14,7 @@ from app.background import BackgroundResponses
 from app.deps import Gateway, GatewayDep
 from app.relay import ATTEMPTS_HEADER, Payload, forward, send_checked
 from app.routes.metered import read_metered
-from app.streaming import ResponsesEventInspector, learn_response, relay_sse
+from app.streaming import EventRelayResponse, ResponsesEventInspector, learn_response, relay_sse
 from app.upstream import is_sse, never_open
 
 router = APIRouter()
@@ -88,9 +87,7 @@ async def _follow(request: Request, response_id: str, method: str, suffix: str, 
     if answer.stream is not None:
         # A resumed background stream: metered only if it reaches the end, under the response id.
         call.endpoint, call.stream, call.metered_only_with_usage = ENDPOINT, True, True
-        return EventSourceResponse(
-            relay_sse(answer, call, ResponsesEventInspector(call)), headers=headers, ping=0
-        )
+        return EventRelayResponse(relay_sse(answer, call, ResponsesEventInspector(call)), headers=headers)
     found = _parsed(answer.body)
     if (
         found is not None
