@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -47,10 +48,10 @@ async def authenticate(presented: str, master_key: str, keys: KeyStore) -> Princ
     return Principal(is_master=False, key=key)
 
 
-async def require_principal(request: Request) -> Principal:
+async def require_principal(request: Request, headers: Mapping[str, str] | None = None) -> Principal:
     settings = request.app.state.settings
     principal = await authenticate(
-        bearer_key(request.headers.get("authorization")),
+        bearer_key((headers if headers is not None else request.headers).get("authorization")),
         settings.master_key.get_secret_value(),
         request.app.state.keys,
     )

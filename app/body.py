@@ -16,8 +16,9 @@ def _too_large(limit: int) -> GatewayError:
     )
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
+async def read_body(request: Request, limit: int, declared: str | None) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit` (its Content-Length, or the
+    bytes received so far)."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
     chunks: list[bytes] = []

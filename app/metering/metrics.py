@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from app.call import CallRecord
@@ -97,6 +99,16 @@ class Metrics:
             "gateway_unknown_model_calls", "Calls to a model with no known price", ["model"], registry=r
         )
 
+        # labels() takes a lock and builds the key on every call; the children are cached here instead.
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def _child(self, metric: MetricWrapperBase, *labels: str) -> Any:
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def watch_recorder(self, read: Callable[[], dict[str, float]]) -> None:
         self.registry.register(_RecorderCollector(read))
 
@@ -104,12 +116,12 @@ class Metrics:
         self.registry.register(_LimitsCollector(read))
 
     def observe_request(self, route: str, call: CallRecord, seconds: float) -> None:
-        self.requests.labels(route, str(call.status_code)).inc()
-        self.latency.labels(route).observe(seconds)
+        self._child(self.requests, route, str(call.status_code)).inc()
+        self._child(self.latency, route).observe(seconds)
         if call.ttfb_s is not None:
-            self.ttfb.labels(route).observe(call.ttfb_s)
+            self._child(self.ttfb, route).observe(call.ttfb_s)
         if call.attempts:
-            self.attempts.labels(route).inc(call.attempts)
+            self._child(self.attempts, route).inc(call.attempts)
 
     def observe_usage(self, event: UsageEvent) -> None:
         model = event.upstream_model or event.model or ""
@@ -117,9 +129,9 @@ class Metrics:
         for kind in ("prompt", "completion", "cached", "reasoning"):
             count = getattr(event, f"{kind}_tokens")
             if count:
-                self.tokens.labels(model, feature, kind).inc(count)
+                self._child(self.tokens, model, feature, kind).inc(count)
         if event.cost_usd is not None:
-            self.cost.labels(model, feature).inc(float(event.cost_usd))
+            self._child(self.cost, model, feature).inc(float(event.cost_usd))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -57,6 +57,6 @@ async def chat_completions(request: Request, gw: GatewayDep) -> Response:
         metered.candidates,
         path=PATH,
         payload=Payload(metered.raw, metered.body, modified=call.stream or metered.modified),
-        client_headers=request.headers,
+        client_headers=gw.headers,
         inspector=(lambda: ChatChunkInspector(call, client_wants_usage)) if call.stream else None,
     )

@@ -28,6 +28,6 @@ async def embeddings(request: Request, gw: GatewayDep) -> Response:
         metered.candidates,
         path="/embeddings",
         payload=Payload(metered.raw, metered.body),
-        client_headers=request.headers,
+        client_headers=gw.headers,
         inspector=None,
     )

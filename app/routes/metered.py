@@ -36,9 +36,9 @@ async def read_metered(
 ) -> MeteredRequest:
     """Raises the 4xx for bad input before the call counts as metered: rejected input leaves no row."""
     call, policy = gw.call, gw.policy
-    raw = await read_body(request, gw.settings.max_body_bytes)
+    raw = await read_body(request, gw.settings.max_body_bytes, gw.headers.get("content-length"))
     body = parse_object(raw)
-    attribute(call, request.headers, body)
+    attribute(call, gw.headers, body)
     call.model = policy.requested_model(body.get("model"), call.feature)
     check(body)
     candidates = policy.candidates(call.model, call.feature, call.key)

@@ -36,9 +36,9 @@ def _listing(policy: Policy, upstream_models: list[dict[str, Any]], call: CallRe
 @router.get("/v1/models")
 async def list_models(request: Request, gw: GatewayDep) -> Response:
     policy, upstream, call = gw.policy, gw.upstream, gw.call
-    attribute(call, request.headers, None)
+    attribute(call, gw.headers, None)
     answer = await send_checked(
-        upstream, call, policy.default_target, "GET", "/models", client_headers=request.headers
+        upstream, call, policy.default_target, "GET", "/models", client_headers=gw.headers
     )
     try:
         data = orjson.loads(answer.body).get("data", [])
@@ -53,7 +53,7 @@ async def list_models(request: Request, gw: GatewayDep) -> Response:
 @router.get("/v1/models/{model:path}")
 async def retrieve_model(request: Request, model: str, gw: GatewayDep) -> Response:
     policy, upstream, call = gw.policy, gw.upstream, gw.call
-    attribute(call, request.headers, None)
+    attribute(call, gw.headers, None)
     allowed = policy.allowed_models(call.feature, call.key)
     if allowed is not None and policy.resolve(model) not in allowed:
         raise GatewayError(
@@ -67,6 +67,6 @@ async def retrieve_model(request: Request, model: str, gw: GatewayDep) -> Respon
             orjson.dumps(_entry(model, f"alias of {policy.aliases[model]}")), media_type="application/json"
         )
     answer = await send_checked(
-        upstream, call, policy.target_for(model), "GET", f"/models/{model}", client_headers=request.headers
+        upstream, call, policy.target_for(model), "GET", f"/models/{model}", client_headers=gw.headers
     )
     return Response(answer.body, media_type="application/json", headers=upstream.relay_headers(answer))

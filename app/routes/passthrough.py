@@ -89,8 +89,8 @@ def _meter_json(call: CallRecord, path: str, request_body: bytes | None, answer:
 @router.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 async def passthrough(request: Request, path: str, gw: GatewayDep) -> Response:
     settings, upstream, call = gw.settings, gw.upstream, gw.call
-    attribute(call, request.headers, None)
-    declared = request.headers.get("content-length")
+    attribute(call, gw.headers, None)
+    declared = gw.headers.get("content-length")
     length = int(declared) if declared is not None and declared.isdigit() else None
     if length is not None and length > settings.max_upload_bytes:
         raise GatewayError(
@@ -100,10 +100,10 @@ async def passthrough(request: Request, path: str, gw: GatewayDep) -> Response:
         )
     extra: dict[str, str] = {}
     buffered: bytes | None = None
-    if length is None and "transfer-encoding" not in request.headers:
+    if length is None and "transfer-encoding" not in gw.headers:
         buffered = b""  # no body at all (RFC 9112 §6.3)
     elif length is not None and length <= _BUFFERED_BODY:
-        buffered = await read_body(request, _BUFFERED_BODY)
+        buffered = await read_body(request, _BUFFERED_BODY, declared)
     elif length is not None:
         # Passed on, so the upstream sees a sized upload rather than a chunked one.
         extra["content-length"] = str(length)
@@ -114,7 +114,7 @@ async def passthrough(request: Request, path: str, gw: GatewayDep) -> Response:
         gw.policy.default_target,
         request.method,
         f"/{path}{query}",
-        client_headers=request.headers,
+        client_headers=gw.headers,
         body=buffered if buffered is not None else _upload(request, settings.max_upload_bytes),
         keep_open=_stream_back,
         replayable=buffered is not None and request.method in _IDEMPOTENT,

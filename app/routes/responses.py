@@ -46,7 +46,7 @@ async def create_response(request: Request, gw: GatewayDep) -> Response:
         metered.candidates,
         path="/responses",
         payload=Payload(metered.raw, metered.body),
-        client_headers=request.headers,
+        client_headers=gw.headers,
         inspector=(lambda: ResponsesEventInspector(call)) if call.stream else None,
     )
     if metered.body.get("background") is True and not call.stream and response.status_code < 300:
@@ -61,7 +61,7 @@ async def create_response(request: Request, gw: GatewayDep) -> Response:
 
 async def _follow(request: Request, response_id: str, method: str, suffix: str, gw: Gateway) -> Response:
     policy, upstream, call = gw.policy, gw.upstream, gw.call
-    attribute(call, request.headers, None)
+    attribute(call, gw.headers, None)
     registry = _registry(request)
     origin = registry.origin(response_id)
     target = policy.targets.get(origin.upstream, policy.default_target) if origin else policy.default_target
@@ -73,7 +73,7 @@ async def _follow(request: Request, response_id: str, method: str, suffix: str, 
         target,
         method,
         f"/responses/{response_id}{suffix}{query}",
-        client_headers=request.headers,
+        client_headers=gw.headers,
         keep_open=is_sse if stream else never_open,
     )
     if origin is not None:
