@@ -126,8 +126,13 @@ class Metrics:
     def observe_usage(self, event: UsageEvent) -> None:
         model = event.upstream_model or event.model or ""
         feature = event.feature or ""
-        for kind in ("prompt", "completion", "cached", "reasoning"):
-            count = getattr(event, f"{kind}_tokens")
+        counts = (
+            ("prompt", event.prompt_tokens),
+            ("completion", event.completion_tokens),
+            ("cached", event.cached_tokens),
+            ("reasoning", event.reasoning_tokens),
+        )
+        for kind, count in counts:
             if count:
                 self._child(self.tokens, model, feature, kind).inc(count)
         if event.cost_usd is not None:

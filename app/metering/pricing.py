@@ -34,6 +34,8 @@ UnknownModelHook = Callable[[str], None]
 
 QUANTUM: Final = Decimal("1e-10")
 _PER: Final = Decimal(1_000_000)
+# A price per 1M tokens, times this, is the price of one token in units of QUANTUM.
+_PER_TOKEN_UNITS: Final = Decimal(10_000)
 # Explicit context: the ambient decimal context is per thread and any library may change its precision
 # or traps. 60 digits keeps quantize() exact far beyond any real token count.
 _CTX: Final = decimal.Context(prec=60, rounding=decimal.ROUND_HALF_EVEN)
@@ -58,6 +60,17 @@ class ModelPrice(BaseModel):
     def cached_rate_per_1m(self) -> Decimal:
         # Models without prompt caching never report cached tokens; if one does, it paid full price.
         return self.input_per_1m if self.cached_input_per_1m is None else self.cached_input_per_1m
+
+
+@functools.lru_cache(maxsize=4096)
+def _units_per_token(price: ModelPrice) -> tuple[int, int, int] | None:
+    """The price of one token in units of QUANTUM (1e-10 USD), when each rate is a whole number of them
+    (any price per 1M tokens with at most 4 decimals); None sends the cost through Decimal arithmetic."""
+    rates = (price.input_per_1m, price.cached_rate_per_1m, price.output_per_1m)
+    units = [rate * _PER_TOKEN_UNITS for rate in rates]
+    if any(unit != unit.to_integral_value() for unit in units):
+        return None
+    return int(units[0]), int(units[1]), int(units[2])
 
 
 class _PriceFile(BaseModel):
@@ -138,6 +151,11 @@ class PriceTable:
         # An upstream reporting more cached than prompt tokens is wrong; never bill more than the prompt.
         cached = min(max(cached_tokens, 0), prompt)
         completion = max(completion_tokens, 0)
+        units = _units_per_token(price)
+        if units is not None:
+            # Integer arithmetic in units of QUANTUM: exact, and about 10x cheaper than Decimal's.
+            cost = (prompt - cached) * units[0] + cached * units[1] + completion * units[2]
+            return Decimal(cost).scaleb(QUANTUM.as_tuple().exponent, context=_CTX)  # type: ignore[arg-type]
         per_1m = _CTX.add(
             _CTX.add(
                 _CTX.multiply(Decimal(prompt - cached), price.input_per_1m),
