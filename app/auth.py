@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from app.errors import GatewayError
-from app.keys import SECRET_PREFIX, ApiKey, KeyStore
+from app.keys import SECRET_PREFIX, ApiKey, KeyLookupUnavailable, KeyStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +42,12 @@ async def authenticate(presented: str, master_key: str, keys: KeyStore) -> Princ
     # are looked up by their hash, which leaks nothing about the secret.
     if hmac.compare_digest(presented.encode(), master_key.encode()):
         return Principal(is_master=True)
-    key = await keys.authenticate(presented) if presented.startswith(SECRET_PREFIX) else None
+    try:
+        key = await keys.authenticate(presented) if presented.startswith(SECRET_PREFIX) else None
+    except KeyLookupUnavailable:
+        raise GatewayError(
+            503, "The gateway cannot check keys right now; try again shortly.", code="key_store_unavailable"
+        ) from None
     if key is None:
         raise _unauthorized("Incorrect API key provided, or the key was revoked or has expired.")
     return Principal(is_master=False, key=key)

@@ -122,6 +122,10 @@ EDITABLE = (
 )
 
 
+class KeyLookupUnavailable(Exception):
+    """The database could not be asked about a key this process has not seen."""
+
+
 class KeyStore:
     def __init__(
         self, engine: AsyncEngine, *, ttl_s: float = 30.0, miss_ttl_s: float = 2.0, max_entries: int = 10_000
@@ -145,18 +149,28 @@ class KeyStore:
                 await self._listener
 
     async def authenticate(self, secret: str) -> ApiKey | None:
-        """The usable key with this secret, or None (unknown, revoked or expired)."""
+        """The usable key with this secret, or None (unknown, revoked or expired). While the database
+        cannot be reached, a key seen before is served from the cache even past its lifetime (an outage
+        of the database must not become an outage of every caller); one never seen raises
+        KeyLookupUnavailable."""
         digest = hash_secret(secret)
         now = time.monotonic()
         cached = self._cache.get(digest)
         if cached is not None and cached[1] > now:
             key = cached[0]
         else:
-            key = await self._load(digest)
-            self._cache[digest] = (key, now + (self._ttl_s if key is not None else self._miss_ttl_s))
-            self._cache.move_to_end(digest)
-            while len(self._cache) > self._max_entries:
-                self._cache.popitem(last=False)
+            try:
+                key = await self._load(digest)
+            except Exception as exc:  # any database failure: fall back to what we knew
+                if cached is None:
+                    raise KeyLookupUnavailable from exc
+                log.warning("key lookup failed; using the cached key", extra={"error": type(exc).__name__})
+                key = cached[0]
+            else:
+                self._cache[digest] = (key, now + (self._ttl_s if key is not None else self._miss_ttl_s))
+                self._cache.move_to_end(digest)
+                while len(self._cache) > self._max_entries:
+                    self._cache.popitem(last=False)
         return key if key is not None and key.usable(datetime.now(UTC)) else None
 
     async def _load(self, digest: str) -> ApiKey | None:
@@ -229,7 +243,8 @@ class KeyStore:
                 lost = asyncio.Event()
                 conn.add_termination_listener(functools.partial(_set_event, lost))
                 await conn.add_listener(CHANNEL, lambda *args: self.forget(str(args[3])))
-                # Changes made while nobody listened are unknown: start from an empty cache.
+                # Changes made while nobody listened are unknown: start again from the database. (While
+                # it is away the cache stays: its entries' lifetime bounds what could be missed.)
                 self._cache.clear()
                 delay = 0.5
                 await lost.wait()
@@ -243,7 +258,6 @@ class KeyStore:
                 if conn is not None and not conn.is_closed():
                     with contextlib.suppress(Exception):
                         await asyncio.shield(conn.close(timeout=1))
-            self._cache.clear()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
 

@@ -3,49 +3,36 @@ HTTP servers on 127.0.0.1, and the official openai SDK as the client."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
-import asyncpg
 import openai
 import pytest
-from sqlalchemy.engine import make_url
 
 from app.config import Settings
-from app.db.migrate import upgrade
+from tests.db import create_database, drop_database
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import MASTER_KEY, ThreadedGateway
-
-ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-def _plain(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-async def _admin(sql: str) -> None:
-    conn = await asyncpg.connect(_plain(ADMIN_URL))
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
 
 
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     """A database made for this test run, dropped at its end."""
-    name = f"gateway_test_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
-    url = make_url(_plain(ADMIN_URL)).set(database=name).render_as_string(hide_password=False)
-    upgrade(url, Path("unused-for-postgres"))
+    name, url = create_database("gateway_test")
     try:
         yield url
     finally:
-        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        drop_database(name)
+
+
+@pytest.fixture
+def scratch_db() -> Iterator[tuple[str, str]]:
+    """A database of its own, for a test that cuts its connections or needs it empty: (name, URL)."""
+    name, url = create_database("gateway_scratch")
+    try:
+        yield name, url
+    finally:
+        drop_database(name)
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,60 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import uuid
+from pathlib import Path
 from typing import Any
 
 import asyncpg
+from sqlalchemy.engine import make_url
 
+from app.db.migrate import upgrade
 from tests.harness import wait_until
+
+ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def plain_url(url: str) -> str:
+    """The URL asyncpg takes: no SQLAlchemy driver suffix."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def admin(*statements: str) -> None:
+    async def run() -> None:
+        conn = await asyncpg.connect(plain_url(ADMIN_URL))
+        try:
+            for statement in statements:
+                await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def create_database(prefix: str) -> tuple[str, str]:
+    """A new, migrated database: (name, URL)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin(f'CREATE DATABASE "{name}"')
+    url = make_url(plain_url(ADMIN_URL)).set(database=name).render_as_string(hide_password=False)
+    upgrade(url, Path("unused-for-postgres"))
+    return name, url
+
+
+def drop_database(name: str) -> None:
+    admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true', f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def database_down(name: str) -> None:
+    """No new connections to the database, and every open one cut: an outage, as the gateway sees it."""
+    admin(
+        f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false',
+        f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'",
+    )
+
+
+def database_up(name: str) -> None:
+    admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
 
 
 def fetch(url: str, sql: str, *args: Any) -> list[dict[str, Any]]:

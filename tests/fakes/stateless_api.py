@@ -1,7 +1,9 @@
-"""The fake's stateless one-body endpoints: POST /v1/embeddings, POST /v1/moderations, GET /v1/models,
-GET /v1/models/{id}. Their bodies are built in ``openai_payloads``."""
+"""The fake's stateless one-body endpoints: POST /v1/embeddings, /v1/completions, /v1/moderations,
+GET /v1/models, GET /v1/models/{id}. Their bodies are built in ``openai_payloads``."""
 
 from __future__ import annotations
+
+import time
 
 from tests.fakes import openai_payloads as p
 from tests.fakes.answers import Answer, Incoming, Router, json_body, problem_body
@@ -12,6 +14,24 @@ async def embeddings(incoming: Incoming) -> Answer:
         return problem_body(400, problem)
     payload = p.embeddings_body(incoming.json)
     return json_body(payload, usage=payload["usage"])
+
+
+async def completions(incoming: Incoming) -> Answer:
+    """The legacy completions endpoint: not one the gateway knows, so it reaches it through passthrough."""
+    if (problem := p.invalid_request(incoming.json, "prompt")) is not None:
+        return problem_body(400, problem)
+    body = incoming.json
+    prompt_tokens = len(str(body["prompt"]).split())
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 3, "total_tokens": prompt_tokens + 3}
+    payload = {
+        "id": p.random_id("cmpl-", 29),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": p.snapshot_model(body["model"]),
+        "choices": [{"text": "a legacy completion", "index": 0, "logprobs": None, "finish_reason": "stop"}],
+        "usage": usage,
+    }
+    return json_body(payload, usage=usage)
 
 
 async def moderations(incoming: Incoming) -> Answer:
@@ -39,5 +59,6 @@ async def model(incoming: Incoming) -> Answer:
 def register(router: Router) -> None:
     router.add("POST", "/v1/embeddings", embeddings)
     router.add("POST", "/v1/moderations", moderations)
+    router.add("POST", "/v1/completions", completions)
     router.add("GET", "/v1/models", models)
     router.add("GET", "/v1/models/{id:path}", model)

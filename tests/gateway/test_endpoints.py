@@ -228,3 +228,39 @@ def test_large_upload_and_download_pass_with_bounded_gateway_memory(
         assert after - before < 16 * 1024, f"peak RSS grew by {(after - before) // 1024} MiB"
     finally:
         gateway.stop()
+
+
+def test_passthrough_answer_with_usage_is_metered(
+    client: openai.OpenAI, fake: FakeOpenAI, database_url: str
+) -> None:
+    request_id = rid()
+    completion = client.completions.create(
+        model="gpt-3.5-turbo-instruct",
+        prompt="four words of prompt",
+        extra_headers={"X-Request-Id": request_id, "X-Feature": "legacy"},
+    )
+    assert completion.choices[0].text == "a legacy completion"
+    (row,) = wait_for_rows(database_url, request_id)
+    assert row["endpoint"] == "/v1/completions"
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (4, 3)
+    assert row["model"] == "gpt-3.5-turbo-instruct"
+    assert row["feature"] == "legacy"
+    # An answer without usage (moderations) is passed through and not metered.
+    moderation_id = rid()
+    client.moderations.create(input="fine", extra_headers={"X-Request-Id": moderation_id})
+    # A metered call after it: once its row is in, the recorder has flushed past the moderation.
+    marker = rid()
+    client.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "x"}], extra_headers={"X-Request-Id": marker}
+    )
+    wait_for_rows(database_url, marker)
+    assert usage_rows(database_url, moderation_id) == []
+
+
+def test_responses_in_a_conversation(client: openai.OpenAI, fake: FakeOpenAI) -> None:
+    conversation = client.conversations.create()
+    first = client.responses.create(model="gpt-4o-mini", input="remember 7", conversation=conversation.id)
+    second = client.responses.create(model="gpt-4o-mini", input="what number?", conversation=conversation.id)
+    assert first.output_text and second.output_text
+    sent = [r.json for r in fake.requests if r.path == "/v1/responses"]
+    assert [body["conversation"] for body in sent] == [conversation.id, conversation.id]

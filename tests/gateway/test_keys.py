@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from tests.conftest import sdk_client
-from tests.db import fetch, wait_for_rows
+from tests.db import database_down, database_up, fetch, wait_for_rows
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import MASTER_KEY, ThreadedGateway, wait_until
 
@@ -209,3 +209,43 @@ def test_cli_keys_create_list_revoke(gateway: ThreadedGateway, database_url: str
     assert cli("revoke", key_id).returncode == 0
     wait_until(lambda: httpx.get(gateway.base_url + "/models", headers=headers).status_code == 401, timeout=3)
     assert "revoked" in cli("list").stdout
+
+
+def test_key_lookups_do_not_touch_the_database_per_request(
+    scratch_db: tuple[str, str], start_gateway: Callable[..., ThreadedGateway], fake: FakeOpenAI
+) -> None:
+    name, url = scratch_db
+    gateway = start_gateway(database_url=url)
+    created = create_key(gateway)
+    headers = {"authorization": f"Bearer {created['secret']}"}
+    body = {"model": "gpt-4o", "messages": MESSAGES}
+    assert httpx.post(gateway.base_url + "/chat/completions", json=body, headers=headers).status_code == 200
+    database_down(name)
+    try:
+        # The key is served from the process's cache; the usage rows wait in the spool meanwhile.
+        for _ in range(3):
+            response = httpx.post(gateway.base_url + "/chat/completions", json=body, headers=headers)
+            assert response.status_code == 200
+    finally:
+        database_up(name)
+    assert len(fake.requests) == 4
+
+
+def test_unknown_key_during_a_database_outage_is_503_not_500(
+    scratch_db: tuple[str, str], start_gateway: Callable[..., ThreadedGateway], fake: FakeOpenAI
+) -> None:
+    name, url = scratch_db
+    gateway = start_gateway(database_url=url)
+    created = create_key(gateway)
+    database_down(name)
+    try:
+        response = httpx.post(
+            gateway.base_url + "/chat/completions",
+            json={"model": "gpt-4o", "messages": MESSAGES},
+            headers={"authorization": f"Bearer {created['secret']}"},
+        )
+    finally:
+        database_up(name)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "key_store_unavailable"
+    assert fake.requests == []

@@ -3,56 +3,19 @@ gateway restart that replays what it spooled while the database was away."""
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import asyncpg
 import openai
-import pytest
-from sqlalchemy.engine import make_url
 
-from app.db.migrate import upgrade
-from tests.conftest import ADMIN_URL, _admin, _plain
-from tests.db import fetch, wait_for_rows
+from tests.db import database_down, database_up, fetch, wait_for_rows
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import MASTER_KEY, GatewayProcess, ThreadedGateway, wait_until
 
 MESSAGES = [{"role": "user", "content": "count me"}]
-
-
-@pytest.fixture
-def scratch_db() -> Iterator[tuple[str, str]]:
-    """A database of its own, so cutting its connections disturbs no other test."""
-    name = f"gateway_outage_{uuid.uuid4().hex[:10]}"
-    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
-    url = make_url(_plain(ADMIN_URL)).set(database=name).render_as_string(hide_password=False)
-    upgrade(url, Path("unused"))
-    try:
-        yield name, url
-    finally:
-        asyncio.run(_admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
-        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-async def _cut(name: str) -> None:
-    conn = await asyncpg.connect(_plain(ADMIN_URL))
-    try:
-        await conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-        await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name)
-    finally:
-        await conn.close()
-
-
-def database_down(name: str) -> None:
-    asyncio.run(_cut(name))
-
-
-def database_up(name: str) -> None:
-    asyncio.run(_admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
 
 
 def call(sdk: openai.OpenAI, request_id: str, stream: bool = False) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import os
@@ -18,11 +17,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from sqlalchemy.engine import make_url
 
-from app.db.migrate import upgrade
-from tests.conftest import ADMIN_URL, _admin, _plain
-from tests.db import fetch, wait_for_rows
+from tests.db import create_database, drop_database, fetch, wait_for_rows
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import MASTER_KEY, ThreadedGateway
 
@@ -43,10 +39,7 @@ CALLS = [
 def populated(
     fake_server: FakeOpenAI, make_settings: Callable[..., object]
 ) -> Iterator[tuple[str, ThreadedGateway]]:
-    name = f"gateway_reports_{uuid.uuid4().hex[:10]}"
-    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
-    url = make_url(_plain(ADMIN_URL)).set(database=name).render_as_string(hide_password=False)
-    upgrade(url, Path("unused"))
+    name, url = create_database("gateway_reports")
     gateway = ThreadedGateway(make_settings(database_url=url)).start()  # type: ignore[arg-type]
     fake_server.reset()
     ids = []
@@ -68,7 +61,7 @@ def populated(
         yield url, gateway
     finally:
         gateway.stop()
-        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        drop_database(name)
 
 
 def _expected_cost(model: str, prompt: int, completion: int) -> Decimal:
