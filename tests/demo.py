@@ -12,6 +12,7 @@ from pathlib import Path
 import openai
 
 from app.config import Settings
+from app.db.migrate import upgrade
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import MASTER_KEY, ThreadedGateway
 
@@ -25,6 +26,7 @@ def main() -> None:
             data_dir=Path(data_dir),
             log_level="warning",
         )
+        upgrade(settings.database_url, settings.data_dir)
         gateway = ThreadedGateway(settings).start()
         try:
             print(f"gateway on {gateway.base_url}, fake OpenAI upstream on {fake.base_url}\n")

@@ -96,3 +96,11 @@ def test_sigterm_lets_an_open_stream_finish(
     finally:
         gateway.stop()
         slow.stop()
+
+
+def test_make_demo_runs_end_to_end() -> None:
+    result = subprocess.run([sys.executable, "-m", "tests.demo"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "chat:    Hello! I answered through the gateway." in result.stdout
+    assert "stream: |Streams| arrive|" in result.stdout
+    assert '"level":"warning"' not in result.stderr and '"level":"error"' not in result.stderr
