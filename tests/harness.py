@@ -145,3 +145,21 @@ class GatewayProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
+
+
+def refused_start(env: dict[str, str]) -> str:
+    """Start `llm-gateway serve` with this environment (GATEWAY_* and OPENAI_* of the test run left out),
+    expect it to refuse with exit status 2, and return the one line it printed."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "OPENAI_"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(free_port())],
+        env={**base, "GATEWAY_MASTER_KEY": MASTER_KEY, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]

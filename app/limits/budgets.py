@@ -25,7 +25,7 @@ from typing import Any, Literal, Protocol
 from redis.asyncio import Redis
 
 from app.limits import redis_scripts
-from app.limits.redis_guard import RedisBacked, RedisUnavailable
+from app.limits.redis_guard import InProcess, RedisBacked, RedisUnavailable
 
 UNITS_PER_USD = 10**10
 # Counters outlive their period by an hour, so a replica whose clock lags a little still finds them.
@@ -144,24 +144,13 @@ def _current_rows(
             yield scope, _period(period), to_units(amount)
 
 
-class InProcessBudgetLedger:
+class InProcessBudgetLedger(InProcess):
     """Budgets for one process: a single worker, or tests. Keeps only the current periods' counters."""
 
     def __init__(self) -> None:
         # (scope, period, period_key) -> units
         self._units: dict[tuple[str, str, str], int] = {}
         self._current: dict[str, str] = {}
-
-    @property
-    def degraded(self) -> bool:
-        return False
-
-    @property
-    def redis_errors(self) -> int:
-        return 0
-
-    async def aclose(self) -> None:
-        return None
 
     async def check(
         self, budgets: Sequence[Budget], estimate_usd: Decimal, now: datetime | None = None

@@ -22,7 +22,7 @@ from typing import Any, Literal, Protocol
 from redis.asyncio import Redis
 
 from app.limits import redis_scripts
-from app.limits.redis_guard import RedisBacked, RedisUnavailable
+from app.limits.redis_guard import InProcess, RedisBacked, RedisUnavailable
 
 WINDOW_S = 60.0
 # A minute's counters serve as the previous minute for one more minute, then are never read again.
@@ -119,24 +119,13 @@ def _active(limits: Sequence[Limit], tokens: int) -> list[Limit]:
     return [limit for limit in limits if limit.rpm is not None or limit.tpm is not None]
 
 
-class InProcessRateLimiter:
+class InProcessRateLimiter(InProcess):
     """Limits for one process: a single worker, or tests. Keeps only the two minutes still read."""
 
     def __init__(self) -> None:
         # (scope, minute) -> [requests, tokens]
         self._counts: dict[tuple[str, int], list[int]] = {}
         self._minute = 0
-
-    @property
-    def degraded(self) -> bool:
-        return False
-
-    @property
-    def redis_errors(self) -> int:
-        return 0
-
-    async def aclose(self) -> None:
-        return None
 
     async def admit(self, limits: Sequence[Limit], tokens: int, now: float | None = None) -> Denied | None:
         active = _active(limits, tokens)

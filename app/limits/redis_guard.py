@@ -126,3 +126,13 @@ class RedisBacked:
     async def aclose(self) -> None:
         if self._owned:
             await self._redis.aclose()
+
+
+class InProcess:
+    """What the in-process rate limiter and budget ledger report where the Redis-backed ones have a guard."""
+
+    degraded = False
+    redis_errors = 0
+
+    async def aclose(self) -> None:
+        return None

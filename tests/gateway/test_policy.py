@@ -3,10 +3,7 @@ list, start-up validation and SIGHUP reload."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +15,7 @@ import pytest
 from tests.conftest import sdk_client
 from tests.db import wait_for_rows
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.harness import MASTER_KEY, GatewayProcess, ThreadedGateway, free_port, wait_until
+from tests.harness import MASTER_KEY, GatewayProcess, ThreadedGateway, refused_start, wait_until
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 CONFIG = """
@@ -175,19 +172,9 @@ models:
 def test_bad_config_file_is_rejected_at_startup_with_one_line(text: str, reason: str, tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY_", "OPENAI_"))}
-    result = subprocess.run(
-        [sys.executable, "-m", "app.cli", "serve", "--port", str(free_port())],
-        env={**base, "GATEWAY_MASTER_KEY": MASTER_KEY, "GATEWAY_CONFIG": str(path)},
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"llm-gateway: GATEWAY_CONFIG ({path}): ")
-    assert reason in lines[0]
+    line = refused_start({"GATEWAY_CONFIG": str(path)})
+    assert line.startswith(f"llm-gateway: GATEWAY_CONFIG ({path}): ")
+    assert reason in line
 
 
 def test_sighup_reloads_the_config_without_dropping_requests(
