@@ -36,6 +36,7 @@ QUANTUM: Final = Decimal("1e-10")
 _PER: Final = Decimal(1_000_000)
 # A price per 1M tokens, times this, is the price of one token in units of QUANTUM.
 _PER_TOKEN_UNITS: Final = Decimal(10_000)
+_QUANTUM_EXPONENT: Final = -10
 # Explicit context: the ambient decimal context is per thread and any library may change its precision
 # or traps. 60 digits keeps quantize() exact far beyond any real token count.
 _CTX: Final = decimal.Context(prec=60, rounding=decimal.ROUND_HALF_EVEN)
@@ -62,15 +63,14 @@ class ModelPrice(BaseModel):
         return self.input_per_1m if self.cached_input_per_1m is None else self.cached_input_per_1m
 
 
-@functools.lru_cache(maxsize=4096)
-def _units_per_token(price: ModelPrice) -> tuple[int, int, int] | None:
+def _units_per_token(price: ModelPrice) -> tuple[int, ...]:
     """The price of one token in units of QUANTUM (1e-10 USD), when each rate is a whole number of them
-    (any price per 1M tokens with at most 4 decimals); None sends the cost through Decimal arithmetic."""
+    (any price per 1M tokens with at most 4 decimals); () sends the cost through Decimal arithmetic."""
     rates = (price.input_per_1m, price.cached_rate_per_1m, price.output_per_1m)
     units = [rate * _PER_TOKEN_UNITS for rate in rates]
     if any(unit != unit.to_integral_value() for unit in units):
-        return None
-    return int(units[0]), int(units[1]), int(units[2])
+        return ()
+    return tuple(int(unit) for unit in units)
 
 
 class _PriceFile(BaseModel):
@@ -116,6 +116,7 @@ class PriceTable:
         self._prices.update({normalize_model(k): v for k, v in _validate_overrides(overrides).items()})
         self._on_unknown = on_unknown
         self._resolved: dict[str, tuple[str, ModelPrice] | None] = {}
+        self._units: dict[str, tuple[int, ...]] = {}
         self._warned: set[str] = set()
         self._warn_lock = threading.Lock()
 
@@ -151,11 +152,16 @@ class PriceTable:
         # An upstream reporting more cached than prompt tokens is wrong; never bill more than the prompt.
         cached = min(max(cached_tokens, 0), prompt)
         completion = max(completion_tokens, 0)
-        units = _units_per_token(price)
-        if units is not None:
+        units = self._units.get(model)
+        if units is None:
+            units = _units_per_token(price)
+            # Bounded like the resolutions: model names come from clients.
+            if len(self._units) < _MAX_RESOLVED:
+                self._units[model] = units
+        if units:
             # Integer arithmetic in units of QUANTUM: exact, and about 10x cheaper than Decimal's.
             cost = (prompt - cached) * units[0] + cached * units[1] + completion * units[2]
-            return Decimal(cost).scaleb(QUANTUM.as_tuple().exponent, context=_CTX)  # type: ignore[arg-type]
+            return Decimal(cost).scaleb(_QUANTUM_EXPONENT, context=_CTX)
         per_1m = _CTX.add(
             _CTX.add(
                 _CTX.multiply(Decimal(prompt - cached), price.input_per_1m),
