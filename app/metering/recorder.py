@@ -69,6 +69,7 @@ class Recorder:
         self._db_ok = True
         self._closed = False
         self._replay_wanted = asyncio.Event()
+        self._batch_ready = asyncio.Event()
         self._replay_offsets: dict[Path, int] = {}
         self._writer: asyncio.Task[None] | None = None
         self._replayer: asyncio.Task[None] | None = None
@@ -98,6 +99,8 @@ class Recorder:
                 self._replay_wanted.set()
             else:
                 self._queue.put_nowait(event)
+                if self._queue.qsize() >= self._batch_size:
+                    self._batch_ready.set()
         except Exception as exc:
             self._lost(1, exc)
 
@@ -108,6 +111,7 @@ class Recorder:
             return
         self._closed = True
         self._queue.put_nowait(None)
+        self._batch_ready.set()
         # A replay in progress is abandoned; its file stays and is replayed next time.
         await _cancel(self._replayer)
         # Try the database once more even if the replay task has not yet seen it come back.
@@ -174,21 +178,25 @@ class Recorder:
 
     async def _next_batch(self) -> tuple[list[UsageEvent], bool]:
         """Up to batch_size events: what is queued now plus what arrives within flush_interval_s of the
-        first. True once the stop marker is reached."""
+        first. True once the stop marker is reached.
+
+        The batch fills while the writer sleeps: waking it for every event (a queue get under a timeout
+        per event) cost more than the rest of the metering together (bench/README.md). submit() and
+        close() wake it early when a full batch, or the stop marker, is waiting."""
         first = await self._queue.get()
         if first is None:
             return [], True
+        if self._queue.qsize() + 1 < self._batch_size:
+            self._batch_ready.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._flush_interval_s):
+                    await self._batch_ready.wait()
         batch = [first]
-        deadline = asyncio.get_running_loop().time() + self._flush_interval_s
         while len(batch) < self._batch_size:
             try:
                 event = self._queue.get_nowait()
             except asyncio.QueueEmpty:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        event = await self._queue.get()
-                except TimeoutError:
-                    break
+                break
             if event is None:
                 return batch, True
             batch.append(event)
