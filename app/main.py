@@ -97,9 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app_metrics = Metrics()
 
     def price_table(config: GatewayConfig) -> PriceTable:
-        return PriceTable(
-            config.prices, on_unknown=lambda model: app_metrics.unknown_models.labels(model).inc()
-        )
+        return PriceTable(config.prices, on_unknown=lambda model: app_metrics.unknown_models.inc((model,)))
 
     def reload_config() -> None:
         """SIGHUP: validate the file again and swap the policy and prices whole; requests in flight keep

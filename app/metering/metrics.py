@@ -1,142 +1,163 @@
-"""Prometheus metrics: one registry per app (not the process-global one), filled per request."""
+"""Prometheus metrics: one registry per app (not the process-global one), filled per request.
+
+The per-request counters and histograms are plain Python numbers behind a collector that turns them into
+Prometheus families at scrape time: prometheus_client's own metrics take a lock per update and walk the
+buckets in Python, ~7 µs a request for the nine updates metering makes (bench/README.md). The event loop
+is one thread, and /metrics is served on it, so the numbers need no lock.
+"""
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from app.call import CallRecord
 from app.metering.events import UsageEvent
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
-class _RecorderCollector(Collector):
-    """Read at scrape time, so the request path never updates these."""
+class _LabelledCounter:
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...]) -> None:
+        self.name, self.documentation, self.labels = name, documentation, labels
+        self.values: dict[tuple[str, ...], float] = {}
 
-    def __init__(self, read: Callable[[], dict[str, float]]) -> None:
+    def inc(self, key: tuple[str, ...], amount: float = 1.0) -> None:
+        self.values[key] = self.values.get(key, 0.0) + amount
+
+    def family(self) -> Metric:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        for key, value in self.values.items():
+            family.add_metric(key, value)
+        return family
+
+
+class _LabelledHistogram:
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...]) -> None:
+        self.name, self.documentation, self.labels = name, documentation, labels
+        # per label set: [count per bucket (the last one +Inf)], sum
+        self.values: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
+
+    def observe(self, key: tuple[str, ...], seconds: float) -> None:
+        entry = self.values.get(key)
+        if entry is None:
+            entry = self.values[key] = ([0] * (len(_LATENCY_BUCKETS) + 1), [0.0])
+        entry[0][bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        entry[1][0] += seconds
+
+    def family(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        for key, (counts, total) in self.values.items():
+            cumulative, buckets = 0, []
+            for bound, count in zip((*map(str, _LATENCY_BUCKETS), "+Inf"), counts, strict=True):
+                cumulative += count
+                buckets.append((bound, float(cumulative)))
+            family.add_metric(key, buckets, total[0])
+        return family
+
+
+class _Collected(Collector):
+    def __init__(self, read: Callable[[], Iterator[Metric]]) -> None:
         self._read = read
 
     def collect(self) -> Iterator[Metric]:
-        stats = self._read()
-        yield GaugeMetricFamily(
-            "gateway_recorder_queue_depth",
-            "Usage events waiting to be written",
-            value=stats.get("queue_depth", 0),
-        )
-        yield GaugeMetricFamily(
-            "gateway_recorder_spool_events",
-            "Usage events in the local spool file",
-            value=stats.get("spool_events", 0),
-        )
-        yield GaugeMetricFamily(
-            "gateway_recorder_spool_bytes", "Size of the local spool file", value=stats.get("spool_bytes", 0)
-        )
-        yield CounterMetricFamily(
-            "gateway_recorder_db_write_errors",
-            "Failed usage writes to the database",
-            value=stats.get("write_errors", 0),
-        )
-        yield CounterMetricFamily(
-            "gateway_recorder_events_written",
-            "Usage events written to the database",
-            value=stats.get("events_written", 0),
-        )
-
-
-class _LimitsCollector(Collector):
-    def __init__(self, read: Callable[[], dict[str, float]]) -> None:
-        self._read = read
-
-    def collect(self) -> Iterator[Metric]:
-        stats = self._read()
-        yield GaugeMetricFamily(
-            "gateway_limits_degraded",
-            "1 while Redis is unreachable and limits fall back to their fail mode",
-            value=stats.get("degraded", 0),
-        )
-        yield CounterMetricFamily(
-            "gateway_limits_redis_errors",
-            "Failed Redis calls for limits and budgets",
-            value=stats.get("errors", 0),
-        )
+        return self._read()
 
 
 class Metrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter(
-            "gateway_requests", "Requests by route and status", ["route", "status"], registry=r
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.requests = _LabelledCounter(
+            "gateway_requests", "Requests by route and status", ("route", "status")
         )
-        self.latency = Histogram(
-            "gateway_request_duration_seconds",
-            "Time to the end of the response",
-            ["route"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.latency = _LabelledHistogram(
+            "gateway_request_duration_seconds", "Time to the end of the response", ("route",)
         )
-        self.ttfb = Histogram(
-            "gateway_time_to_first_byte_seconds",
-            "Time to the first byte of the answer",
-            ["route"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.ttfb = _LabelledHistogram(
+            "gateway_time_to_first_byte_seconds", "Time to the first byte of the answer", ("route",)
         )
-        self.attempts = Counter("gateway_upstream_attempts", "Upstream attempts", ["route"], registry=r)
-        self.tokens = Counter(
-            "gateway_tokens", "Tokens by model, feature and kind", ["model", "feature", "kind"], registry=r
+        self.attempts = _LabelledCounter("gateway_upstream_attempts", "Upstream attempts", ("route",))
+        self.tokens = _LabelledCounter(
+            "gateway_tokens", "Tokens by model, feature and kind", ("model", "feature", "kind")
         )
-        self.cost = Counter(
-            "gateway_cost_usd", "Cost in USD by model and feature", ["model", "feature"], registry=r
+        self.cost = _LabelledCounter(
+            "gateway_cost_usd", "Cost in USD by model and feature", ("model", "feature")
         )
-        self.unknown_models = Counter(
-            "gateway_unknown_model_calls", "Calls to a model with no known price", ["model"], registry=r
+        self.unknown_models = _LabelledCounter(
+            "gateway_unknown_model_calls", "Calls to a model with no known price", ("model",)
         )
-
-        # labels() takes a lock and builds the key on every call; the children are cached here instead.
-        self._children: dict[tuple[object, ...], Any] = {}
-
-    def _child(self, metric: MetricWrapperBase, *labels: str) -> Any:
-        key = (metric, *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+        metrics = (
+            self.requests,
+            self.latency,
+            self.ttfb,
+            self.attempts,
+            self.tokens,
+            self.cost,
+            self.unknown_models,
+        )
+        self.registry.register(_Collected(lambda: (metric.family() for metric in metrics)))
 
     def watch_recorder(self, read: Callable[[], dict[str, float]]) -> None:
-        self.registry.register(_RecorderCollector(read))
+        """Read at scrape time, so the request path never updates these."""
+
+        def families() -> Iterator[Metric]:
+            stats = read()
+            for name, help_text, key in (
+                ("gateway_recorder_queue_depth", "Usage events waiting to be written", "queue_depth"),
+                ("gateway_recorder_spool_events", "Usage events in the local spool file", "spool_events"),
+                ("gateway_recorder_spool_bytes", "Size of the local spool file", "spool_bytes"),
+            ):
+                yield GaugeMetricFamily(name, help_text, value=stats.get(key, 0))
+            for name, help_text, key in (
+                ("gateway_recorder_db_write_errors", "Failed usage writes to the database", "write_errors"),
+                ("gateway_recorder_events_written", "Usage events written to the database", "events_written"),
+            ):
+                yield CounterMetricFamily(name, help_text, value=stats.get(key, 0))
+
+        self.registry.register(_Collected(families))
 
     def watch_limits(self, read: Callable[[], dict[str, float]]) -> None:
-        self.registry.register(_LimitsCollector(read))
+        def families() -> Iterator[Metric]:
+            stats = read()
+            yield GaugeMetricFamily(
+                "gateway_limits_degraded",
+                "1 while Redis is unreachable and limits fall back to their fail mode",
+                value=stats.get("degraded", 0),
+            )
+            yield CounterMetricFamily(
+                "gateway_limits_redis_errors",
+                "Failed Redis calls for limits and budgets",
+                value=stats.get("errors", 0),
+            )
+
+        self.registry.register(_Collected(families))
 
     def observe_request(self, route: str, call: CallRecord, seconds: float) -> None:
-        self._child(self.requests, route, str(call.status_code)).inc()
-        self._child(self.latency, route).observe(seconds)
+        key = (route,)
+        self.requests.inc((route, str(call.status_code)))
+        self.latency.observe(key, seconds)
         if call.ttfb_s is not None:
-            self._child(self.ttfb, route).observe(call.ttfb_s)
+            self.ttfb.observe(key, call.ttfb_s)
         if call.attempts:
-            self._child(self.attempts, route).inc(call.attempts)
+            self.attempts.inc(key, call.attempts)
 
     def observe_usage(self, event: UsageEvent) -> None:
         model = event.upstream_model or event.model or ""
         feature = event.feature or ""
-        counts = (
+        for kind, count in (
             ("prompt", event.prompt_tokens),
             ("completion", event.completion_tokens),
             ("cached", event.cached_tokens),
             ("reasoning", event.reasoning_tokens),
-        )
-        for kind, count in counts:
+        ):
             if count:
-                self._child(self.tokens, model, feature, kind).inc(count)
+                self.tokens.inc((model, feature, kind), count)
         if event.cost_usd is not None:
-            self._child(self.cost, model, feature).inc(float(event.cost_usd))
+            self.cost.inc((model, feature), float(event.cost_usd))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
