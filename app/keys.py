@@ -107,21 +107,6 @@ def _row_to_key(row: Any) -> ApiKey:
     )
 
 
-# Fields an operator sets at creation and may change later.
-EDITABLE = (
-    "name",
-    "owner",
-    "default_feature",
-    "pin_feature",
-    "allowed_models",
-    "rpm_limit",
-    "tpm_limit",
-    "budget_daily_usd",
-    "budget_monthly_usd",
-    "expires_at",
-)
-
-
 class KeyLookupUnavailable(Exception):
     """The database could not be asked about a key this process has not seen."""
 

@@ -188,7 +188,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin.router)
     # Last: it takes every /v1/* path the routers above do not.
     app.include_router(passthrough.router)
-    # sse-starlette cancels open streams on SIGTERM by default; we let them finish within uvicorn's
-    # graceful-shutdown deadline instead (sse-starlette issue #167).
+    # Importing sse-starlette patches uvicorn's exit handler so that SIGTERM cancels open streams (its
+    # issue #167); we let them finish within uvicorn's graceful-shutdown deadline instead.
     AppStatus.disable_automatic_graceful_drain()  # type: ignore[no-untyped-call]
     return app

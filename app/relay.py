@@ -44,6 +44,11 @@ class Payload:
         return orjson.dumps({**self.body, "model": model})
 
 
+def answer_headers(upstream: UpstreamClient, response: UpstreamResponse, call: CallRecord) -> dict[str, str]:
+    """The headers every relayed answer carries: the upstream's that clients read, and the attempts."""
+    return {**upstream.relay_headers(response), ATTEMPTS_HEADER: str(call.attempts)}
+
+
 def upstream_error(upstream: UpstreamClient, response: UpstreamResponse, call: CallRecord) -> Response:
     """The upstream's error, relayed: its status, body and rate-limit headers."""
     attempts = {ATTEMPTS_HEADER: str(call.attempts)}
@@ -191,11 +196,7 @@ def _answer(
     response: UpstreamResponse,
     inspector: Callable[[], EventInspector] | None,
 ) -> Response:
-    headers = {
-        **upstream.relay_headers(response),
-        ATTEMPTS_HEADER: str(call.attempts),
-        MODEL_HEADER: call.routed_model or "",
-    }
+    headers = {**answer_headers(upstream, response, call), MODEL_HEADER: call.routed_model or ""}
     if response.stream is None:
         read_json_usage(call, response.body)
         call.mark_first_byte()

@@ -13,14 +13,13 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any
 
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db.models import usage_daily
 
-GroupBy = Literal["day", "feature", "user", "model"]
 GROUPS: dict[str, ColumnElement[Any]] = {
     "day": usage_daily.c.day,
     "feature": usage_daily.c.feature,

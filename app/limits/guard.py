@@ -18,12 +18,12 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.call import CallRecord
 from app.config_file import Caps, GatewayConfig
-from app.db.models import usage_daily, usage_events
+from app.db.models import api_keys, usage_daily, usage_events
 from app.errors import GatewayError
 from app.limits.budgets import Budget, BudgetLedger, OverBudget, Period, period_key
 from app.limits.ratelimit import Denied, Limit, RateLimiter
@@ -232,13 +232,19 @@ async def seed_spend(engine: AsyncEngine, ledger: BudgetLedger, now: datetime) -
                 rows.append((f"{scope}:{name}", "day", day_key, Decimal(day or 0)))
         start = datetime(month_start.year, month_start.month, 1, tzinfo=UTC)
         today = datetime(now.year, now.month, now.day, tzinfo=UTC)
+        # Keys are not in the rollup: sum their events, but only for keys with a cap, each through the
+        # (api_key_id, created_at) index, so start-up never scans a month of every key's events. A key
+        # given a cap later counts its spend from then until the next start.
+        capped = select(api_keys.c.id).where(
+            or_(api_keys.c.budget_daily_usd.is_not(None), api_keys.c.budget_monthly_usd.is_not(None))
+        )
         result = await conn.execute(
             select(
                 usage_events.c.api_key_id,
                 func.sum(usage_events.c.cost_usd),
                 func.sum(usage_events.c.cost_usd).filter(usage_events.c.created_at >= today),
             )
-            .where(usage_events.c.created_at >= start, usage_events.c.api_key_id.is_not(None))
+            .where(usage_events.c.created_at >= start, usage_events.c.api_key_id.in_(capped))
             .group_by(usage_events.c.api_key_id)
         )
         for key_id, month, day in result:

@@ -14,7 +14,7 @@ from app.call import CallRecord
 from app.deps import GatewayDep
 from app.errors import GatewayError
 from app.policy import Policy
-from app.relay import send_checked
+from app.relay import answer_headers, send_checked
 
 router = APIRouter()
 
@@ -47,7 +47,9 @@ async def list_models(request: Request, gw: GatewayDep) -> Response:
             502, "The upstream's model list is not valid JSON.", code="upstream_bad_response"
         ) from None
     body = {"object": "list", "data": _listing(policy, data if isinstance(data, list) else [], call)}
-    return Response(orjson.dumps(body), media_type="application/json", headers=upstream.relay_headers(answer))
+    return Response(
+        orjson.dumps(body), media_type="application/json", headers=answer_headers(upstream, answer, call)
+    )
 
 
 @router.get("/v1/models/{model:path}")
@@ -69,4 +71,6 @@ async def retrieve_model(request: Request, model: str, gw: GatewayDep) -> Respon
     answer = await send_checked(
         upstream, call, policy.target_for(model), "GET", f"/models/{model}", client_headers=gw.headers
     )
-    return Response(answer.body, media_type="application/json", headers=upstream.relay_headers(answer))
+    return Response(
+        answer.body, media_type="application/json", headers=answer_headers(upstream, answer, call)
+    )

@@ -20,7 +20,7 @@ from app.body import read_body
 from app.call import CallRecord
 from app.deps import GatewayDep
 from app.errors import GatewayError
-from app.relay import ATTEMPTS_HEADER, read_json_usage, send_checked
+from app.relay import answer_headers, read_json_usage, send_checked
 from app.upstream import UpstreamResponse
 
 router = APIRouter()
@@ -120,7 +120,7 @@ async def passthrough(request: Request, path: str, gw: GatewayDep) -> Response:
         replayable=buffered is not None and request.method in _IDEMPOTENT,
         extra_headers=extra,
     )
-    headers = {**upstream.relay_headers(answer), ATTEMPTS_HEADER: str(call.attempts)}
+    headers = answer_headers(upstream, answer, call)
     headers.update({name: answer.headers[name] for name in _CONTENT_HEADERS if name in answer.headers})
     media_type = answer.headers.get("content-type")
     if answer.stream is None:

@@ -12,7 +12,7 @@ from starlette.responses import Response
 from app.attribution import attribute
 from app.background import BackgroundResponses
 from app.deps import Gateway, GatewayDep
-from app.relay import ATTEMPTS_HEADER, Payload, forward, send_checked
+from app.relay import Payload, answer_headers, forward, send_checked
 from app.routes.metered import read_metered
 from app.streaming import EventRelayResponse, ResponsesEventInspector, learn_response, relay_sse
 from app.upstream import is_sse, never_open
@@ -83,7 +83,7 @@ async def _follow(request: Request, response_id: str, method: str, suffix: str, 
             origin.api_key_id,
             origin.model,
         )
-    headers = {**upstream.relay_headers(answer), ATTEMPTS_HEADER: str(call.attempts)}
+    headers = answer_headers(upstream, answer, call)
     if answer.stream is not None:
         # A resumed background stream: metered only if it reaches the end, under the response id.
         call.endpoint, call.stream, call.metered_only_with_usage = ENDPOINT, True, True

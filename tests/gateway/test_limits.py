@@ -220,3 +220,27 @@ def test_unreachable_redis_fails_open_without_hanging(
     assert len(fake.requests) == 3
     metrics = httpx.get(gateway.url + "/metrics").text
     assert "gateway_limits_degraded 1.0" in metrics
+
+
+def test_a_new_process_starts_from_the_spend_in_the_database(
+    scratch_db: tuple[str, str],
+    start_gateway: Callable[..., ThreadedGateway],
+    fake: FakeOpenAI,
+    tmp_path: Path,
+) -> None:
+    _, url = scratch_db
+    config = "features: {reports: {budget_daily_usd: 10}}\n"
+    first = configured(start_gateway, tmp_path, config, database_url=url)
+    key = make_key(first.url, budget_monthly_usd="100")
+    request_id = f"seed-{uuid.uuid4().hex}"
+    fake.reply("ok", usage=EXPENSIVE)
+    with sdk_client(first.base_url, api_key=key["secret"]) as sdk:
+        sdk.chat.completions.create(
+            model="gpt-4o",
+            messages=MESSAGES,
+            extra_headers={"X-Feature": "reports", "X-Request-Id": request_id},  # type: ignore[arg-type]
+        )
+    wait_for_rows(url, request_id)
+    second = configured(start_gateway, tmp_path, config, database_url=url)
+    assert _spent(second, "feature:reports", "day") == Decimal("0.125")
+    assert _spent(second, f"key:{key['id']}", "month") == Decimal("0.125")
