@@ -19,7 +19,6 @@ import tempfile
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
 
 from sqlalchemy import text
@@ -29,7 +28,7 @@ from sqlalchemy.pool import NullPool
 
 from app.db.engine import async_url, create_engine
 from app.db.migrate import upgrade
-from app.db.usage_writer import EVENT_COLUMNS
+from app.db.usage_writer import TABLE_COLUMNS
 from app.metering.events import UsageEvent
 from app.metering.recorder import Recorder
 
@@ -63,7 +62,7 @@ def synthetic_events(n: int, seed: int = 7) -> list[UsageEvent]:
                 cached_tokens=prompt // 3,
                 reasoning_tokens=0,
                 usage_source="upstream",
-                cost_usd=Decimal(prompt * 250 + completion * 1000) / Decimal(10**9),
+                cost_units=(prompt * 250 + completion * 1000) * 10,
                 latency_ms=rng.randint(80, 9000),
                 ttfb_ms=rng.randint(20, 900),
                 error_type=None,
@@ -106,8 +105,9 @@ async def run_reference(engine: AsyncEngine, events: list[UsageEvent]) -> float:
         assert pg is not None
         await pg.execute("CREATE TABLE copy_reference (LIKE usage_events INCLUDING ALL)")
         started = time.perf_counter()
-        records = [tuple(getattr(e, c) for c in EVENT_COLUMNS) for e in events]
-        await pg.copy_records_to_table("copy_reference", records=records, columns=EVENT_COLUMNS)
+        # The rows as usage_events holds them: the cost in dollars.
+        records = [e._replace(cost_units=e.cost_usd) for e in events]
+        await pg.copy_records_to_table("copy_reference", records=records, columns=TABLE_COLUMNS)
         return time.perf_counter() - started
 
 

@@ -16,7 +16,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from app.call import CallRecord
-from app.metering.events import UsageEvent
+from app.metering.events import COST_EXPONENT, UsageEvent
+
+COST_UNIT_USD = 10.0**COST_EXPONENT
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -156,8 +158,8 @@ class Metrics:
         ):
             if count:
                 self.tokens.inc((model, feature, kind), count)
-        if event.cost_usd is not None:
-            self.cost.inc((model, feature), float(event.cost_usd))
+        if event.cost_units is not None:
+            self.cost.inc((model, feature), event.cost_units * COST_UNIT_USD)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -141,6 +141,17 @@ class PriceTable:
         ``cached_tokens`` is the part of ``prompt_tokens`` served from the prompt cache
         (``prompt_tokens_details.cached_tokens``); ``completion_tokens`` already includes reasoning tokens.
         """
+        units = self.cost_units(model, prompt_tokens, completion_tokens, cached_tokens)
+        return None if units is None else Decimal(units).scaleb(_QUANTUM_EXPONENT, context=_CTX)
+
+    def cost_units(
+        self,
+        model: str | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int = 0,
+    ) -> int | None:
+        """cost_usd() in units of QUANTUM (1e-10 USD), as usage events carry it."""
         if not isinstance(model, str) or not model:
             return None
         hit = self._resolve(model)
@@ -160,8 +171,7 @@ class PriceTable:
                 self._units[model] = units
         if units:
             # Integer arithmetic in units of QUANTUM: exact, and about 10x cheaper than Decimal's.
-            cost = (prompt - cached) * units[0] + cached * units[1] + completion * units[2]
-            return Decimal(cost).scaleb(_QUANTUM_EXPONENT, context=_CTX)
+            return (prompt - cached) * units[0] + cached * units[1] + completion * units[2]
         per_1m = _CTX.add(
             _CTX.add(
                 _CTX.multiply(Decimal(prompt - cached), price.input_per_1m),
@@ -169,7 +179,7 @@ class PriceTable:
             ),
             _CTX.multiply(Decimal(completion), price.output_per_1m),
         )
-        return _CTX.divide(per_1m, _PER).quantize(QUANTUM, context=_CTX)
+        return int(_CTX.divide(per_1m, _PER).quantize(QUANTUM, context=_CTX).scaleb(-_QUANTUM_EXPONENT))
 
     def _resolve(self, model: str) -> tuple[str, ModelPrice] | None:
         try:

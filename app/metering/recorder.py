@@ -21,6 +21,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import deque
 from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -58,9 +59,10 @@ class Recorder:
         self._write_timeout_s = write_timeout_s
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
-        # Unbounded on purpose: submit() enforces max_queue itself, so close() can always queue the
-        # stop marker (None).
-        self._queue: asyncio.Queue[UsageEvent | None] = asyncio.Queue()
+        # A deque and two events rather than an asyncio.Queue: submit() is an append, not a put_nowait
+        # that looks for getters to wake (a microsecond a request, measured). submit() bounds it.
+        self._queue: deque[UsageEvent] = deque()
+        self._has_events = asyncio.Event()
         # Two batches in flight keep both cores busy, Postgres on one while this process prepares the
         # next: bench/recorder_bench.py went from ~30k to ~50k events/s. SQLite has one writer at a time.
         sqlite = engine.dialect.name == "sqlite"
@@ -91,15 +93,18 @@ class Recorder:
         """Never raises, never awaits, so it is safe from a request task being cancelled. With the queue
         full it writes the event's line to the spool file (the page cache, no fsync) instead."""
         try:
-            if self._closed or self._queue.qsize() >= self._max_queue:
+            queue = self._queue
+            if self._closed or len(queue) >= self._max_queue:
                 # Not fsynced here, which could block the event loop: the writer or the replay task
                 # does it soon after (nobody does once closed, but the page cache outlives the process).
                 self._spool.append([event], sync=False)
                 self.events_spooled += 1
                 self._replay_wanted.set()
             else:
-                self._queue.put_nowait(event)
-                if self._queue.qsize() >= self._batch_size:
+                queue.append(event)
+                if len(queue) == 1:
+                    self._has_events.set()
+                elif len(queue) >= self._batch_size:
                     self._batch_ready.set()
         except Exception as exc:
             self._lost(1, exc)
@@ -110,7 +115,7 @@ class Recorder:
         if self._closed:
             return
         self._closed = True
-        self._queue.put_nowait(None)
+        self._has_events.set()
         self._batch_ready.set()
         # A replay in progress is abandoned; its file stays and is replayed next time.
         await _cancel(self._replayer)
@@ -126,13 +131,14 @@ class Recorder:
                 await _cancel(self._writer)
                 for task in list(self._inflight):
                     await _cancel(task)
-        leftovers += [e for e in _drain(self._queue) if e is not None]
+        leftovers += self._queue
+        self._queue.clear()
         if leftovers:
             await self._spool_batch(leftovers)
         await asyncio.to_thread(self._spool.seal)
 
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
     def spool_events(self) -> int:
         """Events in spool files this process wrote or is replaying, not yet in the database."""
@@ -178,29 +184,22 @@ class Recorder:
 
     async def _next_batch(self) -> tuple[list[UsageEvent], bool]:
         """Up to batch_size events: what is queued now plus what arrives within flush_interval_s of the
-        first. True once the stop marker is reached.
+        first. True once closed and nothing is left.
 
         The batch fills while the writer sleeps: waking it for every event (a queue get under a timeout
         per event) cost more than the rest of the metering together (bench/README.md). submit() and
-        close() wake it early when a full batch, or the stop marker, is waiting."""
-        first = await self._queue.get()
-        if first is None:
-            return [], True
-        if self._queue.qsize() + 1 < self._batch_size:
+        close() wake it early when a full batch is waiting, or to finish."""
+        queue = self._queue
+        while not queue and not self._closed:
+            self._has_events.clear()
+            await self._has_events.wait()
+        if len(queue) < self._batch_size and not self._closed:
             self._batch_ready.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._flush_interval_s):
                     await self._batch_ready.wait()
-        batch = [first]
-        while len(batch) < self._batch_size:
-            try:
-                event = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                break
-            if event is None:
-                return batch, True
-            batch.append(event)
-        return batch, False
+        batch = [queue.popleft() for _ in range(min(len(queue), self._batch_size))]
+        return batch, self._closed and not queue
 
     async def _write_or_spool(self, batch: list[UsageEvent]) -> None:
         if self._db_ok:
@@ -322,13 +321,6 @@ class Recorder:
                     offset = self._replay_offsets[path] = end
                 await asyncio.to_thread(claimed.remove)
                 self._replay_offsets.pop(path, None)
-
-
-def _drain(queue: asyncio.Queue[UsageEvent | None]) -> list[UsageEvent | None]:
-    items: list[UsageEvent | None] = []
-    while not queue.empty():
-        items.append(queue.get_nowait())
-    return items
 
 
 async def _cancel(task: asyncio.Task[None] | None) -> None:

@@ -77,7 +77,7 @@ def build_event(call: CallRecord, prices: PriceTable) -> UsageEvent:
         cached_tokens=usage.cached_tokens,
         reasoning_tokens=usage.reasoning_tokens,
         usage_source=source,  # type: ignore[arg-type]
-        cost_usd=prices.cost_usd(
+        cost_units=prices.cost_units(
             answered_by or call.model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
         ),
         latency_ms=round((ended - call.started) * 1000),

@@ -9,7 +9,6 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -26,12 +25,19 @@ from sqlalchemy.pool import NullPool
 from app.db.engine import async_url, create_engine
 from app.db.migrate import upgrade
 from app.db.models import metadata, usage_daily, usage_events
-from app.metering.events import UsageEvent
+from app.db.usage_writer import TABLE_COLUMNS
+from app.metering.events import UsageEvent, usd_to_cost
 from app.metering.recorder import Recorder
 from app.metering.spool import REJECTED_FILE, Spool
 
 ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
-COLUMNS = tuple(UsageEvent.__dataclass_fields__)
+
+
+def as_row(event: UsageEvent) -> dict[str, Any]:
+    """The usage_events row an event becomes."""
+    return dict(zip(TABLE_COLUMNS, event, strict=True), cost_usd=event.cost_usd)
+
+
 FAST = {"flush_interval_s": 0.02, "write_timeout_s": 2.0, "retry_initial_s": 0.05, "retry_max_s": 0.2}
 
 
@@ -54,11 +60,13 @@ def make_event(**overrides: Any) -> UsageEvent:
         "cached_tokens": 64,
         "reasoning_tokens": 0,
         "usage_source": "upstream",
-        "cost_usd": Decimal("0.0000432100"),
+        "cost_units": 432_100,
         "latency_ms": 812,
         "ttfb_ms": 240,
         "error_type": None,
     }
+    if "cost_usd" in overrides:
+        overrides["cost_units"] = usd_to_cost(overrides.pop("cost_usd"))
     values.update(overrides)
     return UsageEvent(**values)
 
@@ -164,7 +172,7 @@ async def outage(pg_url: str) -> AsyncIterator[Outage]:
 async def stored(engine: AsyncEngine) -> dict[str, dict[str, Any]]:
     async with engine.connect() as conn:
         rows = (await conn.execute(select(usage_events))).mappings().all()
-    return {row["request_id"]: {c: row[c] for c in COLUMNS} for row in rows}
+    return {row["request_id"]: {c: row[c] for c in TABLE_COLUMNS} for row in rows}
 
 
 async def count_rows(engine: AsyncEngine) -> int:
@@ -222,7 +230,7 @@ async def test_events_land_once_with_all_columns(
         return recorder.events_written == len(events)
 
     await eventually(written)
-    assert await stored(engine) == {e.request_id: asdict(e) for e in events}
+    assert await stored(engine) == {e.request_id: as_row(e) for e in events}
     assert recorder.write_errors == 0
     assert recorder.spool_events() == 0
     await assert_rollup_matches_events(engine)
@@ -243,7 +251,7 @@ async def test_resubmitted_request_ids_are_not_counted_twice(
     await eventually(first_written)
     # Replays of every event, some twice in one batch and with other totals, then one new event:
     # once it is written, everything queued before it has been processed.
-    for e in [*events, *events[:5], replace(events[0], prompt_tokens=10**6)]:
+    for e in [*events, *events[:5], events[0]._replace(prompt_tokens=10**6)]:
         recorder.submit(e)
     last = make_event()
     recorder.submit(last)
@@ -263,9 +271,9 @@ async def test_usage_daily_equals_the_sums_of_usage_events(
 ) -> None:
     recorder = make_recorder(engine, batch_size=7)
     await recorder.start()
-    # Costs finer than numeric(20,10) are rounded on insert; the rollup must add the rounded values.
+    # The smallest costs numeric(20,10) holds, added exactly.
     day = datetime(2026, 3, 2, 12, tzinfo=UTC)
-    fine = [make_event(created_at=day, cost_usd=Decimal(f"0.000000000{d}5")) for d in range(10)]
+    fine = [make_event(created_at=day, cost_units=d) for d in range(10)]
     events = varied_events(300) + fine
     for e in events:
         recorder.submit(e)
@@ -314,7 +322,7 @@ async def test_outage_spools_then_replays_every_event_exactly_once(
     await eventually(replayed)
     rows = await stored(engine)
     assert set(rows) == {before.request_id} | {e.request_id for e in events}
-    assert rows == {e.request_id: asdict(e) for e in [before, *events]}
+    assert rows == {e.request_id: as_row(e) for e in [before, *events]}
     await assert_rollup_matches_events(engine)
     assert spool_files(tmp_path / "spool") == []
 
@@ -381,7 +389,7 @@ async def test_spool_left_by_a_previous_process_is_replayed_on_start(
 
     await eventually(replayed)
     rows = await stored(engine)
-    assert rows == {e.request_id: asdict(e) for e in events}
+    assert rows == {e.request_id: as_row(e) for e in events}
     await assert_rollup_matches_events(engine)
 
     async def file_removed() -> bool:
@@ -515,7 +523,7 @@ async def test_an_event_the_database_refuses_is_set_aside(
     good = varied_events(9)
     refused = [
         make_event(feature="chat\x00"),  # Postgres text cannot hold NUL
-        make_event(cost_usd=Decimal("NaN")),  # would poison its usage_daily row
+        make_event(cost_units=2**63),  # beyond bigint
         make_event(attempts=40_000),  # smallint
     ]
     for e in [*good[:4], refused[0], *good[4:], *refused[1:]]:
@@ -584,7 +592,7 @@ async def test_sqlite_migrations_and_writes(tmp_path: Path, make_recorder: Calla
         await eventually(written)
         await recorder.close(5)
         rows = await stored(sqlite_engine)
-        assert rows == {e.request_id: asdict(e) for e in [*events, last]}
+        assert rows == {e.request_id: as_row(e) for e in [*events, last]}
 
         expected: dict[tuple[Any, ...], list[Any]] = {}
         for e in [*events, last]:
@@ -608,8 +616,10 @@ def test_events_round_trip_through_json() -> None:
     for bad in (b"", b"[1]", b'{"request_id": "x"}', line[:-3], line.replace(b'"0.1000000001"', b'"x"')):
         with pytest.raises(ValueError):
             UsageEvent.from_json(bad)
+    naive = line.replace(event.created_at.isoformat().encode(), b"2026-01-01T00:00:00")
+    assert naive != line
     with pytest.raises(ValueError):
-        make_event(created_at=datetime(2026, 1, 1))
+        UsageEvent.from_json(naive)
 
 
 @pytest.fixture(autouse=True)
