@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sse_starlette.sse import AppStatus
 from starlette.types import ASGIApp
 
 from app.background import BackgroundResponses
@@ -188,7 +187,4 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin.router)
     # Last: it takes every /v1/* path the routers above do not.
     app.include_router(passthrough.router)
-    # Importing sse-starlette patches uvicorn's exit handler so that SIGTERM cancels open streams (its
-    # issue #167); we let them finish within uvicorn's graceful-shutdown deadline instead.
-    AppStatus.disable_automatic_graceful_drain()  # type: ignore[no-untyped-call]
     return app

@@ -1,4 +1,6 @@
-"""SSE relay: upstream events go to the client one by one, as they arrive, byte for byte.
+"""SSE relay: upstream events go to the client as they arrive, byte for byte. The complete events of one
+upstream read go out in one write, so a burst of small events costs one send instead of one each (streams/s
++N% in bench/README.md); nothing is ever held back waiting for more.
 
 Divergences from a plain byte pipe, each deliberate:
 1. The gateway always asks the upstream for usage (`stream_options.include_usage`). When the client did
@@ -13,13 +15,13 @@ Divergences from a plain byte pipe, each deliberate:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from typing import Any, Protocol
 
 import aiohttp
 import orjson
-from sse_starlette import EventSourceResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import StreamingResponse
+from starlette.types import Message, Receive, Scope, Send
 
 from app.call import CallRecord, Usage
 from app.errors import error_body
@@ -113,15 +115,18 @@ async def relay_sse(
             if b"\r" in buffer:
                 buffer = buffer.replace(b"\r\n", b"\n")
             start = 0
+            relayed: list[bytes] = []
             while (end := buffer.find(b"\n\n", start)) != -1:
                 event = buffer[start : end + 2]
                 start = end + 2
                 # Anything after [DONE] is not part of the answer.
                 out = None if inspect.done else inspect(event)
                 if out is not None:
-                    call.mark_first_byte()
-                    yield out
+                    relayed.append(out)
             buffer = buffer[start:]
+            if relayed:
+                call.mark_first_byte()
+                yield relayed[0] if len(relayed) == 1 else b"".join(relayed)
             chunk = await response.content.readany()
             if not chunk:
                 break
@@ -191,17 +196,31 @@ def learn_response(call: CallRecord, response: dict[str, Any]) -> None:
         call.usage_key = response["id"]
 
 
-class EventRelayResponse(EventSourceResponse):
-    """sse-starlette's EventSourceResponse (its headers, its HEAD handling), relaying with one watcher
-    task instead of a task group of four and a cancel scope around every event: those took a quarter of
-    the event loop when relaying streams (bench/README.md). Events are sent as they come; an
-    `http.disconnect` cancels the relay at once, and the relay's `finally` closes the upstream response.
-    No keep-alive pings (OpenAI sends none) and no cancellation on SIGTERM: open streams finish within
-    uvicorn's graceful-shutdown deadline."""
+class EventRelayResponse(StreamingResponse):
+    """An SSE response relaying an upstream stream: OpenAI's headers for it, the events sent as they come,
+    and one watcher task that cancels the relay at once on `http.disconnect` (the relay's `finally` then
+    closes the upstream response). sse-starlette was used here first; its constructor alone (an anyio lock
+    found through sniffio, a MutableHeaders) took a tenth of the event loop relaying streams, and its
+    per-stream task group another quarter (bench/README.md), while the gateway needs none of its event
+    formatting or pings: OpenAI sends none, and the bytes are relayed as they are. No cancellation on
+    SIGTERM: open streams finish within uvicorn's graceful-shutdown deadline."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[bytes], headers: Mapping[str, str]) -> None:
+        super().__init__(events, headers={**_SSE_HEADERS, **headers})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = self.body_iterator
+        start: Message = {
+            "type": "http.response.start",
+            "status": self.status_code,
+            "headers": self.raw_headers,
+        }
         if scope["method"] == "HEAD":
-            await super().__call__(scope, receive, send)
+            await send(start)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await _close(body)
             return
         relay = asyncio.current_task()
         assert relay is not None
@@ -214,11 +233,8 @@ class EventRelayResponse(EventSourceResponse):
             relay.cancel()
 
         watcher = asyncio.get_running_loop().create_task(watch())
-        body = self.body_iterator
         try:
-            await send(
-                {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-            )
+            await send(start)
             async for chunk in body:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -229,8 +245,15 @@ class EventRelayResponse(EventSourceResponse):
             relay.uncancel()
         finally:
             watcher.cancel()
-            aclose = getattr(body, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        if self.background is not None:
-            await self.background()
+            await _close(body)
+
+
+# What OpenAI and sse-starlette send with a stream: no caching anywhere, and no buffering in a proxy
+# (nginx's X-Accel-Buffering) between the gateway and the client.
+_SSE_HEADERS = {"cache-control": "no-store", "connection": "keep-alive", "x-accel-buffering": "no"}
+
+
+async def _close(body: AsyncIterable[object]) -> None:
+    aclose = getattr(body, "aclose", None)
+    if aclose is not None:
+        await aclose()
