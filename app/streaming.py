@@ -36,6 +36,9 @@ class EventInspector(Protocol):
     def __call__(self, event: bytes) -> bytes | None:
         """Learn what metering needs from one event; return the bytes to relay, or None to keep it back."""
 
+    def finish(self) -> None:
+        """The stream is over (completed, broken off, or abandoned by the client)."""
+
 
 def sse_data(event: bytes) -> bytes | None:
     """The data of one SSE event (its `data:` lines joined), or None for comments and data-less events."""
@@ -45,11 +48,24 @@ def sse_data(event: bytes) -> bytes | None:
     return b"\n".join(lines) if lines else None
 
 
+# A chunk with `"usage":null` carries no usage; once the model is known, only its text can matter.
+_NO_USAGE = b'"usage":null'
+# Unparsed chunks kept per stream before their text is collected anyway: memory stays bounded.
+_PENDING_MAX_BYTES = 64 * 1024
+
+
 class ChatChunkInspector:
+    """Parses what metering needs and no more: the first chunk (the model), any chunk that may carry usage,
+    and the text of the deltas only when it may be needed — no usage came by the end of the stream, or the
+    unparsed chunks reached _PENDING_MAX_BYTES. A stream that ends with its usage chunk, as OpenAI's do
+    when asked, is parsed twice, not once per event (streams/s in bench/README.md)."""
+
     def __init__(self, call: CallRecord, client_wants_usage: bool) -> None:
         self.call = call
         self.client_wants_usage = client_wants_usage
         self.done = False
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
 
     def __call__(self, event: bytes) -> bytes | None:
         data = sse_data(event)
@@ -58,6 +74,12 @@ class ChatChunkInspector:
         if data == DONE:
             self.done = True
             return event
+        if self.call.upstream_model is not None and _NO_USAGE in data:
+            self._pending.append(data)
+            self._pending_bytes += len(data)
+            if self._pending_bytes > _PENDING_MAX_BYTES:
+                self._collect_pending()
+            return event if self.client_wants_usage else event.replace(b',"usage":null', b"")
         try:
             chunk = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -70,6 +92,10 @@ class ChatChunkInspector:
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             call.usage = Usage.from_openai(usage)
+            # The usage counts the whole completion: the text kept for counting it is not needed.
+            self._pending.clear()
+        else:
+            self._collect_pending()
         choices = chunk.get("choices")
         if isinstance(choices, list):
             self._collect(choices)
@@ -78,6 +104,22 @@ class ChatChunkInspector:
         if not self.client_wants_usage:
             return event.replace(b',"usage":null', b"")
         return event
+
+    def finish(self) -> None:
+        if self.call.usage is None:
+            self._collect_pending()
+        self._pending.clear()
+
+    def _collect_pending(self) -> None:
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        for data in pending:
+            try:
+                chunk = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue
+            choices = chunk.get("choices") if isinstance(chunk, dict) else None
+            if isinstance(choices, list):
+                self._collect(choices)
 
     def _collect(self, choices: list[object]) -> None:
         for choice in choices:
@@ -141,6 +183,7 @@ async def relay_sse(
     except aiohttp.ClientError:
         failure = ("The upstream connection broke during the stream.", "upstream_stream_broken")
     finally:
+        inspect.finish()
         if inspect.done:
             response.release()
         else:
@@ -183,6 +226,9 @@ class ResponsesEventInspector:
         if kind in _TERMINAL or kind == "error":
             self.done = True
         return event
+
+    def finish(self) -> None:
+        return None
 
 
 def learn_response(call: CallRecord, response: dict[str, Any]) -> None:

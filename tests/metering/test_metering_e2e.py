@@ -9,6 +9,7 @@ import httpx
 import openai
 import pytest
 
+from app.metering import tokens
 from tests.db import usage_rows, wait_for_rows
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import MASTER_KEY, ThreadedGateway, wait_until
@@ -127,6 +128,31 @@ def test_client_disconnect_mid_stream_still_gives_one_row(
     # The role chunk and "alpha" and " beta" were relayed before the upstream went silent.
     assert row["completion_tokens"] == 2
     assert row["status_code"] == 200
+
+
+def test_a_long_stream_broken_off_before_its_usage_is_counted_from_every_relayed_delta(
+    client: openai.OpenAI, fake: FakeOpenAI, database_url: str
+) -> None:
+    """The relay leaves ordinary chunks unparsed while their usage may still come, and parses them once
+    that is no longer so, or once they pass its memory bound (64 KiB: ~200 KiB of chunks here)."""
+    request_id = rid()
+    fake.reply(chunks=[f" w{i}" for i in range(1500)])
+    fake.drop_mid_stream(after_chunks=1200)
+    stream = client.chat.completions.create(
+        model="gpt-4o",
+        messages=MESSAGES,  # type: ignore[arg-type]
+        stream=True,
+        extra_headers={"X-Request-Id": request_id},  # type: ignore[arg-type]
+    )
+    relayed: list[str] = []
+    with pytest.raises(openai.APIError):
+        for chunk in stream:
+            relayed.extend(c.delta.content or "" for c in chunk.choices)
+    assert len(relayed) > 1000
+    (row,) = wait_for_rows(database_url, request_id)
+    assert row["usage_source"] == "estimated"
+    assert row["completion_tokens"] == tokens.count_text("gpt-4o", "".join(relayed))
+    assert row["error_type"] == "upstream_stream_incomplete" or row["error_type"] == "upstream_stream_broken"
 
 
 def test_retries_give_one_row_with_the_attempts(
