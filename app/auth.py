@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from app.call import STATE_KEY, CallRecord
 from app.errors import GatewayError
 from app.keys import SECRET_PREFIX, ApiKey, KeyLookupUnavailable, KeyStore
 
@@ -20,6 +21,9 @@ class Principal:
     @property
     def key_id(self) -> str | None:
         return self.key.id if self.key is not None else None
+
+
+_MASTER = Principal(is_master=True)
 
 
 def _unauthorized(message: str) -> GatewayError:
@@ -41,7 +45,7 @@ async def authenticate(presented: str, master_key: str, keys: KeyStore) -> Princ
     # Constant-time comparison: the master key must not be guessable from response timing. Gateway keys
     # are looked up by their hash, which leaks nothing about the secret.
     if hmac.compare_digest(presented.encode(), master_key.encode()):
-        return Principal(is_master=True)
+        return _MASTER
     try:
         key = await keys.authenticate(presented) if presented.startswith(SECRET_PREFIX) else None
     except KeyLookupUnavailable:
@@ -60,7 +64,7 @@ async def require_principal(request: Request, headers: Mapping[str, str] | None 
         settings.master_key.get_secret_value(),
         request.app.state.keys,
     )
-    call = request.state.gateway_call
+    call: CallRecord = request.scope["state"][STATE_KEY]
     call.key = principal.key
     call.api_key_id = principal.key_id
     return principal

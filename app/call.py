@@ -33,30 +33,24 @@ class Usage:
     @classmethod
     def from_openai(cls, usage: dict[str, Any]) -> Usage:
         """Chat/embeddings usage (prompt_/completion_tokens) or Responses usage (input_/output_tokens)."""
-        prompt = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
-        completion = _int(usage.get("completion_tokens", usage.get("output_tokens")))
-        prompt_details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
-        completion_details = (
-            usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
-        )
-        total = usage.get("total_tokens")
+        get = usage.get
+        prompt = _int(get("prompt_tokens") if "prompt_tokens" in usage else get("input_tokens"))
+        completion = _int(get("completion_tokens") if "completion_tokens" in usage else get("output_tokens"))
+        prompt_details = get("prompt_tokens_details") or get("input_tokens_details")
+        completion_details = get("completion_tokens_details") or get("output_tokens_details")
+        total = get("total_tokens")
         return cls(
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            total_tokens=_int(total) if total is not None else prompt + completion,
-            cached_tokens=_int(prompt_details.get("cached_tokens"))
-            if isinstance(prompt_details, dict)
-            else 0,
-            reasoning_tokens=(
-                _int(completion_details.get("reasoning_tokens"))
-                if isinstance(completion_details, dict)
-                else 0
-            ),
+            prompt,
+            completion,
+            prompt + completion if total is None else _int(total),
+            _int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0,
+            _int(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else 0,
         )
 
 
 def _int(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+    # type() rather than isinstance(): True is an int too, and not a token count.
+    return value if type(value) is int and value >= 0 else 0
 
 
 @dataclass(slots=True)

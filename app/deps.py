@@ -22,7 +22,7 @@ def _settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(_settings)]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Gateway:
     """What a /v1 route works with: its authenticated caller and CallRecord, and the process's settings,
     policy (the one in force when the request arrived) and upstream client. One dependency instead of
