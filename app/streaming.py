@@ -33,8 +33,9 @@ DONE = b"[DONE]"
 class EventInspector(Protocol):
     done: bool
 
-    def __call__(self, event: bytes) -> bytes | None:
-        """Learn what metering needs from one event; return the bytes to relay, or None to keep it back."""
+    def relay(self, block: bytes) -> bytes:
+        """Learn what metering needs from the complete events of one upstream read (a block ending with
+        a blank line); return the bytes to relay. Events after the end of the stream are dropped."""
 
     def finish(self) -> None:
         """The stream is over (completed, broken off, or abandoned by the client)."""
@@ -58,7 +59,8 @@ class ChatChunkInspector:
     """Parses what metering needs and no more: the first chunk (the model), any chunk that may carry usage,
     and the text of the deltas only when it may be needed — no usage came by the end of the stream, or the
     unparsed chunks reached _PENDING_MAX_BYTES. A stream that ends with its usage chunk, as OpenAI's do
-    when asked, is parsed twice, not once per event (streams/s in bench/README.md)."""
+    when asked, is parsed twice, not once per event, and an ordinary chunk costs a few byte searches
+    (streams/s in bench/README.md)."""
 
     def __init__(self, call: CallRecord, client_wants_usage: bool) -> None:
         self.call = call
@@ -67,19 +69,34 @@ class ChatChunkInspector:
         self._pending: list[bytes] = []
         self._pending_bytes = 0
 
-    def __call__(self, event: bytes) -> bytes | None:
+    def relay(self, block: bytes) -> bytes:
+        relayed: list[bytes] = []
+        pending = self._pending
+        start = 0
+        while not self.done and (end := block.find(b"\n\n", start)) != -1:
+            event = block[start : end + 2]
+            start = end + 2
+            if self.call.upstream_model is not None and _NO_USAGE in event and event.startswith(b"data: "):
+                pending.append(event)
+                self._pending_bytes += len(event)
+                relayed.append(event)
+                continue
+            out = self._inspect(event)
+            if out is not None:
+                relayed.append(out)
+        if self._pending_bytes > _PENDING_MAX_BYTES:
+            self._collect_pending()
+        joined = b"".join(relayed)
+        # Taken out once for the whole block: the upstream sends it only because the gateway asked.
+        return joined if self.client_wants_usage else joined.replace(b',"usage":null', b"")
+
+    def _inspect(self, event: bytes) -> bytes | None:
         data = sse_data(event)
         if data is None:
             return event
         if data == DONE:
             self.done = True
             return event
-        if self.call.upstream_model is not None and _NO_USAGE in data:
-            self._pending.append(data)
-            self._pending_bytes += len(data)
-            if self._pending_bytes > _PENDING_MAX_BYTES:
-                self._collect_pending()
-            return event if self.client_wants_usage else event.replace(b',"usage":null', b"")
         try:
             chunk = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -101,8 +118,6 @@ class ChatChunkInspector:
             self._collect(choices)
             if not choices and isinstance(usage, dict) and not self.client_wants_usage:
                 return None
-        if not self.client_wants_usage:
-            return event.replace(b',"usage":null', b"")
         return event
 
     def finish(self) -> None:
@@ -111,8 +126,14 @@ class ChatChunkInspector:
         self._pending.clear()
 
     def _collect_pending(self) -> None:
-        pending, self._pending, self._pending_bytes = self._pending, [], 0
-        for data in pending:
+        # Emptied in place: relay() holds the list while it appends to it.
+        pending = self._pending.copy()
+        self._pending.clear()
+        self._pending_bytes = 0
+        for event in pending:
+            data = sse_data(event)
+            if data is None:
+                continue
             try:
                 chunk = orjson.loads(data)
             except orjson.JSONDecodeError:
@@ -156,19 +177,14 @@ async def relay_sse(
         while True:
             if b"\r" in buffer:
                 buffer = buffer.replace(b"\r\n", b"\n")
-            start = 0
-            relayed: list[bytes] = []
-            while (end := buffer.find(b"\n\n", start)) != -1:
-                event = buffer[start : end + 2]
-                start = end + 2
-                # Anything after [DONE] is not part of the answer.
-                out = None if inspect.done else inspect(event)
-                if out is not None:
-                    relayed.append(out)
-            buffer = buffer[start:]
-            if relayed:
-                call.mark_first_byte()
-                yield relayed[0] if len(relayed) == 1 else b"".join(relayed)
+            end = buffer.rfind(b"\n\n") + 2
+            if end > 1:
+                # Anything after the end of the stream ([DONE]) is not part of the answer.
+                out = b"" if inspect.done else inspect.relay(buffer[:end])
+                buffer = buffer[end:]
+                if out:
+                    call.mark_first_byte()
+                    yield out
             chunk = await response.content.readany()
             if not chunk:
                 break
@@ -208,16 +224,23 @@ class ResponsesEventInspector:
         self.call = call
         self.done = False
 
-    def __call__(self, event: bytes) -> bytes | None:
+    def relay(self, block: bytes) -> bytes:
+        start = 0
+        while not self.done and (end := block.find(b"\n\n", start)) != -1:
+            self._inspect(block[start : end + 2])
+            start = end + 2
+        return block[:start]
+
+    def _inspect(self, event: bytes) -> None:
         data = sse_data(event)
         if data is None:
-            return event
+            return
         try:
             payload = orjson.loads(data)
         except orjson.JSONDecodeError:
-            return event
+            return
         if not isinstance(payload, dict):
-            return event
+            return
         kind = payload.get("type")
         if kind in _TEXT_DELTAS and isinstance(payload.get("delta"), str):
             self.call.completion_parts.append(payload["delta"])
@@ -225,7 +248,6 @@ class ResponsesEventInspector:
             learn_response(self.call, payload["response"])
         if kind in _TERMINAL or kind == "error":
             self.done = True
-        return event
 
     def finish(self) -> None:
         return None
