@@ -14,7 +14,7 @@ from starlette.responses import Response
 from app.call import CallRecord, Usage
 from app.errors import GatewayError, RelayedError
 from app.policy import Candidate, UpstreamTarget
-from app.streaming import EventInspector, EventRelayResponse, collect_text, relay_sse
+from app.streaming import EventInspector, collect_text, sse_response
 from app.upstream import (
     UpstreamClient,
     UpstreamResponse,
@@ -208,4 +208,4 @@ def _answer(
         )
     assert inspector is not None
     # ping=0: OpenAI sends no keep-alive comments, and byte-for-byte relaying means we send none either.
-    return EventRelayResponse(relay_sse(response, call, inspector()), headers=headers)
+    return sse_response(response, call, inspector(), headers)

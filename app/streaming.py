@@ -166,8 +166,48 @@ def _error_event(message: str, code: str) -> bytes:
     return b"data: " + error_body(message, status=502, code=code) + b"\n\n"
 
 
+class DisconnectWatch:
+    """Cancels the relay at once when the client goes away, so the upstream stops generating (and
+    billing) tokens nobody reads. Its task is started only when the relay has to wait for the upstream:
+    while the upstream's bytes are already here there is nothing to cancel, and a short stream that
+    arrived whole needs no task at all."""
+
+    def __init__(self) -> None:
+        self.gone = False
+        self._receive: Receive | None = None
+        self._relay: asyncio.Task[Any] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    def arm(self, receive: Receive) -> None:
+        """Called by the response in the task that relays."""
+        self._receive = receive
+        self._relay = asyncio.current_task()
+
+    def start(self) -> None:
+        if self._watcher is None and self._receive is not None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(self._receive))
+
+    def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        if self._relay is not None:
+            self._relay.cancel()
+
+
+def sse_response(
+    upstream: UpstreamResponse, call: CallRecord, inspect: EventInspector, headers: Mapping[str, str]
+) -> EventRelayResponse:
+    watch = DisconnectWatch()
+    return EventRelayResponse(relay_sse(upstream, call, inspect, watch), headers, watch)
+
+
 async def relay_sse(
-    upstream: UpstreamResponse, call: CallRecord, inspect: EventInspector
+    upstream: UpstreamResponse, call: CallRecord, inspect: EventInspector, watch: DisconnectWatch
 ) -> AsyncIterator[bytes]:
     response = upstream.stream
     assert response is not None
@@ -185,9 +225,14 @@ async def relay_sse(
                 if out:
                     call.mark_first_byte()
                     yield out
-            chunk = await response.content.readany()
+            chunk = response.content.read_nowait()
             if not chunk:
-                break
+                if response.content.at_eof():
+                    break
+                watch.start()
+                chunk = await response.content.readany()
+                if not chunk:
+                    break
             buffer += chunk
         if not inspect.done:
             failure = ("The upstream ended the stream before it was complete.", "upstream_stream_incomplete")
@@ -266,8 +311,8 @@ def learn_response(call: CallRecord, response: dict[str, Any]) -> None:
 
 class EventRelayResponse(StreamingResponse):
     """An SSE response relaying an upstream stream: OpenAI's headers for it, the events sent as they come,
-    and one watcher task that cancels the relay at once on `http.disconnect` (the relay's `finally` then
-    closes the upstream response). sse-starlette was used here first; its constructor alone (an anyio lock
+    and a DisconnectWatch that cancels the relay on `http.disconnect` (the relay's `finally` then closes
+    the upstream response). sse-starlette was used here first; its constructor alone (an anyio lock
     found through sniffio, a MutableHeaders) took a tenth of the event loop relaying streams, and its
     per-stream task group another quarter (bench/README.md), while the gateway needs none of its event
     formatting or pings: OpenAI sends none, and the bytes are relayed as they are. No cancellation on
@@ -275,8 +320,11 @@ class EventRelayResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[bytes], headers: Mapping[str, str]) -> None:
+    def __init__(
+        self, events: AsyncIterator[bytes], headers: Mapping[str, str], watch: DisconnectWatch
+    ) -> None:
         super().__init__(events, headers={**_SSE_HEADERS, **headers})
+        self.watch = watch
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = self.body_iterator
@@ -290,29 +338,22 @@ class EventRelayResponse(StreamingResponse):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             await _close(body)
             return
-        relay = asyncio.current_task()
-        assert relay is not None
-        gone = asyncio.Event()
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            gone.set()
-            relay.cancel()
-
-        watcher = asyncio.get_running_loop().create_task(watch())
+        watch = self.watch
+        watch.arm(receive)
         try:
             await send(start)
             async for chunk in body:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            if not gone.is_set():
+            if not watch.gone:
                 raise
             # Our own cancellation, for a client that left: nothing more to send, and not an error.
-            relay.uncancel()
+            task = asyncio.current_task()
+            assert task is not None
+            task.uncancel()
         finally:
-            watcher.cancel()
+            watch.stop()
             await _close(body)
 
 

@@ -1,0 +1,171 @@
+"""The gateway's own cost per call, without the sockets: the ASGI app driven directly, the upstream client
+replaced by a canned answer (the same bytes nginx serves in `make bench`), metering on and off.
+
+    .venv/bin/python bench/inprocess.py [--calls 20000] [--concurrency 1] [--phases json,stream] [--profile]
+
+It measures what the throughput runs cannot isolate: microseconds of this process's CPU per call for
+everything between uvicorn and aiohttp (middleware, auth, parsing, policy, limits, relay, metering and the
+recorder's writes into a fresh Postgres database). Run-to-run spread is about 1 us, where wrk's is several
+percent. With --concurrency N, N calls are in flight at once, interleaved on the event loop as they are
+in a server under load. --profile prints cProfile's top functions (which inflates every figure ~3x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import os
+import pstats
+import tempfile
+import time
+from typing import Any
+
+import uvloop
+from harness import BENCH, JSON_BODY, STREAM_BODY, bench_db_url, create_db, drop_db
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from app.main import create_app
+from app.upstream import UpstreamResponse
+
+MASTER_KEY = "sk-bench-master-key-0001"
+ANSWERS = {"json": BENCH / "upstream" / "chat.json", "stream": BENCH / "upstream" / "stream.sse"}
+REQUESTS = {"json": JSON_BODY, "stream": STREAM_BODY}
+
+
+class _EndedStream:
+    """What relay_sse reads after the canned first bytes: the end of the stream."""
+
+    class content:
+        @staticmethod
+        def read_nowait() -> bytes:
+            return b""
+
+        @staticmethod
+        def at_eof() -> bool:
+            return True
+
+    def release(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+async def measure(phase: str, metering: bool, calls: int, concurrency: int, profile: bool) -> float:
+    os.environ["GATEWAY_METERING"] = "true" if metering else "false"
+    answer = ANSWERS[phase].read_bytes()
+    request = REQUESTS[phase].read_bytes()
+    content_type = "text/event-stream" if phase == "stream" else "application/json"
+    headers = CIMultiDictProxy(CIMultiDict({"Content-Type": content_type, "Server": "nginx"}))
+    app = create_app()
+    async with app.router.lifespan_context(app):  # type: ignore[attr-defined]
+
+        async def canned(*_: Any, call: Any, **__: Any) -> UpstreamResponse:
+            call.attempts += 1
+            if concurrency > 1:
+                await asyncio.sleep(0)  # as the real client would: other calls run meanwhile
+            if phase == "stream":
+                return UpstreamResponse(200, headers, answer, _EndedStream())  # type: ignore[arg-type]
+            return UpstreamResponse(200, headers, answer)
+
+        app.state.upstream.send = canned
+        scope_headers = [
+            (b"host", b"127.0.0.1:8000"),
+            (b"content-type", b"application/json"),
+            (b"authorization", f"Bearer {MASTER_KEY}".encode()),
+            (b"content-length", str(len(request)).encode()),
+        ]
+
+        async def one() -> None:
+            finished = asyncio.Event()
+            pending = [{"type": "http.request", "body": request, "more_body": False}]
+            status: list[int] = []
+
+            async def receive() -> dict[str, Any]:
+                if pending:
+                    return pending.pop()
+                await finished.wait()
+                return {"type": "http.disconnect"}
+
+            async def send(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.start":
+                    status.append(message["status"])
+                elif not message.get("more_body"):
+                    finished.set()
+
+            scope = {
+                "type": "http",
+                "asgi": {"version": "3.0"},
+                "http_version": "1.1",
+                "method": "POST",
+                "scheme": "http",
+                "path": "/v1/chat/completions",
+                "raw_path": b"/v1/chat/completions",
+                "query_string": b"",
+                "root_path": "",
+                "server": ("127.0.0.1", 8000),
+                "client": ("127.0.0.1", 50000),
+                "headers": scope_headers,
+                "state": {},
+            }
+            await app(scope, receive, send)
+            if status != [200]:
+                raise RuntimeError(f"the gateway answered {status}")
+
+        async def worker(n: int) -> None:
+            for _ in range(n):
+                await one()
+
+        await worker(2000)  # warm-up: caches, the recorder's connections
+        profiler = cProfile.Profile() if profile else None
+        started = time.process_time()
+        if profiler is not None:
+            profiler.enable()
+        await asyncio.gather(*(worker(calls // concurrency) for _ in range(concurrency)))
+        if profiler is not None:
+            profiler.disable()
+        cpu = time.process_time() - started
+        if profiler is not None:
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    return cpu / (calls // concurrency * concurrency) * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--calls", type=int, default=20000)
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--phases", default="json,stream")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    os.environ.update(
+        {
+            "GATEWAY_MASTER_KEY": MASTER_KEY,
+            "OPENAI_API_KEY": "sk-upstream-test",
+            "DATABASE_URL": bench_db_url(),
+            "GATEWAY_LOG_LEVEL": "warning",
+        }
+    )
+    create_db()
+    try:
+        for phase in args.phases.split(","):
+            figures = {}
+            for metering in (True, False):
+                with tempfile.TemporaryDirectory() as data_dir:
+                    os.environ["GATEWAY_DATA_DIR"] = data_dir
+                    figures[metering] = uvloop.run(
+                        measure(phase, metering, args.calls, args.concurrency, args.profile)
+                    )
+            on, off = figures[True], figures[False]
+            print(
+                f"{phase:6s} {args.concurrency:3d} in flight: metering on {on:6.1f} us CPU a call, "
+                f"off {off:6.1f} us; metering {on - off:+5.1f} us"
+            )
+    finally:
+        drop_db()
+
+
+if __name__ == "__main__":
+    main()
