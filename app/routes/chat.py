@@ -10,7 +10,7 @@ from starlette.responses import Response
 from app.deps import GatewayDep
 from app.errors import bad_request
 from app.relay import Payload, forward
-from app.routes.metered import read_metered
+from app.routes.metered import MeteredRequest, read_metered
 from app.streaming import ChatChunkInspector
 
 PATH = "/chat/completions"
@@ -35,8 +35,15 @@ def _check_messages(body: dict[str, Any]) -> None:
             )
 
 
-def _ask_for_usage(body: dict[str, Any]) -> bool:
-    """Make the upstream send its usage chunk; return whether the client itself asked for it."""
+# Appended to the client's own bytes when it set no stream_options: re-serialising the whole body would
+# cost orjson a few microseconds per kilobyte of prompt on every streamed call.
+_WITH_USAGE = b',"stream_options":{"include_usage":true}}'
+
+
+def _ask_for_usage(metered: MeteredRequest) -> tuple[bool, Payload]:
+    """Make the upstream send its usage chunk; return whether the client itself asked for it, and the
+    body to send."""
+    body = metered.body
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise bad_request(
@@ -44,19 +51,30 @@ def _ask_for_usage(body: dict[str, Any]) -> bool:
         )
     client_wants_usage = bool(options and options.get("include_usage") is True)
     body["stream_options"] = {**(options or {}), "include_usage": True}
-    return client_wants_usage
+    if not metered.modified:
+        if client_wants_usage:
+            return True, Payload(metered.raw, body)
+        raw = metered.raw.rstrip()
+        # A non-empty object (it has messages) without the key: adding it keeps the JSON valid.
+        if options is None and raw.endswith(b"}"):
+            return False, Payload(raw[:-1] + _WITH_USAGE, body)
+    return client_wants_usage, Payload(metered.raw, body, modified=True)
 
 
 async def chat_completions(request: Request, gw: GatewayDep) -> Response:
     call = gw.call
     metered = await read_metered(request, gw, "/v1" + PATH, _check_messages)
-    client_wants_usage = _ask_for_usage(metered.body) if call.stream else False
+    if call.stream:
+        client_wants_usage, payload = _ask_for_usage(metered)
+    else:
+        client_wants_usage = False
+        payload = Payload(metered.raw, metered.body, modified=metered.modified)
     return await forward(
         gw.upstream,
         call,
         metered.candidates,
         path=PATH,
-        payload=Payload(metered.raw, metered.body, modified=call.stream or metered.modified),
+        payload=payload,
         client_headers=gw.headers,
         inspector=(lambda: ChatChunkInspector(call, client_wants_usage)) if call.stream else None,
     )

@@ -6,6 +6,7 @@ import json
 
 import httpx
 import openai
+import orjson
 import pydantic
 
 from tests.fakes.openai_upstream import FakeOpenAI
@@ -126,6 +127,32 @@ def test_stream_without_include_usage_never_shows_the_usage_chunk(
     # ...while the upstream was asked for usage all the same.
     assert fake.requests[0].json["stream_options"] == {"include_usage": True}
     assert fake.requests[0].usage is not None
+
+
+def test_a_streamed_request_reaches_the_upstream_as_sent_plus_the_usage_option(
+    gateway: ThreadedGateway, fake: FakeOpenAI
+) -> None:
+    """Unknown fields, key order, spacing and number spelling survive: the option is appended to the
+    client's bytes; a client that set stream_options of its own gets them merged."""
+    fake.reply("ok")
+    fake.reply("ok")
+    sent = (
+        b'{"model": "gpt-4o",  "messages": [{"role": "user", "content": "Hi \\u00e9"}],'
+        b' "stream": true, "x_vendor": {"weights": [1.50, 2e3]}}\n'
+    )
+    merged = {"model": "gpt-4o", "messages": MESSAGES, "stream": True, "stream_options": {"extra": 1}}
+    with httpx.Client() as http:
+        for body in (sent, orjson.dumps(merged)):
+            response = http.post(
+                gateway.base_url + "/chat/completions",
+                content=body,
+                headers={"authorization": f"Bearer {MASTER_KEY}", "content-type": "application/json"},
+            )
+            assert response.status_code == 200
+            assert b"data: [DONE]" in response.content
+            assert b'"usage":{' not in response.content
+    assert fake.requests[0].body == sent.rstrip()[:-1] + b',"stream_options":{"include_usage":true}}'
+    assert fake.requests[1].json["stream_options"] == {"extra": 1, "include_usage": True}
 
 
 def test_stream_with_include_usage_relays_the_usage_chunk(client: openai.OpenAI, fake: FakeOpenAI) -> None:
