@@ -70,8 +70,19 @@ class ChatChunkInspector:
         self._pending_bytes = 0
 
     def relay(self, block: bytes) -> bytes:
-        relayed: list[bytes] = []
         pending = self._pending
+        if (
+            self.call.upstream_model is not None
+            and not self.done
+            and block.count(_NO_USAGE) == block.count(b"\n\n") == block.count(b"data: ")
+        ):
+            # Ordinary chunks only (the usual read of a live stream): kept whole, nothing to look at.
+            pending.append(block)
+            self._pending_bytes += len(block)
+            if self._pending_bytes > _PENDING_MAX_BYTES:
+                self._collect_pending()
+            return block if self.client_wants_usage else block.replace(b',"usage":null', b"")
+        relayed: list[bytes] = []
         start = 0
         while not self.done and (end := block.find(b"\n\n", start)) != -1:
             event = block[start : end + 2]
@@ -130,8 +141,9 @@ class ChatChunkInspector:
         pending = self._pending.copy()
         self._pending.clear()
         self._pending_bytes = 0
-        for event in pending:
-            data = sse_data(event)
+        # An entry is one ordinary chunk, or a block of them.
+        for event in (event for block in pending for event in block.split(b"\n\n") if event):
+            data = sse_data(event + b"\n\n")
             if data is None:
                 continue
             try:
