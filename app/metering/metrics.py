@@ -62,6 +62,45 @@ class _LabelledHistogram:
         return family
 
 
+class _UsageTotals:
+    """Tokens by kind and cost, per (model, feature): one dict lookup a call, expanded into the
+    gateway_tokens and gateway_cost_usd families at scrape time."""
+
+    _KINDS = ("prompt", "completion", "cached", "reasoning")
+
+    def __init__(self) -> None:
+        # per (model, feature): [prompt, completion, cached, reasoning tokens], cost in USD or None
+        self.values: dict[tuple[str, str], tuple[list[int], list[float | None]]] = {}
+
+    def add(self, key: tuple[str, str], event: UsageEvent) -> None:
+        entry = self.values.get(key)
+        if entry is None:
+            entry = self.values[key] = ([0, 0, 0, 0], [None])
+        counts = entry[0]
+        counts[0] += event.prompt_tokens
+        counts[1] += event.completion_tokens
+        counts[2] += event.cached_tokens
+        counts[3] += event.reasoning_tokens
+        if event.cost_units is not None:
+            entry[1][0] = (entry[1][0] or 0.0) + event.cost_units * COST_UNIT_USD
+
+    def families(self) -> Iterator[Metric]:
+        tokens = CounterMetricFamily(
+            "gateway_tokens", "Tokens by model, feature and kind", labels=("model", "feature", "kind")
+        )
+        cost = CounterMetricFamily(
+            "gateway_cost_usd", "Cost in USD by model and feature", labels=("model", "feature")
+        )
+        for (model, feature), (counts, (usd,)) in self.values.items():
+            for kind, count in zip(self._KINDS, counts, strict=True):
+                if count:
+                    tokens.add_metric((model, feature, kind), count)
+            if usd is not None:
+                cost.add_metric((model, feature), usd)
+        yield tokens
+        yield cost
+
+
 class _Collected(Collector):
     def __init__(self, read: Callable[[], Iterator[Metric]]) -> None:
         self._read = read
@@ -83,12 +122,7 @@ class Metrics:
             "gateway_time_to_first_byte_seconds", "Time to the first byte of the answer", ("route",)
         )
         self.attempts = _LabelledCounter("gateway_upstream_attempts", "Upstream attempts", ("route",))
-        self.tokens = _LabelledCounter(
-            "gateway_tokens", "Tokens by model, feature and kind", ("model", "feature", "kind")
-        )
-        self.cost = _LabelledCounter(
-            "gateway_cost_usd", "Cost in USD by model and feature", ("model", "feature")
-        )
+        self.usage = _UsageTotals()
         self.unknown_models = _LabelledCounter(
             "gateway_unknown_model_calls", "Calls to a model with no known price", ("model",)
         )
@@ -97,11 +131,10 @@ class Metrics:
             self.latency,
             self.ttfb,
             self.attempts,
-            self.tokens,
-            self.cost,
             self.unknown_models,
         )
         self.registry.register(_Collected(lambda: (metric.family() for metric in metrics)))
+        self.registry.register(_Collected(self.usage.families))
 
     def watch_recorder(self, read: Callable[[], dict[str, float]]) -> None:
         """Read at scrape time, so the request path never updates these."""
@@ -148,18 +181,7 @@ class Metrics:
             self.attempts.inc(key, call.attempts)
 
     def observe_usage(self, event: UsageEvent) -> None:
-        model = event.upstream_model or event.model or ""
-        feature = event.feature or ""
-        for kind, count in (
-            ("prompt", event.prompt_tokens),
-            ("completion", event.completion_tokens),
-            ("cached", event.cached_tokens),
-            ("reasoning", event.reasoning_tokens),
-        ):
-            if count:
-                self.tokens.inc((model, feature, kind), count)
-        if event.cost_units is not None:
-            self.cost.inc((model, feature), event.cost_units * COST_UNIT_USD)
+        self.usage.add((event.upstream_model or event.model or "", event.feature or ""), event)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
