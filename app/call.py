@@ -55,11 +55,14 @@ def _int(value: object) -> int:
 
 @dataclass(slots=True)
 class CallRecord:
+    # The gateway's own id (the usage row's unique key); the client's X-Request-Id, if it sent one, is
+    # client_request_id, echoed in the response and logged.
     request_id: str
     method: str
     path: str
     started: float = field(default_factory=time.perf_counter)
     created_at: float = field(default_factory=time.time)
+    client_request_id: str | None = None
     # Set by auth and attribution.
     key: ApiKey | None = None
     api_key_id: str | None = None

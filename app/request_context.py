@@ -45,8 +45,13 @@ class RequestContextMiddleware:
             return
         incoming = header(scope, b"x-request-id")
         valid = incoming is None or _REQUEST_ID.fullmatch(incoming) is not None
-        request_id = incoming if incoming is not None and valid else new_request_id()
-        call = CallRecord(request_id=request_id, method=scope["method"], path=scope["path"])
+        call = CallRecord(request_id=new_request_id(), method=scope["method"], path=scope["path"])
+        # The client's own id is echoed and logged, and kept on the usage row as client_request_id; the
+        # row's request_id, its unique key, is always the gateway's: a client that sends the same id twice
+        # (its own retries, say) must not lose the second call's usage.
+        request_id = call.request_id
+        if incoming is not None and valid:
+            request_id = call.client_request_id = incoming
         scope.setdefault("state", {})[STATE_KEY] = call
         token = request_id_var.set(request_id)
         id_header = (b"x-request-id", request_id.encode())

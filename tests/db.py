@@ -71,8 +71,12 @@ def fetch(url: str, sql: str, *args: Any) -> list[dict[str, Any]]:
 
 
 def usage_rows(url: str, *request_ids: str) -> list[dict[str, Any]]:
+    """Rows by the X-Request-Id the test sent (client_request_id), or by the gateway's own request_id."""
     return fetch(
-        url, "SELECT * FROM usage_events WHERE request_id = ANY($1::text[]) ORDER BY id", list(request_ids)
+        url,
+        "SELECT * FROM usage_events WHERE client_request_id = ANY($1::text[]) OR request_id = ANY($1::text[])"
+        " ORDER BY id",
+        list(request_ids),
     )
 
 
@@ -81,7 +85,8 @@ def wait_for_rows(url: str, *request_ids: str, timeout: float = 10.0) -> list[di
 
     def ready() -> list[dict[str, Any]] | None:
         rows = usage_rows(url, *request_ids)
-        return rows if {row["request_id"] for row in rows} >= set(request_ids) else None
+        found = {row["client_request_id"] or row["request_id"] for row in rows}
+        return rows if found >= set(request_ids) else None
 
     rows: list[dict[str, Any]] = wait_until(ready, timeout=timeout, interval=0.05)
     return rows

@@ -60,6 +60,8 @@ class UsageEvent(NamedTuple):
     error_type: str | None
     # The gateway dropped old messages to fit the feature's prompt budget.
     prompt_truncated: bool = False
+    # The caller's X-Request-Id, when it sent one (request_id is always the gateway's own).
+    client_request_id: str | None = None
 
     @property
     def cost_usd(self) -> Decimal | None:

@@ -84,4 +84,5 @@ def build_event(call: CallRecord, prices: PriceTable) -> UsageEvent:
         ttfb_ms=None if call.ttfb_s is None else round(call.ttfb_s * 1000),
         error_type=call.error_type,
         prompt_truncated=call.prompt_truncated,
+        client_request_id=call.client_request_id,
     )

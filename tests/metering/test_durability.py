@@ -31,7 +31,7 @@ def call(sdk: openai.OpenAI, request_id: str, stream: bool = False) -> None:
 
 def assert_exactly_once(url: str, request_ids: list[str]) -> None:
     rows = wait_for_rows(url, *request_ids, timeout=30)
-    assert sorted(row["request_id"] for row in rows) == sorted(request_ids)
+    assert sorted(row["client_request_id"] for row in rows) == sorted(request_ids)
     (daily,) = fetch(
         url, "SELECT COALESCE(SUM(requests), 0) AS n FROM usage_daily WHERE feature = 'durability'"
     )

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from app.metering import tokens
-from tests.db import usage_rows, wait_for_rows
+from tests.db import fetch, usage_rows, wait_for_rows
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import MASTER_KEY, ThreadedGateway, wait_until
 
@@ -153,6 +153,34 @@ def test_a_long_stream_broken_off_before_its_usage_is_counted_from_every_relayed
     assert row["usage_source"] == "estimated"
     assert row["completion_tokens"] == tokens.count_text("gpt-4o", "".join(relayed))
     assert row["error_type"] == "upstream_stream_incomplete" or row["error_type"] == "upstream_stream_broken"
+
+
+def test_two_calls_sent_with_the_same_request_id_both_land(
+    client: openai.OpenAI, fake: FakeOpenAI, database_url: str
+) -> None:
+    """A client may reuse its X-Request-Id (on its own retries, say): each call is billed, so each gets a
+    row under a gateway request_id of its own, both carrying the client's id and counted in usage_daily."""
+    request_id, feature = rid(), f"reuse-{uuid.uuid4().hex[:8]}"
+    echoed = []
+    for _ in range(2):
+        fake.reply("Hi!", usage=USAGE)
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            extra_headers={"X-Request-Id": request_id, "X-Feature": feature},  # type: ignore[arg-type]
+        )
+        echoed.append(raw.headers["x-request-id"])
+    assert echoed == [request_id, request_id]
+    rows = wait_until(lambda: rows if len(rows := usage_rows(database_url, request_id)) == 2 else None)
+    assert [row["client_request_id"] for row in rows] == [request_id, request_id]
+    assert len({row["request_id"] for row in rows}) == 2
+    assert all(row["request_id"].startswith("req_") for row in rows)
+    (daily,) = fetch(
+        database_url,
+        "SELECT sum(requests) AS n, sum(prompt_tokens) AS p FROM usage_daily WHERE feature = $1",
+        feature,
+    )
+    assert (daily["n"], daily["p"]) == (2, 2 * USAGE["prompt_tokens"])
 
 
 def test_retries_give_one_row_with_the_attempts(
