@@ -8,6 +8,7 @@ everything between uvicorn and aiohttp (middleware, auth, parsing, policy, limit
 recorder's writes into a fresh Postgres database). Run-to-run spread is about 1 us, where wrk's is several
 percent. With --concurrency N, N calls are in flight at once, interleaved on the event loop as they are
 in a server under load. --profile prints cProfile's top functions (which inflates every figure ~3x).
+It runs on CPU 0, as the proxies do in `make bench`.
 """
 
 from __future__ import annotations
@@ -148,6 +149,9 @@ def main() -> None:
             "GATEWAY_LOG_LEVEL": "warning",
         }
     )
+    # Pinned like the proxies in `make bench` (Postgres then runs on the other core): unpinned, the
+    # scheduler's placement of this process and Postgres moves the metered figure by 10 us and more.
+    os.sched_setaffinity(0, {0})
     create_db()
     try:
         for phase in args.phases.split(","):
