@@ -182,10 +182,13 @@ class DisconnectWatch:
     """Cancels the relay at once when the client goes away, so the upstream stops generating (and
     billing) tokens nobody reads. Its task is started only when the relay has to wait for the upstream:
     while the upstream's bytes are already here there is nothing to cancel, and a short stream that
-    arrived whole needs no task at all."""
+    arrived whole needs no task at all. `ended` tells the response that the bytes it is given are the
+    last of the answer, so it ends the response with them (one write, not two); the relay may still be
+    reading the upstream to its end then, so that the connection goes back to the pool."""
 
     def __init__(self) -> None:
         self.gone = False
+        self.ended = False
         self._receive: Receive | None = None
         self._relay: asyncio.Task[Any] | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -196,7 +199,8 @@ class DisconnectWatch:
         self._relay = asyncio.current_task()
 
     def start(self) -> None:
-        if self._watcher is None and self._receive is not None:
+        # Once the answer has ended there is nobody left to watch for.
+        if self._watcher is None and self._receive is not None and not self.ended:
             self._watcher = asyncio.get_running_loop().create_task(self._watch(self._receive))
 
     def stop(self) -> None:
@@ -234,6 +238,7 @@ async def relay_sse(
                 # Anything after the end of the stream ([DONE]) is not part of the answer.
                 out = b"" if inspect.done else inspect.relay(buffer[:end])
                 buffer = buffer[end:]
+                watch.ended = inspect.done
                 if out:
                     call.mark_first_byte()
                     yield out
@@ -252,9 +257,12 @@ async def relay_sse(
         call.client_disconnected = True
         raise
     except (TimeoutError, aiohttp.ServerTimeoutError):
-        failure = ("The upstream stopped sending events (read timeout).", "upstream_stream_timeout")
+        # After the end of the answer only the drain to the upstream's end failed: nothing is missing.
+        if not inspect.done:
+            failure = ("The upstream stopped sending events (read timeout).", "upstream_stream_timeout")
     except aiohttp.ClientError:
-        failure = ("The upstream connection broke during the stream.", "upstream_stream_broken")
+        if not inspect.done:
+            failure = ("The upstream connection broke during the stream.", "upstream_stream_broken")
     finally:
         inspect.finish()
         if inspect.done:
@@ -354,9 +362,13 @@ class EventRelayResponse(StreamingResponse):
         watch.arm(receive)
         try:
             await send(start)
+            ended = False
             async for chunk in body:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                if not ended:
+                    ended = watch.ended
+                    await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
+            if not ended:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if not watch.gone:
                 raise
