@@ -67,6 +67,12 @@ class Guard:
         self.clock = clock
         self._pending: set[asyncio.Task[None]] = set()
 
+    @staticmethod
+    def concerns(call: CallRecord) -> bool:
+        """Whether any key, feature or user scope applies (admit() would return None otherwise): checked
+        first, so a call without one does not pay for a coroutine."""
+        return call.key is not None or call.feature is not None or call.user_id is not None
+
     def _caps(self, call: CallRecord, config: GatewayConfig) -> list[tuple[str, Caps]]:
         caps: list[tuple[str, Caps]] = []
         key = call.key

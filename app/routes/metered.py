@@ -58,9 +58,11 @@ async def read_metered(
         call.prompt_truncated = fitted.truncated
         prompt_tokens = fitted.prompt_tokens
     state = request.app.state
-    call.admission = await state.guard.admit(
-        call, policy.config, state.prices, model, prompt_tokens, completion_allowance(body)
-    )
+    guard = state.guard
+    if guard.concerns(call):
+        call.admission = await guard.admit(
+            call, policy.config, state.prices, model, prompt_tokens, completion_allowance(body)
+        )
     call.endpoint = endpoint
     call.request_body = body
     call.stream = body.get("stream") is True
