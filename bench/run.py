@@ -305,15 +305,10 @@ class Runner:
             self.settle(target, proc, "the profiled run")
         if target.workers > 1:
             return
-        if res["rps_32"] < OFFERED_RPS * 1.2:
-            res["latency"] = {"skipped": f"capacity {res['rps_32']:.0f} req/s"}
-            return
-        lat = res["latency"] = self.measured(
-            f"{target.key}, {OFFERED_RPS:g} req/s open loop",
-            proc,
-            lambda: self.open_loop(port, key, stream=False),
-        )
-        log(f"  {OFFERED_RPS:g} req/s: p50 {lat['p50_ms']} p99 {lat['p99_ms']} ms, failed {lat['failed']}")
+        lat = res["latency"] = self.fixed_rate(target, proc, port, res["rps_32"], stream=False)
+        if "skipped" not in lat:
+            figures = f"p50 {lat['p50_ms']} p99 {lat['p99_ms']} ms, failed {lat['failed']}"
+            log(f"  {OFFERED_RPS:g} req/s: {figures}")
 
     def stream_work(self, target: Target, port: int, proc: Proc | None) -> None:
         self.wrk(port, target.client_key, 32, min(1.0, self.args.duration), stream=True)
@@ -340,15 +335,23 @@ class Runner:
         log(f"  {STREAMS} at once: complete {b['complete']}, TTFB p99 {b['ttfb_p99_ms']} ms")
         self.settle(target, proc, f"{STREAMS} streams")
         capacity = self.results.get(target.key, {}).get("streams_per_s")
+        s = res["stream_latency"] = self.fixed_rate(target, proc, port, capacity, stream=True)
+        if "skipped" not in s:
+            log(f"  {OFFERED_RPS:g} streams/s: TTFB p50 {s['ttfb_p50_ms']} p99 {s['ttfb_p99_ms']} ms")
+
+    def fixed_rate(
+        self, target: Target, proc: Proc | None, port: int, capacity: float | None, *, stream: bool
+    ) -> dict[str, Any]:
+        """The open-loop run at OFFERED_RPS, or why it was skipped: a target that cannot sustain the rate
+        would only measure its own queue."""
+        unit = "streams/s" if stream else "req/s"
         if capacity is not None and capacity < OFFERED_RPS * 1.2:
-            res["stream_latency"] = {"skipped": f"capacity {capacity:.0f} streams/s"}
-            return
-        s = res["stream_latency"] = self.measured(
-            f"{target.key}, {OFFERED_RPS:g} streams/s open loop",
+            return {"skipped": f"capacity {capacity:.0f} {unit}"}
+        return self.measured(
+            f"{target.key}, {OFFERED_RPS:g} {unit} open loop",
             proc,
-            lambda: self.open_loop(port, key, stream=True),
+            lambda: self.open_loop(port, target.client_key, stream=stream),
         )
-        log(f"  {OFFERED_RPS:g} streams/s: TTFB p50 {s['ttfb_p50_ms']} p99 {s['ttfb_p99_ms']} ms")
 
     def profile(self, proc: Proc, port: int, key: str, *, stream: bool) -> None:
         py_spy, name = ensure_py_spy(), "stream" if stream else "json"
