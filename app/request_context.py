@@ -22,9 +22,8 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:~+/=-]{1,128}")
 
 
 def new_request_id() -> str:
-    # 128 random bits, as uuid4 has, at a quarter of its cost (uuid4 was 2% of the event loop). Not a
-    # counter: an id a client could predict is one it could send as its own X-Request-Id ahead of another
-    # caller's request, and the usage row is unique by request id.
+    # 128 random bits, as uuid4 has, at a quarter of its cost (uuid4 was 2% of the event loop). It keys
+    # the usage row, so it must be unique across workers, replicas and restarts without coordination.
     return "req_" + os.urandom(16).hex()
 
 

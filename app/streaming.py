@@ -1,6 +1,6 @@
 """SSE relay: upstream events go to the client as they arrive, byte for byte. The complete events of one
-upstream read go out in one write, so a burst of small events costs one send instead of one each (streams/s
-+N% in bench/README.md); nothing is ever held back waiting for more.
+upstream read go out in one write, so a burst of small events costs one send instead of one each
+(bench/README.md, optimisation log); nothing is ever held back waiting for more.
 
 Divergences from a plain byte pipe, each deliberate:
 1. The gateway always asks the upstream for usage (`stream_options.include_usage`). When the client did
@@ -70,36 +70,37 @@ class ChatChunkInspector:
         self._pending_bytes = 0
 
     def relay(self, block: bytes) -> bytes:
-        pending = self._pending
-        if (
-            self.call.upstream_model is not None
-            and not self.done
-            and block.count(_NO_USAGE) == block.count(b"\n\n") == block.count(b"data: ")
-        ):
-            # Ordinary chunks only (the usual read of a live stream): kept whole, nothing to look at.
-            pending.append(block)
-            self._pending_bytes += len(block)
-            if self._pending_bytes > _PENDING_MAX_BYTES:
-                self._collect_pending()
-            return block if self.client_wants_usage else block.replace(b',"usage":null', b"")
         relayed: list[bytes] = []
-        start = 0
-        while not self.done and (end := block.find(b"\n\n", start)) != -1:
-            event = block[start : end + 2]
-            start = end + 2
-            if self.call.upstream_model is not None and _NO_USAGE in event and event.startswith(b"data: "):
-                pending.append(event)
-                self._pending_bytes += len(event)
-                relayed.append(event)
-                continue
-            out = self._inspect(event)
-            if out is not None:
-                relayed.append(out)
+        if self._ordinary(block):
+            # The usual read of a live stream: kept whole, nothing to look at event by event.
+            relayed.append(self._keep(block))
+        else:
+            start = 0
+            while not self.done and (end := block.find(b"\n\n", start)) != -1:
+                event = block[start : end + 2]
+                start = end + 2
+                out = self._keep(event) if self._ordinary(event) else self._inspect(event)
+                if out is not None:
+                    relayed.append(out)
         if self._pending_bytes > _PENDING_MAX_BYTES:
             self._collect_pending()
         joined = b"".join(relayed)
         # Taken out once for the whole block: the upstream sends it only because the gateway asked.
         return joined if self.client_wants_usage else joined.replace(b',"usage":null', b"")
+
+    def _ordinary(self, events: bytes) -> bool:
+        """Only chunks without usage, once the model is known: nothing metering needs now."""
+        return (
+            self.call.upstream_model is not None
+            and not self.done
+            and events.count(_NO_USAGE) == events.count(b"\n\n") == events.count(b"data: ")
+        )
+
+    def _keep(self, events: bytes) -> bytes:
+        """Kept unparsed, for their text in case no usage comes."""
+        self._pending.append(events)
+        self._pending_bytes += len(events)
+        return events
 
     def _inspect(self, event: bytes) -> bytes | None:
         data = sse_data(event)
@@ -137,10 +138,7 @@ class ChatChunkInspector:
         self._pending.clear()
 
     def _collect_pending(self) -> None:
-        # Emptied in place: relay() holds the list while it appends to it.
-        pending = self._pending.copy()
-        self._pending.clear()
-        self._pending_bytes = 0
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
         # An entry is one ordinary chunk, or a block of them.
         for event in (event for block in pending for event in block.split(b"\n\n") if event):
             data = sse_data(event + b"\n\n")
