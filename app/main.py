@@ -141,7 +141,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             await recorder.start()
             app_metrics.watch_recorder(recorder.stats)
-            app.state.meter = Meter(recorder, app.state.prices, app_metrics, guard)
+        app.state.meter = Meter(recorder, app.state.prices, app_metrics, guard)
         # Everything made at start-up (modules, tokenizer tables, settings) lives as long as the process:
         # out of the collector's sight, and fewer collections of the short-lived objects each request
         # makes (a request allocates hundreds of objects; the default threshold collects every 700).

@@ -3,28 +3,31 @@
 Only the events actually inserted (ON CONFLICT (request_id) DO NOTHING ... RETURNING) are added to
 usage_daily, so a replayed batch neither duplicates a row nor double counts a total.
 
-Postgres: COPY into a session temp table, then one statement that inserts the events and adds the rows it
-inserted to usage_daily. Measured on the 2-core dev box, 200k events in batches of 2,000, events only:
-COPY + INSERT ... SELECT ~37k events/s, INSERT ... SELECT FROM unnest($1::text[], ...) ~31k, SQLAlchemy's
-executemany ~23k. Summing the rollup in that statement instead of in Python (RETURNING request_id, then
-an unnest upsert) took bench/recorder_bench.py from ~24k to ~30k events/s with one writer, and keeps
-~3 us per event of aggregation off the gateway's event loop.
-SQLite (no data-modifying CTEs): the inserted request_ids come back and Python sums them, then the same
-INSERT ... ON CONFLICT DO UPDATE.
+Postgres: the batch's lines (events.py) go as they are, by COPY, into a session temp table with one jsonb
+column; then one statement takes the fields out of each line, inserts the events and adds the rows it
+inserted to usage_daily. The gateway encodes nothing per row here: Postgres parses the lines (before
+lines, asyncpg's COPY encoding of each event's fields cost the gateway ~1.6 us an event). Measured
+earlier on the 2-core dev box, 200k events in batches of 2,000, events only: COPY + INSERT ... SELECT
+~37k events/s, INSERT ... SELECT FROM unnest($1::text[], ...) ~31k, SQLAlchemy's executemany ~23k.
+Summing the rollup in that statement instead of in Python keeps the aggregation off the gateway's event
+loop.
+SQLite (no data-modifying CTEs): the lines are parsed here, the inserted request_ids come back and Python
+sums them, then the same INSERT ... ON CONFLICT DO UPDATE.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, date
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import sqlite
+from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.db.models import usage_daily, usage_events
-from app.metering.events import COST_EXPONENT, UsageEvent, cost_to_usd
+from app.metering.events import COST_EXPONENT, Batch, UsageEvent, cost_to_usd
 
 EVENT_COLUMNS = UsageEvent._fields
 # usage_events' columns, in the order of EVENT_COLUMNS: the event's integer cost_units is cost_usd there.
@@ -33,22 +36,32 @@ TABLE_COLUMNS = tuple("cost_usd" if c == "cost_units" else c for c in EVENT_COLU
 _DAILY_KEY = ("day", "feature", "user_id", "model")
 _DAILY_SUMS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd")
 
-_STAGE = "usage_events_stage"
+_STAGE = "usage_event_lines"
 # ON COMMIT DELETE ROWS: the table lives as long as the pooled connection and is empty in every batch.
-# The cost arrives as an integer (it encodes in half the time of a numeric) and becomes dollars in SQL.
-_PG_CREATE_STAGE = (
-    f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} ON COMMIT DELETE ROWS AS SELECT "
-    + ", ".join("NULL::bigint AS cost_units" if c == "cost_units" else c for c in EVENT_COLUMNS)
-    + " FROM usage_events WITH NO DATA"
-)
-_COST_USD = f"cost_units * 1e{COST_EXPONENT}::numeric"
-# ORDER BY in the rollup: every writer locks usage_daily rows in the same order, so two gateway workers
-# adding to the same rows wait for each other instead of deadlocking. The data-modifying CTEs run
-# exactly once whatever the final SELECT reads.
+_PG_CREATE_STAGE = f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (line jsonb) ON COMMIT DELETE ROWS"
+# CSV with a quote and a delimiter JSON text never holds raw (orjson escapes every control character),
+# so each line is one value, taken verbatim: text format would read JSON's backslash escapes as its own.
+_PG_COPY_OPTIONS = {"format": "csv", "quote": "\x01", "delimiter": "\x02"}
+
+
+def _field(index: int, name: str) -> str:
+    value = f"(line->>{index})"
+    if name == "cost_units":
+        # The cost arrives as an integer number of units and becomes dollars here.
+        return f"{value}::bigint * 1e{COST_EXPONENT}::numeric"
+    sql_type = usage_events.c[name].type.compile(dialect=PGDialect())  # type: ignore[no-untyped-call]
+    return value if sql_type == "TEXT" else f"{value}::{sql_type}"
+
+
+_FIELDS = ", ".join(_field(i, name) for i, name in enumerate(EVENT_COLUMNS))
+# DISTINCT ON: one event per request_id (a replayed spool can repeat one within a batch). ORDER BY, in the
+# events and in the rollup: every writer takes its locks in the same order, so two gateway workers
+# writing the same rows wait for each other instead of deadlocking. The data-modifying CTEs run exactly
+# once whatever the final SELECT reads.
 _PG_WRITE = f"""
 WITH inserted AS (
     INSERT INTO usage_events ({", ".join(TABLE_COLUMNS)})
-    SELECT {", ".join(_COST_USD if c == "cost_units" else c for c in EVENT_COLUMNS)} FROM {_STAGE}
+    SELECT DISTINCT ON (line->>0) {_FIELDS} FROM {_STAGE} ORDER BY line->>0
     ON CONFLICT (request_id) DO NOTHING
     RETURNING created_at, feature, user_id, model, prompt_tokens, completion_tokens, total_tokens, cost_usd
 ), rollup AS (
@@ -69,15 +82,14 @@ SELECT count(*) FROM inserted
 _REJECTED_SQLSTATE_CLASSES = frozenset({"22", "23", "54"})
 
 
-async def write_batch(engine: AsyncEngine, events: Sequence[UsageEvent]) -> int:
+async def write_batch(engine: AsyncEngine, batch: Batch) -> int:
     """Insert the events not stored yet and add exactly those to usage_daily, in one transaction.
     Returns how many were inserted."""
-    unique = _prepare(events)
     async with engine.connect() as conn:
         try:
             if conn.dialect.name == "postgresql":
-                return await _write_postgres(conn, unique)
-            return await _write_sqlite(conn, unique)
+                return await _write_postgres(conn, batch)
+            return await _write_sqlite(conn, _prepare(batch.events()))
         except BaseException:
             # The connection may be mid-statement (a timeout cancelled us) or in an aborted transaction;
             # it must not go back to the pool.
@@ -100,21 +112,26 @@ def is_rejected_data(exc: BaseException) -> bool:
 
 
 def _prepare(events: Sequence[UsageEvent]) -> list[UsageEvent]:
-    """One event per request_id (on SQLite both copies would match the RETURNING set and count twice),
-    sorted by request_id so concurrent writers take unique-index locks in the same order."""
+    """What _PG_WRITE's DISTINCT ON and ORDER BY do: one event per request_id (on SQLite both copies would
+    match the RETURNING set and count twice), sorted by request_id."""
     unique: dict[str, UsageEvent] = {}
     for e in events:
         unique.setdefault(e.request_id, e)
     return [unique[k] for k in sorted(unique)]
 
 
-async def _write_postgres(conn: AsyncConnection, events: list[UsageEvent]) -> int:
+async def _write_postgres(conn: AsyncConnection, batch: Batch) -> int:
     # asyncpg directly: SQLAlchemy has no COPY.
     pg = (await conn.get_raw_connection()).driver_connection
     assert pg is not None, "a checked-out connection has a driver connection"
+
+    async def source() -> AsyncIterator[bytes]:
+        # An async iterable, not a file object: asyncpg reads those through a thread.
+        yield batch.data
+
     async with pg.transaction():
         await pg.execute(_PG_CREATE_STAGE)
-        await pg.copy_records_to_table(_STAGE, records=events, columns=EVENT_COLUMNS)
+        await pg.copy_to_table(_STAGE, source=source(), columns=["line"], **_PG_COPY_OPTIONS)
         inserted: int = await pg.fetchval(_PG_WRITE)
     return inserted
 

@@ -1,13 +1,18 @@
 """One metered call as the recorder persists it: a row of `usage_events`, or a line of the spool.
 
-A NamedTuple in the order of the COPY columns, with the cost as an integer number of 1e-10 USD: building
-one costs a fifth of a frozen dataclass, it goes to COPY as it is, and an integer encodes in half the time
-of a Decimal (bench/README.md, "metering" steps). The spool keeps the dollar amount as a decimal string,
-as it always has.
+A NamedTuple in the order of the table's columns, with the cost as an integer number of 1e-10 USD. The
+recorder holds, writes and spools events as *lines*: each a JSON array of the fields in that order
+(`to_line`), queued one after another in a single buffer. On a saturated core, every object a request
+leaves alive or builds field by field costs several times its own run time in what it does to the
+caches; one small bytes object appended to a buffer and dropped costs about nothing (bench/README.md,
+"The metering gap"). Postgres takes the lines as they are (COPY into a jsonb column). Spool files written
+before lines existed hold one JSON object per event (`to_json`, still written for the rejected file an
+operator reads); `from_line` reads both.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal, NamedTuple
@@ -67,6 +72,29 @@ class UsageEvent(NamedTuple):
     def cost_usd(self) -> Decimal | None:
         return cost_to_usd(self.cost_units)
 
+    def to_line(self) -> bytes:
+        """The event as a JSON array of its fields, newline-terminated; the cost in units, exact."""
+        return orjson.dumps(tuple(self), option=orjson.OPT_APPEND_NEWLINE)
+
+    @classmethod
+    def from_line(cls, line: bytes) -> UsageEvent:
+        """A line of either form, to_line's array or to_json's object. Raises ValueError on any malformed
+        line (a torn write at a crash leaves one)."""
+        if line.lstrip()[:1] == b"{":
+            return cls.from_json(line)
+        try:
+            values = orjson.loads(line)
+            if not isinstance(values, list):
+                raise TypeError("not an array")
+            created_at = datetime.fromisoformat(values[1])
+            if created_at.utcoffset() is None:
+                raise ValueError("naive created_at")
+            values[1] = created_at
+            # A newer version's line has more fields: the ones this version knows come first.
+            return cls(*values[: len(cls._fields)])
+        except (IndexError, TypeError) as exc:
+            raise ValueError(f"malformed usage event: {type(exc).__name__}") from None
+
     def to_json(self) -> bytes:
         """One line of JSON without the newline; the cost in USD as a string, so no precision is lost."""
         data: dict[str, Any] = self._asdict()
@@ -98,3 +126,25 @@ class UsageEvent(NamedTuple):
 
 _SPOOLED = tuple(name for name in UsageEvent._fields if name not in ("created_at", "cost_units"))
 _DEFAULTED = frozenset(UsageEvent._field_defaults)
+
+
+class Batch(NamedTuple):
+    """Events as to_line() writes them, one after another: what the recorder queues, writes and spools."""
+
+    data: bytes
+    size: int
+
+    @classmethod
+    def of(cls, events: Sequence[UsageEvent]) -> Batch:
+        return cls(b"".join(e.to_line() for e in events), len(events))
+
+    def lines(self) -> list[bytes]:
+        return self.data.splitlines(keepends=True)
+
+    def events(self) -> list[UsageEvent]:
+        return [UsageEvent.from_line(line) for line in self.lines()]
+
+    def halves(self) -> tuple[Batch, Batch]:
+        lines = self.lines()
+        middle = len(lines) // 2
+        return Batch(b"".join(lines[:middle]), middle), Batch(b"".join(lines[middle:]), len(lines) - middle)

@@ -29,7 +29,9 @@ class EventSink(Protocol):
 
 
 class Meter:
-    """What the middleware needs at the end of a response; made in the lifespan."""
+    """What the middleware needs at the end of a response; made in the lifespan. Without a recorder
+    (GATEWAY_METERING=false) there are no usage events, but requests are still counted in /metrics and
+    the limits still settle what they reserved."""
 
     def __init__(
         self, recorder: EventSink | None, prices: PriceTable, metrics: Metrics, guard: Guard
@@ -44,11 +46,13 @@ class Meter:
         self.metrics.observe_request(route, call, time.perf_counter() - call.started)
         if call.endpoint is None or (call.metered_only_with_usage and call.usage is None):
             return
+        if self.recorder is None and call.admission is None:
+            return
         event = build_event(call, self.prices)
-        self.metrics.observe_usage(event)
         if call.admission is not None:
             self.guard.settle(call.admission, event.total_tokens, event.cost_usd)
         if self.recorder is not None:
+            self.metrics.observe_usage(event)
             self.recorder.submit(event)
 
 

@@ -21,13 +21,12 @@ import contextlib
 import logging
 import random
 import time
-from collections import deque
 from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db.usage_writer import is_rejected_data, write_batch
-from app.metering.events import UsageEvent
+from app.metering.events import Batch, UsageEvent
 from app.metering.spool import Spool
 
 log = logging.getLogger("gateway.metering.recorder")
@@ -59,15 +58,18 @@ class Recorder:
         self._write_timeout_s = write_timeout_s
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
-        # A deque and two events rather than an asyncio.Queue: submit() is an append, not a put_nowait
-        # that looks for getters to wake (a microsecond a request, measured). submit() bounds it.
-        self._queue: deque[UsageEvent] = deque()
+        # The queue: events as lines in one buffer, and how many (submit() bounds it). Not a queue of
+        # objects: those kept alive until the next write cost the request path several microseconds
+        # each on a saturated core (events.py). Two asyncio events wake the writer rather than an
+        # asyncio.Queue's put_nowait, which looks for getters to wake on every call.
+        self._buffer = bytearray()
+        self._queued = 0
         self._has_events = asyncio.Event()
         # Two batches in flight keep both cores busy, Postgres on one while this process prepares the
         # next: bench/recorder_bench.py went from ~30k to ~50k events/s. SQLite has one writer at a time.
         sqlite = engine.dialect.name == "sqlite"
         self._write_slots = asyncio.Semaphore(1 if sqlite else concurrent_writes)
-        self._inflight: dict[asyncio.Task[None], list[UsageEvent]] = {}
+        self._inflight: dict[asyncio.Task[None], Batch] = {}
         self._db_ok = True
         self._closed = False
         self._replay_wanted = asyncio.Event()
@@ -93,18 +95,18 @@ class Recorder:
         """Never raises, never awaits, so it is safe from a request task being cancelled. With the queue
         full it writes the event's line to the spool file (the page cache, no fsync) instead."""
         try:
-            queue = self._queue
-            if self._closed or len(queue) >= self._max_queue:
+            if self._closed or self._queued >= self._max_queue:
                 # Not fsynced here, which could block the event loop: the writer or the replay task
                 # does it soon after (nobody does once closed, but the page cache outlives the process).
-                self._spool.append([event], sync=False)
+                self._spool.append(Batch.of([event]), sync=False)
                 self.events_spooled += 1
                 self._replay_wanted.set()
             else:
-                queue.append(event)
-                if len(queue) == 1:
+                self._buffer += event.to_line()
+                self._queued += 1
+                if self._queued == 1:
                     self._has_events.set()
-                elif len(queue) >= self._batch_size:
+                elif self._queued >= self._batch_size:
                     self._batch_ready.set()
         except Exception as exc:
             self._lost(1, exc)
@@ -121,24 +123,24 @@ class Recorder:
         await _cancel(self._replayer)
         # Try the database once more even if the replay task has not yet seen it come back.
         self._db_ok = True
-        leftovers: list[UsageEvent] = []
+        leftovers: list[Batch] = []
         if self._writer is not None:
             _, pending = await asyncio.wait({self._writer}, timeout=timeout_s)
             if pending:
                 # Batches still being written are spooled too; one may yet commit, and its replay
                 # will then insert nothing.
-                leftovers = [e for batch in self._inflight.values() for e in batch]
+                leftovers = list(self._inflight.values())
                 await _cancel(self._writer)
                 for task in list(self._inflight):
                     await _cancel(task)
-        leftovers += self._queue
-        self._queue.clear()
-        if leftovers:
-            await self._spool_batch(leftovers)
+        leftovers.append(self._take())
+        for batch in leftovers:
+            if batch.size:
+                await self._spool_batch(batch)
         await asyncio.to_thread(self._spool.seal)
 
     def queue_depth(self) -> int:
-        return len(self._queue)
+        return self._queued
 
     def spool_events(self) -> int:
         """Events in spool files this process wrote or is replaying, not yet in the database."""
@@ -165,7 +167,7 @@ class Recorder:
             # can always find it.
             await self._write_slots.acquire()
             batch, stop = await self._next_batch()
-            if batch:
+            if batch.size:
                 task = asyncio.create_task(self._write_or_spool(batch))
                 self._inflight[task] = batch
                 task.add_done_callback(self._write_done)
@@ -182,26 +184,30 @@ class Recorder:
         del self._inflight[task]
         self._write_slots.release()
 
-    async def _next_batch(self) -> tuple[list[UsageEvent], bool]:
-        """Up to batch_size events: what is queued now plus what arrives within flush_interval_s of the
-        first. True once closed and nothing is left.
+    async def _next_batch(self) -> tuple[Batch, bool]:
+        """What is queued now plus what arrives within flush_interval_s of the first, or until
+        batch_size events are waiting. True once closed (everything queued is in the batch).
 
         The batch fills while the writer sleeps: waking it for every event (a queue get under a timeout
         per event) cost more than the rest of the metering together (bench/README.md). submit() and
         close() wake it early when a full batch is waiting, or to finish."""
-        queue = self._queue
-        while not queue and not self._closed:
+        while not self._queued and not self._closed:
             self._has_events.clear()
             await self._has_events.wait()
-        if len(queue) < self._batch_size and not self._closed:
+        if self._queued < self._batch_size and not self._closed:
             self._batch_ready.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._flush_interval_s):
                     await self._batch_ready.wait()
-        batch = [queue.popleft() for _ in range(min(len(queue), self._batch_size))]
-        return batch, self._closed and not queue
+        return self._take(), self._closed
 
-    async def _write_or_spool(self, batch: list[UsageEvent]) -> None:
+    def _take(self) -> Batch:
+        batch = Batch(bytes(self._buffer), self._queued)
+        self._buffer.clear()
+        self._queued = 0
+        return batch
+
+    async def _write_or_spool(self, batch: Batch) -> None:
         if self._db_ok:
             try:
                 await self._store(batch)
@@ -213,43 +219,42 @@ class Recorder:
         await self._spool_batch(batch)
         self._replay_wanted.set()
 
-    async def _store(self, events: list[UsageEvent]) -> None:
-        """Write events, rejecting those the database refuses; raises when it is unavailable."""
+    async def _store(self, batch: Batch) -> None:
+        """Write a batch, rejecting the events the database refuses; raises when it is unavailable."""
         try:
             async with asyncio.timeout(self._write_timeout_s):
-                inserted = await write_batch(self._engine, events)
+                inserted = await write_batch(self._engine, batch)
         except Exception as exc:
             if not is_rejected_data(exc):
                 raise
-            if len(events) == 1:
-                await self._reject(events, exc)
+            if batch.size == 1:
+                await self._reject(batch, exc)
             else:
-                middle = len(events) // 2
-                await self._store(events[:middle])
-                await self._store(events[middle:])
+                for half in batch.halves():
+                    await self._store(half)
         else:
             # Not `+= await write_batch(...)`, which reads the counter before the await and so loses
             # what the other task (writer or replay) added meanwhile.
             self.events_written += inserted
 
-    async def _reject(self, events: list[UsageEvent], exc: Exception) -> None:
+    async def _reject(self, batch: Batch, exc: Exception) -> None:
         log.error(
             "the database refused a usage event (%s); kept in the spool's rejected file", _describe(exc)
         )
         try:
-            await asyncio.to_thread(self._spool.reject, events)
+            await asyncio.to_thread(self._spool.reject, batch)
         except Exception as write_exc:
-            self._lost(len(events), write_exc)
+            self._lost(batch.size, write_exc)
             return
-        self.events_rejected += len(events)
+        self.events_rejected += batch.size
 
-    async def _spool_batch(self, batch: list[UsageEvent]) -> None:
+    async def _spool_batch(self, batch: Batch) -> None:
         try:
             await asyncio.to_thread(self._spool.append, batch)
         except Exception as exc:
-            self._lost(len(batch), exc)
+            self._lost(batch.size, exc)
             return
-        self.events_spooled += len(batch)
+        self.events_spooled += batch.size
 
     def _lost(self, count: int, exc: Exception) -> None:
         self.events_lost += count
@@ -308,16 +313,16 @@ class Recorder:
                 # the offset, so a restart replays the whole file (duplicates are skipped).
                 offset = self._replay_offsets.get(path, 0)
                 while True:
-                    events, end, malformed = await asyncio.to_thread(
+                    batch, end, malformed = await asyncio.to_thread(
                         claimed.read_batch, offset, self._batch_size
                     )
                     if end == offset:
                         break
                     if malformed:
                         log.warning("skipped %d malformed lines in %s", malformed, path.name)
-                    if events:
-                        await self._store(events)
-                    claimed.replayed(len(events) + malformed)
+                    if batch.size:
+                        await self._store(batch)
+                    claimed.replayed(batch.size + malformed)
                     offset = self._replay_offsets[path] = end
                 await asyncio.to_thread(claimed.remove)
                 self._replay_offsets.pop(path, None)

@@ -1,6 +1,7 @@
 """The local append-only spool, where usage events wait while the database cannot take them.
 
-A spool file holds one JSON event per line. A process appends only to its own *active* file and holds an
+A spool file holds one event per line (UsageEvent.to_line; files written by older versions hold JSON
+objects, read as well). A process appends only to its own *active* file and holds an
 exclusive flock on it for as long as it writes to it; a file nobody holds a lock on is *sealed*, and any
 process may replay it, so the spool of a crashed worker is replayed by whichever process looks next
 (the kernel drops a dead process's locks). Replaying never edits a file: it is deleted only once every
@@ -18,12 +19,11 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-from app.metering.events import UsageEvent
+from app.metering.events import Batch, UsageEvent
 
 _PREFIX = "usage-"
 _SUFFIX = ".jsonl"
@@ -47,8 +47,8 @@ class Spool:
         # Events per spool file this process wrote or claimed and has not replayed yet (for stats).
         self._counts: dict[Path, int] = {}
 
-    def append(self, events: Sequence[UsageEvent], *, sync: bool = True) -> None:
-        data = b"".join(e.to_json() + b"\n" for e in events)
+    def append(self, batch: Batch, *, sync: bool = True) -> None:
+        data = batch.data
         with self._lock:
             if self._fd is None:
                 self._open_active()
@@ -60,7 +60,7 @@ class Spool:
                 os.ftruncate(self._fd, self._size)
                 raise
             self._size += len(data)
-            self._counts[self._path] = self._counts.get(self._path, 0) + len(events)
+            self._counts[self._path] = self._counts.get(self._path, 0) + batch.size
             self._unsynced = True
         if sync:
             self.sync()
@@ -135,11 +135,12 @@ class Spool:
                 self._counts[path] = count
         return ClaimedFile(self, path, f)
 
-    def reject(self, events: Sequence[UsageEvent]) -> None:
+    def reject(self, batch: Batch) -> None:
         path = self.directory / REJECTED_FILE
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
-            _write_all(fd, b"".join(e.to_json() + b"\n" for e in events))
+            # Objects with field names: this file is for an operator to read.
+            _write_all(fd, b"".join(e.to_json() + b"\n" for e in batch.events()))
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -193,9 +194,10 @@ class ClaimedFile:
         self._spool = spool
         self._f = f
 
-    def read_batch(self, offset: int, max_events: int) -> tuple[list[UsageEvent], int, int]:
-        """Up to max_events events from offset: (events, offset after them, malformed lines skipped).
-        A malformed line is the torn tail a crash mid-append leaves."""
+    def read_batch(self, offset: int, max_events: int) -> tuple[Batch, int, int]:
+        """Up to max_events events from offset: (the batch, offset after it, malformed lines skipped).
+        A malformed line is the torn tail a crash mid-append leaves. Each line is parsed and written
+        again, so the batch holds only well-formed lines of the current form."""
         self._f.seek(offset)
         events: list[UsageEvent] = []
         malformed = 0
@@ -205,10 +207,10 @@ class ClaimedFile:
                 break
             offset += len(line)
             try:
-                events.append(UsageEvent.from_json(line))
+                events.append(UsageEvent.from_line(line))
             except ValueError:
                 malformed += 1
-        return events, offset, malformed
+        return Batch.of(events), offset, malformed
 
     def replayed(self, count: int) -> None:
         self._spool._replayed(self.path, count)

@@ -26,7 +26,7 @@ from app.db.engine import async_url, create_engine
 from app.db.migrate import upgrade
 from app.db.models import metadata, usage_daily, usage_events
 from app.db.usage_writer import TABLE_COLUMNS
-from app.metering.events import UsageEvent, usd_to_cost
+from app.metering.events import Batch, UsageEvent, usd_to_cost
 from app.metering.recorder import Recorder
 from app.metering.spool import REJECTED_FILE, Spool
 
@@ -379,7 +379,7 @@ async def test_spool_left_by_a_previous_process_is_replayed_on_start(
     # A live sibling worker's active file is its own to replay: it must be left alone.
     sibling = Spool(spool_dir)
     sibling_event = make_event()
-    sibling.append([sibling_event])
+    sibling.append(Batch.of([sibling_event]))
 
     recorder = make_recorder(engine, spool_dir, batch_size=8)
     await recorder.start()
@@ -620,6 +620,48 @@ def test_events_round_trip_through_json() -> None:
     assert naive != line
     with pytest.raises(ValueError):
         UsageEvent.from_json(naive)
+
+
+def test_events_round_trip_through_lines_and_older_spool_lines_still_read() -> None:
+    event = make_event(cost_usd=Decimal("0.1000000001"), user_id='quote " back\\slash \t tab', ttfb_ms=None)
+    line = event.to_line()
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert UsageEvent.from_line(line) == event
+    # A spool written before lines: one JSON object per event, the cost in dollars.
+    assert UsageEvent.from_line(event.to_json() + b"\n") == event
+    # A newer version's line, with a field this one does not know yet.
+    assert UsageEvent.from_line(line.rstrip()[:-1] + b',"later"]\n') == event
+    batch = Batch.of([event, make_event(), make_event()])
+    assert batch.size == 3 and batch.events()[0] == event
+    first, second = batch.halves()
+    assert (first.size, second.size) == (1, 2)
+    assert first.events() + second.events() == batch.events()
+    for bad in (b"", b"[1]", b"{}", line[:-5], line.replace(b"+00:00", b"")):
+        with pytest.raises(ValueError):
+            UsageEvent.from_line(bad)
+
+
+async def test_fields_awkward_for_json_and_csv_land_as_sent(
+    engine: AsyncEngine, make_recorder: Callable[..., Recorder], tmp_path: Path
+) -> None:
+    """Lines go to Postgres through CSV COPY into jsonb: quotes, backslashes, tabs, commas, newlines and
+    non-ASCII text in client-supplied fields must come out unchanged."""
+    events = [
+        make_event(user_id='a "quoted", back\\slash', feature="tab\there", model="ünïcødé 模型 \U0001f600"),
+        make_event(user_id="new\nline\r\n", feature="\\N", error_type="\\.", client_request_id="x,y"),
+        make_event(feature="", user_id=None, cost_usd=None, ttfb_ms=None),
+    ]
+    recorder = make_recorder(engine, tmp_path / "spool")
+    await recorder.start()
+    for e in events:
+        recorder.submit(e)
+
+    async def written() -> bool:
+        return recorder.events_written == len(events)
+
+    await eventually(written)
+    await recorder.close(5)
+    assert await stored(engine) == {e.request_id: as_row(e) for e in events}
 
 
 @pytest.fixture(autouse=True)
