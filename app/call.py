@@ -63,6 +63,8 @@ class CallRecord:
     started: float = field(default_factory=time.perf_counter)
     created_at: float = field(default_factory=time.time)
     client_request_id: str | None = None
+    # The route the metrics label it with, when known before routing (app/hot_routes.py).
+    route: str | None = None
     # Set by auth and attribution.
     key: ApiKey | None = None
     api_key_id: str | None = None

@@ -32,13 +32,16 @@ class HotRoutes:
         if handler is None:
             await self.app(scope, receive, send)
             return
+        call = get_call(scope)
+        if call is not None:
+            # Labelled by its route even when it is refused before it is metered.
+            call.route = scope["path"]
         request = Request(scope, receive)
         try:
             response = await handler(request, await gateway(request))
         except Exception as exc:
             answer = error_response(exc)
             if answer is None:
-                call = get_call(scope)
                 if call is not None:
                     call.client_disconnected = True
                 return

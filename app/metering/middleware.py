@@ -42,7 +42,7 @@ class Meter:
         self.guard = guard
 
     def finish(self, scope: Scope, call: CallRecord) -> None:
-        route = call.endpoint or getattr(scope.get("route"), "path", None) or "unmatched"
+        route = call.route or call.endpoint or getattr(scope.get("route"), "path", None) or "unmatched"
         self.metrics.observe_request(route, call, time.perf_counter() - call.started)
         if call.endpoint is None or (call.metered_only_with_usage and call.usage is None):
             return

@@ -115,6 +115,30 @@ def test_budget_trips_at_the_cap_and_resets_at_the_day_boundary(
     assert len(fake.requests) == 3
 
 
+def test_with_metering_off_budgets_still_settle_and_requests_are_still_counted(
+    start_gateway: Callable[..., ThreadedGateway], fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    """GATEWAY_METERING=false turns off usage events only: no rows, no token or cost metrics."""
+    gateway = configured(
+        start_gateway, tmp_path, "features: {unmetered: {budget_daily_usd: 0.2}}\n", metering=False
+    )
+    headers = {"X-Feature": "unmetered"}
+    with sdk_client(gateway.base_url) as sdk:
+        fake.reply("ok", usage=EXPENSIVE)
+        sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES, extra_headers=headers)  # type: ignore[arg-type]
+        wait_until(lambda: _spent(gateway, "feature:unmetered", "day") == Decimal("0.125"))
+        fake.reply("ok", usage=EXPENSIVE)
+        sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES, extra_headers=headers)  # type: ignore[arg-type]
+        wait_until(lambda: _spent(gateway, "feature:unmetered", "day") == Decimal("0.25"))
+        with pytest.raises(openai.RateLimitError) as caught:
+            sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES, extra_headers=headers)  # type: ignore[arg-type]
+    assert caught.value.code == "budget_exceeded"
+    metrics = httpx.get(gateway.url + "/metrics").text
+    assert 'gateway_requests_total{route="/v1/chat/completions",status="200"} 2.0' in metrics
+    assert 'gateway_requests_total{route="/v1/chat/completions",status="429"} 1.0' in metrics
+    assert "gateway_tokens_total{" not in metrics
+
+
 def test_key_monthly_budget_trips_before_a_call_that_would_cross_it(
     gateway: ThreadedGateway, fake: FakeOpenAI
 ) -> None:
