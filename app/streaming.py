@@ -71,22 +71,39 @@ class ChatChunkInspector:
 
     def relay(self, block: bytes) -> bytes:
         relayed: list[bytes] = []
-        if self._ordinary(block):
-            # The usual read of a live stream: kept whole, nothing to look at event by event.
-            relayed.append(self._keep(block))
-        else:
-            start = 0
-            while not self.done and (end := block.find(b"\n\n", start)) != -1:
-                event = block[start : end + 2]
-                start = end + 2
-                out = self._keep(event) if self._ordinary(event) else self._inspect(event)
-                if out is not None:
-                    relayed.append(out)
+        start = 0
+        runs = True
+        while not self.done and (end := block.find(b"\n\n", start)) != -1:
+            if runs:
+                # The usual read of a live stream is one run of ordinary chunks, kept whole; a stream
+                # that arrives at once is its first chunk, one such run, then its usage chunk and [DONE].
+                run_end = self._ordinary_run(block, start)
+                if run_end > start:
+                    relayed.append(self._keep(block[start:run_end]))
+                    start = run_end
+                    continue
+                # Not runs of that shape: event by event for the rest of this read, so a read that
+                # mixes ordinary and other events costs one search per event, not one per byte.
+                runs = self.call.upstream_model is None  # the first chunk is inspected first
+            event = block[start : end + 2]
+            start = end + 2
+            out = self._keep(event) if self._ordinary(event) else self._inspect(event)
+            if out is not None:
+                relayed.append(out)
         if self._pending_bytes > _PENDING_MAX_BYTES:
             self._collect_pending()
         joined = b"".join(relayed)
         # Taken out once for the whole block: the upstream sends it only because the gateway asked.
         return joined if self.client_wants_usage else joined.replace(b',"usage":null', b"")
+
+    def _ordinary_run(self, block: bytes, start: int) -> int:
+        """Where the events from `start` to the last chunk without usage end, if all of them are
+        ordinary; else `start`."""
+        if self.call.upstream_model is None:
+            return start
+        last = block.rfind(_NO_USAGE, start)
+        end = block.find(b"\n\n", last) if last != -1 else -1
+        return end + 2 if end != -1 and self._ordinary(block[start : end + 2]) else start
 
     def _ordinary(self, events: bytes) -> bool:
         """Only chunks without usage, once the model is known: nothing metering needs now."""
