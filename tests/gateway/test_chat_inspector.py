@@ -1,0 +1,71 @@
+"""The chat stream inspector on its own: whatever way a stream's events are grouped into reads, the
+client gets the same bytes and metering learns the same model, usage and text."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from app.call import CallRecord, Usage
+from app.streaming import ChatChunkInspector
+
+MODEL = "gpt-4o-mini-2024-07-18"
+
+
+def _chunk(delta: dict[str, object], usage: object = None, choices: bool = True) -> bytes:
+    body = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "model": MODEL,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": None}] if choices else [],
+        "usage": usage,
+    }
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+WORDS = ["Hel", "lo", ", wor", "ld"]
+USAGE = {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}
+FIRST = _chunk({"role": "assistant", "content": ""})
+ORDINARY = [_chunk({"content": w}) for w in WORDS]
+COMMENT = b": keep-alive\n\n"
+USAGE_CHUNK = _chunk({}, usage=USAGE, choices=False)
+DONE = b"data: [DONE]\n\n"
+
+SHAPES = {
+    "openai": [FIRST, *ORDINARY, USAGE_CHUNK, DONE],
+    "comment in the middle": [FIRST, *ORDINARY[:2], COMMENT, *ORDINARY[2:], USAGE_CHUNK, DONE],
+    "no usage": [FIRST, *ORDINARY, DONE],
+}
+
+
+def _groupings(events: list[bytes]) -> list[list[bytes]]:
+    """All in one read, one event a read, and every split into two reads."""
+    whole = [b"".join(events)]
+    single = list(events)
+    halves = [[b"".join(events[:i]), b"".join(events[i:])] for i in range(1, len(events))]
+    return [whole, single, *halves]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("client_wants_usage", [True, False])
+def test_every_grouping_of_reads_relays_and_meters_the_same(shape: str, client_wants_usage: bool) -> None:
+    events = SHAPES[shape]
+    upstream_sent = b"".join(events)
+    expected = upstream_sent if client_wants_usage else upstream_sent.replace(b',"usage":null', b"")
+    if not client_wants_usage:
+        # The usage chunk the gateway asked for is not the client's to see.
+        expected = expected.replace(USAGE_CHUNK.replace(b',"usage":null', b""), b"")
+    for reads in _groupings(events):
+        call = CallRecord(request_id="r", method="POST", path="/v1/chat/completions")
+        inspector = ChatChunkInspector(call, client_wants_usage)
+        relayed = b"".join(inspector.relay(read) for read in reads)
+        inspector.finish()
+        assert relayed == expected, reads
+        assert inspector.done
+        assert call.upstream_model == MODEL
+        if USAGE_CHUNK in events:
+            assert call.usage == Usage.from_openai(USAGE)
+            assert call.completion_parts == []
+        else:
+            assert call.usage is None
+            assert "".join(call.completion_parts) == "".join(WORDS)
