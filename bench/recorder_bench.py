@@ -79,7 +79,7 @@ async def run_recorder(
     started = time.perf_counter()
     for i in range(0, len(events), batch_size):
         for event in events[i : i + batch_size]:
-            recorder.submit(event)
+            recorder.submit(event.to_line())
         # Backpressure, as a steady request rate would give: a burst would overflow into the spool.
         while True:
             await asyncio.sleep(0.001)

@@ -49,6 +49,9 @@ def _field(index: int, name: str) -> str:
     if name == "cost_units":
         # The cost arrives as an integer number of units and becomes dollars here.
         return f"{value}::bigint * 1e{COST_EXPONENT}::numeric"
+    if name == "created_at":
+        # Microseconds since the Unix epoch: exact (below 2**53 until the year 2255).
+        return f"timestamptz 'epoch' + {value}::bigint * interval '1 microsecond'"
     sql_type = usage_events.c[name].type.compile(dialect=PGDialect())  # type: ignore[no-untyped-call]
     return value if sql_type == "TEXT" else f"{value}::{sql_type}"
 

@@ -1,19 +1,20 @@
 """One metered call as the recorder persists it: a row of `usage_events`, or a line of the spool.
 
 A NamedTuple in the order of the table's columns, with the cost as an integer number of 1e-10 USD. The
-recorder holds, writes and spools events as *lines*: each a JSON array of the fields in that order
-(`to_line`), queued one after another in a single buffer. On a saturated core, every object a request
-leaves alive or builds field by field costs several times its own run time in what it does to the
-caches; one small bytes object appended to a buffer and dropped costs about nothing (bench/README.md,
-"The metering gap"). Postgres takes the lines as they are (COPY into a jsonb column). Spool files written
-before lines existed hold one JSON object per event (`to_json`, still written for the rejected file an
-operator reads); `from_line` reads both.
+recorder holds, writes and spools events as *lines*: each a JSON array of the fields in that order, the
+time as integer microseconds since the Unix epoch (exact both ways), queued one after another in a single
+buffer. The request path writes its line straight from the call (`usage.event_line`), without an event
+object: on a saturated core every object a request builds field by field, or leaves alive, costs several
+times its own run time in what it does to the caches, where one small bytes object appended to a buffer
+and dropped costs about nothing (bench/README.md, "The metering gap"). Postgres takes the lines as they
+are (COPY into a jsonb column). Spool files written before lines existed hold one JSON object per event
+(`to_json`, still written for the rejected file an operator reads); `from_line` reads both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal, NamedTuple
 
@@ -23,6 +24,14 @@ UsageSource = Literal["upstream", "estimated"]
 
 # The unit of cost_units, and the scale of usage_events.cost_usd (numeric(20,10)).
 COST_EXPONENT = -10
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def epoch_us(moment: datetime) -> int:
+    return (moment - _EPOCH) // _MICROSECOND
 
 
 def cost_to_usd(units: int | None) -> Decimal | None:
@@ -74,7 +83,7 @@ class UsageEvent(NamedTuple):
 
     def to_line(self) -> bytes:
         """The event as a JSON array of its fields, newline-terminated; the cost in units, exact."""
-        return orjson.dumps(tuple(self), option=orjson.OPT_APPEND_NEWLINE)
+        return line((self[0], epoch_us(self.created_at), *self[2:]))
 
     @classmethod
     def from_line(cls, line: bytes) -> UsageEvent:
@@ -84,15 +93,12 @@ class UsageEvent(NamedTuple):
             return cls.from_json(line)
         try:
             values = orjson.loads(line)
-            if not isinstance(values, list):
-                raise TypeError("not an array")
-            created_at = datetime.fromisoformat(values[1])
-            if created_at.utcoffset() is None:
-                raise ValueError("naive created_at")
-            values[1] = created_at
+            if not isinstance(values, list) or type(values[1]) is not int:
+                raise TypeError("not an array with a time in microseconds")
+            values[1] = _EPOCH + values[1] * _MICROSECOND
             # A newer version's line has more fields: the ones this version knows come first.
             return cls(*values[: len(cls._fields)])
-        except (IndexError, TypeError) as exc:
+        except (IndexError, TypeError, OverflowError) as exc:
             raise ValueError(f"malformed usage event: {type(exc).__name__}") from None
 
     def to_json(self) -> bytes:
@@ -122,6 +128,11 @@ class UsageEvent(NamedTuple):
             return cls(**values)
         except (KeyError, TypeError, ArithmeticError) as exc:
             raise ValueError(f"malformed usage event: {type(exc).__name__}") from None
+
+
+def line(values: tuple[Any, ...]) -> bytes:
+    """A line of the event whose fields, in UsageEvent's order, are `values` (the time in microseconds)."""
+    return orjson.dumps(values, option=orjson.OPT_APPEND_NEWLINE)
 
 
 _SPOOLED = tuple(name for name in UsageEvent._fields if name not in ("created_at", "cost_units"))

@@ -15,8 +15,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from app.call import CallRecord
-from app.metering.events import COST_EXPONENT, UsageEvent
+from app.call import CallRecord, Usage
+from app.metering.events import COST_EXPONENT
 
 COST_UNIT_USD = 10.0**COST_EXPONENT
 
@@ -72,17 +72,17 @@ class _UsageTotals:
         # per (model, feature): [prompt, completion, cached, reasoning tokens], cost in USD or None
         self.values: dict[tuple[str, str], tuple[list[int], list[float | None]]] = {}
 
-    def add(self, key: tuple[str, str], event: UsageEvent) -> None:
+    def add(self, key: tuple[str, str], usage: Usage, cost_units: int | None) -> None:
         entry = self.values.get(key)
         if entry is None:
             entry = self.values[key] = ([0, 0, 0, 0], [None])
         counts = entry[0]
-        counts[0] += event.prompt_tokens
-        counts[1] += event.completion_tokens
-        counts[2] += event.cached_tokens
-        counts[3] += event.reasoning_tokens
-        if event.cost_units is not None:
-            entry[1][0] = (entry[1][0] or 0.0) + event.cost_units * COST_UNIT_USD
+        counts[0] += usage.prompt_tokens
+        counts[1] += usage.completion_tokens
+        counts[2] += usage.cached_tokens
+        counts[3] += usage.reasoning_tokens
+        if cost_units is not None:
+            entry[1][0] = (entry[1][0] or 0.0) + cost_units * COST_UNIT_USD
 
     def families(self) -> Iterator[Metric]:
         tokens = CounterMetricFamily(
@@ -180,8 +180,8 @@ class Metrics:
         if call.attempts:
             self.attempts.inc(key, call.attempts)
 
-    def observe_usage(self, event: UsageEvent) -> None:
-        self.usage.add((event.upstream_model or event.model or "", event.feature or ""), event)
+    def observe_usage(self, model: str, feature: str, usage: Usage, cost_units: int | None) -> None:
+        self.usage.add((model, feature), usage, cost_units)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

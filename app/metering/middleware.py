@@ -16,16 +16,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.call import CallRecord, get_call
 from app.limits.guard import Guard
-from app.metering.events import UsageEvent
+from app.metering.events import cost_to_usd
 from app.metering.metrics import Metrics
 from app.metering.pricing import PriceTable
-from app.metering.usage import build_event
+from app.metering.usage import event_line, usage_of
 
 log = logging.getLogger("gateway.metering")
 
 
 class EventSink(Protocol):
-    def submit(self, event: UsageEvent) -> None: ...
+    def submit(self, line: bytes) -> None: ...
 
 
 class Meter:
@@ -48,12 +48,17 @@ class Meter:
             return
         if self.recorder is None and call.admission is None:
             return
-        event = build_event(call, self.prices)
+        usage, source = usage_of(call)
+        # Priced by the model that answered (a dated snapshot resolves to its family).
+        model = call.upstream_model or call.routed_model or call.model
+        cost = self.prices.cost_units(
+            model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
+        )
         if call.admission is not None:
-            self.guard.settle(call.admission, event.total_tokens, event.cost_usd)
+            self.guard.settle(call.admission, usage.total_tokens, cost_to_usd(cost))
         if self.recorder is not None:
-            self.metrics.observe_usage(event)
-            self.recorder.submit(event)
+            self.metrics.observe_usage(model or "", call.feature or "", usage, cost)
+            self.recorder.submit(event_line(call, usage, source, cost))
 
 
 class MeteringMiddleware:

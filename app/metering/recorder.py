@@ -26,7 +26,7 @@ from pathlib import Path
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db.usage_writer import is_rejected_data, write_batch
-from app.metering.events import Batch, UsageEvent
+from app.metering.events import Batch
 from app.metering.spool import Spool
 
 log = logging.getLogger("gateway.metering.recorder")
@@ -91,18 +91,18 @@ class Recorder:
         # A previous process may have left a spool behind.
         self._replay_wanted.set()
 
-    def submit(self, event: UsageEvent) -> None:
+    def submit(self, line: bytes) -> None:
         """Never raises, never awaits, so it is safe from a request task being cancelled. With the queue
         full it writes the event's line to the spool file (the page cache, no fsync) instead."""
         try:
             if self._closed or self._queued >= self._max_queue:
                 # Not fsynced here, which could block the event loop: the writer or the replay task
                 # does it soon after (nobody does once closed, but the page cache outlives the process).
-                self._spool.append(Batch.of([event]), sync=False)
+                self._spool.append(Batch(line, 1), sync=False)
                 self.events_spooled += 1
                 self._replay_wanted.set()
             else:
-                self._buffer += event.to_line()
+                self._buffer += line
                 self._queued += 1
                 if self._queued == 1:
                     self._has_events.set()

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from app.call import CallRecord, Usage
 from app.metering import tokens
-from app.metering.events import UsageEvent
-from app.metering.pricing import PriceTable
+from app.metering.events import UsageSource, line
 
 log = logging.getLogger("gateway.metering")
 
@@ -46,31 +44,31 @@ def _responses_messages(body: dict[str, Any]) -> list[Any]:
     return messages
 
 
-def build_event(call: CallRecord, prices: PriceTable) -> UsageEvent:
-    assert call.endpoint is not None
-    ended = time.perf_counter()
+def usage_of(call: CallRecord) -> tuple[Usage, UsageSource]:
+    """The call's tokens and where they come from."""
     if call.usage is not None:
-        usage, source = call.usage, "upstream"
-    elif call.status_code < 400 or call.completion_parts:
+        return call.usage, "upstream"
+    if call.status_code < 400 or call.completion_parts:
         # The upstream did (or may have) generated tokens: a 2xx without usage, a stream the client
         # abandoned, or one the upstream broke off after some output.
-        usage, source = _estimate(call), "estimated"
-    else:
-        # Rejected before any generation (429, 5xx after retries, timeouts): nothing was billed.
-        usage, source = Usage(), "estimated"
-    answered_by = call.upstream_model or call.routed_model
-    # Positional, in field order: a NamedTuple's keyword constructor is a Python call that costs six
-    # times the tuple (bench/README.md, "The metering gap").
-    return UsageEvent._make(
+        return _estimate(call), "estimated"
+    # Rejected before any generation (429, 5xx after retries, timeouts): nothing was billed.
+    return Usage(), "estimated"
+
+
+def event_line(call: CallRecord, usage: Usage, source: UsageSource, cost_units: int | None) -> bytes:
+    """The call's usage event as the recorder's line (events.py), built straight from the call: the
+    fields positionally, in UsageEvent's order."""
+    return line(
         (
             call.usage_key or call.request_id,
-            datetime.fromtimestamp(call.created_at, UTC),
+            round(call.created_at * 1_000_000),
             call.api_key_id,
             call.feature,
             call.user_id,
             call.endpoint,
             call.model,
-            answered_by,
+            call.upstream_model or call.routed_model,
             call.stream,
             call.status_code,
             call.attempts,
@@ -80,10 +78,8 @@ def build_event(call: CallRecord, prices: PriceTable) -> UsageEvent:
             usage.cached_tokens,
             usage.reasoning_tokens,
             source,
-            prices.cost_units(
-                answered_by or call.model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
-            ),
-            round((ended - call.started) * 1000),
+            cost_units,
+            round((time.perf_counter() - call.started) * 1000),
             None if call.ttfb_s is None else round(call.ttfb_s * 1000),
             call.error_type,
             call.prompt_truncated,

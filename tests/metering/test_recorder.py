@@ -26,7 +26,7 @@ from app.db.engine import async_url, create_engine
 from app.db.migrate import upgrade
 from app.db.models import metadata, usage_daily, usage_events
 from app.db.usage_writer import TABLE_COLUMNS
-from app.metering.events import Batch, UsageEvent, usd_to_cost
+from app.metering.events import Batch, UsageEvent, epoch_us, usd_to_cost
 from app.metering.recorder import Recorder
 from app.metering.spool import REJECTED_FILE, Spool
 
@@ -224,7 +224,7 @@ async def test_events_land_once_with_all_columns(
     recorder = make_recorder(engine)
     await recorder.start()
     for e in events:
-        recorder.submit(e)
+        recorder.submit(e.to_line())
 
     async def written() -> bool:
         return recorder.events_written == len(events)
@@ -243,7 +243,7 @@ async def test_resubmitted_request_ids_are_not_counted_twice(
     recorder = make_recorder(engine)
     await recorder.start()
     for e in events:
-        recorder.submit(e)
+        recorder.submit(e.to_line())
 
     async def first_written() -> bool:
         return recorder.events_written == 40
@@ -252,9 +252,9 @@ async def test_resubmitted_request_ids_are_not_counted_twice(
     # Replays of every event, some twice in one batch and with other totals, then one new event:
     # once it is written, everything queued before it has been processed.
     for e in [*events, *events[:5], events[0]._replace(prompt_tokens=10**6)]:
-        recorder.submit(e)
+        recorder.submit(e.to_line())
     last = make_event()
-    recorder.submit(last)
+    recorder.submit(last.to_line())
 
     async def last_written() -> bool:
         return recorder.events_written == 41
@@ -276,7 +276,7 @@ async def test_usage_daily_equals_the_sums_of_usage_events(
     fine = [make_event(created_at=day, cost_units=d) for d in range(10)]
     events = varied_events(300) + fine
     for e in events:
-        recorder.submit(e)
+        recorder.submit(e.to_line())
 
     async def written() -> bool:
         return recorder.events_written == len(events)
@@ -294,7 +294,7 @@ async def test_outage_spools_then_replays_every_event_exactly_once(
     recorder = make_recorder(engine, batch_size=50)
     await recorder.start()
     before = make_event()
-    recorder.submit(before)
+    recorder.submit(before.to_line())
 
     async def before_written() -> bool:
         return recorder.events_written == 1
@@ -304,7 +304,7 @@ async def test_outage_spools_then_replays_every_event_exactly_once(
     await outage.begin()
     events = varied_events(500)
     for e in events:
-        recorder.submit(e)
+        recorder.submit(e.to_line())
 
     async def all_spooled() -> bool:
         return recorder.events_spooled == len(events) and recorder.queue_depth() == 0
@@ -328,7 +328,7 @@ async def test_outage_spools_then_replays_every_event_exactly_once(
 
     # The writer is back on the database, not still spooling.
     after = make_event()
-    recorder.submit(after)
+    recorder.submit(after.to_line())
 
     async def after_written() -> bool:
         return recorder.events_written == 2 + len(events)
@@ -348,7 +348,7 @@ async def test_hung_database_times_out_into_the_spool(
         async with blocker.connect() as conn:
             await conn.execute(text("LOCK TABLE usage_events IN ACCESS EXCLUSIVE MODE"))
             for e in events:
-                recorder.submit(e)
+                recorder.submit(e.to_line())
 
             async def spooled() -> bool:
                 return recorder.events_spooled == len(events)
@@ -417,7 +417,7 @@ async def test_close_drains_the_queue_into_the_database(
     await recorder.start()
     events = varied_events(1000)
     for e in events:
-        recorder.submit(e)
+        recorder.submit(e.to_line())
     await recorder.close(10)
     assert await count_rows(engine) == len(events)
     assert recorder.spool_events() == 0
@@ -433,7 +433,7 @@ async def test_close_spools_what_an_unreachable_database_cannot_take(
     await outage.begin()
     events = varied_events(100)
     for e in events:
-        recorder.submit(e)
+        recorder.submit(e.to_line())
     await recorder.close(10)
     assert recorder.events_written == 0
     assert recorder.spool_events() == len(events)
@@ -462,7 +462,7 @@ async def test_close_gives_up_on_a_hung_database_after_its_timeout(
         async with blocker.connect() as conn:
             await conn.execute(text("LOCK TABLE usage_events IN ACCESS EXCLUSIVE MODE"))
             for e in events:
-                recorder.submit(e)
+                recorder.submit(e.to_line())
             started = time.monotonic()
             await recorder.close(0.5)
             # The cancelled write's connection is closed gracefully first, for up to 2 s.
@@ -489,7 +489,7 @@ async def test_a_full_queue_overflows_into_the_spool(
     recorder = make_recorder(engine, max_queue=5)
     events = varied_events(20)
     for e in events:
-        recorder.submit(e)
+        recorder.submit(e.to_line())
     assert recorder.queue_depth() == 5
     assert recorder.spool_events() == 15
     await recorder.start()
@@ -509,8 +509,8 @@ async def test_submit_never_raises_even_when_the_spool_cannot_be_written(
     recorder = make_recorder(engine, spool_dir, max_queue=0)
     spool_dir.rmdir()
     spool_dir.write_bytes(b"")  # a file where the directory was: every spool write fails
-    recorder.submit(make_event())
-    recorder.submit(make_event())
+    recorder.submit(make_event().to_line())
+    recorder.submit(make_event().to_line())
     assert recorder.events_lost == 2
     assert recorder.events_spooled == 0
 
@@ -527,7 +527,7 @@ async def test_an_event_the_database_refuses_is_set_aside(
         make_event(attempts=40_000),  # smallint
     ]
     for e in [*good[:4], refused[0], *good[4:], *refused[1:]]:
-        recorder.submit(e)
+        recorder.submit(e.to_line())
 
     async def settled() -> bool:
         return recorder.events_written == 9 and recorder.events_rejected == 3
@@ -582,9 +582,9 @@ async def test_sqlite_migrations_and_writes(tmp_path: Path, make_recorder: Calla
         await recorder.start()
         events = varied_events(50)
         for e in [*events, *events[:10]]:
-            recorder.submit(e)
+            recorder.submit(e.to_line())
         last = make_event()
-        recorder.submit(last)
+        recorder.submit(last.to_line())
 
         async def written() -> bool:
             return recorder.events_written == 51
@@ -636,7 +636,9 @@ def test_events_round_trip_through_lines_and_older_spool_lines_still_read() -> N
     first, second = batch.halves()
     assert (first.size, second.size) == (1, 2)
     assert first.events() + second.events() == batch.events()
-    for bad in (b"", b"[1]", b"{}", line[:-5], line.replace(b"+00:00", b"")):
+    time_as_text = line.replace(str(epoch_us(event.created_at)).encode(), b'"2026-01-01T00:00:00Z"')
+    assert time_as_text != line
+    for bad in (b"", b"[1]", b"{}", line[:-5], time_as_text):
         with pytest.raises(ValueError):
             UsageEvent.from_line(bad)
 
@@ -654,7 +656,7 @@ async def test_fields_awkward_for_json_and_csv_land_as_sent(
     recorder = make_recorder(engine, tmp_path / "spool")
     await recorder.start()
     for e in events:
-        recorder.submit(e)
+        recorder.submit(e.to_line())
 
     async def written() -> bool:
         return recorder.events_written == len(events)
