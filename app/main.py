@@ -10,9 +10,11 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.datastructures import State
 from starlette.types import ASGIApp
 
 from app.background import BackgroundResponses
@@ -53,7 +55,27 @@ HOT_ROUTES = {
 }
 
 
+class AppState(State):
+    """`app.state` whose attributes are plain instance attributes: Starlette's State answers every read
+    through `__getattr__`, a Python call, and a request reads it about ten times."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        self.__dict__[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(name)
+        self.__dict__.pop(name, None)
+
+
 class GatewayApp(FastAPI):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        state = AppState()
+        for name, value in self.state._state.items():
+            setattr(state, name, value)
+        self.state = state
+
     def build_middleware_stack(self) -> ASGIApp:
         # Outside Starlette's ServerErrorMiddleware, so even an unexpected 500 carries its X-Request-Id
         # and gets its access-log line; metering wraps the hot routes and FastAPI's alike.

@@ -11,6 +11,7 @@ import aiohttp
 import orjson
 from starlette.responses import Response
 
+from app.answers import RelayedResponse
 from app.call import CallRecord, Usage
 from app.errors import GatewayError, RelayedError
 from app.policy import Candidate, UpstreamTarget
@@ -62,11 +63,11 @@ def upstream_error(upstream: UpstreamClient, response: UpstreamResponse, call: C
             headers={**attempts, "x-should-retry": "false"},
         )
     call.error_type = _error_type(response.body) or f"upstream_{response.status}"
-    return Response(
+    return RelayedResponse(
         response.body,
-        status_code=response.status,
-        headers={**upstream.error_headers(response), **attempts},
-        media_type=response.headers.get("content-type", "application/json"),
+        response.status,
+        {**upstream.error_headers(response), **attempts},
+        response.headers.get("content-type", "application/json"),
     )
 
 
@@ -200,11 +201,11 @@ def _answer(
     if response.stream is None:
         read_json_usage(call, response.body)
         call.mark_first_byte()
-        return Response(
+        return RelayedResponse(
             response.body,
-            status_code=response.status,
-            headers=headers,
-            media_type=response.headers.get("content-type", "application/json"),
+            response.status,
+            headers,
+            response.headers.get("content-type", "application/json"),
         )
     assert inspector is not None
     # ping=0: OpenAI sends no keep-alive comments, and byte-for-byte relaying means we send none either.

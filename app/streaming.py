@@ -23,6 +23,7 @@ import orjson
 from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
+from app.answers import raw_headers
 from app.call import CallRecord, Usage
 from app.errors import error_body
 from app.upstream import UpstreamResponse
@@ -353,12 +354,16 @@ class EventRelayResponse(StreamingResponse):
     formatting or pings: OpenAI sends none, and the bytes are relayed as they are. No cancellation on
     SIGTERM: open streams finish within uvicorn's graceful-shutdown deadline."""
 
-    media_type = "text/event-stream"
+    # As OpenAI sends it (and as Starlette's constructor made it of "text/event-stream").
+    media_type = "text/event-stream; charset=utf-8"
 
     def __init__(
         self, events: AsyncIterator[bytes], headers: Mapping[str, str], watch: DisconnectWatch
     ) -> None:
-        super().__init__(events, headers={**_SSE_HEADERS, **headers})
+        self.body_iterator = events
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = raw_headers({**_SSE_HEADERS, **headers}, self.media_type)
         self.watch = watch
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -270,3 +270,14 @@ def test_upstream_breaking_a_stream_off_raises_in_the_sdk(client: openai.OpenAI,
     assert len(received) == 2
     # Not retried: bytes had already gone to the client.
     assert len(fake.requests) == 1
+
+
+def test_a_model_name_outside_latin_1_is_answered_with_its_name_percent_encoded(
+    client: openai.OpenAI, fake: FakeOpenAI
+) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="模型-1", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert raw.status_code == 200
+    assert raw.headers["x-gateway-model"] == "%E6%A8%A1%E5%9E%8B-1"
+    assert raw.parse().choices[0].message.content
