@@ -1,7 +1,9 @@
 """The local append-only spool, where usage events wait while the database cannot take them.
 
-A spool file holds one event per line (UsageEvent.to_line; files written by older versions hold JSON
-objects, read as well). A process appends only to its own *active* file and holds an
+A spool file holds one event per line (UsageEvent.to_line), in files named usage-*.ndjson; files of older
+versions, usage-*.jsonl, hold one JSON object per event and are replayed as well. The new name keeps a
+gateway rolled back to an older version from reading lines it cannot parse (it would skip them as torn):
+it leaves them for the newer version instead. A process appends only to its own *active* file and holds an
 exclusive flock on it for as long as it writes to it; a file nobody holds a lock on is *sealed*, and any
 process may replay it, so the spool of a crashed worker is replayed by whichever process looks next
 (the kernel drops a dead process's locks). Replaying never edits a file: it is deleted only once every
@@ -26,7 +28,9 @@ from typing import BinaryIO
 from app.metering.events import Batch, UsageEvent
 
 _PREFIX = "usage-"
-_SUFFIX = ".jsonl"
+_SUFFIX = ".ndjson"
+# What versions before lines wrote; replayed, never written.
+_OLD_SUFFIX = ".jsonl"
 # Not a spool file: events the database refused (see Recorder), kept for an operator, never replayed.
 REJECTED_FILE = "rejected.jsonl"
 
@@ -105,7 +109,7 @@ class Spool:
         """Oldest first: the names start with the creation time."""
         with self._lock:
             active = self._path
-        files = sorted(p for p in self.directory.glob(f"{_PREFIX}*{_SUFFIX}") if p != active)
+        files = sorted(p for p in self._files() if p != active)
         with self._lock:
             # A file this process began to replay may have been finished by another process since.
             for gone in self._counts.keys() - {*files, active, self._path}:
@@ -151,12 +155,16 @@ class Spool:
 
     def size_bytes(self) -> int:
         total = 0
-        for p in self.directory.glob(f"{_PREFIX}*{_SUFFIX}"):
+        for p in self._files():
             try:
                 total += p.stat().st_size
             except FileNotFoundError:
                 continue
         return total
+
+    def _files(self) -> list[Path]:
+        # Both kinds sort together by the creation time their names start with.
+        return [p for suffix in (_SUFFIX, _OLD_SUFFIX) for p in self.directory.glob(f"{_PREFIX}*{suffix}")]
 
     def _replayed(self, path: Path, count: int) -> None:
         with self._lock:

@@ -197,7 +197,7 @@ async def assert_rollup_matches_events(engine: AsyncEngine) -> None:
 
 
 def spool_files(spool_dir: Path) -> list[Path]:
-    return sorted(spool_dir.glob("usage-*.jsonl"))
+    return sorted([*spool_dir.glob("usage-*.ndjson"), *spool_dir.glob("usage-*.jsonl")])
 
 
 async def test_events_land_once_with_all_columns(
@@ -380,6 +380,8 @@ async def test_spool_left_by_a_previous_process_is_replayed_on_start(
     sibling = Spool(spool_dir)
     sibling_event = make_event()
     sibling.append(Batch.of([sibling_event]))
+    # Lines go to files an older gateway does not read (it would skip lines it cannot parse).
+    assert [p.suffix for p in spool_files(spool_dir)] == [".jsonl", ".ndjson"]
 
     recorder = make_recorder(engine, spool_dir, batch_size=8)
     await recorder.start()
