@@ -57,9 +57,13 @@ def configure_logging(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # uvicorn installs its own handlers when it configures logging; route everything through ours.
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+    for name in ("uvicorn", "uvicorn.error"):
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
-    # We write one access line per request ourselves, with attribution; uvicorn's would double it.
-    logging.getLogger("uvicorn.access").disabled = True
+    # We write one access line per request ourselves, with attribution; uvicorn's would double it. No
+    # handler anywhere on its way, rather than a disabled logger: uvicorn checks hasHandlers() once per
+    # connection and otherwise formats its line's arguments for every response (~2% of the event loop).
+    access = logging.getLogger("uvicorn.access")
+    access.handlers[:] = []
+    access.propagate = False

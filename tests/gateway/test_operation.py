@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import sys
@@ -12,8 +13,9 @@ import httpx
 import openai
 import pytest
 
+from app.logs import configure_logging
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.harness import MASTER_KEY, GatewayProcess, ThreadedGateway, free_port, refused_start
+from tests.harness import MASTER_KEY, GatewayProcess, ThreadedGateway, free_port, refused_start, wait_until
 
 
 def test_healthz(gateway: ThreadedGateway) -> None:
@@ -91,3 +93,34 @@ def test_make_demo_runs_end_to_end() -> None:
     assert "chat:    Hello! I answered through the gateway." in result.stdout
     assert "stream: |Streams| arrive|" in result.stdout
     assert '"level":"warning"' not in result.stderr and '"level":"error"' not in result.stderr
+
+
+def test_a_served_process_writes_one_access_line_a_request_and_uvicorn_none(
+    fake_server: FakeOpenAI, database_url: str, tmp_path: Path
+) -> None:
+    fake_server.reset()
+    gateway = GatewayProcess(fake_server, database_url, tmp_path).start()
+    try:
+        request_id = "one-access-line"
+        httpx.post(
+            gateway.url + "/v1/chat/completions",
+            json={"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"authorization": f"Bearer {MASTER_KEY}", "x-request-id": request_id},
+        ).raise_for_status()
+
+        def access_lines() -> list[str]:
+            return [line for line in gateway.log_path.read_text().splitlines() if request_id in line]
+
+        # Ours is written once the response has ended, so wait for it; uvicorn's would be written first.
+        wait_until(lambda: any('"msg":"request"' in line for line in access_lines()), timeout=10)
+        assert len(access_lines()) == 1
+        assert "HTTP/1.1" not in gateway.log_path.read_text()
+    finally:
+        gateway.stop()
+
+
+def test_uvicorn_sees_no_handler_for_its_access_log() -> None:
+    """uvicorn checks hasHandlers() once a connection; with a handler in reach it formats its access
+    line's arguments for every response, even for a disabled logger."""
+    configure_logging("info")
+    assert not logging.getLogger("uvicorn.access").hasHandlers()
