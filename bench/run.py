@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,8 @@ class Target:
 DIRECT = Target("direct", "direct")
 FLOOR = Target("passthrough", "passthrough")
 LITELLM = Target("litellm", "litellm")
+# Runs each of metering on and off in the alternated comparison (bench/README.md, "metering cost").
+AB_ROUNDS = 3
 GW = Target("gw", "gateway", metering=True)
 GW_NOMETER = Target("gw_nometer", "gateway")
 GW_W2 = Target("gw_w2", "gateway", metering=True, workers=2)
@@ -310,6 +313,43 @@ class Runner:
             figures = f"p50 {lat['p50_ms']} p99 {lat['p99_ms']} ms, failed {lat['failed']}"
             log(f"  {OFFERED_RPS:g} req/s: {figures}")
 
+    def metering_ab(self, origin: str, upstream_port: int) -> None:
+        """Metering on and off once more, both gateways up at once (each pinned to CPU 0; only the one
+        under load is busy) and wrk alternating between them, AB_ROUNDS runs each, in the order on-off,
+        off-on, ...: a slow spell of the machine then slows both alike, where the separate phases above can
+        catch it on one side only (their two figures came 0.5-14% apart on unchanged code). The metering
+        check uses the medians."""
+        started: list[tuple[Target, Proc | None, int]] = []
+        try:
+            for target in (GW, GW_NOMETER):
+                proc, port = self.start(target, origin, upstream_port, "ab")
+                started.append((target, proc, port))
+                self.wrk(port, target.client_key, 32, 2.0, stream=False)  # warm-up, not recorded
+                self.settle(target, proc, "the warm-up")
+            seconds = self.args.duration / self.args.repeats
+            ab: dict[str, dict[str, list[float]]] = {}
+            for conns in (32, 256):
+                runs: dict[str, list[float]] = {GW.key: [], GW_NOMETER.key: []}
+                for i in range(AB_ROUNDS):
+                    for target, proc, port in started if i % 2 == 0 else started[::-1]:
+                        w = self.measured(
+                            f"{target.key}, alternated wrk at {conns} connections",
+                            proc,
+                            partial(self.wrk, port, target.client_key, conns, seconds, stream=False),
+                        )
+                        runs[target.key].append(round(w["rps"], 1))
+                        self.settle(target, proc, f"wrk at {conns} connections")
+                ab[str(conns)] = {"on": runs[GW.key], "off": runs[GW_NOMETER.key]}
+                log(f"  {conns:>3} conns, alternated: on {runs[GW.key]}  off {runs[GW_NOMETER.key]}")
+            self.results["metering_ab"] = ab
+        except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
+            self.notes.append(f"metering A/B: {exc}")
+            log(f"  failed: {exc}")
+        finally:
+            for _, proc, _ in started:
+                if proc is not None:
+                    proc.stop()
+
     def stream_work(self, target: Target, port: int, proc: Proc | None) -> None:
         self.wrk(port, target.client_key, 32, min(1.0, self.args.duration), stream=True)
         self.settle(target, proc, "the warm-up")
@@ -481,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
                 runner.run_phase(
                     "json", targets, f"http://127.0.0.1:{json_port}", json_port, runner.json_work
                 )
+                if GW in targets and GW_NOMETER in targets:
+                    log("json: metering on and off, alternated")
+                    runner.metering_ab(f"http://127.0.0.1:{json_port}", json_port)
             if "stream" in phases:
                 runner.run_phase(
                     "stream", single, f"http://127.0.0.1:{sse_port}", sse_port, runner.stream_work
