@@ -21,6 +21,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import deque
 from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -58,11 +59,14 @@ class Recorder:
         self._write_timeout_s = write_timeout_s
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
-        # The queue: events as lines in one buffer, and how many (submit() bounds it). Not a queue of
-        # objects: those kept alive until the next write cost the request path several microseconds
-        # each on a saturated core (events.py). Two asyncio events wake the writer rather than an
-        # asyncio.Queue's put_nowait, which looks for getters to wake on every call.
+        # The queue: full batches waiting for a write slot, and the one being filled, its events as lines
+        # in one buffer; _queued counts the events in both (submit() bounds it). Not a queue of objects:
+        # those kept alive until the next write cost the request path several microseconds each on a
+        # saturated core (events.py). Two asyncio events wake the writer rather than an asyncio.Queue's
+        # put_nowait, which looks for getters to wake on every call.
+        self._ready: deque[Batch] = deque()
         self._buffer = bytearray()
+        self._buffered = 0
         self._queued = 0
         self._has_events = asyncio.Event()
         # Two batches in flight keep both cores busy, Postgres on one while this process prepares the
@@ -103,10 +107,12 @@ class Recorder:
                 self._replay_wanted.set()
             else:
                 self._buffer += line
+                self._buffered += 1
                 self._queued += 1
                 if self._queued == 1:
                     self._has_events.set()
-                elif self._queued >= self._batch_size:
+                if self._buffered >= self._batch_size:
+                    self._ready.append(self._take_buffer())
                     self._batch_ready.set()
         except Exception as exc:
             self._lost(1, exc)
@@ -133,7 +139,10 @@ class Recorder:
                 await _cancel(self._writer)
                 for task in list(self._inflight):
                     await _cancel(task)
-        leftovers.append(self._take())
+        leftovers += self._ready
+        leftovers.append(self._take_buffer())
+        self._ready.clear()
+        self._queued = 0
         for batch in leftovers:
             if batch.size:
                 await self._spool_batch(batch)
@@ -185,8 +194,9 @@ class Recorder:
         self._write_slots.release()
 
     async def _next_batch(self) -> tuple[Batch, bool]:
-        """What is queued now plus what arrives within flush_interval_s of the first, or until
-        batch_size events are waiting. True once closed (everything queued is in the batch).
+        """A full batch (batch_size events) if one is waiting; else what is queued now plus what arrives
+        within flush_interval_s of the first, or until a batch is full. True once closed and nothing is
+        left.
 
         The batch fills while the writer sleeps: waking it for every event (a queue get under a timeout
         per event) cost more than the rest of the metering together (bench/README.md). submit() and
@@ -194,17 +204,19 @@ class Recorder:
         while not self._queued and not self._closed:
             self._has_events.clear()
             await self._has_events.wait()
-        if self._queued < self._batch_size and not self._closed:
+        if not self._ready and not self._closed:
             self._batch_ready.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._flush_interval_s):
                     await self._batch_ready.wait()
-        return self._take(), self._closed
+        batch = self._ready.popleft() if self._ready else self._take_buffer()
+        self._queued -= batch.size
+        return batch, self._closed and not self._queued
 
-    def _take(self) -> Batch:
-        batch = Batch(bytes(self._buffer), self._queued)
+    def _take_buffer(self) -> Batch:
+        batch = Batch(bytes(self._buffer), self._buffered)
         self._buffer.clear()
-        self._queued = 0
+        self._buffered = 0
         return batch
 
     async def _write_or_spool(self, batch: Batch) -> None:

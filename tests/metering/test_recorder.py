@@ -26,6 +26,7 @@ from app.db.engine import async_url, create_engine
 from app.db.migrate import upgrade
 from app.db.models import metadata, usage_daily, usage_events
 from app.db.usage_writer import TABLE_COLUMNS
+from app.metering import recorder as recorder_module
 from app.metering.events import Batch, UsageEvent, epoch_us, usd_to_cost
 from app.metering.recorder import Recorder
 from app.metering.spool import REJECTED_FILE, Spool
@@ -233,6 +234,35 @@ async def test_events_land_once_with_all_columns(
     assert await stored(engine) == {e.request_id: as_row(e) for e in events}
     assert recorder.write_errors == 0
     assert recorder.spool_events() == 0
+    await assert_rollup_matches_events(engine)
+
+
+async def test_a_burst_is_written_in_batches_of_at_most_batch_size(
+    engine: AsyncEngine, make_recorder: Callable[..., Recorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Events queued faster than they are written wait as full batches: a write never grows with the
+    backlog (a bigger one would take longer than the write timeout allows)."""
+    sizes: list[int] = []
+    real_write = recorder_module.write_batch
+
+    async def observed_write(engine: AsyncEngine, batch: Batch) -> int:
+        sizes.append(batch.size)
+        return await real_write(engine, batch)
+
+    monkeypatch.setattr(recorder_module, "write_batch", observed_write)
+    recorder = make_recorder(engine, batch_size=10)
+    await recorder.start()
+    events = varied_events(95)
+    for e in events:  # no await in between: the writer sees the whole burst at once
+        recorder.submit(e.to_line())
+    assert recorder.queue_depth() == 95
+
+    async def written() -> bool:
+        return recorder.events_written == len(events)
+
+    await eventually(written)
+    assert sorted(sizes) == [5, *[10] * 9]
+    assert await stored(engine) == {e.request_id: as_row(e) for e in events}
     await assert_rollup_matches_events(engine)
 
 
