@@ -22,6 +22,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
+from app.call import CallRecord, Usage
 from app.db.engine import async_url, create_engine
 from app.db.migrate import upgrade
 from app.db.models import metadata, usage_daily, usage_events
@@ -30,6 +31,7 @@ from app.metering import recorder as recorder_module
 from app.metering.events import Batch, UsageEvent, epoch_us, usd_to_cost
 from app.metering.recorder import Recorder
 from app.metering.spool import REJECTED_FILE, Spool
+from app.metering.usage import event_line
 
 ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -673,6 +675,44 @@ def test_events_round_trip_through_lines_and_older_spool_lines_still_read() -> N
     for bad in (b"", b"[1]", b"{}", line[:-5], time_as_text):
         with pytest.raises(ValueError):
             UsageEvent.from_line(bad)
+
+
+def test_the_request_paths_line_holds_each_field_where_usage_event_has_it() -> None:
+    call = CallRecord(request_id="req_1", method="POST", path="/v1/chat/completions")
+    call.created_at = datetime(2026, 5, 4, 3, 2, 1, 123456, tzinfo=UTC).timestamp()
+    call.client_request_id, call.api_key_id, call.feature, call.user_id = "mine", "key_9", "f", "u"
+    call.endpoint, call.model, call.upstream_model, call.stream = "/v1/chat/completions", "m", "um", True
+    call.status_code, call.attempts, call.ttfb_s, call.error_type = 206, 3, 0.0421, "e"
+    call.prompt_truncated = True
+    usage = Usage(
+        prompt_tokens=11, completion_tokens=22, total_tokens=33, cached_tokens=4, reasoning_tokens=5
+    )
+    event = UsageEvent.from_line(event_line(call, usage, "estimated", 777))
+    assert event._replace(latency_ms=0) == UsageEvent(
+        request_id="req_1",
+        created_at=datetime(2026, 5, 4, 3, 2, 1, 123456, tzinfo=UTC),
+        api_key_id="key_9",
+        feature="f",
+        user_id="u",
+        endpoint="/v1/chat/completions",
+        model="m",
+        upstream_model="um",
+        stream=True,
+        status_code=206,
+        attempts=3,
+        prompt_tokens=11,
+        completion_tokens=22,
+        total_tokens=33,
+        cached_tokens=4,
+        reasoning_tokens=5,
+        usage_source="estimated",
+        cost_units=777,
+        latency_ms=0,
+        ttfb_ms=42,
+        error_type="e",
+        prompt_truncated=True,
+        client_request_id="mine",
+    )
 
 
 async def test_fields_awkward_for_json_and_csv_land_as_sent(
