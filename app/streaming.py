@@ -52,6 +52,7 @@ def sse_data(event: bytes) -> bytes | None:
 
 # A chunk with `"usage":null` carries no usage; once the model is known, only its text can matter.
 _NO_USAGE = b'"usage":null'
+_MODEL_KEY = b'"model":"'
 # Unparsed chunks kept per stream before their text is collected anyway: memory stays bounded.
 _PENDING_MAX_BYTES = 64 * 1024
 
@@ -72,6 +73,8 @@ class ChatChunkInspector:
 
     def relay(self, block: bytes) -> bytes:
         relayed: list[bytes] = []
+        if self.call.upstream_model is None:
+            self._sniff_model(block)
         start = 0
         runs = True
         while not self.done and (end := block.find(b"\n\n", start)) != -1:
@@ -96,6 +99,23 @@ class ChatChunkInspector:
         joined = b"".join(relayed)
         # Taken out once for the whole block: the upstream sends it only because the gateway asked.
         return joined if self.client_wants_usage else joined.replace(b',"usage":null', b"")
+
+    def _sniff_model(self, block: bytes) -> None:
+        """The model, read from the bytes of the first chunk, so that it can go unparsed like the rest.
+        `"model":"` occurs unescaped only as a chunk's own key (inside a JSON string its quotes would be
+        escaped), and every chunk of a stream names the same model. Anything unusual is left to the
+        parse (`_inspect`)."""
+        at = block.find(_MODEL_KEY)
+        if at == -1:
+            return
+        at += len(_MODEL_KEY)
+        end = block.find(b'"', at)
+        name = block[at:end] if end != -1 else b""
+        if name and b"\\" not in name:
+            try:
+                self.call.upstream_model = name.decode()
+            except UnicodeDecodeError:
+                return
 
     def _ordinary_run(self, block: bytes, start: int) -> int:
         """Where the events from `start` to the last chunk without usage end, if all of them are

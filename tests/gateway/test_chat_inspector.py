@@ -69,3 +69,15 @@ def test_every_grouping_of_reads_relays_and_meters_the_same(shape: str, client_w
         else:
             assert call.usage is None
             assert "".join(call.completion_parts) == "".join(WORDS)
+
+
+@pytest.mark.parametrize("model", ['odd "quoted" model', "back\\slash", "ünïcødé-模型"])
+def test_the_model_is_learned_exactly_whatever_its_name(model: str) -> None:
+    events = [
+        chunk.replace(orjson.dumps(MODEL), orjson.dumps(model)) for chunk in (FIRST, *ORDINARY, USAGE_CHUNK)
+    ]
+    call = CallRecord(request_id="r", method="POST", path="/v1/chat/completions")
+    inspector = ChatChunkInspector(call, client_wants_usage=True)
+    assert inspector.relay(b"".join([*events, DONE])) == b"".join([*events, DONE])
+    assert call.upstream_model == model
+    assert call.usage == Usage.from_openai(USAGE)
