@@ -86,13 +86,13 @@ class UsageEvent(NamedTuple):
         return line((self[0], epoch_us(self.created_at), *self[2:]))
 
     @classmethod
-    def from_line(cls, line: bytes) -> UsageEvent:
+    def from_line(cls, text: bytes) -> UsageEvent:
         """A line of either form, to_line's array or to_json's object. Raises ValueError on any malformed
         line (a torn write at a crash leaves one)."""
-        if line.lstrip()[:1] == b"{":
-            return cls.from_json(line)
+        if text.lstrip()[:1] == b"{":
+            return cls.from_json(text)
         try:
-            values = orjson.loads(line)
+            values = orjson.loads(text)
             if not isinstance(values, list) or type(values[1]) is not int:
                 raise TypeError("not an array with a time in microseconds")
             values[1] = _EPOCH + values[1] * _MICROSECOND
@@ -153,7 +153,7 @@ class Batch(NamedTuple):
         return self.data.splitlines(keepends=True)
 
     def events(self) -> list[UsageEvent]:
-        return [UsageEvent.from_line(line) for line in self.lines()]
+        return [UsageEvent.from_line(text) for text in self.lines()]
 
     def halves(self) -> tuple[Batch, Batch]:
         lines = self.lines()

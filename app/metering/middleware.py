@@ -43,7 +43,8 @@ class Meter:
 
     def finish(self, scope: Scope, call: CallRecord) -> None:
         route = call.route or call.endpoint or getattr(scope.get("route"), "path", None) or "unmatched"
-        self.metrics.observe_request(route, call, time.perf_counter() - call.started)
+        elapsed = time.perf_counter() - call.started
+        self.metrics.observe_request(route, call, elapsed)
         if call.endpoint is None or (call.metered_only_with_usage and call.usage is None):
             return
         if self.recorder is None and call.admission is None:
@@ -58,7 +59,7 @@ class Meter:
             self.guard.settle(call.admission, usage.total_tokens, cost_to_usd(cost))
         if self.recorder is not None:
             self.metrics.observe_usage(model or "", call.feature or "", usage, cost)
-            self.recorder.submit(event_line(call, usage, source, cost))
+            self.recorder.submit(event_line(call, usage, source, cost, elapsed))
 
 
 class MeteringMiddleware:

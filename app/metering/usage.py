@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from app.call import CallRecord, Usage
@@ -56,9 +55,11 @@ def usage_of(call: CallRecord) -> tuple[Usage, UsageSource]:
     return Usage(), "estimated"
 
 
-def event_line(call: CallRecord, usage: Usage, source: UsageSource, cost_units: int | None) -> bytes:
+def event_line(
+    call: CallRecord, usage: Usage, source: UsageSource, cost_units: int | None, elapsed_s: float
+) -> bytes:
     """The call's usage event as the recorder's line (events.py), built straight from the call: the
-    fields positionally, in UsageEvent's order."""
+    fields positionally, in UsageEvent's order. `elapsed_s`: from the call's start to its end."""
     return line(
         (
             call.usage_key or call.request_id,
@@ -79,7 +80,7 @@ def event_line(call: CallRecord, usage: Usage, source: UsageSource, cost_units: 
             usage.reasoning_tokens,
             source,
             cost_units,
-            round((time.perf_counter() - call.started) * 1000),
+            round(elapsed_s * 1000),
             None if call.ttfb_s is None else round(call.ttfb_s * 1000),
             call.error_type,
             call.prompt_truncated,

@@ -692,8 +692,8 @@ def test_the_request_paths_line_holds_each_field_where_usage_event_has_it() -> N
     usage = Usage(
         prompt_tokens=11, completion_tokens=22, total_tokens=33, cached_tokens=4, reasoning_tokens=5
     )
-    event = UsageEvent.from_line(event_line(call, usage, "estimated", 777))
-    assert event._replace(latency_ms=0) == UsageEvent(
+    event = UsageEvent.from_line(event_line(call, usage, "estimated", 777, 1.5))
+    assert event == UsageEvent(
         request_id="req_1",
         created_at=datetime(2026, 5, 4, 3, 2, 1, 123456, tzinfo=UTC),
         api_key_id="key_9",
@@ -712,7 +712,7 @@ def test_the_request_paths_line_holds_each_field_where_usage_event_has_it() -> N
         reasoning_tokens=5,
         usage_source="estimated",
         cost_units=777,
-        latency_ms=0,
+        latency_ms=1500,
         ttfb_ms=42,
         error_type="e",
         prompt_truncated=True,
