@@ -128,7 +128,9 @@ async def measure(phase: str, metering: bool, calls: int, concurrency: int, prof
             profiler.disable()
         cpu = time.process_time() - started
         if profiler is not None:
-            pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+            pstats.Stats(profiler).sort_stats(os.environ.get("PSORT", "tottime")).print_stats(
+                int(os.environ.get("PN", "25"))
+            )
     return cpu / (calls // concurrency * concurrency) * 1e6
 
 

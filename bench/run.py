@@ -171,7 +171,15 @@ class Runner:
             "BENCH_BODY": str(body),
             "BENCH_STREAM": "1" if stream else "0",
         }
-        cmd = ["taskset", "-c", LOAD_CPUS, self.tools["wrk"], "-t1", f"-c{conns}", f"-d{seconds:g}s"]
+        cmd = [
+            "taskset",
+            "-c",
+            LOAD_CPUS,
+            self.tools["wrk"],
+            "-t1",
+            f"-c{conns}",
+            f"-d{max(1, round(seconds))}s",
+        ]  # wrk takes whole seconds
         cmd += [
             "--timeout",
             "10s",
