@@ -7,7 +7,6 @@ import logging
 from collections.abc import AsyncIterable, Callable, Mapping
 from typing import Any
 
-import aiohttp
 import orjson
 from starlette.responses import Response
 
@@ -17,6 +16,7 @@ from app.errors import GatewayError, RelayedError
 from app.policy import Candidate, UpstreamTarget
 from app.streaming import EventInspector, collect_text, sse_response
 from app.upstream import (
+    ResponseHead,
     UpstreamClient,
     UpstreamResponse,
     UpstreamUnavailable,
@@ -90,7 +90,7 @@ async def send_checked(
     *,
     client_headers: Mapping[str, str],
     body: bytes | AsyncIterable[bytes] = b"",
-    keep_open: Callable[[aiohttp.ClientResponse], bool] = never_open,
+    keep_open: Callable[[ResponseHead], bool] = never_open,
     replayable: bool = True,
     extra_headers: Mapping[str, str] | None = None,
 ) -> UpstreamResponse:

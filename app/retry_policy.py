@@ -14,7 +14,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 
-import aiohttp
+from pyreqwest.exceptions import (
+    ConnectError,
+    ConnectTimeoutError,
+    DecodeError,
+    PoolTimeoutError,
+    TransportError,
+)
 from tenacity import AsyncRetrying, RetryCallState, stop_after_attempt, stop_before_delay
 from tenacity.retry import retry_base
 from tenacity.wait import wait_base, wait_random_exponential
@@ -26,8 +32,15 @@ log = logging.getLogger("gateway.upstream")
 T = TypeVar("T")
 
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+
+class UpstreamClosedEarly(ConnectionError):
+    """The upstream ended a stream before its first byte."""
+
+
 # A stream's first byte is read inside the attempt, so a drop before it is still a retryable failure.
-RETRYABLE_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
+# (TransportError: connection, read and write failures and timeouts; DecodeError: a body that broke off.)
+RETRYABLE_ERRORS = (TransportError, DecodeError, UpstreamClosedEarly, asyncio.TimeoutError)
 
 
 def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float | None:
@@ -63,7 +76,7 @@ def is_retryable_status(status: int, headers: Mapping[str, str]) -> bool:
 
 
 # Failures that happen before a connection exists: not a byte of the request has left.
-BEFORE_CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+BEFORE_CONNECT_ERRORS = (ConnectError, ConnectTimeoutError, PoolTimeoutError)
 
 
 class _RetryOutcome(retry_base):

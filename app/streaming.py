@@ -18,8 +18,8 @@ import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from typing import Any, Protocol
 
-import aiohttp
 import orjson
+from pyreqwest.exceptions import PyreqwestError
 from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
@@ -265,8 +265,8 @@ def sse_response(
 async def relay_sse(
     upstream: UpstreamResponse, call: CallRecord, inspect: EventInspector, watch: DisconnectWatch
 ) -> AsyncIterator[bytes]:
-    response = upstream.stream
-    assert response is not None
+    stream = upstream.stream
+    assert stream is not None
     buffer = upstream.body
     failure: tuple[str, str] | None = None
     try:
@@ -282,33 +282,27 @@ async def relay_sse(
                 if out:
                     call.mark_first_byte()
                     yield out
-            chunk = response.content.read_nowait()
-            if not chunk:
-                if response.content.at_eof():
-                    break
-                watch.start()
-                chunk = await response.content.readany()
-                if not chunk:
-                    break
+            watch.start()
+            chunk = await stream.read()
+            if chunk is None:
+                break
             buffer += chunk
         if not inspect.done:
             failure = ("The upstream ended the stream before it was complete.", "upstream_stream_incomplete")
     except (asyncio.CancelledError, GeneratorExit):
         call.client_disconnected = True
         raise
-    except (TimeoutError, aiohttp.ServerTimeoutError):
+    except TimeoutError:
         # After the end of the answer only the drain to the upstream's end failed: nothing is missing.
         if not inspect.done:
             failure = ("The upstream stopped sending events (read timeout).", "upstream_stream_timeout")
-    except aiohttp.ClientError:
+    except PyreqwestError:
         if not inspect.done:
             failure = ("The upstream connection broke during the stream.", "upstream_stream_broken")
     finally:
         inspect.finish()
-        if inspect.done:
-            response.release()
-        else:
-            response.close()
+        # Read to its end, the connection goes back to the pool; otherwise the upstream is cut off.
+        await stream.close()
     if failure is not None:
         call.error_type = failure[1]
         yield _error_event(*failure)

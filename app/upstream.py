@@ -1,22 +1,28 @@
 """The one upstream HTTP client per process, and the retrying call through it.
 
-aiohttp rather than httpx (or AsyncOpenAI on httpx): measured on this 2-core machine kind, a bare
-pass-through relaying with aiohttp did ~2,860 req/s on one core, the same with httpx ~350 req/s
-(ARCHITECTURE.md, pitfall 3). The gateway relays bytes, so it needs no SDK models here.
+pyreqwest (Rust's reqwest and hyper, awaited from the event loop) rather than aiohttp or httpx: the
+upstream client decides a Python gateway's throughput (ARCHITECTURE.md, pitfall 3). Measured on this
+2-core machine kind, a bare pass-through on one core relaying nginx's canned answers did ~10,000 JSON
+requests/s and ~10,300 streams/s with aiohttp, ~16,000 and ~17,700 with pyreqwest (bench/README.md, "The
+upstream client"); with httpx ~350 req/s. The gateway relays bytes, so it needs no SDK models here.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Protocol
 
-import aiohttp
-from multidict import CIMultiDictProxy
+from pyreqwest.client import Client, ClientBuilder
+from pyreqwest.exceptions import PyreqwestError
+from pyreqwest.request import StreamRequest
+from pyreqwest.response import Response
 
 from app.call import CallRecord
 from app.config import Settings
 from app.policy import UpstreamTarget
-from app.retry_policy import RetryPolicy, is_retryable_status
+from app.retry_policy import RetryPolicy, UpstreamClosedEarly, is_retryable_status
 
 # Headers of the client's request that never go upstream: the client's gateway key, the gateway's
 # own attribution headers, hop-by-hop headers, and identity headers that belong to the client's
@@ -64,14 +70,44 @@ class UpstreamUnavailable(Exception):
         self.kind = kind
 
 
+class ResponseHead(Protocol):
+    """What `keep_open` decides on: the answer's status and headers, before its body."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+
+class UpstreamStream:
+    """An answer whose body is still arriving."""
+
+    __slots__ = ("_reader", "_request")
+
+    def __init__(self, request: StreamRequest, response: Response) -> None:
+        self._request = request
+        self._reader = response.body_reader
+
+    async def read(self) -> bytes | None:
+        """The next bytes as they arrive; None at the end of the body."""
+        chunk = await self._reader.read_chunk()
+        return None if chunk is None else bytes(chunk)
+
+    async def close(self) -> None:
+        """Read to its end, the connection goes back to the pool; otherwise it is closed, so the upstream
+        stops sending (and, for a model, generating)."""
+        await self._request.__aexit__(None, None, None)
+
+
 @dataclass(slots=True)
 class UpstreamResponse:
     status: int
-    headers: CIMultiDictProxy[str]
+    headers: Mapping[str, str]
     # The whole body, or for an open stream the first bytes (read inside the attempt, so a failure
     # before them is retried while nothing has reached the client yet).
     body: bytes
-    stream: aiohttp.ClientResponse | None = None
+    stream: UpstreamStream | None = None
 
 
 def upstream_request_headers(client_headers: Mapping[str, str]) -> dict[str, str]:
@@ -82,11 +118,11 @@ def upstream_request_headers(client_headers: Mapping[str, str]) -> dict[str, str
     }
 
 
-def is_sse(response: aiohttp.ClientResponse) -> bool:
+def is_sse(response: ResponseHead) -> bool:
     return response.status < 300 and response.headers.get("content-type", "").startswith("text/event-stream")
 
 
-def never_open(_: aiohttp.ClientResponse) -> bool:
+def never_open(_: ResponseHead) -> bool:
     """For calls answered with one JSON body: read whole, under the total request timeout."""
     return False
 
@@ -103,35 +139,45 @@ def relay_response_headers(upstream: Mapping[str, str]) -> dict[str, str]:
 
 
 class UpstreamClient:
+    """Two pools with one configuration but their timeouts: an answer read whole is bounded as a whole
+    (GATEWAY_REQUEST_TIMEOUT_S), one kept open — a stream, a download — only in the gap between reads
+    (GATEWAY_STREAM_READ_TIMEOUT_S), since a stream lasts as long as the model writes. reqwest sets a
+    read timeout per client, not per request, and a non-streamed reasoning call may think for longer
+    than a stream's gap."""
+
     def __init__(self, settings: Settings) -> None:
         self.policy = RetryPolicy(settings)
         self.suppress_client_retries = settings.suppress_client_retries and settings.max_attempts > 1
-        self._json_timeout = aiohttp.ClientTimeout(
-            total=settings.request_timeout_s, sock_connect=settings.connect_timeout_s
+        self._settings = settings
+        self._total = timedelta(seconds=settings.request_timeout_s)
+        self._whole: Client | None = None
+        self._open: Client | None = None
+
+    def _client(self, read_timeout_s: float | None) -> Client:
+        settings = self._settings
+        builder = (
+            ClientBuilder()
+            .connect_timeout(timedelta(seconds=settings.connect_timeout_s))
+            # Waiting for a free connection counts as part of the call (ARCHITECTURE.md, pitfall 4).
+            .pool_timeout(self._total)
+            .pool_idle_timeout(timedelta(seconds=30))
+            .max_connections(settings.upstream_max_connections)
+            # Like the aiohttp session before it: no proxy from the environment, no cookies kept.
+            .no_proxy()
+            .default_cookie_store(False)
         )
-        # A stream may last as long as the model writes (or the file is long); only the gap between reads
-        # is bounded.
-        self._stream_timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=settings.request_timeout_s,
-            sock_connect=settings.connect_timeout_s,
-            sock_read=settings.stream_read_timeout_s,
-        )
-        self._max_connections = settings.upstream_max_connections
-        self._session: aiohttp.ClientSession | None = None
+        if read_timeout_s is not None:
+            builder = builder.read_timeout(timedelta(seconds=read_timeout_s))
+        return builder.build()
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self._max_connections, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300
-        )
-        # The gateway relays upstream bytes; cookies would leak one client's state into another's calls.
-        self._session = aiohttp.ClientSession(
-            connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=True
-        )
+        self._whole = self._client(None)
+        self._open = self._client(self._settings.stream_read_timeout_s)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for client in (self._whole, self._open):
+            if client is not None:
+                await client.close()
 
     def relay_headers(self, response: UpstreamResponse) -> dict[str, str]:
         return relay_response_headers(response.headers)
@@ -153,44 +199,57 @@ class UpstreamClient:
         body: bytes | AsyncIterable[bytes],
         headers: Mapping[str, str],
         call: CallRecord,
-        keep_open: Callable[[aiohttp.ClientResponse], bool] = is_sse,
+        keep_open: Callable[[ResponseHead], bool] = is_sse,
         replayable: bool = True,
     ) -> UpstreamResponse:
         """One call with retries. A response for which `keep_open` is true comes back open, with its first
         bytes already read; any other is read whole. When the request is not `replayable` (a streamed
         upload, a non-idempotent passthrough), only failures before a connection existed are retried:
         until then not a byte of the body has left."""
-        assert self._session is not None, "UpstreamClient.start() was not awaited"
-        session = self._session
+        assert self._whole is not None and self._open is not None, "UpstreamClient.start() was not awaited"
+        whole = keep_open is never_open
+        client = self._whole if whole else self._open
+        total = self._total
         url = target.base_url + path
         headers = dict(headers)
         if target.api_key is not None:
             headers["authorization"] = f"Bearer {target.api_key}"
-        timeout = self._json_timeout if keep_open is never_open else self._stream_timeout
 
         async def attempt() -> UpstreamResponse:
             call.attempts += 1
-            response = await session.request(method, url, data=body, headers=headers, timeout=timeout)
+            builder = client.request(method, url).headers(headers)
+            if not isinstance(body, bytes):
+                builder = builder.body_stream(body)
+            elif body:
+                builder = builder.body_bytes(body)
+            if whole:
+                answer = await builder.timeout(total).build().send()
+                return UpstreamResponse(answer.status, answer.headers, bytes(await answer.bytes()))
+            # Each chunk is handed over as it arrives: with a larger read-ahead, pyreqwest holds a stream's
+            # first events back until that many bytes have come.
+            request = builder.streamed_read_buffer_limit(1).build_streamed()
+            response = await request.__aenter__()
             try:
                 if keep_open(response):
-                    first = await response.content.readany()
-                    if not first and is_sse(response):
-                        raise aiohttp.ClientPayloadError("upstream closed the stream before its first byte")
-                    return UpstreamResponse(response.status, response.headers, first, response)
-                data = await response.read()
+                    first = await response.body_reader.read_chunk()
+                    if first is None and is_sse(response):
+                        raise UpstreamClosedEarly("upstream closed the stream before its first byte")
+                    stream = UpstreamStream(request, response)
+                    return UpstreamResponse(response.status, response.headers, bytes(first or b""), stream)
+                data = bytes(await response.body_reader.bytes())
             except BaseException:
-                response.close()
+                await request.__aexit__(None, None, None)
                 raise
-            response.release()
+            await request.__aexit__(None, None, None)
             return UpstreamResponse(response.status, response.headers, data)
 
         try:
             result = await self.policy.run(attempt, replayable=replayable)
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        except TimeoutError as exc:  # pyreqwest's timeouts are TimeoutErrors
             raise UpstreamUnavailable(
                 "timeout", f"upstream timed out after {call.attempts} attempt(s)"
             ) from exc
-        except (aiohttp.ClientError, OSError) as exc:
+        except (PyreqwestError, OSError) as exc:
             raise UpstreamUnavailable(
                 "connect", f"upstream unreachable after {call.attempts} attempt(s): {type(exc).__name__}"
             ) from exc

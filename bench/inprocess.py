@@ -37,19 +37,10 @@ REQUESTS = {"json": JSON_BODY, "stream": STREAM_BODY}
 class _EndedStream:
     """What relay_sse reads after the canned first bytes: the end of the stream."""
 
-    class content:
-        @staticmethod
-        def read_nowait() -> bytes:
-            return b""
+    async def read(self) -> bytes | None:
+        return None
 
-        @staticmethod
-        def at_eof() -> bool:
-            return True
-
-    def release(self) -> None:
-        pass
-
-    def close(self) -> None:
+    async def close(self) -> None:
         pass
 
 

@@ -97,12 +97,16 @@ def _build_encoding(name: str) -> tiktoken.Encoding:
     # file into a temp-dir cache.
     pairs = (line.split() for line in raw.splitlines() if line)
     ranks = {base64.b64decode(token): int(rank) for token, rank in pairs}
-    return tiktoken.Encoding(
+    encoding = tiktoken.Encoding(
         name=name,
         pat_str=_PAT_STR[name],
         mergeable_ranks=ranks,
         special_tokens=_SPECIAL_TOKENS[name],
     )
+    # tiktoken keeps this Python copy of the vocabulary only to pickle the encoding; the Rust core that
+    # encodes holds its own. Dropped, the two encodings take ~37 MB less for the life of the process.
+    encoding._mergeable_ranks = {}
+    return encoding
 
 
 @functools.cache

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import aiohttp
 import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
@@ -21,7 +20,7 @@ from app.call import CallRecord
 from app.deps import GatewayDep
 from app.errors import GatewayError
 from app.relay import answer_headers, read_json_usage, send_checked
-from app.upstream import UpstreamResponse
+from app.upstream import ResponseHead, UpstreamResponse
 
 router = APIRouter()
 
@@ -34,13 +33,13 @@ _INSPECTED_ANSWER = 8 * 1024 * 1024
 _CONTENT_HEADERS = ("content-disposition", "content-range", "accept-ranges", "etag", "last-modified")
 
 
-def _read_whole(response: aiohttp.ClientResponse) -> bool:
-    length = response.content_length
+def _read_whole(response: ResponseHead) -> bool:
+    length = response.headers.get("content-length", "")
     json = response.headers.get("content-type", "").startswith("application/json")
-    return json and length is not None and length <= _INSPECTED_ANSWER
+    return json and length.isdigit() and int(length) <= _INSPECTED_ANSWER
 
 
-def _stream_back(response: aiohttp.ClientResponse) -> bool:
+def _stream_back(response: ResponseHead) -> bool:
     return not _read_whole(response)
 
 
@@ -56,21 +55,16 @@ async def _upload(request: Request, limit: int) -> AsyncIterator[bytes]:
 
 
 async def _download(answer: UpstreamResponse) -> AsyncIterator[bytes]:
-    response = answer.stream
-    assert response is not None
-    finished = False
+    stream = answer.stream
+    assert stream is not None
     try:
         if answer.body:
             yield answer.body
-        async for chunk in response.content.iter_any():
+        while (chunk := await stream.read()) is not None:
             yield chunk
-        finished = True
     finally:
-        # Released to the pool when read to the end; closed (the upstream stops sending) otherwise.
-        if finished:
-            response.release()
-        else:
-            response.close()
+        # Back to the pool when read to the end; closed (the upstream stops sending) otherwise.
+        await stream.close()
 
 
 def _meter_json(call: CallRecord, path: str, request_body: bytes | None, answer: bytes) -> None:

@@ -213,6 +213,8 @@ def test_large_upload_and_download_pass_with_bounded_gateway_memory(
             base_url=gateway.url + "/v1", api_key=MASTER_KEY, max_retries=0, timeout=120
         ) as sdk:
             sdk.files.list()  # warm up: imports, pools, first allocations
+            # The peak so far is start-up's (building the tokenizers' tables); from here it is the transfer's.
+            Path(f"/proc/{gateway.proc.pid}/clear_refs").write_text("5")
             before = _peak_rss_kib(gateway.proc.pid)
             uploaded = sdk.files.create(file=("big.bin", content), purpose="user_data")
             downloaded = 0
@@ -224,8 +226,10 @@ def test_large_upload_and_download_pass_with_bounded_gateway_memory(
         assert record.upload_size == size
         assert record.upload_sha256 == hashlib.sha256(content).hexdigest()
         assert downloaded == size
-        # 64 MiB went up and 64 MiB came down; the gateway's peak memory grew by a small fraction of it.
-        assert after - before < 16 * 1024, f"peak RSS grew by {(after - before) // 1024} MiB"
+        # 64 MiB went up and 64 MiB came down; held whole, either would have grown the peak by 64 MiB. The
+        # upstream client reads up to ~800 KiB at a time and keeps some chunks in flight each way: about
+        # 15-25 MiB whatever the size (the same with 256 MiB).
+        assert after - before < 32 * 1024, f"peak RSS grew by {(after - before) // 1024} MiB"
     finally:
         gateway.stop()
 

@@ -155,6 +155,19 @@ def test_slow_first_byte_times_out_then_retries(
     assert len(fake.requests) == 2
 
 
+def test_a_non_streamed_call_may_wait_longer_than_a_streams_read_gap(
+    start_gateway: Callable[..., ThreadedGateway], fake: FakeOpenAI
+) -> None:
+    # A reasoning model can think for minutes before a non-streamed answer: only the request timeout
+    # bounds it, not the gap allowed between a stream's reads.
+    gateway = start_gateway(stream_read_timeout_s=0.3, request_timeout_s=10)
+    fake.slow_first_byte(1.0)
+    with sdk_client(gateway.base_url) as sdk:
+        raw = sdk.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES)
+    assert raw.parse().choices[0].message.content
+    assert raw.headers["x-gateway-attempts"] == "1"
+
+
 def test_upstream_timeout_is_504(start_gateway: Callable[..., ThreadedGateway], fake: FakeOpenAI) -> None:
     gateway = start_gateway(request_timeout_s=0.2, max_attempts=2)
     fake.slow_first_byte(2.0, times=2)
