@@ -14,6 +14,7 @@ STREAMS = 1000
 TARGETS = [
     ("direct", "(a) direct to upstream"),
     ("passthrough", "(b) bare Python pass-through"),
+    ("passthrough_rq", "(b') the same on pyreqwest, the gateway's client"),
     ("litellm", "(c) LiteLLM proxy"),
     ("gw", "(d) gateway, metering on"),
     ("gw_nometer", "(e) gateway, metering off"),
@@ -107,8 +108,9 @@ def per_target_table(R: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def checks(R: dict[str, dict[str, Any]]) -> list[Row]:
-    gw, off, floor, direct, w2, lite = (
-        R.get(k, {}) for k in ("gw", "gw_nometer", "passthrough", "direct", "gw_w2", "litellm")
+    gw, off, floor, direct, w2, lite, floor_rq = (
+        R.get(k, {})
+        for k in ("gw", "gw_nometer", "passthrough", "direct", "gw_w2", "litellm", "passthrough_rq")
     )
     rows: list[Row] = []
 
@@ -142,6 +144,20 @@ def checks(R: dict[str, dict[str, Any]]) -> list[Row]:
         "pass-through",
         "streams/s",
     )
+
+    # Against the floor of the gateway's own upstream client: reported, not judged.
+    for name, key, unit in (("JSON req/s", "rps_32", "req/s"), ("streams/s", "streams_per_s", "streams/s")):
+        a, b = gw.get(key), floor_rq.get(key)
+        if a and b:
+            rows.append(
+                (
+                    f"(supplementary) {name}, metering on, 32 conns, against the pass-through on pyreqwest",
+                    f"{a:,.0f} {unit} ({a / b:.0%})",
+                    f"pass-through on pyreqwest {_n(b)}",
+                    "-",
+                    "-",
+                )
+            )
 
     lat, ref = gw.get("latency", {}), direct.get("latency", {})
     for pct, limit in (("p50", 1.0), ("p99", 5.0)):

@@ -90,6 +90,8 @@ class Target:
 
 DIRECT = Target("direct", "direct")
 FLOOR = Target("passthrough", "passthrough")
+# The same pass-through relaying with the gateway's own upstream client: a reference, not a target.
+FLOOR_RQ = Target("passthrough_rq", "passthrough")
 LITELLM = Target("litellm", "litellm")
 # Runs each of metering on and off in the alternated comparison (bench/README.md, "metering cost").
 AB_ROUNDS = 3
@@ -126,6 +128,8 @@ class Runner:
         if target.kind == "passthrough":
             cmd = [str(GATEWAY_PY), str(BENCH / "passthrough.py"), "--port", str(port), "--upstream", origin]
             cmd += ["--key", UPSTREAM_KEY]
+            if target is FLOOR_RQ:
+                cmd += ["--client", "pyreqwest"]
         elif target.kind == "litellm":
             assert self.litellm_bin is not None
             config = self.run_dir / f"litellm-{phase}.yaml"
@@ -454,7 +458,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-litellm", action="store_true", help="leave LiteLLM out")
     parser.add_argument("--litellm", action="store_true", help="include LiteLLM even with --quick")
     parser.add_argument("--profile", action="store_true", help="py-spy the metered gateway at 32 connections")
-    parser.add_argument("--only", help="targets: direct,passthrough,litellm,gw,gw_nometer,gw_w2")
+    parser.add_argument(
+        "--only", help="targets: direct,passthrough,passthrough_rq,litellm,gw,gw_nometer,gw_w2"
+    )
     parser.add_argument("--phases", default="json,stream,burst", help="any of json,stream,burst")
     parser.add_argument("--keep-db", action="store_true", help=f"keep the {BENCH_DB} database afterwards")
     args = parser.parse_args(argv)
@@ -477,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     tools = ensure_tools()
     runner = Runner(args, tools, run_dir)
 
-    targets = [DIRECT, FLOOR, GW, GW_NOMETER, GW_W2]
+    targets = [DIRECT, FLOOR, FLOOR_RQ, GW, GW_NOMETER, GW_W2]
     litellm_version = "left out"
     if not args.no_litellm and (args.litellm or not args.quick) and (not args.only or "litellm" in args.only):
         runner.litellm_bin, litellm_version = ensure_litellm(timeout_s=420)
