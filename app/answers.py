@@ -15,9 +15,11 @@ from starlette.responses import Response
 
 def raw_headers(headers: Mapping[str, str], media_type: str) -> list[tuple[bytes, bytes]]:
     """`headers` (lower-case names) as ASGI wants them, with the content type."""
-    raw = [(b"content-type", media_type.encode("latin-1"))]
-    raw += [(name.encode("latin-1"), _value(value)) for name, value in headers.items()]
-    return raw
+    return [(b"content-type", media_type.encode("latin-1")), *encoded(headers)]
+
+
+def encoded(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(name.encode("latin-1"), _value(value)) for name, value in headers.items()]
 
 
 def _value(value: str) -> bytes:

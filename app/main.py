@@ -37,7 +37,7 @@ from app.limits.guard import Guard, seed_spend
 from app.logs import configure_logging
 from app.metering import tokens
 from app.metering.metrics import Metrics
-from app.metering.middleware import Meter, MeteringMiddleware
+from app.metering.middleware import Meter, meter_call
 from app.metering.pricing import PriceTable
 from app.metering.recorder import Recorder
 from app.policy import Policy
@@ -78,10 +78,8 @@ class GatewayApp(FastAPI):
 
     def build_middleware_stack(self) -> ASGIApp:
         # Outside Starlette's ServerErrorMiddleware, so even an unexpected 500 carries its X-Request-Id
-        # and gets its access-log line; metering wraps the hot routes and FastAPI's alike.
-        return RequestContextMiddleware(
-            MeteringMiddleware(HotRoutes(super().build_middleware_stack(), HOT_ROUTES))
-        )
+        # and gets its access-log line; it meters the hot routes and FastAPI's alike when they end.
+        return RequestContextMiddleware(HotRoutes(super().build_middleware_stack(), HOT_ROUTES), meter_call)
 
 
 def _configuration(settings: Settings | None) -> tuple[Settings, GatewayConfig]:

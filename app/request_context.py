@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -35,8 +36,10 @@ def header(scope: Scope, name: bytes) -> str | None:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, on_end: Callable[[Scope, CallRecord], None]) -> None:
         self.app = app
+        # Metering: called once the response has ended, before the access-log line.
+        self.on_end = on_end
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -71,6 +74,7 @@ class RequestContextMiddleware:
                 )
                 await error.response()(scope, receive, send_with_id)
         finally:
+            self.on_end(scope, call)
             if access_log.isEnabledFor(logging.INFO):
                 self._log(call)
             request_id_var.reset(token)

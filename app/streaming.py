@@ -23,7 +23,7 @@ from pyreqwest.exceptions import PyreqwestError
 from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from app.answers import raw_headers
+from app.answers import encoded, raw_headers
 from app.call import CallRecord, Usage
 from app.errors import error_body
 from app.upstream import UpstreamResponse
@@ -381,7 +381,7 @@ class EventRelayResponse(StreamingResponse):
         self.body_iterator = events
         self.status_code = 200
         self.background = None
-        self.raw_headers = raw_headers({**_SSE_HEADERS, **headers}, self.media_type)
+        self.raw_headers = [*_SSE_RAW_HEADERS, *encoded(headers)]
         self.watch = watch
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -422,6 +422,8 @@ class EventRelayResponse(StreamingResponse):
 # What OpenAI and sse-starlette send with a stream: no caching anywhere, and no buffering in a proxy
 # (nginx's X-Accel-Buffering) between the gateway and the client.
 _SSE_HEADERS = {"cache-control": "no-store", "connection": "keep-alive", "x-accel-buffering": "no"}
+# Encoded once: the headers a relayed answer adds (answer_headers) never include these.
+_SSE_RAW_HEADERS = raw_headers(_SSE_HEADERS, EventRelayResponse.media_type)
 
 
 async def _close(body: AsyncIterable[object]) -> None:

@@ -128,12 +128,12 @@ def never_open(_: ResponseHead) -> bool:
 
 
 def relay_response_headers(upstream: Mapping[str, str]) -> dict[str, str]:
+    """`upstream`'s names are lower-case, as pyreqwest (the http crate) gives them."""
     headers: dict[str, str] = {}
     for name, value in upstream.items():
-        lower = name.lower()
-        if lower in _RELAY_RESPONSE or lower.startswith("x-ratelimit-"):
-            headers[lower] = value
-        elif lower == "x-request-id":
+        if name in _RELAY_RESPONSE or name.startswith("x-ratelimit-"):
+            headers[name] = value
+        elif name == "x-request-id":
             headers["x-upstream-request-id"] = value
     return headers
 

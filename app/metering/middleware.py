@@ -1,5 +1,7 @@
-"""Pure ASGI metering middleware: once a response has ended — finished, failed, or abandoned by the
-client mid-stream — hand ONE usage event to the recorder.
+"""Metering at the end of a response — finished, failed, or abandoned by the client mid-stream: ONE
+usage event to the recorder, the request's metrics, the limits settled. The request context (the
+outermost middleware) calls `meter_call` in its `finally`; one layer less on every request than a
+middleware of its own.
 
 Nothing here awaits: on a client disconnect the request task may already be cancelled, and anything
 awaited in a `finally` would be cancelled with it (ARCHITECTURE.md, pitfall 2). `Recorder.submit` is a
@@ -12,9 +14,9 @@ import logging
 import time
 from typing import Protocol
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Scope
 
-from app.call import CallRecord, get_call
+from app.call import CallRecord
 from app.limits.guard import Guard
 from app.metering.events import cost_to_usd
 from app.metering.metrics import Metrics
@@ -62,21 +64,13 @@ class Meter:
             self.recorder.submit(event_line(call, usage, source, cost, elapsed))
 
 
-class MeteringMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            call = get_call(scope)
-            meter: Meter | None = getattr(scope["app"].state, "meter", None)
-            if call is not None and meter is not None:
-                try:
-                    meter.finish(scope, call)
-                except Exception:  # metering must never turn a served response into an error
-                    log.exception("metering failed")
+def meter_call(scope: Scope, call: CallRecord) -> None:
+    """Called by the request context once the response has ended — finished, failed, or abandoned by
+    the client mid-stream: ONE usage event for the call."""
+    meter: Meter | None = getattr(scope["app"].state, "meter", None)
+    if meter is None:
+        return
+    try:
+        meter.finish(scope, call)
+    except Exception:  # metering must never turn a served response into an error
+        log.exception("metering failed")
