@@ -15,13 +15,13 @@ Divergences from a plain byte pipe, each deliberate:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import orjson
 from pyreqwest.exceptions import PyreqwestError
-from starlette.responses import StreamingResponse
-from starlette.types import Message, Receive, Scope, Send
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from app.answers import encoded, raw_headers
 from app.call import CallRecord, Usage
@@ -258,54 +258,7 @@ class DisconnectWatch:
 def sse_response(
     upstream: UpstreamResponse, call: CallRecord, inspect: EventInspector, headers: Mapping[str, str]
 ) -> EventRelayResponse:
-    watch = DisconnectWatch()
-    return EventRelayResponse(relay_sse(upstream, call, inspect, watch), headers, watch)
-
-
-async def relay_sse(
-    upstream: UpstreamResponse, call: CallRecord, inspect: EventInspector, watch: DisconnectWatch
-) -> AsyncIterator[bytes]:
-    stream = upstream.stream
-    assert stream is not None
-    buffer = upstream.body
-    failure: tuple[str, str] | None = None
-    try:
-        while True:
-            if b"\r" in buffer:
-                buffer = buffer.replace(b"\r\n", b"\n")
-            end = buffer.rfind(b"\n\n") + 2
-            if end > 1:
-                # Anything after the end of the stream ([DONE]) is not part of the answer.
-                out = b"" if inspect.done else inspect.relay(buffer[:end])
-                buffer = buffer[end:]
-                watch.ended = inspect.done
-                if out:
-                    call.mark_first_byte()
-                    yield out
-            watch.start()
-            chunk = await stream.read()
-            if chunk is None:
-                break
-            buffer += chunk
-        if not inspect.done:
-            failure = ("The upstream ended the stream before it was complete.", "upstream_stream_incomplete")
-    except (asyncio.CancelledError, GeneratorExit):
-        call.client_disconnected = True
-        raise
-    except TimeoutError:
-        # After the end of the answer only the drain to the upstream's end failed: nothing is missing.
-        if not inspect.done:
-            failure = ("The upstream stopped sending events (read timeout).", "upstream_stream_timeout")
-    except PyreqwestError:
-        if not inspect.done:
-            failure = ("The upstream connection broke during the stream.", "upstream_stream_broken")
-    finally:
-        inspect.finish()
-        # Read to its end, the connection goes back to the pool; otherwise the upstream is cut off.
-        await stream.close()
-    if failure is not None:
-        call.error_type = failure[1]
-        yield _error_event(*failure)
+    return EventRelayResponse(upstream, call, inspect, headers)
 
 
 # Responses API stream events that end a response; each carries the final response object with its usage.
@@ -363,50 +316,40 @@ def learn_response(call: CallRecord, response: dict[str, Any]) -> None:
         call.usage_key = response["id"]
 
 
-class EventRelayResponse(StreamingResponse):
+class EventRelayResponse(Response):
     """An SSE response relaying an upstream stream: OpenAI's headers for it, the events sent as they come,
     and a DisconnectWatch that cancels the relay on `http.disconnect` (the relay's `finally` then closes
     the upstream response). sse-starlette was used here first; its constructor alone (an anyio lock
     found through sniffio, a MutableHeaders) took a tenth of the event loop relaying streams, and its
     per-stream task group another quarter (bench/README.md), while the gateway needs none of its event
-    formatting or pings: OpenAI sends none, and the bytes are relayed as they are. No cancellation on
-    SIGTERM: open streams finish within uvicorn's graceful-shutdown deadline."""
+    formatting or pings: OpenAI sends none, and the bytes are relayed as they are. The relay is a loop in
+    the response itself rather than an async generator the response iterates (a generator's every step
+    and its closing cost a stream a few microseconds). No cancellation on SIGTERM: open streams finish
+    within uvicorn's graceful-shutdown deadline."""
 
     # As OpenAI sends it (and as Starlette's constructor made it of "text/event-stream").
     media_type = "text/event-stream; charset=utf-8"
 
     def __init__(
-        self, events: AsyncIterator[bytes], headers: Mapping[str, str], watch: DisconnectWatch
+        self,
+        upstream: UpstreamResponse,
+        call: CallRecord,
+        inspect: EventInspector,
+        headers: Mapping[str, str],
     ) -> None:
-        self.body_iterator = events
         self.status_code = 200
         self.background = None
         self.raw_headers = [*_SSE_RAW_HEADERS, *encoded(headers)]
-        self.watch = watch
+        self.upstream = upstream
+        self.call = call
+        self.inspect = inspect
+        self.watch = DisconnectWatch()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = self.body_iterator
-        start: Message = {
-            "type": "http.response.start",
-            "status": self.status_code,
-            "headers": self.raw_headers,
-        }
-        if scope["method"] == "HEAD":
-            await send(start)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            await _close(body)
-            return
         watch = self.watch
         watch.arm(receive)
         try:
-            await send(start)
-            ended = False
-            async for chunk in body:
-                if not ended:
-                    ended = watch.ended
-                    await send({"type": "http.response.body", "body": chunk, "more_body": not ended})
-            if not ended:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await self._relay(scope["method"] == "HEAD", send)
         except asyncio.CancelledError:
             if not watch.gone:
                 raise
@@ -416,7 +359,66 @@ class EventRelayResponse(StreamingResponse):
             task.uncancel()
         finally:
             watch.stop()
-            await _close(body)
+
+    async def _relay(self, head: bool, send: Send) -> None:
+        upstream, call, inspect, watch = self.upstream, self.call, self.inspect, self.watch
+        stream = upstream.stream
+        assert stream is not None
+        buffer = upstream.body
+        failure: tuple[str, str] | None = None
+        try:
+            await send(
+                {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            )
+            if head:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            while True:
+                if b"\r" in buffer:
+                    buffer = buffer.replace(b"\r\n", b"\n")
+                end = buffer.rfind(b"\n\n") + 2
+                # Anything after the end of the stream ([DONE]) is not part of the answer, but the
+                # upstream is still read to its end, so that its connection goes back to the pool.
+                if end > 1 and not watch.ended:
+                    out = inspect.relay(buffer[:end])
+                    buffer = buffer[end:]
+                    if out:
+                        call.mark_first_byte()
+                    if out or inspect.done:
+                        # The last bytes end the response: the chunked terminator goes in the same write.
+                        watch.ended = inspect.done
+                        await send({"type": "http.response.body", "body": out, "more_body": not inspect.done})
+                elif end > 1:
+                    buffer = buffer[end:]
+                watch.start()
+                chunk = await stream.read()
+                if chunk is None:
+                    break
+                buffer += chunk
+            if not inspect.done:
+                failure = (
+                    "The upstream ended the stream before it was complete.",
+                    "upstream_stream_incomplete",
+                )
+        except asyncio.CancelledError:
+            call.client_disconnected = True
+            raise
+        except TimeoutError:
+            # After the end of the answer only the drain to the upstream's end failed: nothing is missing.
+            if not inspect.done:
+                failure = ("The upstream stopped sending events (read timeout).", "upstream_stream_timeout")
+        except PyreqwestError:
+            if not inspect.done:
+                failure = ("The upstream connection broke during the stream.", "upstream_stream_broken")
+        finally:
+            inspect.finish()
+            # Read to its end, the connection goes back to the pool; otherwise the upstream is cut off.
+            await stream.close()
+        if not watch.ended:
+            if failure is not None:
+                call.error_type = failure[1]
+            body = _error_event(*failure) if failure is not None else b""
+            await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 # What OpenAI and sse-starlette send with a stream: no caching anywhere, and no buffering in a proxy
@@ -424,9 +426,3 @@ class EventRelayResponse(StreamingResponse):
 _SSE_HEADERS = {"cache-control": "no-store", "connection": "keep-alive", "x-accel-buffering": "no"}
 # Encoded once: the headers a relayed answer adds (answer_headers) never include these.
 _SSE_RAW_HEADERS = raw_headers(_SSE_HEADERS, EventRelayResponse.media_type)
-
-
-async def _close(body: AsyncIterable[object]) -> None:
-    aclose = getattr(body, "aclose", None)
-    if aclose is not None:
-        await aclose()

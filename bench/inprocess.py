@@ -35,7 +35,7 @@ REQUESTS = {"json": JSON_BODY, "stream": STREAM_BODY}
 
 
 class _EndedStream:
-    """What relay_sse reads after the canned first bytes: the end of the stream."""
+    """What the relay reads after the canned first bytes: the end of the stream."""
 
     async def read(self) -> bytes | None:
         return None
