@@ -52,6 +52,8 @@ def sse_data(event: bytes) -> bytes | None:
 
 # A chunk with `"usage":null` carries no usage; once the model is known, only its text can matter.
 _NO_USAGE = b'"usage":null'
+# As the gateway takes it out when the client did not ask for usage (OpenAI puts usage last).
+_COMMA_NO_USAGE = b',"usage":null'
 _MODEL_KEY = b'"model":"'
 # Unparsed chunks kept per stream before their text is collected anyway: memory stays bounded.
 _PENDING_MAX_BYTES = 64 * 1024
@@ -81,9 +83,10 @@ class ChatChunkInspector:
             if runs:
                 # The usual read of a live stream is one run of ordinary chunks, kept whole; a stream
                 # that arrives at once is its first chunk, one such run, then its usage chunk and [DONE].
-                run_end = self._ordinary_run(block, start)
-                if run_end > start:
-                    relayed.append(self._keep(block[start:run_end]))
+                run_end, out = self._ordinary_run(block, start)
+                if out is not None:
+                    self._keep(block[start:run_end])
+                    relayed.append(out)
                     start = run_end
                     continue
                 # Not runs of that shape: event by event for the rest of this read, so a read that
@@ -91,14 +94,18 @@ class ChatChunkInspector:
                 runs = self.call.upstream_model is None  # the first chunk is inspected first
             event = block[start : end + 2]
             start = end + 2
-            out = self._keep(event) if self._ordinary(event) else self._inspect(event)
+            out = self._ordinary(event)
+            if out is not None:
+                self._keep(event)
+            else:
+                out = self._inspect(event)
+                if out is not None and not self.client_wants_usage:
+                    out = out.replace(_COMMA_NO_USAGE, b"")
             if out is not None:
                 relayed.append(out)
         if self._pending_bytes > _PENDING_MAX_BYTES:
             self._collect_pending()
-        joined = b"".join(relayed)
-        # Taken out once for the whole block: the upstream sends it only because the gateway asked.
-        return joined if self.client_wants_usage else joined.replace(b',"usage":null', b"")
+        return b"".join(relayed)
 
     def _sniff_model(self, block: bytes) -> None:
         """The model, read from the bytes of the first chunk, so that it can go unparsed like the rest.
@@ -117,32 +124,33 @@ class ChatChunkInspector:
             except UnicodeDecodeError:
                 return
 
-    def _ordinary_run(self, block: bytes, start: int) -> int:
-        """Where the events from `start` to the last chunk without usage end, if all of them are
-        ordinary; else `start`."""
-        if self.call.upstream_model is None:
-            return start
+    def _ordinary_run(self, block: bytes, start: int) -> tuple[int, bytes | None]:
+        """Where the events from `start` to the last chunk without usage end, and those events as
+        relayed, if all of them are ordinary; else `start` and None."""
         last = block.rfind(_NO_USAGE, start)
         end = block.find(b"\n\n", last) if last != -1 else -1
-        return end + 2 if end != -1 and self._ordinary(block[start : end + 2]) else start
+        out = self._ordinary(block[start : end + 2]) if end != -1 else None
+        return (end + 2, out) if out is not None else (start, None)
 
-    def _ordinary(self, events: bytes) -> bool:
-        """Only chunks without usage, once the model is known: nothing metering needs now. Each event ends
-        with a blank line, so twice as many newlines as `"usage":null`s means one-line events each
-        carrying one (a chunk names its usage once); counting one byte is the cheap search."""
-        nulls = events.count(_NO_USAGE)
-        return (
-            nulls > 0
-            and self.call.upstream_model is not None
-            and not self.done
-            and events.count(b"\n") == 2 * nulls
-        )
+    def _ordinary(self, events: bytes) -> bytes | None:
+        """`events` as relayed if they are only chunks without usage, once the model is known: nothing
+        metering needs now; else None. Each event ends with a blank line, so twice as many newlines as
+        `"usage":null`s means one-line events each carrying one (a chunk names its usage once). When the
+        client did not ask for usage, the `,"usage":null` that only the gateway asked for is taken out,
+        and the replacement counts them (counting one byte is the cheap search)."""
+        if self.call.upstream_model is None or self.done:
+            return None
+        if self.client_wants_usage:
+            out, nulls = events, events.count(_NO_USAGE)
+        else:
+            out = events.replace(_COMMA_NO_USAGE, b"")
+            nulls = (len(events) - len(out)) // len(_COMMA_NO_USAGE)
+        return out if nulls and events.count(b"\n") == 2 * nulls else None
 
-    def _keep(self, events: bytes) -> bytes:
+    def _keep(self, events: bytes) -> None:
         """Kept unparsed, for their text in case no usage comes."""
         self._pending.append(events)
         self._pending_bytes += len(events)
-        return events
 
     def _inspect(self, event: bytes) -> bytes | None:
         data = sse_data(event)
