@@ -29,6 +29,7 @@ from app.errors import error_body
 from app.upstream import UpstreamResponse
 
 DONE = b"[DONE]"
+_DONE_EVENT = b"data: [DONE]\n\n"
 
 
 class EventInspector(Protocol):
@@ -74,9 +75,11 @@ class ChatChunkInspector:
         self._pending_bytes = 0
 
     def relay(self, block: bytes) -> bytes:
-        relayed: list[bytes] = []
         if self.call.upstream_model is None:
             self._sniff_model(block)
+        if block.endswith(_DONE_EVENT) and (last := self._last_read(block)) is not None:
+            return last
+        relayed: list[bytes] = []
         start = 0
         runs = True
         while not self.done and (end := block.find(b"\n\n", start)) != -1:
@@ -106,6 +109,27 @@ class ChatChunkInspector:
         if self._pending_bytes > _PENDING_MAX_BYTES:
             self._collect_pending()
         return b"".join(relayed)
+
+    def _last_read(self, block: bytes) -> bytes | None:
+        """The usual last read of a stream, or a whole short one, at once: ordinary chunks (or none), one
+        more event (the usage chunk, when asked for) and [DONE]. None for any other shape."""
+        end = len(block) - len(_DONE_EVENT)
+        if end < 2 or self.call.upstream_model is None or self.done:
+            return None
+        # Where the event before [DONE] starts: after the blank line before it, if there is one.
+        before = block.rfind(b"\n\n", 0, end - 2)
+        start = before + 2 if before != -1 else 0
+        run = block[:start]
+        out = self._ordinary(run) if run else b""
+        if out is None:
+            return None
+        if run:
+            self._keep(run)
+        event = self._inspect(block[start:end])
+        if event is not None and not self.client_wants_usage:
+            event = event.replace(_COMMA_NO_USAGE, b"")
+        self.done = True
+        return out + event + _DONE_EVENT if event is not None else out + _DONE_EVENT
 
     def _sniff_model(self, block: bytes) -> None:
         """The model, read from the bytes of the first chunk, so that it can go unparsed like the rest.
