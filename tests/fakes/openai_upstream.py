@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import secrets
 import signal
+import ssl
 import threading
 import time
 from collections import defaultdict, deque
@@ -98,8 +99,11 @@ class FakeOpenAI:
         record_requests: bool = True,
         background_delay_s: float = 0.2,
         ingest_delay_s: float = 0.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.host, self.port, self.api_key = host, port, api_key
+        # Served over TLS when given (a test's private CA), as OpenAI itself is.
+        self.ssl_context = ssl_context
         # Off for the benchmark: a log of every request would grow without bound.
         self.record_requests = record_requests
         self.first_token_delay_s = first_token_delay_s
@@ -128,7 +132,7 @@ class FakeOpenAI:
     def base_url(self) -> str:
         if not self.port:
             raise RuntimeError("FakeOpenAI is not started")
-        return f"http://{self.host}:{self.port}/v1"
+        return f"{'https' if self.ssl_context else 'http'}://{self.host}:{self.port}/v1"
 
     def start(self) -> Self:
         if self._thread is not None:
@@ -177,7 +181,7 @@ class FakeOpenAI:
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         try:
-            await web.TCPSite(runner, self.host, self.port).start()
+            await web.TCPSite(runner, self.host, self.port, ssl_context=self.ssl_context).start()
             self.port = runner.addresses[0][1]
             if on_ready is not None:
                 on_ready()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import subprocess
 import sys
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import trustme
 
 from app.logs import configure_logging
 from tests.fakes.openai_upstream import FakeOpenAI
@@ -124,3 +126,46 @@ def test_uvicorn_sees_no_handler_for_its_access_log() -> None:
     line's arguments for every response, even for a disabled logger."""
     configure_logging("info")
     assert not logging.getLogger("uvicorn.access").hasHandlers()
+
+
+def test_an_upstream_over_tls_is_trusted_through_ssl_cert_file(database_url: str, tmp_path: Path) -> None:
+    # OpenAI is reached over TLS; a private CA (a self-hosted upstream, a company's TLS proxy) is trusted
+    # the usual way, through SSL_CERT_FILE, and an unknown one is refused.
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    with FakeOpenAI(ssl_context=server_context) as upstream:
+        assert upstream.base_url.startswith("https://")
+        (tmp_path / "trusted").mkdir()
+        (tmp_path / "untrusted").mkdir()
+        trusted = GatewayProcess(
+            upstream, database_url, tmp_path / "trusted", env={"SSL_CERT_FILE": str(ca_file)}
+        )
+        untrusted = GatewayProcess(
+            upstream, database_url, tmp_path / "untrusted", env={"GATEWAY_MAX_ATTEMPTS": "1"}
+        )
+        untrusted.env.pop("SSL_CERT_FILE", None)
+        trusted.start()
+        untrusted.start()
+        try:
+            with openai.OpenAI(base_url=trusted.url + "/v1", api_key=MASTER_KEY, max_retries=0) as sdk:
+                answer = sdk.chat.completions.create(
+                    model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+                )
+                assert answer.choices[0].message.content
+                stream = sdk.chat.completions.create(
+                    model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True
+                )
+                assert "".join(chunk.choices[0].delta.content or "" for chunk in stream)
+            with (
+                openai.OpenAI(base_url=untrusted.url + "/v1", api_key=MASTER_KEY, max_retries=0) as sdk,
+                pytest.raises(openai.InternalServerError) as caught,
+            ):
+                sdk.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+            assert caught.value.status_code == 502
+            assert caught.value.code == "upstream_connect"
+        finally:
+            trusted.stop()
+            untrusted.stop()
