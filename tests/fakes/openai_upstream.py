@@ -35,6 +35,7 @@ import signal
 import ssl
 import threading
 import time
+import zlib
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ class RecordedRequest:
     usage: dict[str, Any] | None = None  # as sent in the body; None when no usage reached the client
     status: int | None = None  # None when the fake dropped the connection or never answered
     disconnected: bool = False  # the client went away before the fake had finished
+    compressed: bool = False  # the answer went gzip-compressed (FakeOpenAI(gzip=True))
     received_at: float = field(default_factory=time.monotonic)  # when the request arrived
     body_size: int = 0  # request body bytes; an upload's are counted as it streams in (0 if never read)
     upload_filename: str | None = None  # multipart uploads: the file part's filename,
@@ -100,10 +102,13 @@ class FakeOpenAI:
         background_delay_s: float = 0.2,
         ingest_delay_s: float = 0.0,
         ssl_context: ssl.SSLContext | None = None,
+        gzip: bool = False,
     ) -> None:
         self.host, self.port, self.api_key = host, port, api_key
         # Served over TLS when given (a test's private CA), as OpenAI itself is.
         self.ssl_context = ssl_context
+        # Answers gzip-compressed for a client that accepts it, streams flushed event by event.
+        self.gzip = gzip
         # Off for the benchmark: a log of every request would grow without bound.
         self.record_requests = record_requests
         self.first_token_delay_s = first_token_delay_s
@@ -421,7 +426,9 @@ class FakeOpenAI:
         return await self._write_events(call, Events(events, usage, p.DONE, plan.usage["prompt_tokens"]), cut)
 
     async def _write_events(self, call: _Call, answer: Events, cut: Cut | None) -> web.StreamResponse:
-        response = web.StreamResponse(headers=self._headers(call, SSE_TYPE, answer.tokens))
+        headers = self._headers(call, SSE_TYPE, answer.tokens)
+        compressor = self._compressor(call, headers)
+        response = web.StreamResponse(headers=headers)
         await response.prepare(call.request)
         if not answer.lead and self.first_token_delay_s:
             await asyncio.sleep(self.first_token_delay_s)
@@ -429,11 +436,16 @@ class FakeOpenAI:
             delay = self.first_token_delay_s if index == answer.lead else self.inter_token_delay_s
             if index and index >= answer.lead and delay:
                 await asyncio.sleep(delay)
-            await response.write(event)  # one write per event: each is flushed as written
+            # One write per event: each is flushed as written (compressed, up to a sync point).
+            await response.write(
+                compressor.compress(event) + compressor.flush(zlib.Z_SYNC_FLUSH) if compressor else event
+            )
         if cut is not None:
             return await self._cut(call, cut, response)
         if answer.tail:
-            await response.write(answer.tail)
+            await response.write(compressor.compress(answer.tail) if compressor else answer.tail)
+        if compressor:
+            await response.write(compressor.flush())
         await response.write_eof()
         self._update(call.record, status=200, usage=answer.usage)
         return response
@@ -506,7 +518,19 @@ class FakeOpenAI:
             await response.write(payload[: len(payload) // 2])
             return self._drop(call, response)
         self._update(call.record, status=status, usage=usage)
+        compressor = self._compressor(call, headers)
+        if compressor:
+            payload = compressor.compress(payload) + compressor.flush()
         return web.Response(status=status, body=payload, headers=headers)
+
+    def _compressor(self, call: _Call, headers: dict[str, str]) -> Any:
+        """A gzip compressor, with the header that says so, when this fake compresses and the client
+        accepts gzip; else None."""
+        if not self.gzip or "gzip" not in call.request.headers.get("Accept-Encoding", ""):
+            return None
+        headers["Content-Encoding"] = "gzip"
+        call.record.compressed = True
+        return zlib.compressobj(wbits=31)  # 31: the gzip container
 
     async def _cut(self, call: _Call, cut: Cut, response: web.StreamResponse | None) -> web.StreamResponse:
         if cut.hang and self._stopping is not None:

@@ -169,3 +169,32 @@ def test_an_upstream_over_tls_is_trusted_through_ssl_cert_file(database_url: str
         finally:
             trusted.stop()
             untrusted.stop()
+
+
+def test_gzip_compressed_answers_are_relayed_decompressed_and_streams_event_by_event(
+    database_url: str, tmp_path: Path
+) -> None:
+    # OpenAI compresses its answers for a client that accepts it; the gateway's client does, and relays
+    # them decompressed, a compressed stream still event by event.
+    with FakeOpenAI(gzip=True) as upstream:
+        gateway = GatewayProcess(upstream, database_url, tmp_path).start()
+        try:
+            with openai.OpenAI(base_url=gateway.url + "/v1", api_key=MASTER_KEY, max_retries=0) as sdk:
+                upstream.reply("a compressed answer")
+                answer = sdk.chat.completions.create(
+                    model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+                )
+                assert answer.choices[0].message.content == "a compressed answer"
+                assert answer.usage is not None and answer.usage.total_tokens > 0
+                upstream.hang_stream(chunks_before_hang=3)
+                stream = sdk.chat.completions.create(
+                    model="gpt-4o", messages=[{"role": "user", "content": "hi"}], stream=True
+                )
+                first, second = next(iter(stream)), next(iter(stream))
+                assert first.choices[0].delta.role == "assistant"
+                assert second.choices[0].delta.content
+                stream.close()
+            sent = upstream.requests
+            assert len(sent) == 2 and all(record.compressed for record in sent)
+        finally:
+            gateway.stop()
