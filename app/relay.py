@@ -14,7 +14,7 @@ from app.answers import RelayedResponse
 from app.call import CallRecord, Usage
 from app.errors import GatewayError, RelayedError
 from app.policy import Candidate, UpstreamTarget
-from app.streaming import EventInspector, collect_text, sse_response
+from app.streaming import EventInspector, EventRelayResponse, collect_text
 from app.upstream import (
     ResponseHead,
     UpstreamClient,
@@ -208,5 +208,4 @@ def _answer(
             response.headers.get("content-type", "application/json"),
         )
     assert inspector is not None
-    # ping=0: OpenAI sends no keep-alive comments, and byte-for-byte relaying means we send none either.
-    return sse_response(response, call, inspector(), headers)
+    return EventRelayResponse(response, call, inspector(), headers)

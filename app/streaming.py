@@ -101,9 +101,7 @@ class ChatChunkInspector:
             if out is not None:
                 self._keep(event)
             else:
-                out = self._inspect(event)
-                if out is not None and not self.client_wants_usage:
-                    out = out.replace(_COMMA_NO_USAGE, b"")
+                out = self._inspected(event)
             if out is not None:
                 relayed.append(out)
         if self._pending_bytes > _PENDING_MAX_BYTES:
@@ -125,11 +123,9 @@ class ChatChunkInspector:
             return None
         if run:
             self._keep(run)
-        event = self._inspect(block[start:end])
-        if event is not None and not self.client_wants_usage:
-            event = event.replace(_COMMA_NO_USAGE, b"")
+        event = self._inspected(block[start:end]) or b""
         self.done = True
-        return out + event + _DONE_EVENT if event is not None else out + _DONE_EVENT
+        return out + event + _DONE_EVENT
 
     def _sniff_model(self, block: bytes) -> None:
         """The model, read from the bytes of the first chunk, so that it can go unparsed like the rest.
@@ -175,6 +171,13 @@ class ChatChunkInspector:
         """Kept unparsed, for their text in case no usage comes."""
         self._pending.append(events)
         self._pending_bytes += len(events)
+
+    def _inspected(self, event: bytes) -> bytes | None:
+        """One event parsed for what metering needs, as relayed (None: not the client's to see)."""
+        out = self._inspect(event)
+        if out is None or self.client_wants_usage:
+            return out
+        return out.replace(_COMMA_NO_USAGE, b"")
 
     def _inspect(self, event: bytes) -> bytes | None:
         data = sse_data(event)
@@ -252,11 +255,10 @@ def _error_event(message: str, code: str) -> bytes:
 
 class DisconnectWatch:
     """Cancels the relay at once when the client goes away, so the upstream stops generating (and
-    billing) tokens nobody reads. Its task is started only when the relay has to wait for the upstream:
-    while the upstream's bytes are already here there is nothing to cancel, and a short stream that
-    arrived whole needs no task at all. `ended` tells the response that the bytes it is given are the
-    last of the answer, so it ends the response with them (one write, not two); the relay may still be
-    reading the upstream to its end then, so that the connection goes back to the pool."""
+    billing) tokens nobody reads. Its task is started only when the relay is about to wait for the
+    upstream and the answer has not `ended`: a short stream that arrived whole, [DONE] included, needs no
+    task at all, though the relay still reads the upstream to its end so that the connection goes back
+    to the pool."""
 
     def __init__(self) -> None:
         self.gone = False
@@ -285,12 +287,6 @@ class DisconnectWatch:
         self.gone = True
         if self._relay is not None:
             self._relay.cancel()
-
-
-def sse_response(
-    upstream: UpstreamResponse, call: CallRecord, inspect: EventInspector, headers: Mapping[str, str]
-) -> EventRelayResponse:
-    return EventRelayResponse(upstream, call, inspect, headers)
 
 
 # Responses API stream events that end a response; each carries the final response object with its usage.

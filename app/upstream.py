@@ -164,7 +164,8 @@ class UpstreamClient:
             .pool_timeout(self._total)
             .pool_idle_timeout(timedelta(seconds=30))
             .max_connections(settings.upstream_max_connections)
-            # Like the aiohttp session before it: no proxy from the environment, no cookies kept.
+            # The upstream is configured (OPENAI_BASE_URL), not found through the environment's proxy
+            # settings; and no cookies, or one client's state would leak into another's calls.
             .no_proxy()
             .default_cookie_store(False)
         )

@@ -37,28 +37,20 @@ async def app(scope, receive, send):  # type: ignore[no-untyped-def]
         message = await receive()
         body, more = body + message.get("body", b""), message.get("more_body", False)
     headers = {"authorization": f"Bearer {args.key}", "content-type": "application/json"}
+    if args.client == "pyreqwest":
+        request = state["client"].post(args.upstream + scope["path"]).headers(headers).body_bytes(body)
+        async with request.streamed_read_buffer_limit(1).build_streamed() as r:
+            out = [(b"content-type", r.headers.get("content-type", "application/json").encode())]
+            await send({"type": "http.response.start", "status": r.status, "headers": out})
+            while (chunk := await r.body_reader.read_chunk()) is not None:
+                await send({"type": "http.response.body", "body": bytes(chunk), "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        return
     async with state["client"].post(args.upstream + scope["path"], data=body, headers=headers) as r:
         out = [(b"content-type", r.headers.get("content-type", "application/json").encode())]
         await send({"type": "http.response.start", "status": r.status, "headers": out})
         async for chunk in r.content.iter_any():
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
-
-
-async def app_pyreqwest(scope, receive, send):  # type: ignore[no-untyped-def]
-    if scope["type"] == "lifespan":
-        return await lifespan(receive, send)
-    body, more = b"", True
-    while more:
-        message = await receive()
-        body, more = body + message.get("body", b""), message.get("more_body", False)
-    request = state["client"].post(args.upstream + scope["path"]).body_bytes(body)
-    request = request.header("authorization", f"Bearer {args.key}").header("content-type", "application/json")
-    async with request.streamed_read_buffer_limit(1).build_streamed() as r:
-        out = [(b"content-type", r.headers.get("content-type", "application/json").encode())]
-        await send({"type": "http.response.start", "status": r.status, "headers": out})
-        while (chunk := await r.body_reader.read_chunk()) is not None:
-            await send({"type": "http.response.body", "body": bytes(chunk), "more_body": True})
         await send({"type": "http.response.body", "body": b""})
 
 
@@ -70,7 +62,7 @@ if __name__ == "__main__":
     parser.add_argument("--client", choices=("aiohttp", "pyreqwest"), default="aiohttp")
     parser.parse_args(namespace=args)
     uvicorn.run(
-        app_pyreqwest if args.client == "pyreqwest" else app,
+        app,
         host="127.0.0.1",
         port=args.port,
         loop="uvloop",

@@ -31,7 +31,7 @@ class EventSink(Protocol):
 
 
 class Meter:
-    """What the middleware needs at the end of a response; made in the lifespan. Without a recorder
+    """What metering needs at the end of a response; made in the lifespan. Without a recorder
     (GATEWAY_METERING=false) there are no usage events, but requests are still counted in /metrics and
     the limits still settle what they reserved."""
 

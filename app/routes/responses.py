@@ -14,7 +14,7 @@ from app.background import BackgroundResponses
 from app.deps import Gateway, GatewayDep
 from app.relay import Payload, answer_headers, forward, send_checked
 from app.routes.metered import read_metered
-from app.streaming import ResponsesEventInspector, learn_response, sse_response
+from app.streaming import EventRelayResponse, ResponsesEventInspector, learn_response
 from app.upstream import is_sse, never_open
 
 router = APIRouter()
@@ -87,7 +87,7 @@ async def _follow(request: Request, response_id: str, method: str, suffix: str, 
     if answer.stream is not None:
         # A resumed background stream: metered only if it reaches the end, under the response id.
         call.endpoint, call.stream, call.metered_only_with_usage = ENDPOINT, True, True
-        return sse_response(answer, call, ResponsesEventInspector(call), headers)
+        return EventRelayResponse(answer, call, ResponsesEventInspector(call), headers)
     found = _parsed(answer.body)
     if (
         found is not None
