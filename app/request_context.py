@@ -23,9 +23,13 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:~+/=-]{1,128}")
 
 
 def new_request_id() -> str:
-    # 128 random bits, as uuid4 has, at a quarter of its cost (uuid4 was 2% of the event loop). It keys
-    # the usage row, so it must be unique across workers, replicas and restarts without coordination.
-    return "req_" + os.urandom(16).hex()
+    """Unique across workers, replicas and restarts without coordination: it keys the usage row. The
+    milliseconds since the epoch first, then 80 random bits (os.urandom: a process forked from another
+    shares no state with it). Time-ordered, so each usage row's key lands at the right-hand end of the
+    request_id index rather than anywhere in it: Postgres wrote a batch of events with a quarter less CPU
+    than with 128 random bits (bench/README.md), and the index stays cache-friendly as the table grows
+    to hundreds of millions of rows."""
+    return "req_" + (time.time_ns() // 1_000_000).to_bytes(6, "big").hex() + os.urandom(10).hex()
 
 
 def header(scope: Scope, name: bytes) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 
 import httpx
 import openai
@@ -55,12 +56,17 @@ def test_request_id_is_accepted_and_returned(client: openai.OpenAI, fake: FakeOp
 
 
 def test_request_id_is_generated_on_every_response(gateway: ThreadedGateway) -> None:
-    seen = set()
+    seen = []
     for method, path in [("POST", "/v1/chat/completions"), ("GET", "/nowhere"), ("GET", "/healthz")]:
+        before_ms = time.time_ns() // 1_000_000
         response = httpx.request(method, gateway.url + path)
-        assert re.fullmatch(r"req_[0-9a-f]{32}", response.headers["x-request-id"])
-        seen.add(response.headers["x-request-id"])
-    assert len(seen) == 3
+        after_ms = time.time_ns() // 1_000_000
+        request_id = response.headers["x-request-id"]
+        assert re.fullmatch(r"req_[0-9a-f]{32}", request_id)
+        # Time-ordered (the usage index's key): the milliseconds of the call first.
+        assert before_ms <= int(request_id[4:16], 16) <= after_ms
+        seen.append(request_id)
+    assert len(set(seen)) == 3
 
 
 def test_one_json_access_line_per_request_without_prompt_or_key(
