@@ -273,13 +273,13 @@ def pid_cpu_seconds(pid: int) -> float:
     return 0.0
 
 
-def bench_db_backends_cpu() -> float:
-    """CPU seconds of the Postgres backends serving the bench database: the metered gateway's work."""
+def bench_db_backends_cpu(database: str = BENCH_DB) -> float:
+    """CPU seconds of the Postgres backends serving `database`: the metered gateway's work."""
     total = 0.0
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
-                if f" {BENCH_DB} ".encode() in (entry / "cmdline").read_bytes().replace(b"\0", b" "):
+                if f" {database} ".encode() in (entry / "cmdline").read_bytes().replace(b"\0", b" "):
                     total += pid_cpu_seconds(int(entry.name))
     return total
 

@@ -29,13 +29,16 @@ from sqlalchemy.pool import NullPool
 from app.db.engine import async_url, create_engine
 from app.db.migrate import upgrade
 from app.db.usage_writer import TABLE_COLUMNS
-from app.metering.events import UsageEvent
+from app.metering.events import UsageEvent, epoch_us
 from app.metering.recorder import Recorder
+from harness import bench_db_backends_cpu
 
 DEFAULT_ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
-def synthetic_events(n: int, seed: int = 7) -> list[UsageEvent]:
+def synthetic_events(n: int, seed: int = 7, ids: str = "gateway") -> list[UsageEvent]:
+    """A day of calls in time order. Request ids as the gateway makes them (the milliseconds first, then
+    random bits: request_context.new_request_id), or with `ids="random"` 128 random bits, as before."""
     rng = random.Random(seed)
     start = datetime.now(UTC) - timedelta(days=1)
     features = [None, "chat", "search", "summarise", "support-bot", "agent", "classify", "extract"]
@@ -43,10 +46,15 @@ def synthetic_events(n: int, seed: int = 7) -> list[UsageEvent]:
     events = []
     for i in range(n):
         prompt, completion = rng.randint(5, 8000), rng.randint(0, 1500)
+        created_at = start + timedelta(seconds=86400 * i / n)
+        if ids == "random":
+            request_id = f"req_{rng.getrandbits(128):032x}"
+        else:
+            request_id = f"req_{epoch_us(created_at) // 1000:012x}{rng.getrandbits(80):020x}"
         events.append(
             UsageEvent(
-                request_id=uuid.UUID(int=rng.getrandbits(128)).hex,
-                created_at=start + timedelta(seconds=rng.uniform(0, 86400)),
+                request_id=request_id,
+                created_at=created_at,
                 api_key_id=f"key_{rng.randint(1, 30)}",
                 feature=rng.choice(features),
                 user_id=f"user_{rng.randint(1, 2000)}" if rng.random() < 0.8 else None,
@@ -73,9 +81,13 @@ def synthetic_events(n: int, seed: int = 7) -> list[UsageEvent]:
 
 async def run_recorder(
     engine: AsyncEngine, events: list[UsageEvent], spool_dir: Path, batch_size: int
-) -> float:
+) -> tuple[float, float]:
+    """Seconds from the first submit until every event is committed, and the CPU seconds Postgres's
+    backends spent on them meanwhile."""
     recorder = Recorder(engine, spool_dir, batch_size=batch_size)
     await recorder.start()
+    database = engine.url.database or ""
+    db_cpu = bench_db_backends_cpu(database)
     started = time.perf_counter()
     for i in range(0, len(events), batch_size):
         for event in events[i : i + batch_size]:
@@ -90,13 +102,14 @@ async def run_recorder(
             raise RuntimeError(f"the recorder fell back to its spool: {recorder.stats()}")
         await asyncio.sleep(0.002)
     elapsed = time.perf_counter() - started
+    db_cpu = bench_db_backends_cpu(database) - db_cpu
     await recorder.close(30)
     async with engine.connect() as conn:
         rows = (await conn.execute(text("SELECT count(*) FROM usage_events"))).scalar_one()
         requests = (await conn.execute(text("SELECT sum(requests) FROM usage_daily"))).scalar_one()
     if rows != len(events) or requests != len(events):
         raise RuntimeError(f"expected {len(events)} rows and requests, found {rows} and {requests}")
-    return elapsed
+    return elapsed, db_cpu
 
 
 async def run_reference(engine: AsyncEngine, events: list[UsageEvent]) -> float:
@@ -118,9 +131,12 @@ async def main() -> None:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--batch-size", type=int, default=2000)
     parser.add_argument("--admin-url", default=DEFAULT_ADMIN_URL, help="where to CREATE DATABASE")
+    parser.add_argument(
+        "--ids", choices=("gateway", "random"), default="gateway", help="request ids time-ordered or not"
+    )
     args = parser.parse_args()
 
-    events = synthetic_events(args.events)
+    events = synthetic_events(args.events, ids=args.ids)
     name = f"bench_recorder_{uuid.uuid4().hex[:10]}"
     admin = create_async_engine(
         async_url(args.admin_url, Path()), isolation_level="AUTOCOMMIT", poolclass=NullPool
@@ -133,7 +149,9 @@ async def main() -> None:
             await asyncio.to_thread(upgrade, url, Path(tmp))
             engine = create_engine(url, Path(tmp))
             try:
-                recorder_s = await run_recorder(engine, events, Path(tmp) / "spool", args.batch_size)
+                recorder_s, db_cpu_s = await run_recorder(
+                    engine, events, Path(tmp) / "spool", args.batch_size
+                )
                 reference_s = await run_reference(engine, events)
             finally:
                 await engine.dispose()
@@ -148,6 +166,7 @@ async def main() -> None:
     print(f"reference: {n:,} events in {reference_s:.2f} s = {n / reference_s:>9,.0f} events/s", end="")
     print("  (one asyncpg copy_records_to_table, same rows, same indexes, no rollup)")
     print(f"recorder / reference = {reference_s / recorder_s:.2f}")
+    print(f"Postgres CPU a usage event (recorder): {1e6 * db_cpu_s / n:.1f} us ({args.ids} request ids)")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import json
 import os
 import resource
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -226,12 +227,17 @@ class Runner:
         if busy >= 0.15:
             log(f"  the machine is busy with other work ({busy:.2f} CPUs); measuring anyway")
         watched = [p for p in (proc, self.upstream) if p is not None]
-        ours0 = sum(p.cpu_seconds() for p in watched) + _children_cpu() + bench_db_backends_cpu()
+        proxy0, db0 = proc.cpu_seconds() if proc is not None else 0.0, bench_db_backends_cpu()
+        ours0 = sum(p.cpu_seconds() for p in watched) + _children_cpu() + db0
         machine0, t0 = machine_cpu_seconds(), time.monotonic()
         result = run()
         elapsed = time.monotonic() - t0
-        ours = sum(p.cpu_seconds() for p in watched) + _children_cpu() + bench_db_backends_cpu() - ours0
+        db = bench_db_backends_cpu() - db0
+        ours = sum(p.cpu_seconds() for p in watched) + _children_cpu() + db - ours0
         result["other_cpus"] = max(0.0, (machine_cpu_seconds() - machine0 - ours) / elapsed)
+        # Where a request's CPU went: the proxy's own process, and Postgres writing its usage events.
+        result["proxy_cpu_s"] = (proc.cpu_seconds() - proxy0) if proc is not None else 0.0
+        result["db_cpu_s"] = db
         if note:
             self.flag_interference(label, result)
         return result
@@ -342,6 +348,7 @@ class Runner:
             ab: dict[str, dict[str, list[float]]] = {}
             for conns in (32, 256):
                 runs: dict[str, list[float]] = {GW.key: [], GW_NOMETER.key: []}
+                cpu: dict[str, list[tuple[float, float]]] = {GW.key: [], GW_NOMETER.key: []}
                 for i in range(AB_ROUNDS):
                     for target, proc, port in started if i % 2 == 0 else started[::-1]:
                         w = self.measured(
@@ -350,8 +357,15 @@ class Runner:
                             partial(self.wrk, port, target.client_key, conns, seconds, stream=False),
                         )
                         runs[target.key].append(round(w["rps"], 1))
+                        per_request = 1e6 / max(1, w["requests"])
+                        cpu[target.key].append((w["proxy_cpu_s"] * per_request, w["db_cpu_s"] * per_request))
                         self.settle(target, proc, f"wrk at {conns} connections")
                 ab[str(conns)] = {"on": runs[GW.key], "off": runs[GW_NOMETER.key]}
+                # Medians of the CPU a request: (the gateway's process, Postgres) in microseconds.
+                for side, target in (("on", GW), ("off", GW_NOMETER)):
+                    ab[str(conns)][f"{side}_cpu_us"] = [
+                        round(statistics.median(x[i] for x in cpu[target.key]), 1) for i in (0, 1)
+                    ]
                 log(f"  {conns:>3} conns, alternated: on {runs[GW.key]}  off {runs[GW_NOMETER.key]}")
             self.results["metering_ab"] = ab
         except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
