@@ -21,6 +21,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from harness import bench_db_backends_cpu
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -31,7 +32,6 @@ from app.db.migrate import upgrade
 from app.db.usage_writer import TABLE_COLUMNS
 from app.metering.events import UsageEvent, epoch_us
 from app.metering.recorder import Recorder
-from harness import bench_db_backends_cpu
 
 DEFAULT_ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
