@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import ssl
 import subprocess
@@ -117,6 +118,27 @@ def test_a_served_process_writes_one_access_line_a_request_and_uvicorn_none(
         wait_until(lambda: any('"msg":"request"' in line for line in access_lines()), timeout=10)
         assert len(access_lines()) == 1
         assert "HTTP/1.1" not in gateway.log_path.read_text()
+    finally:
+        gateway.stop()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_BATCH is Linux's")
+def test_the_upstream_io_thread_does_not_preempt_the_event_loop(
+    fake_server: FakeOpenAI, database_url: str, tmp_path: Path
+) -> None:
+    """pyreqwest's I/O thread runs as SCHED_BATCH (no preemption of the loop's thread on wakeup); the
+    event loop's thread keeps the normal policy."""
+    fake_server.reset()
+    gateway = GatewayProcess(fake_server, database_url, tmp_path).start()
+    try:
+        assert gateway.proc is not None
+        pid = gateway.proc.pid
+        policies: dict[str, set[int]] = {}
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            policies.setdefault(name, set()).add(os.sched_getscheduler(int(tid)))
+        assert policies.get("pyreqwest") == {os.SCHED_BATCH}, policies
+        assert os.sched_getscheduler(pid) == os.SCHED_OTHER
     finally:
         gateway.stop()
 
