@@ -332,49 +332,60 @@ class Runner:
             log(f"  {OFFERED_RPS:g} req/s: {figures}")
 
     def metering_ab(self, origin: str, upstream_port: int) -> None:
-        """Metering on and off once more, both gateways up at once (each pinned to CPU 0; only the one
-        under load is busy) and wrk alternating between them, AB_ROUNDS runs each, in the order on-off,
-        off-on, ...: a slow spell of the machine then slows both alike, where the separate phases above can
-        catch it on one side only (their two figures came 0.5-14% apart on unchanged code). The metering
-        check uses the medians."""
-        started: list[tuple[Target, Proc | None, int]] = []
+        """Metering on and off once more, alternated: AB_ROUNDS rounds, each with a fresh pair of gateways
+        up at once (each pinned to CPU 0; only the one under load is busy) and wrk on one, then the other
+        (on-off, then off-on, ...), at 32 and at 256 connections. A slow spell of the machine then slows
+        both alike, where the separate phases above can catch it on one side only; and a fresh pair each
+        round, because two identical processes measured up to 18% apart here, run after run (the memory
+        layout each one happened to get). The metering check uses the medians."""
+        seconds = self.args.duration / self.args.repeats
+        runs: dict[str, dict[str, list[float]]] = {
+            str(c): {GW.key: [], GW_NOMETER.key: []} for c in (32, 256)
+        }
+        cpu: dict[str, dict[str, list[tuple[float, float]]]] = {
+            str(c): {GW.key: [], GW_NOMETER.key: []} for c in (32, 256)
+        }
         try:
-            for target in (GW, GW_NOMETER):
-                proc, port = self.start(target, origin, upstream_port, "ab")
-                started.append((target, proc, port))
-                self.wrk(port, target.client_key, 32, 2.0, stream=False)  # warm-up, not recorded
-                self.settle(target, proc, "the warm-up")
-            seconds = self.args.duration / self.args.repeats
-            ab: dict[str, dict[str, list[float]]] = {}
-            for conns in (32, 256):
-                runs: dict[str, list[float]] = {GW.key: [], GW_NOMETER.key: []}
-                cpu: dict[str, list[tuple[float, float]]] = {GW.key: [], GW_NOMETER.key: []}
-                for i in range(AB_ROUNDS):
-                    for target, proc, port in started if i % 2 == 0 else started[::-1]:
-                        w = self.measured(
-                            f"{target.key}, alternated wrk at {conns} connections",
-                            proc,
-                            partial(self.wrk, port, target.client_key, conns, seconds, stream=False),
-                        )
-                        runs[target.key].append(round(w["rps"], 1))
-                        per_request = 1e6 / max(1, w["requests"])
-                        cpu[target.key].append((w["proxy_cpu_s"] * per_request, w["db_cpu_s"] * per_request))
-                        self.settle(target, proc, f"wrk at {conns} connections")
-                ab[str(conns)] = {"on": runs[GW.key], "off": runs[GW_NOMETER.key]}
-                # Medians of the CPU a request: (the gateway's process, Postgres) in microseconds.
-                for side, target in (("on", GW), ("off", GW_NOMETER)):
-                    ab[str(conns)][f"{side}_cpu_us"] = [
-                        round(statistics.median(x[i] for x in cpu[target.key]), 1) for i in (0, 1)
-                    ]
-                log(f"  {conns:>3} conns, alternated: on {runs[GW.key]}  off {runs[GW_NOMETER.key]}")
-            self.results["metering_ab"] = ab
+            for i in range(AB_ROUNDS):
+                started: list[tuple[Target, Proc | None, int]] = []
+                try:
+                    for target in (GW, GW_NOMETER):
+                        proc, port = self.start(target, origin, upstream_port, f"ab{i}")
+                        started.append((target, proc, port))
+                        self.wrk(port, target.client_key, 32, 2.0, stream=False)  # warm-up, not recorded
+                        self.settle(target, proc, "the warm-up")
+                    for conns in (32, 256):
+                        for target, proc, port in started if i % 2 == 0 else started[::-1]:
+                            w = self.measured(
+                                f"{target.key}, alternated wrk at {conns} connections",
+                                proc,
+                                partial(self.wrk, port, target.client_key, conns, seconds, stream=False),
+                            )
+                            runs[str(conns)][target.key].append(round(w["rps"], 1))
+                            per_request = 1e6 / max(1, w["requests"])
+                            cpu[str(conns)][target.key].append(
+                                (w["proxy_cpu_s"] * per_request, w["db_cpu_s"] * per_request)
+                            )
+                            self.settle(target, proc, f"wrk at {conns} connections")
+                finally:
+                    for _, proc, _ in started:
+                        if proc is not None:
+                            proc.stop()
         except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
             self.notes.append(f"metering A/B: {exc}")
             log(f"  failed: {exc}")
-        finally:
-            for _, proc, _ in started:
-                if proc is not None:
-                    proc.stop()
+        ab: dict[str, dict[str, Any]] = {}
+        for conns, by_target in runs.items():
+            if not by_target[GW.key] or not by_target[GW_NOMETER.key]:
+                continue
+            ab[conns] = {"on": by_target[GW.key], "off": by_target[GW_NOMETER.key]}
+            # Medians of the CPU a request: (the gateway's process, Postgres) in microseconds.
+            for side, target in (("on", GW), ("off", GW_NOMETER)):
+                ab[conns][f"{side}_cpu_us"] = [
+                    round(statistics.median(x[k] for x in cpu[conns][target.key]), 1) for k in (0, 1)
+                ]
+            log(f"  {conns:>3} conns, alternated: on {ab[conns]['on']}  off {ab[conns]['off']}")
+        self.results["metering_ab"] = ab
 
     def stream_work(self, target: Target, port: int, proc: Proc | None) -> None:
         self.wrk(port, target.client_key, 32, min(1.0, self.args.duration), stream=True)
