@@ -8,6 +8,7 @@ import gc
 import logging
 import signal
 import sys
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -92,6 +93,10 @@ def _configuration(settings: Settings | None) -> tuple[Settings, GatewayConfig]:
         raise SystemExit(2) from None
 
 
+def _has_prompt_budgets(config: GatewayConfig) -> bool:
+    return any(feature.max_prompt_tokens is not None for feature in config.features.values())
+
+
 async def _make_guard(settings: Settings, config: GatewayConfig, engine: AsyncEngine) -> Guard:
     """Counters in Redis when several workers or replicas must share them, else in this process."""
     limiter: RateLimiter
@@ -127,6 +132,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except ConfigError as exc:
             log.error("configuration not reloaded; keeping the running one", extra={"reason": str(exc)})
             return
+        if _has_prompt_budgets(fresh):
+            # In the background: the tokenizers may not be built yet (see the lifespan).
+            threading.Thread(target=tokens.preload, name="tokenizer-preload", daemon=True).start()
         app.state.policy = Policy(settings, fresh)
         app.state.prices = price_table(fresh)
         meter: Meter | None = getattr(app.state, "meter", None)
@@ -149,9 +157,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app_metrics.watch_limits(guard.stats)
         app.state.prices = price_table(config)
         recorder: Recorder | None = None
-        if settings.metering:
-            # Built off the event loop now, so the first estimated call does not stall it.
+        if _has_prompt_budgets(config):
+            # Prompt budgets count every chat prompt on the request path: built off the event loop now,
+            # so the first such request does not stall it. Metering builds them when it first needs one.
             await asyncio.to_thread(tokens.preload)
+        if settings.metering:
             recorder = Recorder(
                 engine,
                 settings.data_dir / "spool",
@@ -175,7 +185,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            # uvicorn has let in-flight requests finish by now, so every event is queued.
+            # uvicorn has let in-flight requests finish by now, so every event is queued, or is about
+            # to be once a tokenizer is built.
+            await app.state.meter.drain(settings.shutdown_timeout_s)
             if recorder is not None:
                 await recorder.close(timeout_s=settings.shutdown_timeout_s)
             await guard.close()

@@ -84,6 +84,8 @@ _UNCOUNTED_MESSAGE_KEYS: Final = frozenset({"tool_call_id"})
 _TEXT_PART_KEYS: Final = ("text", "refusal")
 
 _build_lock = threading.Lock()
+# Encodings built so far in this process (each costs ~25-50 MB for the life of the process).
+_built: set[str] = set()
 
 
 @functools.cache
@@ -106,6 +108,7 @@ def _build_encoding(name: str) -> tiktoken.Encoding:
     # tiktoken keeps this Python copy of the vocabulary only to pickle the encoding; the Rust core that
     # encodes holds its own. Dropped, the two encodings take ~37 MB less for the life of the process.
     encoding._mergeable_ranks = {}
+    _built.add(name)
     return encoding
 
 
@@ -134,6 +137,12 @@ def _encoding_name_for_model(model: str) -> str:
         # Every OpenAI model released since gpt-4o uses o200k_base.
         return _DEFAULT_ENCODING
     return _COUNTED_WITH.get(name, _DEFAULT_ENCODING)
+
+
+def is_built_for(model: str) -> bool:
+    """Whether counting for ``model`` can start at once, without building its encoding first."""
+    name = _encoding_name_for_model(model) if isinstance(model, str) else _DEFAULT_ENCODING
+    return name in _built
 
 
 def encoding_for_model(model: str) -> tiktoken.Encoding:

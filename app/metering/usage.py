@@ -12,9 +12,17 @@ from app.metering.events import UsageSource, line
 log = logging.getLogger("gateway.metering")
 
 
-def _estimate(call: CallRecord) -> Usage:
+def estimated_with(call: CallRecord) -> str | None:
+    """The model whose tokenizer counts the call's tokens, when the gateway must count them itself: the
+    upstream did (or may have) generated tokens without saying how many — a 2xx without usage, a stream
+    the client abandoned, or one the upstream broke off after some output. None otherwise."""
+    if call.usage is not None or (call.status_code >= 400 and not call.completion_parts):
+        return None
+    return call.upstream_model or call.routed_model or call.model or ""
+
+
+def _estimate(call: CallRecord, model: str) -> Usage:
     """Count tokens ourselves: the upstream sent no usage, or the client left before it came."""
-    model = call.upstream_model or call.routed_model or call.model or ""
     body: dict[str, Any] = call.request_body or {}
     try:
         if call.endpoint == "/v1/chat/completions":
@@ -47,10 +55,9 @@ def usage_of(call: CallRecord) -> tuple[Usage, UsageSource]:
     """The call's tokens and where they come from."""
     if call.usage is not None:
         return call.usage, "upstream"
-    if call.status_code < 400 or call.completion_parts:
-        # The upstream did (or may have) generated tokens: a 2xx without usage, a stream the client
-        # abandoned, or one the upstream broke off after some output.
-        return _estimate(call), "estimated"
+    model = estimated_with(call)
+    if model is not None:
+        return _estimate(call, model), "estimated"
     # Rejected before any generation (429, 5xx after retries, timeouts): nothing was billed.
     return Usage(), "estimated"
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from decimal import Decimal
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from app.metering import tokens
+from tests.conftest import sdk_client
 from tests.db import fetch, usage_rows, wait_for_rows
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import MASTER_KEY, ThreadedGateway, wait_until
@@ -278,3 +281,48 @@ def test_metrics_expose_requests_tokens_cost_and_recorder(
         "gateway_recorder_db_write_errors_total",
     ):
         assert name in text, name
+
+
+@pytest.fixture
+def no_tokenizers() -> None:
+    """As in a new process: no tokenizer built yet (later tests build them again when they need them)."""
+    tokens._build_encoding.cache_clear()
+    tokens.get_encoding.cache_clear()
+    tokens._built.clear()
+
+
+@pytest.mark.usefixtures("no_tokenizers")
+def test_a_tokenizer_is_built_when_a_call_first_needs_counting_not_at_start_up(
+    start_gateway: Callable[..., ThreadedGateway], fake: FakeOpenAI, database_url: str
+) -> None:
+    """Each costs ~25-50 MB for the life of the process, and answers with usage need none."""
+    gateway = start_gateway()
+    assert not tokens.is_built_for("gpt-4o")
+    request_id = rid()
+    fake.reply("Hello world", stream_usage=False)
+    with sdk_client(gateway.base_url) as client:
+        stream = client.chat.completions.create(
+            model="gpt-4o",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            stream=True,
+            extra_headers={"X-Request-Id": request_id},
+        )
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == "Hello world"
+    # Metered once the tokenizer is built, with the same count as from a tokenizer built beforehand.
+    (row,) = wait_for_rows(database_url, request_id)
+    assert (row["prompt_tokens"], row["completion_tokens"], row["total_tokens"]) == (9, 2, 11)
+    assert row["usage_source"] == "estimated"
+    assert tokens.is_built_for("gpt-4o")
+    # Only the encoding that call needed (gpt-4 counts with cl100k_base).
+    assert not tokens.is_built_for("gpt-4")
+
+
+@pytest.mark.usefixtures("no_tokenizers")
+def test_prompt_budgets_build_the_tokenizers_at_start_up(
+    start_gateway: Callable[..., ThreadedGateway], tmp_path: Path
+) -> None:
+    """A prompt budget counts prompts on the request path, which must not wait for a tokenizer."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text("features:\n  support:\n    max_prompt_tokens: 100\n")
+    start_gateway(config_file=config)
+    assert tokens.is_built_for("gpt-4o") and tokens.is_built_for("gpt-4")
