@@ -326,3 +326,16 @@ def test_prompt_budgets_build_the_tokenizers_at_start_up(
     config.write_text("features:\n  support:\n    max_prompt_tokens: 100\n")
     start_gateway(config_file=config)
     assert tokens.is_built_for("gpt-4o") and tokens.is_built_for("gpt-4")
+
+
+@pytest.mark.usefixtures("no_tokenizers")
+def test_a_reload_that_adds_a_prompt_budget_builds_the_tokenizers(
+    start_gateway: Callable[..., ThreadedGateway], tmp_path: Path
+) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text("features:\n  support:\n    default_model: gpt-4o\n")
+    gateway = start_gateway(config_file=config)
+    assert not tokens.is_built_for("gpt-4o")
+    config.write_text("features:\n  support:\n    max_prompt_tokens: 100\n")
+    gateway.app.state.reload_config()
+    wait_until(lambda: tokens.is_built_for("gpt-4o") and tokens.is_built_for("gpt-4"), timeout=30)
