@@ -158,8 +158,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.prices = price_table(config)
         recorder: Recorder | None = None
         if _has_prompt_budgets(config):
-            # Prompt budgets count every chat prompt on the request path: built off the event loop now,
-            # so the first such request does not stall it. Metering builds them when it first needs one.
+            # Prompt budgets count every chat prompt of their features (in a thread): built now, so that
+            # the first such request does not wait for one. Metering builds them when it first needs one.
             await asyncio.to_thread(tokens.preload)
         if settings.metering:
             recorder = Recorder(
