@@ -338,54 +338,61 @@ class Runner:
         both alike, where the separate phases above can catch it on one side only; and a fresh pair each
         round, because two identical processes measured up to 18% apart here, run after run (the memory
         layout each one happened to get). The metering check uses the medians."""
-        seconds = self.args.duration / self.args.repeats
-        runs: dict[str, dict[str, list[float]]] = {
-            str(c): {GW.key: [], GW_NOMETER.key: []} for c in (32, 256)
-        }
-        cpu: dict[str, dict[str, list[tuple[float, float]]]] = {
-            str(c): {GW.key: [], GW_NOMETER.key: []} for c in (32, 256)
+        # Per (connections, target), a round each: req/s, the gateway's CPU a request (µs), Postgres's.
+        samples: dict[tuple[int, str], list[tuple[float, float, float]]] = {
+            (conns, target.key): [] for conns in (32, 256) for target in (GW, GW_NOMETER)
         }
         try:
             for i in range(AB_ROUNDS):
-                started: list[tuple[Target, Proc | None, int]] = []
-                try:
-                    for target in (GW, GW_NOMETER):
-                        proc, port = self.start(target, origin, upstream_port, f"ab{i}")
-                        started.append((target, proc, port))
-                        self.wrk(port, target.client_key, 32, 2.0, stream=False)  # warm-up, not recorded
-                        self.settle(target, proc, "the warm-up")
-                    for conns in (32, 256):
-                        for target, proc, port in started if i % 2 == 0 else started[::-1]:
-                            w = self.measured(
-                                f"{target.key}, alternated wrk at {conns} connections",
-                                proc,
-                                partial(self.wrk, port, target.client_key, conns, seconds, stream=False),
-                            )
-                            runs[str(conns)][target.key].append(round(w["rps"], 1))
-                            per_request = 1e6 / max(1, w["requests"])
-                            cpu[str(conns)][target.key].append(
-                                (w["proxy_cpu_s"] * per_request, w["db_cpu_s"] * per_request)
-                            )
-                            self.settle(target, proc, f"wrk at {conns} connections")
-                finally:
-                    for _, proc, _ in started:
-                        if proc is not None:
-                            proc.stop()
+                self._ab_round(i, origin, upstream_port, samples)
         except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
             self.notes.append(f"metering A/B: {exc}")
             log(f"  failed: {exc}")
         ab: dict[str, dict[str, Any]] = {}
-        for conns, by_target in runs.items():
-            if not by_target[GW.key] or not by_target[GW_NOMETER.key]:
+        for conns in (32, 256):
+            on, off = samples[(conns, GW.key)], samples[(conns, GW_NOMETER.key)]
+            if not on or not off:
                 continue
-            ab[conns] = {"on": by_target[GW.key], "off": by_target[GW_NOMETER.key]}
-            # Medians of the CPU a request: (the gateway's process, Postgres) in microseconds.
-            for side, target in (("on", GW), ("off", GW_NOMETER)):
-                ab[conns][f"{side}_cpu_us"] = [
-                    round(statistics.median(x[k] for x in cpu[conns][target.key]), 1) for k in (0, 1)
+            ab[str(conns)] = {"on": [x[0] for x in on], "off": [x[0] for x in off]}
+            for side, runs in (("on", on), ("off", off)):
+                ab[str(conns)][f"{side}_cpu_us"] = [
+                    round(statistics.median(x[k] for x in runs), 1) for k in (1, 2)
                 ]
-            log(f"  {conns:>3} conns, alternated: on {ab[conns]['on']}  off {ab[conns]['off']}")
+            log(f"  {conns:>3} conns, alternated: on {ab[str(conns)]['on']}  off {ab[str(conns)]['off']}")
         self.results["metering_ab"] = ab
+
+    def _ab_round(
+        self,
+        i: int,
+        origin: str,
+        upstream_port: int,
+        samples: dict[tuple[int, str], list[tuple[float, float, float]]],
+    ) -> None:
+        """One round of the A/B: a fresh pair, wrk on each in turn (the order alternating by round)."""
+        seconds = self.args.duration / self.args.repeats
+        started: list[tuple[Target, Proc | None, int]] = []
+        try:
+            for target in (GW, GW_NOMETER):
+                proc, port = self.start(target, origin, upstream_port, f"ab{i}")
+                started.append((target, proc, port))
+                self.wrk(port, target.client_key, 32, 2.0, stream=False)  # warm-up, not recorded
+                self.settle(target, proc, "the warm-up")
+            for conns in (32, 256):
+                for target, proc, port in started if i % 2 == 0 else started[::-1]:
+                    w = self.measured(
+                        f"{target.key}, alternated wrk at {conns} connections",
+                        proc,
+                        partial(self.wrk, port, target.client_key, conns, seconds, stream=False),
+                    )
+                    per_request = 1e6 / max(1, w["requests"])
+                    samples[(conns, target.key)].append(
+                        (round(w["rps"], 1), w["proxy_cpu_s"] * per_request, w["db_cpu_s"] * per_request)
+                    )
+                    self.settle(target, proc, f"wrk at {conns} connections")
+        finally:
+            for _, proc, _ in started:
+                if proc is not None:
+                    proc.stop()
 
     def stream_work(self, target: Target, port: int, proc: Proc | None) -> None:
         self.wrk(port, target.client_key, 32, min(1.0, self.args.duration), stream=True)

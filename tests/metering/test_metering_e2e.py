@@ -283,6 +283,10 @@ def test_metrics_expose_requests_tokens_cost_and_recorder(
         assert name in text, name
 
 
+# A feature with a prompt budget: the gateway counts its chat prompts itself.
+PROMPT_BUDGET = "features:\n  support:\n    max_prompt_tokens: 100\n"
+
+
 @pytest.fixture
 def no_tokenizers() -> None:
     """As in a new process: no tokenizer built yet (later tests build them again when they need them)."""
@@ -323,7 +327,7 @@ def test_prompt_budgets_build_the_tokenizers_at_start_up(
 ) -> None:
     """A prompt budget counts prompts on the request path, which must not wait for a tokenizer."""
     config = tmp_path / "gateway.yaml"
-    config.write_text("features:\n  support:\n    max_prompt_tokens: 100\n")
+    config.write_text(PROMPT_BUDGET)
     start_gateway(config_file=config)
     assert tokens.is_built_for("gpt-4o") and tokens.is_built_for("gpt-4")
 
@@ -336,6 +340,6 @@ def test_a_reload_that_adds_a_prompt_budget_builds_the_tokenizers(
     config.write_text("features:\n  support:\n    default_model: gpt-4o\n")
     gateway = start_gateway(config_file=config)
     assert not tokens.is_built_for("gpt-4o")
-    config.write_text("features:\n  support:\n    max_prompt_tokens: 100\n")
+    config.write_text(PROMPT_BUDGET)
     gateway.app.state.reload_config()
     wait_until(lambda: tokens.is_built_for("gpt-4o") and tokens.is_built_for("gpt-4"), timeout=30)
