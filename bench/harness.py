@@ -31,11 +31,16 @@ LOAD_CPUS = "1"
 UPSTREAM_KEY = "sk-upstream-test"
 BENCH_DB = "llm_gateway_bench"
 PG_ADMIN_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+# Shaped like a model: 20 ms to the first token, then 50 more 100 ms apart, so a stream lasts ~5 s and
+# 200 streams/s keep 1,000 open at once (10,000 events/s to relay; the Python floor pays ~40 µs an event).
 FAKE_FIRST_TOKEN_MS = 20
-FAKE_INTER_TOKEN_MS = 5
+FAKE_INTER_TOKEN_MS = 100
+FAKE_PIECES = 50
 
 JSON_BODY = BENCH / "upstream" / "request.json"
 STREAM_BODY = BENCH / "upstream" / "request-stream.json"
+# Start-up probes: one token, so a probe through the shaped fake takes 20 ms, not a whole 5 s answer.
+READY_BODY = BENCH / "upstream" / "request-ready.json"
 
 _started: list[Proc] = []
 _t0 = time.monotonic()
@@ -376,7 +381,7 @@ def start_nginx(nginx: str, run_dir: Path, logdir: Path) -> tuple[Proc, int, int
 
 
 def start_fake(logdir: Path) -> tuple[Proc, int]:
-    """The tests' fake OpenAI on CPU 1, shaped like a model: 20 ms to the first token, 5 ms between."""
+    """The tests' fake OpenAI on CPU 1, shaped like a model (FAKE_*), without collector pauses."""
     port = free_port()
     cmd = [str(GATEWAY_PY), "-m", "tests.fakes.openai_upstream", "--port", str(port)]
     cmd += [
@@ -384,7 +389,10 @@ def start_fake(logdir: Path) -> tuple[Proc, int]:
         str(FAKE_FIRST_TOKEN_MS),
         "--inter-token-delay-ms",
         str(FAKE_INTER_TOKEN_MS),
+        "--reply-pieces",
+        str(FAKE_PIECES),
+        "--no-gc",
     ]
     proc = Proc("fake-upstream", cmd, cpus=LOAD_CPUS, env={}, logdir=logdir)
-    wait_ready(port, UPSTREAM_KEY, STREAM_BODY, proc, 20)
+    wait_ready(port, UPSTREAM_KEY, READY_BODY, proc, 20)
     return proc, port

@@ -9,7 +9,7 @@
  *        queueing instead of hiding it (coordinated omission). A fixed pool of keep-alive connections is
  *        opened first; a request with no free connection waits, and that wait counts. The schedule is
  *        kept with an absolute CLOCK_MONOTONIC timerfd (ns resolution), not the millisecond timers of
- *        epoll_wait or an event loop.
+ *        epoll_wait or an event loop. Also prints how many requests were in flight at most at once.
  * burst: N streams at once. N connections are opened first (at most 64 handshakes in flight, so no
  *        listen backlog overflows), then all N requests are written together at t0. Time to first body
  *        byte and to the end of the response are measured from t0; a stream counts as complete only if
@@ -57,7 +57,7 @@ static double t_read; /* time of the read being parsed */
 /* per request */
 static double *sched, *first_byte, *done_at, *timer_lag;
 static int *ok;
-static long total, next_sched, next_dispatch, finished, failed_n;
+static long total, next_sched, next_dispatch, finished, failed_n, started_n, peak_in_flight;
 static int *idle;
 static int idle_n, connected_n, connecting_n, burst_mode, running;
 
@@ -113,6 +113,7 @@ static void finish(int r, int good) {
 static void start_request(int i, long r) {
     conn_t *c = &conns[i];
     c->req = (int)r;
+    if (++started_n - finished > peak_in_flight) peak_in_flight = started_n - finished;
     c->woff = 0;
     c->hlen = 0;
     c->ps = P_HEAD;
@@ -468,8 +469,8 @@ int main(int argc, char **argv) {
         qsort(ttfb, (size_t)total, sizeof *ttfb, cmp_double);
         qsort(tot, (size_t)total, sizeof *tot, cmp_double);
         printf("{\"mode\":\"burst\",\"streams\":%ld,\"connected\":%d,\"complete\":%ld,\"failed\":%ld,"
-               "\"unfinished\":%ld,",
-               total, pool, complete, failed_n, total - finished);
+               "\"unfinished\":%ld,\"peak_in_flight\":%ld,",
+               total, pool, complete, failed_n, total - finished, peak_in_flight);
         print_ms("ttfb_p50_ms", pct(ttfb, total, 50), 0);
         print_ms("ttfb_p99_ms", pct(ttfb, total, 99), 0);
         print_ms("ttfb_max_ms", pct(ttfb, total, 100), 0);
@@ -505,8 +506,9 @@ int main(int argc, char **argv) {
     qsort(ttfb, (size_t)n, sizeof *ttfb, cmp_double);
     double span = last_done - sched[first];
     printf("{\"mode\":\"rate\",\"rate\":%.1f,\"connections\":%d,\"measured\":%ld,\"ok\":%ld,\"failed\":%ld,"
-           "\"unfinished\":%ld,\"achieved_rps\":%.1f,",
-           rate, pool, n, good, failed_n, total - finished, span > 0 ? (double)good / span : 0.0);
+           "\"unfinished\":%ld,\"started\":%ld,\"peak_in_flight\":%ld,\"achieved_rps\":%.1f,",
+           rate, pool, n, good, failed_n, total - finished, started_n, peak_in_flight,
+           span > 0 ? (double)good / span : 0.0);
     print_ms("mean_ms", good ? sum / (double)good : NAN, 0);
     print_ms("p50_ms", pct(lat, n, 50), 0);
     print_ms("p90_ms", pct(lat, n, 90), 0);

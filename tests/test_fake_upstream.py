@@ -330,14 +330,23 @@ def test_wait_for_requests_times_out(fake: FakeOpenAI) -> None:
 
 
 def test_runs_standalone() -> None:
+    """As the benchmark runs it: unscripted answers of a given length, without the collector."""
     root = Path(__file__).resolve().parents[1]
     command = [sys.executable, "-m", "tests.fakes.openai_upstream", "--port", "0", "--api-key", "sk-cli"]
+    command += ["--reply-pieces", "7", "--no-gc"]
     with subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, text=True) as process:
         assert process.stdout is not None
         base_url = process.stdout.readline().strip()
         try:
             with openai.OpenAI(base_url=base_url, api_key="sk-cli", max_retries=0) as sdk:
-                assert sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES).choices
+                answer = sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+                assert answer.choices[0].message.content == " word" * 7
+                assert answer.usage is not None and answer.usage.completion_tokens == 7
+                stream = sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+                pieces = [
+                    c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content
+                ]
+                assert pieces == [" word"] * 7
         finally:
             process.terminate()
         assert process.wait(timeout=5) == 0

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import secrets
 import signal
 import ssl
@@ -43,6 +44,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import orjson
+import uvloop
 from aiohttp import web
 
 from tests.fakes import openai_payloads as p
@@ -103,6 +105,7 @@ class FakeOpenAI:
         ingest_delay_s: float = 0.0,
         ssl_context: ssl.SSLContext | None = None,
         gzip: bool = False,
+        reply_pieces: int | None = None,
     ) -> None:
         self.host, self.port, self.api_key = host, port, api_key
         # Served over TLS when given (a test's private CA), as OpenAI itself is.
@@ -114,6 +117,8 @@ class FakeOpenAI:
         self.first_token_delay_s = first_token_delay_s
         self.inter_token_delay_s = inter_token_delay_s
         self.stream_usage = stream_usage
+        # The benchmark's long streams: an unscripted chat answer in this many pieces instead of the default.
+        self._unscripted = p.Reply(chunks=[" word"] * reply_pieces) if reply_pieces else None
         self.background_delay_s = background_delay_s  # how long a background response takes
         self.ingest_delay_s = ingest_delay_s  # how long a file attached to a vector store stays in_progress
         self.store = FakeStore()
@@ -391,7 +396,7 @@ class FakeOpenAI:
             message = "The 'stream_options' parameter is only allowed when 'stream' is enabled."
             problem = p.error(message, "invalid_request_error", None, "stream_options")
             return await self._error(call, 400, problem)
-        plan = p.plan_reply(body, self._take_reply())
+        plan = p.plan_reply(body, self._take_reply() or self._unscripted)
         completion_id, created = p.random_id("chatcmpl-", 29), int(time.time())
         if body.get("stream") is True:
             return await self._stream(call, body, plan, completion_id, created, cut)
@@ -567,8 +572,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--api-key", default="sk-upstream-test")
     parser.add_argument("--first-token-delay-ms", type=float, default=0.0)
     parser.add_argument("--inter-token-delay-ms", type=float, default=0.0)
+    parser.add_argument("--reply-pieces", type=int, help="unscripted chat answers in this many pieces")
+    parser.add_argument("--no-gc", action="store_true", help="no collector pauses (a benchmark's short life)")
     parser.add_argument("--no-stream-usage", action="store_true", help="ignore stream_options.include_usage")
     args = parser.parse_args(argv)
+    if args.no_gc:
+        # With a thousand streams open, a full collection stalls every one of them for tens of
+        # milliseconds: the benchmark's upstream would then be what its time-to-first-byte measures.
+        gc.disable()
     fake = FakeOpenAI(
         host=args.host,
         port=args.port,
@@ -577,6 +588,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         inter_token_delay_s=args.inter_token_delay_ms / 1000,
         stream_usage=not args.no_stream_usage,
         record_requests=False,
+        reply_pieces=args.reply_pieces,
     )
 
     def ready() -> None:
@@ -585,7 +597,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             loop.add_signal_handler(sig, fake._request_stop)
         print(fake.base_url, flush=True)
 
-    asyncio.run(fake.serve(on_ready=ready))
+    # uvloop (the gateway's own loop) halves the fake's cost per streamed event: the benchmark's upstream
+    # must not be what a thousand concurrent streams wait for.
+    uvloop.run(fake.serve(on_ready=ready))
 
 
 if __name__ == "__main__":
