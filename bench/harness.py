@@ -36,6 +36,7 @@ PG_ADMIN_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5
 FAKE_FIRST_TOKEN_MS = 20
 FAKE_INTER_TOKEN_MS = 100
 FAKE_PIECES = 50
+FAKE_STREAM_S = (FAKE_FIRST_TOKEN_MS + FAKE_INTER_TOKEN_MS * FAKE_PIECES) / 1000
 
 JSON_BODY = BENCH / "upstream" / "request.json"
 STREAM_BODY = BENCH / "upstream" / "request-stream.json"

@@ -1,7 +1,8 @@
 """The gateway's own cost per call, without the sockets: the ASGI app driven directly, the upstream client
 replaced by a canned answer (the same bytes nginx serves in `make bench`), metering on and off.
 
-    .venv/bin/python bench/inprocess.py [--calls 20000] [--concurrency 1] [--phases json,stream] [--profile]
+    .venv/bin/python bench/inprocess.py [--calls 20000] [--concurrency 1] [--phases json,stream,live]
+                                        [--profile]
 
 It measures what the throughput runs cannot isolate: microseconds of this process's CPU per call for
 everything between uvicorn and aiohttp (middleware, auth, parsing, policy, limits, relay, metering and the
@@ -30,15 +31,20 @@ from app.main import create_app
 from app.upstream import UpstreamResponse
 
 MASTER_KEY = "sk-bench-master-key-0001"
-ANSWERS = {"json": BENCH / "upstream" / "chat.json", "stream": BENCH / "upstream" / "stream.sse"}
-REQUESTS = {"json": JSON_BODY, "stream": STREAM_BODY}
+_SSE = BENCH / "upstream" / "stream.sse"
+# live: the same stream as a model sends it, one event a read (stream: all of it in the first read).
+ANSWERS = {"json": BENCH / "upstream" / "chat.json", "stream": _SSE, "live": _SSE}
+REQUESTS = {"json": JSON_BODY, "stream": STREAM_BODY, "live": STREAM_BODY}
 
 
-class _EndedStream:
-    """What the relay reads after the canned first bytes: the end of the stream."""
+class _RestOfStream:
+    """What the relay reads after the first bytes: the rest of the events, one a read, then the end."""
+
+    def __init__(self, events: list[bytes]) -> None:
+        self._events = iter(events)
 
     async def read(self) -> bytes | None:
-        return None
+        return next(self._events, None)
 
     async def close(self) -> None:
         pass
@@ -47,8 +53,9 @@ class _EndedStream:
 async def measure(phase: str, metering: bool, calls: int, concurrency: int, profile: bool) -> float:
     os.environ["GATEWAY_METERING"] = "true" if metering else "false"
     answer = ANSWERS[phase].read_bytes()
+    events = [event + b"\n\n" for event in answer.split(b"\n\n") if event] if phase == "live" else [answer]
     request = REQUESTS[phase].read_bytes()
-    content_type = "text/event-stream" if phase == "stream" else "application/json"
+    content_type = "application/json" if phase == "json" else "text/event-stream"
     headers = CIMultiDictProxy(CIMultiDict({"Content-Type": content_type, "Server": "nginx"}))
     app = create_app()
     async with app.router.lifespan_context(app):  # type: ignore[attr-defined]
@@ -57,9 +64,9 @@ async def measure(phase: str, metering: bool, calls: int, concurrency: int, prof
             call.attempts += 1
             if concurrency > 1:
                 await asyncio.sleep(0)  # as the real client would: other calls run meanwhile
-            if phase == "stream":
-                return UpstreamResponse(200, headers, answer, _EndedStream())  # type: ignore[arg-type]
-            return UpstreamResponse(200, headers, answer)
+            if phase == "json":
+                return UpstreamResponse(200, headers, answer)
+            return UpstreamResponse(200, headers, events[0], _RestOfStream(events[1:]))  # type: ignore[arg-type]
 
         app.state.upstream.send = canned
         scope_headers = [
@@ -131,7 +138,7 @@ def main() -> None:
     )
     parser.add_argument("--calls", type=int, default=20000)
     parser.add_argument("--concurrency", type=int, default=1)
-    parser.add_argument("--phases", default="json,stream")
+    parser.add_argument("--phases", default="json,stream,live", help="live: a stream one event a read")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     os.environ.update(

@@ -41,6 +41,7 @@ from typing import Any
 from harness import (
     BENCH,
     BENCH_DB,
+    FAKE_STREAM_S,
     GATEWAY_BIN,
     GATEWAY_PY,
     JSON_BODY,
@@ -270,11 +271,14 @@ class Runner:
         return best
 
     def open_loop(self, port: int, key: str, *, stream: bool) -> dict[str, Any]:
-        seconds = self.args.latency_duration
-        extra = ("--rate", f"{OFFERED_RPS:g}", "--duration", f"{seconds:g}", "--warmup", "2")
+        seconds, warmup = self.args.latency_duration, 2.0
+        extra: tuple[str, ...] = ("--rate", f"{OFFERED_RPS:g}")
         if stream:
-            # A connection for each of the ~1,000 streams in flight at once, opened before the clock starts.
+            # Measured once the first streams would end, so each measured one starts with ~1,000 open;
+            # a connection for each of them, opened before the clock starts.
+            seconds, warmup = min(seconds, FAKE_STREAM_S), FAKE_STREAM_S
             extra += ("--connections", str(STREAMS + STREAMS // 5))
+        extra += ("--duration", f"{seconds:g}", "--warmup", f"{warmup:g}")
         return self.loadgen("rate", port, key, *extra, stream=stream, timeout_s=seconds + 60)
 
     # -- phases ------------------------------------------------------------------------------------------
@@ -410,10 +414,8 @@ class Runner:
     def burst_work(self, target: Target, port: int, proc: Proc | None) -> None:
         res, key, timeout = self.r(target), target.client_key, self.args.burst_timeout
         burst = ("--timeout", f"{timeout:g}")
-        # A smaller burst first warms the code paths and the proxy's upstream connection pool.
-        self.loadgen("burst", port, key, "--streams", "100", *burst, stream=True, timeout_s=timeout + 30)
-        self.settle(target, proc, "the warm-up burst")
         # The target: streams arriving on a schedule, each ~5 s long, so that ~1,000 are open at once.
+        # Its warm-up (the first 5 s of arrivals) also warms the burst's code paths and connection pool.
         capacity = self.results.get(target.key, {}).get("streams_per_s")
         s = res["stream_latency"] = self.fixed_rate(target, proc, port, capacity, stream=True)
         if "skipped" not in s:
@@ -488,7 +490,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="short runs and no LiteLLM, for development")
-    parser.add_argument("--duration", type=float, help="seconds of wrk per figure (default 10; quick 3)")
+    parser.add_argument("--duration", type=float, help="seconds of wrk per figure (default 8; quick 3)")
     parser.add_argument("--repeats", type=int, help="wrk runs per figure, best kept (default 2; quick 1)")
     parser.add_argument(
         "--latency-duration", type=float, help="seconds per open-loop run (default 8; quick 4)"
@@ -505,7 +507,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--phases", default="json,stream,burst", help="any of json,stream,burst")
     parser.add_argument("--keep-db", action="store_true", help=f"keep the {BENCH_DB} database afterwards")
     args = parser.parse_args(argv)
-    args.duration = args.duration or (3.0 if args.quick else 10.0)
+    args.duration = args.duration or (3.0 if args.quick else 8.0)
     args.repeats = args.repeats or (1 if args.quick else 2)
     args.latency_duration = args.latency_duration or (4.0 if args.quick else 8.0)
     args.burst_timeout = args.burst_timeout or (20.0 if args.quick else 60.0)
