@@ -79,13 +79,25 @@ class ChatChunkInspector:
             self._sniff_model(block)
         if block.endswith(_DONE_EVENT) and (last := self._last_read(block)) is not None:
             return last
+        # The usual read of a live stream: ordinary chunks only (most often one), kept and relayed whole.
+        out = self._ordinary(block)
+        if out is not None:
+            self._keep(block)
+        else:
+            out = self._events(block)
+        if self._pending_bytes > _PENDING_MAX_BYTES:
+            self._collect_pending()
+        return out
+
+    def _events(self, block: bytes) -> bytes:
+        """A read of any other shape: runs of ordinary chunks kept whole, the other events parsed."""
         relayed: list[bytes] = []
         start = 0
         runs = True
         while not self.done and (end := block.find(b"\n\n", start)) != -1:
             if runs:
-                # The usual read of a live stream is one run of ordinary chunks, kept whole; a stream
-                # that arrives at once is its first chunk, one such run, then its usage chunk and [DONE].
+                # A stream that arrives at once is its first chunk, a run of ordinary chunks (kept
+                # whole), then its usage chunk and [DONE].
                 run_end, out = self._ordinary_run(block, start)
                 if out is not None:
                     self._keep(block[start:run_end])
@@ -104,8 +116,6 @@ class ChatChunkInspector:
                 out = self._inspected(event)
             if out is not None:
                 relayed.append(out)
-        if self._pending_bytes > _PENDING_MAX_BYTES:
-            self._collect_pending()
         return b"".join(relayed)
 
     def _last_read(self, block: bytes) -> bytes | None:
