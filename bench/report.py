@@ -319,7 +319,8 @@ def render(R: dict[str, dict[str, Any]], notes: list[str], meta: dict[str, Any])
     out.append(
         "Pinning: each proxy `taskset -c 0` (--workers 2: `-c 0,1`); nginx, the fake upstream, wrk and "
         f"loadgen `taskset -c 1`. wrk runs {meta['duration']:g}s; open loop {meta['latency_duration']:g}s at "
-        f"{OFFERED_RPS:g}/s. Machine busy before the run: {meta['background_busy']:.0f}%."
+        f"{OFFERED_RPS:g}/s (streams: at most 5 s, after 5 s). Machine busy before the run: "
+        f"{meta['background_busy']:.0f}%."
     )
     out += ["", "## Per target", "", *per_target_table(R), "", "## Targets (checked here, not in tests)", ""]
     out += ["| target | measured | reference (same run) | threshold | result |", "|---|---|---|---|---|"]
