@@ -118,9 +118,8 @@ def per_target_table(R: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def checks(R: dict[str, dict[str, Any]]) -> list[Row]:
-    gw, off, floor, direct, w2, lite, floor_rq = (
-        R.get(k, {})
-        for k in ("gw", "gw_nometer", "passthrough", "direct", "gw_w2", "litellm", "passthrough_rq")
+    gw, off, floor, direct, lite, floor_rq = (
+        R.get(k, {}) for k in ("gw", "gw_nometer", "passthrough", "direct", "litellm", "passthrough_rq")
     )
     rows: list[Row] = []
 
@@ -257,6 +256,8 @@ def checks(R: dict[str, dict[str, Any]]) -> list[Row]:
         a, b = gw.get(f"rps_{conns}"), off.get(f"rps_{conns}")
         separate = "-" if not a or not b else f"{1 - a / b:+.1%}"
         runs = ab.get(str(conns))
+        if runs and not (runs.get("on") and runs.get("off")):
+            runs = None
         if runs:
             a, b = statistics.median(runs["on"]), statistics.median(runs["off"])
         rows.append(
@@ -269,17 +270,27 @@ def checks(R: dict[str, dict[str, Any]]) -> list[Row]:
                 verdict(None if not a or not b or not runs else 1 - a / b <= 0.10),
             )
         )
-    a, b = w2.get("rps_256"), gw.get("rps_256")
+    runs = ab.get("256", {})
+    a, b = (statistics.median(runs[k]) if runs.get(k) else None for k in ("w2", "on"))
     rows.append(
         (
-            "--workers 2 scaling, 256 conns (workers on CPUs 0-1; wrk and nginx on CPU 1)",
+            f"--workers 2 scaling, 256 conns (workers on CPUs 0-1, wrk and nginx on CPU 1; alternated with "
+            f"one worker on CPU 0, {len(runs.get('w2', []))} rounds, fresh processes each; medians)",
             "-" if not a or not b else f"{a / b:.2f}x ({a:,.0f} req/s)",
-            f"1 worker {_n(b)} req/s",
+            f"1 worker {_n(b)} req/s (separate phase {_n(gw.get('rps_256'))}){_cpu_pair(runs, 'w2')}",
             ">= 1.7x",
             verdict(None if not a or not b else a / b >= 1.7),
         )
     )
     return rows
+
+
+def _cpu_pair(runs: dict[str, Any], side: str) -> str:
+    """The CPU a request of the gateway (all its workers) and of Postgres, for one side of the runs."""
+    if f"{side}_cpu_us" not in runs:
+        return ""
+    gateway, db = runs[f"{side}_cpu_us"]
+    return f"; CPU a request: gateway {gateway:.0f} µs, Postgres {db:.0f} µs"
 
 
 def _cpu_split(runs: dict[str, Any] | None) -> str:

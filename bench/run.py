@@ -332,55 +332,61 @@ class Runner:
         if self.args.profile and target is GW and proc is not None:
             self.profile(proc, port, key, stream=False)
             self.settle(target, proc, "the profiled run")
-        if target.workers > 1:
-            return
         lat = res["latency"] = self.fixed_rate(target, proc, port, res["rps_32"], stream=False)
         if "skipped" not in lat:
             figures = f"p50 {lat['p50_ms']} p99 {lat['p99_ms']} ms, failed {lat['failed']}"
             log(f"  {OFFERED_RPS:g} req/s: {figures}")
 
-    def metering_ab(self, origin: str, upstream_port: int) -> None:
-        """Metering on and off once more, alternated: AB_ROUNDS rounds, each with a fresh pair of gateways
-        up at once (each pinned to CPU 0; only the one under load is busy) and wrk on one, then the other
-        (on-off, then off-on, ...), at 32 and at 256 connections. A slow spell of the machine then slows
-        both alike, where the separate phases above can catch it on one side only; and a fresh pair each
-        round, because two identical processes measured up to 18% apart here, run after run (the memory
-        layout each one happened to get). The metering check uses the medians."""
+    def alternated(self, targets: list[Target], origin: str, upstream_port: int) -> None:
+        """Metering on, metering off and two workers, alternated: AB_ROUNDS rounds, each with a fresh set
+        of gateways up at once (one worker pinned to CPU 0, two on CPUs 0-1; only the one under load is
+        busy) and wrk on one after the other (the order reversed every other round), at 32 and at 256
+        connections. A slow spell of the machine then slows all alike, where separate phases minutes
+        apart can catch it on one side only; and fresh processes each round, because two identical
+        processes measured up to 18% apart here, run after run (the memory layout each one happened to
+        get). The metering and scaling checks use the medians."""
+        compared = [t for t in (GW, GW_NOMETER, GW_W2) if t in targets]
         # Per (connections, target), a round each: req/s, the gateway's CPU a request (µs), Postgres's.
         samples: dict[tuple[int, str], list[tuple[float, float, float]]] = {
-            (conns, target.key): [] for conns in (32, 256) for target in (GW, GW_NOMETER)
+            (conns, target.key): [] for conns in (32, 256) for target in compared
         }
         try:
             for i in range(AB_ROUNDS):
-                self._ab_round(i, origin, upstream_port, samples)
+                self._ab_round(i, compared, origin, upstream_port, samples)
         except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
-            self.notes.append(f"metering A/B: {exc}")
+            self.notes.append(f"alternated runs: {exc}")
             log(f"  failed: {exc}")
         ab: dict[str, dict[str, Any]] = {}
         for conns in (32, 256):
-            on, off = samples[(conns, GW.key)], samples[(conns, GW_NOMETER.key)]
-            if not on or not off:
-                continue
-            ab[str(conns)] = {"on": [x[0] for x in on], "off": [x[0] for x in off]}
-            for side, runs in (("on", on), ("off", off)):
-                ab[str(conns)][f"{side}_cpu_us"] = [
-                    round(statistics.median(x[k] for x in runs), 1) for k in (1, 2)
-                ]
-            log(f"  {conns:>3} conns, alternated: on {ab[str(conns)]['on']}  off {ab[str(conns)]['off']}")
+            runs = ab[str(conns)] = {}
+            for side, target in (("on", GW), ("off", GW_NOMETER), ("w2", GW_W2)):
+                got = samples.get((conns, target.key))
+                if not got:
+                    continue
+                runs[side] = [x[0] for x in got]
+                runs[f"{side}_cpu_us"] = [round(statistics.median(x[k] for x in got), 1) for k in (1, 2)]
+            if "w2" in runs:
+                # The two-worker row of the table: there is no separate phase for it.
+                self.r(GW_W2)[f"rps_{conns}"] = statistics.median(runs["w2"])
+            log(
+                f"  {conns:>3} conns, alternated: "
+                + "  ".join(f"{k} {runs[k]}" for k in ("on", "off", "w2") if k in runs)
+            )
         self.results["metering_ab"] = ab
 
     def _ab_round(
         self,
         i: int,
+        compared: list[Target],
         origin: str,
         upstream_port: int,
         samples: dict[tuple[int, str], list[tuple[float, float, float]]],
     ) -> None:
-        """One round of the A/B: a fresh pair, wrk on each in turn (the order alternating by round)."""
+        """One round of the alternated runs: a fresh set of gateways, wrk on each in turn."""
         seconds = self.args.duration / self.args.repeats
         started: list[tuple[Target, Proc | None, int]] = []
         try:
-            for target in (GW, GW_NOMETER):
+            for target in compared:
                 proc, port = self.start(target, origin, upstream_port, f"ab{i}")
                 started.append((target, proc, port))
                 self.wrk(port, target.client_key, 32, 2.0, stream=False)  # warm-up, not recorded
@@ -575,12 +581,10 @@ def main(argv: list[str] | None = None) -> int:
             nginx, json_port, sse_port = start_nginx(tools["nginx"], run_dir, runner.logdir)
             runner.upstream = nginx
             if "json" in phases:
-                runner.run_phase(
-                    "json", targets, f"http://127.0.0.1:{json_port}", json_port, runner.json_work
-                )
-                if GW in targets and GW_NOMETER in targets:
-                    log("json: metering on and off, alternated")
-                    runner.metering_ab(f"http://127.0.0.1:{json_port}", json_port)
+                runner.run_phase("json", single, f"http://127.0.0.1:{json_port}", json_port, runner.json_work)
+                if GW in targets and (GW_NOMETER in targets or GW_W2 in targets):
+                    log("json: metering on, off and two workers, alternated")
+                    runner.alternated(targets, f"http://127.0.0.1:{json_port}", json_port)
             if "stream" in phases:
                 runner.run_phase(
                     "stream", single, f"http://127.0.0.1:{sse_port}", sse_port, runner.stream_work
