@@ -263,7 +263,7 @@ def checks(R: dict[str, dict[str, Any]]) -> list[Row]:
         rows.append(
             (
                 f"metering cost, {conns} conns (metering on vs off, {len(runs['on']) if runs else 0} rounds "
-                "alternated, a fresh pair of processes each; medians)",
+                "alternated, fresh processes each; medians)",
                 "-" if not a or not b or not runs else f"{1 - a / b:+.1%} ({a:,.0f} req/s)",
                 f"metering off {_n(b)} req/s (separate phases: {separate}){_cpu_split(runs)}",
                 "<= 10%",
