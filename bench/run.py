@@ -10,7 +10,8 @@ database; (e) this gateway with metering off; and (d) with --workers 2 for the s
 
 Phases; every proxy is started afresh for each, since an upstream has one canned answer:
   json    nginx's canned chat.completion: wrk, closed loop, 32 and 256 connections; then loadgen at a
-          fixed 200 req/s, open loop, latency from each request's scheduled time.
+          fixed 200 req/s, open loop, latency from each request's scheduled time. Then (d), (e) and (d)
+          with two workers in alternated rounds: the metering cost and the scaling.
   stream  nginx's canned SSE stream (include_usage chunk, [DONE]): wrk, 32 connections, each body
           checked to end with [DONE] -> streams/s.
   burst   the tests' fake upstream shaped like a model (20 ms to the first token, then 50 tokens 100 ms
