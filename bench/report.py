@@ -251,7 +251,7 @@ def checks(R: dict[str, dict[str, Any]]) -> list[Row]:
             verdict(None if rss is None else rss < 250),
         )
     )
-    ab = R.get("metering_ab", {})
+    ab = R.get("alternated", {})
     for conns in (32, 256):
         a, b = gw.get(f"rps_{conns}"), off.get(f"rps_{conns}")
         separate = "-" if not a or not b else f"{1 - a / b:+.1%}"
@@ -265,7 +265,7 @@ def checks(R: dict[str, dict[str, Any]]) -> list[Row]:
                 f"metering cost, {conns} conns (metering on vs off, {len(runs['on']) if runs else 0} rounds "
                 "alternated, fresh processes each; medians)",
                 "-" if not a or not b or not runs else f"{1 - a / b:+.1%} ({a:,.0f} req/s)",
-                f"metering off {_n(b)} req/s (separate phases: {separate}){_cpu_split(runs)}",
+                f"metering off {_n(b)} req/s (separate phases: {separate}){_cpu(runs, 'on', 'off')}",
                 "<= 10%",
                 verdict(None if not a or not b or not runs else 1 - a / b <= 0.10),
             )
@@ -277,7 +277,7 @@ def checks(R: dict[str, dict[str, Any]]) -> list[Row]:
             f"--workers 2 scaling, 256 conns (workers on CPUs 0-1, wrk and nginx on CPU 1; alternated with "
             f"one worker on CPU 0, {len(runs.get('w2', []))} rounds, fresh processes each; medians)",
             "-" if not a or not b else f"{a / b:.2f}x ({a:,.0f} req/s)",
-            f"1 worker {_n(b)} req/s (separate phase {_n(gw.get('rps_256'))}){_cpu_pair(runs, 'w2')}",
+            f"1 worker {_n(b)} req/s (separate phase {_n(gw.get('rps_256'))}){_cpu(runs, 'w2')}",
             ">= 1.7x",
             verdict(None if not a or not b else a / b >= 1.7),
         )
@@ -285,21 +285,18 @@ def checks(R: dict[str, dict[str, Any]]) -> list[Row]:
     return rows
 
 
-def _cpu_pair(runs: dict[str, Any], side: str) -> str:
-    """The CPU a request of the gateway (all its workers) and of Postgres, for one side of the runs."""
-    if f"{side}_cpu_us" not in runs:
-        return ""
-    gateway, db = runs[f"{side}_cpu_us"]
-    return f"; CPU a request: gateway {gateway:.0f} µs, Postgres {db:.0f} µs"
+# How the alternated runs' sides read in the table.
+_SIDES = {"on": "metering on", "off": "metering off", "w2": "two workers"}
 
 
-def _cpu_split(runs: dict[str, Any] | None) -> str:
-    """The CPU a request, metering on against off: the gateway's process, and Postgres writing the
-    usage events (on this 2-core machine it runs beside the gateway or the load generator)."""
-    if not runs or "on_cpu_us" not in runs:
+def _cpu(runs: dict[str, Any] | None, *sides: str) -> str:
+    """The CPU a request in the alternated runs: the gateway's (all its workers) on each of `sides`, and
+    Postgres writing the usage events on the first (on this 2-core machine it runs beside the gateway or
+    the load generator)."""
+    if not runs or any(f"{side}_cpu_us" not in runs for side in sides):
         return ""
-    (on, db), (off, _) = runs["on_cpu_us"], runs["off_cpu_us"]
-    return f"; CPU a request: gateway {on:.0f} µs on, {off:.0f} off; Postgres {db:.0f} µs"
+    gateway = ", ".join(f"{runs[f'{side}_cpu_us'][0]:.0f} µs {_SIDES[side]}" for side in sides)
+    return f"; CPU a request: gateway {gateway}; Postgres {runs[f'{sides[0]}_cpu_us'][1]:.0f} µs"
 
 
 def recorder_row(rec: dict[str, Any]) -> Row:

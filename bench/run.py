@@ -373,7 +373,7 @@ class Runner:
                 f"  {conns:>3} conns, alternated: "
                 + "  ".join(f"{k} {runs[k]}" for k in ("on", "off", "w2") if k in runs)
             )
-        self.results["metering_ab"] = ab
+        self.results["alternated"] = ab
 
     def _ab_round(
         self,
