@@ -26,8 +26,16 @@ LITELLM_SPEC = "litellm[proxy]>=1.108,<1.109"
 TOOLS_VENV = BENCH / ".tools-venv"
 BUILD = BENCH / ".build"
 
-PROXY_CPUS = "0"
-LOAD_CPUS = "1"
+
+def cpu_sets(count: int) -> tuple[str, str, str]:
+    """taskset lists (comma-separated CPUs) for one proxy worker, two workers, and the load: the proxies
+    on the first CPUs; wrk, loadgen, the upstreams and the bench database's Postgres backends on the
+    rest. With 3 or more CPUs two workers have two cores to themselves; with 2 the load shares CPU 1
+    with the second worker."""
+    return "0", "0,1", ",".join(str(cpu) for cpu in range(2, count)) or "1"
+
+
+PROXY_CPUS, WORKERS2_CPUS, LOAD_CPUS = cpu_sets(os.cpu_count() or 1)
 UPSTREAM_KEY = "sk-upstream-test"
 BENCH_DB = "llm_gateway_bench"
 PG_ADMIN_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -279,15 +287,29 @@ def pid_cpu_seconds(pid: int) -> float:
     return 0.0
 
 
-def bench_db_backends_cpu(database: str = BENCH_DB) -> float:
-    """CPU seconds of the Postgres backends serving `database`: the metered gateway's work."""
-    total = 0.0
+def bench_db_backends(database: str = BENCH_DB) -> list[int]:
+    """The Postgres backends serving `database`: the metered gateway's connections."""
+    pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
                 if f" {database} ".encode() in (entry / "cmdline").read_bytes().replace(b"\0", b" "):
-                    total += pid_cpu_seconds(int(entry.name))
-    return total
+                    pids.append(int(entry.name))
+    return pids
+
+
+def bench_db_backends_cpu(database: str = BENCH_DB) -> float:
+    """CPU seconds of the backends serving `database` so far."""
+    return sum(pid_cpu_seconds(pid) for pid in bench_db_backends(database))
+
+
+def pin_bench_db_backends(cpus: str) -> None:
+    """The bench database's backends onto `cpus` (a taskset list): the database's work is part of the
+    load, not the proxy's core. Only these backends: the server and other databases are left alone."""
+    allowed = {int(cpu) for cpu in cpus.split(",")}
+    for pid in bench_db_backends():
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(pid, allowed)
 
 
 def wait_quiet(max_s: float = 30.0, cores: float = 0.15) -> float:

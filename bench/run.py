@@ -1,8 +1,8 @@
 """`make bench`: the proxies in front of a near-free upstream, one table, PASS/FAIL per target.
 
-On the 2-core machine each proxy is one process pinned to CPU 0 (`taskset -c 0`); nginx, the fake
-upstream, wrk and the C load generator share CPU 1. `--workers 2` runs the gateway on CPUs 0-1, sharing
-CPU 1 with the load generator and nginx: there is no third core.
+Each proxy is one process pinned to CPU 0 (`taskset -c 0`), `--workers 2` to CPUs 0-1; nginx, the fake
+upstream, wrk, the C load generator and the bench database's Postgres backends run on the other CPUs
+(harness.cpu_sets). On a 2-core machine that is CPU 1, which the second worker then shares with them.
 
 Targets: (a) direct to the upstream, the floor; (b) bench/passthrough.py, the Python floor; (c) the
 LiteLLM proxy (own venv, no database, one worker); (d) this gateway metering into a fresh Postgres
@@ -53,6 +53,7 @@ from harness import (
     ROOT,
     STREAM_BODY,
     UPSTREAM_KEY,
+    WORKERS2_CPUS,
     Proc,
     bench_db_backends_cpu,
     bench_db_url,
@@ -65,6 +66,7 @@ from harness import (
     free_port,
     log,
     machine_cpu_seconds,
+    pin_bench_db_backends,
     raise_nofile,
     start_fake,
     start_nginx,
@@ -158,7 +160,7 @@ class Runner:
                 "GATEWAY_SHUTDOWN_TIMEOUT_S": "10",
             }
             cmd = [str(GATEWAY_BIN), "serve", "--port", str(port), "--workers", str(target.workers)]
-            cpus = PROXY_CPUS if target.workers == 1 else "0,1"
+            cpus = PROXY_CPUS if target.workers == 1 else WORKERS2_CPUS
         proc = Proc(name, cmd, cpus=cpus, env=env, logdir=self.logdir)
         try:
             wait_ready(
@@ -229,18 +231,29 @@ class Runner:
         self.quiet_budget = max(0.0, self.quiet_budget - (time.monotonic() - started))
         if busy >= 0.15:
             log(f"  the machine is busy with other work ({busy:.2f} CPUs); measuring anyway")
-        watched = [p for p in (proc, self.upstream) if p is not None]
-        proxy0, db0 = proc.cpu_seconds() if proc is not None else 0.0, bench_db_backends_cpu()
-        ours0 = sum(p.cpu_seconds() for p in watched) + _children_cpu() + db0
-        machine0, t0 = machine_cpu_seconds(), time.monotonic()
+        # Backends the gateway opened since the last measurement, too.
+        pin_bench_db_backends(LOAD_CPUS)
+
+        def cpu() -> tuple[float, float, float, float]:
+            """The proxy's, the upstream's, the load generator's (this run's waited-for children) and
+            the bench database's CPU seconds so far."""
+            return (
+                proc.cpu_seconds() if proc is not None else 0.0,
+                self.upstream.cpu_seconds() if self.upstream is not None else 0.0,
+                _children_cpu(),
+                bench_db_backends_cpu(),
+            )
+
+        cpu0, machine0, t0 = cpu(), machine_cpu_seconds(), time.monotonic()
         result = run()
         elapsed = time.monotonic() - t0
-        db = bench_db_backends_cpu() - db0
-        ours = sum(p.cpu_seconds() for p in watched) + _children_cpu() + db - ours0
-        result["other_cpus"] = max(0.0, (machine_cpu_seconds() - machine0 - ours) / elapsed)
-        # Where a request's CPU went: the proxy's own process, and Postgres writing its usage events.
-        result["proxy_cpu_s"] = (proc.cpu_seconds() - proxy0) if proc is not None else 0.0
-        result["db_cpu_s"] = db
+        proxy, upstream, loadgen, db = (after - before for before, after in zip(cpu0, cpu(), strict=True))
+        result["other_cpus"] = max(
+            0.0, (machine_cpu_seconds() - machine0 - proxy - upstream - loadgen - db) / elapsed
+        )
+        # Where a request's CPU went: the proxy's own process, Postgres writing its usage events, and the
+        # load on the machine (the upstream and the load generator).
+        result["proxy_cpu_s"], result["db_cpu_s"], result["load_cpu_s"] = proxy, db, upstream + loadgen
         if note:
             self.flag_interference(label, result)
         return result
@@ -347,8 +360,9 @@ class Runner:
         processes measured up to 18% apart here, run after run (the memory layout each one happened to
         get). The metering and scaling checks use the medians."""
         compared = [t for t in (GW, GW_NOMETER, GW_W2) if t in targets]
-        # Per (connections, target), a round each: req/s, the gateway's CPU a request (µs), Postgres's.
-        samples: dict[tuple[int, str], list[tuple[float, float, float]]] = {
+        # Per (connections, target), a round each: req/s, and the CPU a request (µs) of the gateway, of
+        # Postgres and of the load (wrk and nginx).
+        samples: dict[tuple[int, str], list[tuple[float, float, float, float]]] = {
             (conns, target.key): [] for conns in (32, 256) for target in compared
         }
         try:
@@ -365,7 +379,7 @@ class Runner:
                 if not got:
                     continue
                 runs[side] = [x[0] for x in got]
-                runs[f"{side}_cpu_us"] = [round(statistics.median(x[k] for x in got), 1) for k in (1, 2)]
+                runs[f"{side}_cpu_us"] = [round(statistics.median(x[k] for x in got), 1) for k in (1, 2, 3)]
             if "w2" in runs:
                 # The two-worker row of the table: there is no separate phase for it.
                 self.r(GW_W2)[f"rps_{conns}"] = statistics.median(runs["w2"])
@@ -381,7 +395,7 @@ class Runner:
         compared: list[Target],
         origin: str,
         upstream_port: int,
-        samples: dict[tuple[int, str], list[tuple[float, float, float]]],
+        samples: dict[tuple[int, str], list[tuple[float, float, float, float]]],
     ) -> None:
         """One round of the alternated runs: a fresh set of gateways, wrk on each in turn."""
         seconds = self.args.duration / self.args.repeats
@@ -401,7 +415,10 @@ class Runner:
                     )
                     per_request = 1e6 / max(1, w["requests"])
                     samples[(conns, target.key)].append(
-                        (round(w["rps"], 1), w["proxy_cpu_s"] * per_request, w["db_cpu_s"] * per_request)
+                        (
+                            round(w["rps"], 1),
+                            *(w[k] * per_request for k in ("proxy_cpu_s", "db_cpu_s", "load_cpu_s")),
+                        )
                     )
                     self.settle(target, proc, f"wrk at {conns} connections")
         finally:
@@ -573,6 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         "duration": args.duration,
         "latency_duration": args.latency_duration,
         "background_busy": busy,
+        "pinning": {"proxy": PROXY_CPUS, "workers2": WORKERS2_CPUS, "load": LOAD_CPUS},
     }
     gateway = any(t.kind == "gateway" for t in targets)
     try:
