@@ -1,0 +1,43 @@
+"""The benchmark's CPU layout and the scaling bound it prints: the part of `make bench` a 2-core machine
+cannot exercise (3 or more CPUs) and the arithmetic behind its verdict."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+from harness import cpu_sets
+from report import _shared_cores_bound
+
+
+@pytest.mark.parametrize(
+    ("count", "expected"),
+    [
+        (2, ("0", "0,1", "1")),  # the load shares CPU 1 with the second worker
+        (3, ("0", "0,1", "2")),
+        (8, ("0", "0,1", "2,3,4,5,6,7")),
+    ],
+)
+def test_two_workers_get_their_own_cores_when_there_are_three_or_more(
+    count: int, expected: tuple[str, str, str]
+) -> None:
+    assert cpu_sets(count) == expected
+
+
+def test_the_bound_counts_the_load_on_the_workers_cores() -> None:
+    # 127 µs of the workers, 34 of wrk and nginx, 14 of Postgres: 2 s / 175 µs = 11,429 req/s.
+    runs = {"w2_cpu_us": [127.0, 14.0, 34.0]}
+    text = _shared_cores_bound(runs, 7812.0, {"proxy": "0", "workers2": "0,1", "load": "1"})
+    assert "11,429 req/s" in text
+    assert "1.46x one worker" in text
+
+
+def test_no_bound_when_the_load_has_cores_of_its_own() -> None:
+    runs = {"w2_cpu_us": [127.0, 14.0, 34.0]}
+    assert _shared_cores_bound(runs, 7812.0, {"proxy": "0", "workers2": "0,1", "load": "2,3"}) == ""
+    # Results recorded before the load's CPU was: no bound either.
+    assert _shared_cores_bound({"w2_cpu_us": [127.0, 14.0]}, 7812.0, {"workers2": "0,1", "load": "1"}) == ""
