@@ -274,8 +274,9 @@ def checks(R: dict[str, dict[str, Any]], pinning: dict[str, str]) -> list[Row]:
     a, b = (statistics.median(runs[k]) if runs.get(k) else None for k in ("w2", "on"))
     rows.append(
         (
-            f"--workers 2 scaling, 256 conns (workers on CPUs {pinning['workers2']}, the load on CPU "
-            f"{pinning['load']}; alternated with one worker on CPU {pinning['proxy']}, "
+            f"--workers 2 scaling, 256 conns (workers on CPUs {pinning['workers2']}, the load on "
+            f"CPU{'s' if ',' in pinning['load'] else ''} {pinning['load']}; alternated with one worker on "
+            f"CPU {pinning['proxy']}, "
             f"{len(runs.get('w2', []))} rounds, fresh processes each; medians)",
             "-" if not a or not b else f"{a / b:.2f}x ({a:,.0f} req/s)",
             f"1 worker {_n(b)} req/s (separate phase {_n(gw.get('rps_256'))}){_cpu(runs, 'w2')}"
@@ -310,8 +311,7 @@ _SIDES = {"on": "metering on", "off": "metering off", "w2": "two workers"}
 
 def _cpu(runs: dict[str, Any] | None, *sides: str) -> str:
     """The CPU a request in the alternated runs: the gateway's (all its workers) on each of `sides`, and
-    Postgres writing the usage events on the first (on this 2-core machine it runs beside the gateway or
-    the load generator)."""
+    Postgres writing the usage events on the first (its backends run on the load's CPUs)."""
     if not runs or any(f"{side}_cpu_us" not in runs for side in sides):
         return ""
     gateway = ", ".join(f"{runs[f'{side}_cpu_us'][0]:.0f} µs {_SIDES[side]}" for side in sides)
