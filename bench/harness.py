@@ -383,7 +383,7 @@ def _nginx_text(path: Path) -> str:
 
 
 def start_nginx(nginx: str, run_dir: Path, logdir: Path) -> tuple[Proc, int, int]:
-    """nginx on CPU 1: a canned chat.completion on one port, a canned SSE stream on the other."""
+    """nginx on the load's CPUs: a canned chat.completion on one port, a canned SSE stream on the other."""
     json_port, sse_port = free_port(), free_port()
     conf = (BENCH / "nginx.conf.template").read_text()
     for name, value in {
@@ -404,7 +404,7 @@ def start_nginx(nginx: str, run_dir: Path, logdir: Path) -> tuple[Proc, int, int
 
 
 def start_fake(logdir: Path) -> tuple[Proc, int]:
-    """The tests' fake OpenAI on CPU 1, shaped like a model (FAKE_*), without collector pauses."""
+    """The tests' fake OpenAI on the load's CPUs, shaped like a model (FAKE_*), without collector pauses."""
     port = free_port()
     cmd = [str(GATEWAY_PY), "-m", "tests.fakes.openai_upstream", "--port", str(port)]
     cmd += [
