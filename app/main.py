@@ -19,6 +19,7 @@ from starlette.datastructures import State
 from starlette.types import ASGIApp
 
 from app.background import BackgroundResponses
+from app.canonical_path import CanonicalPath
 from app.config import ConfigError, Settings, load_settings
 from app.config_file import GatewayConfig, load_config_file
 from app.db.engine import create_engine
@@ -79,8 +80,11 @@ class GatewayApp(FastAPI):
 
     def build_middleware_stack(self) -> ASGIApp:
         # Outside Starlette's ServerErrorMiddleware, so even an unexpected 500 carries its X-Request-Id
-        # and gets its access-log line; it meters the hot routes and FastAPI's alike when they end.
-        return RequestContextMiddleware(HotRoutes(super().build_middleware_stack(), HOT_ROUTES), meter_call)
+        # and gets its access-log line; it meters the hot routes and FastAPI's alike when they end. The
+        # path is checked before any route (hot or not) or auth sees it.
+        return RequestContextMiddleware(
+            CanonicalPath(HotRoutes(super().build_middleware_stack(), HOT_ROUTES)), meter_call
+        )
 
 
 def _configuration(settings: Settings | None) -> tuple[Settings, GatewayConfig]:

@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from app.attribution import attribute
 from app.call import CallRecord
+from app.canonical_path import upstream_path
 from app.deps import GatewayDep
 from app.errors import GatewayError
 from app.policy import Policy
@@ -69,7 +70,12 @@ async def retrieve_model(request: Request, model: str, gw: GatewayDep) -> Respon
             orjson.dumps(_entry(model, f"alias of {policy.aliases[model]}")), media_type="application/json"
         )
     answer = await send_checked(
-        upstream, call, policy.target_for(model), "GET", f"/models/{model}", client_headers=gw.headers
+        upstream,
+        call,
+        policy.target_for(model),
+        "GET",
+        upstream_path("models", *model.split("/")),
+        client_headers=gw.headers,
     )
     return Response(
         answer.body, media_type="application/json", headers=answer_headers(upstream, answer, call)

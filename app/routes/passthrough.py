@@ -17,6 +17,7 @@ from starlette.responses import Response, StreamingResponse
 from app.attribution import attribute
 from app.body import read_body
 from app.call import CallRecord
+from app.canonical_path import upstream_path
 from app.deps import GatewayDep
 from app.errors import GatewayError
 from app.relay import answer_headers, read_json_usage, send_checked
@@ -107,7 +108,7 @@ async def passthrough(request: Request, path: str, gw: GatewayDep) -> Response:
         call,
         gw.policy.default_target,
         request.method,
-        f"/{path}{query}",
+        upstream_path(*path.split("/")) + query,
         client_headers=gw.headers,
         body=buffered if buffered is not None else _upload(request, settings.max_upload_bytes),
         keep_open=_stream_back,

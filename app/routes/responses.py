@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from app.attribution import attribute
 from app.background import BackgroundResponses
+from app.canonical_path import upstream_path
 from app.deps import Gateway, GatewayDep
 from app.relay import Payload, answer_headers, forward, send_checked
 from app.routes.metered import read_metered
@@ -72,7 +73,7 @@ async def _follow(request: Request, response_id: str, method: str, suffix: str, 
         call,
         target,
         method,
-        f"/responses/{response_id}{suffix}{query}",
+        upstream_path("responses", response_id) + suffix + query,
         client_headers=gw.headers,
         keep_open=is_sse if stream else never_open,
     )
