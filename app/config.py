@@ -66,6 +66,10 @@ class Settings(DatabaseSettings):
     # Passthrough uploads (files, audio) are streamed, never held in memory; OpenAI takes files to 512 MB.
     max_upload_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)
     upstream_max_connections: int = Field(default=2048, ge=1)
+    # The longest SSE event relayed (a longer one ends the stream with an error): each stream holds at
+    # most this much of an event still arriving. OpenAI's largest are final Responses API events carrying
+    # the whole output (a few MB with images); 32 MiB leaves room and bounds a hostile upstream.
+    max_event_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
 
     # Process.
     host: str = "127.0.0.1"

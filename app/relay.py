@@ -208,4 +208,4 @@ def _answer(
             response.headers.get("content-type", "application/json"),
         )
     assert inspector is not None
-    return EventRelayResponse(response, call, inspector(), headers)
+    return EventRelayResponse(response, call, inspector(), headers, upstream.max_event_bytes)

@@ -182,6 +182,8 @@ class UpstreamClient:
     def __init__(self, settings: Settings) -> None:
         self.policy = RetryPolicy(settings)
         self.suppress_client_retries = settings.suppress_client_retries and settings.max_attempts > 1
+        # The longest SSE event a relay of this client's streams holds while waiting for its end.
+        self.max_event_bytes = settings.max_event_bytes
         self._settings = settings
         self._total = timedelta(seconds=settings.request_timeout_s)
         self._whole: Client | None = None

@@ -88,7 +88,9 @@ async def _follow(request: Request, response_id: str, method: str, suffix: str, 
     if answer.stream is not None:
         # A resumed background stream: metered only if it reaches the end, under the response id.
         call.endpoint, call.stream, call.metered_only_with_usage = ENDPOINT, True, True
-        return EventRelayResponse(answer, call, ResponsesEventInspector(call), headers)
+        return EventRelayResponse(
+            answer, call, ResponsesEventInspector(call), headers, upstream.max_event_bytes
+        )
     found = _parsed(answer.body)
     if (
         found is not None

@@ -35,4 +35,13 @@ class Cut:
     hang: bool
 
 
-Fault = Fail | Drop | SlowFirstByte | Cut
+@dataclass(frozen=True)
+class RawStream:
+    """Answer with an SSE stream of exactly these bytes, one write each; then, with ``endless``, write
+    that again and again until the client leaves (a stream whose event never ends)."""
+
+    pieces: tuple[bytes, ...]
+    endless: bytes | None
+
+
+Fault = Fail | Drop | SlowFirstByte | Cut | RawStream

@@ -52,7 +52,7 @@ from tests.fakes import stateless_api
 from tests.fakes.answers import JSON_TYPE as JSON_TYPE
 from tests.fakes.answers import SSE_TYPE as SSE_TYPE
 from tests.fakes.answers import Answer, Download, Events, Handler, Incoming, Router
-from tests.fakes.faults import Cut, Drop, Fail, Fault, SlowFirstByte
+from tests.fakes.faults import Cut, Drop, Fail, Fault, RawStream, SlowFirstByte
 from tests.fakes.files_api import FilesAPI
 from tests.fakes.responses_api import ResponsesAPI
 from tests.fakes.store import FakeStore
@@ -106,12 +106,16 @@ class FakeOpenAI:
         ssl_context: ssl.SSLContext | None = None,
         gzip: bool = False,
         reply_pieces: int | None = None,
+        write_bytes: int | None = None,
     ) -> None:
         self.host, self.port, self.api_key = host, port, api_key
         # Served over TLS when given (a test's private CA), as OpenAI itself is.
         self.ssl_context = ssl_context
         # Answers gzip-compressed for a client that accepts it, streams flushed event by event.
         self.gzip = gzip
+        # Each event written in pieces of at most this many bytes, as an upstream behind TLS delivers a
+        # large one (16 KiB records); None: one write an event.
+        self.write_bytes = write_bytes
         # Off for the benchmark: a log of every request would grow without bound.
         self.record_requests = record_requests
         self.first_token_delay_s = first_token_delay_s
@@ -243,6 +247,11 @@ class FakeOpenAI:
         """Send some events (none for a non-streamed call), then wait for the client to leave."""
         self._add_fault(Cut(chunks_before_hang, hang=True), times)
 
+    def stream_raw(self, *pieces: bytes, endless: bytes | None = None) -> None:
+        """Answer the next POST with an SSE stream of exactly these bytes (one write each), whatever it
+        asked for; then, with ``endless``, write that piece until the client leaves."""
+        self._add_fault(RawStream(pieces, endless), 1)
+
     def slow_first_byte(self, seconds: float, times: int = 1) -> None:
         self._add_fault(SlowFirstByte(seconds), times)
 
@@ -373,6 +382,8 @@ class FakeOpenAI:
             return self._drop(call)
         if isinstance(fault, Fail):
             return await self._fail(call, fault)
+        if isinstance(fault, RawStream):
+            return await self._raw_stream(call, fault)
         if isinstance(fault, SlowFirstByte):
             await asyncio.sleep(fault.seconds)
         return await endpoint(call, fault if isinstance(fault, Cut) else None)
@@ -441,10 +452,12 @@ class FakeOpenAI:
             delay = self.first_token_delay_s if index == answer.lead else self.inter_token_delay_s
             if index and index >= answer.lead and delay:
                 await asyncio.sleep(delay)
-            # One write per event: each is flushed as written (compressed, up to a sync point).
-            await response.write(
-                compressor.compress(event) + compressor.flush(zlib.Z_SYNC_FLUSH) if compressor else event
-            )
+            # One write per event (or per piece of it): each is flushed as written (compressed, up to a
+            # sync point).
+            data = compressor.compress(event) + compressor.flush(zlib.Z_SYNC_FLUSH) if compressor else event
+            step = self.write_bytes or len(data)
+            for start in range(0, len(data), max(step, 1)):
+                await response.write(data[start : start + step])
         if cut is not None:
             return await self._cut(call, cut, response)
         if answer.tail:
@@ -453,6 +466,19 @@ class FakeOpenAI:
             await response.write(compressor.flush())
         await response.write_eof()
         self._update(call.record, status=200, usage=answer.usage)
+        return response
+
+    async def _raw_stream(self, call: _Call, raw: RawStream) -> web.StreamResponse:
+        response = web.StreamResponse(headers=self._headers(call, SSE_TYPE))
+        await response.prepare(call.request)
+        for piece in raw.pieces:
+            await response.write(piece)
+        while raw.endless is not None:
+            await response.write(raw.endless)
+            # A write that needs no drain does not yield: the client's leaving must get a turn.
+            await asyncio.sleep(0)
+        await response.write_eof()
+        self._update(call.record, status=200)
         return response
 
     async def _deliver(
