@@ -9,6 +9,7 @@ from starlette.responses import Response
 
 from app.deps import GatewayDep
 from app.errors import bad_request
+from app.ownership import body_check, caller
 from app.relay import Payload, forward
 from app.routes.metered import MeteredRequest, read_metered
 from app.streaming import ChatChunkInspector
@@ -63,7 +64,9 @@ def _ask_for_usage(metered: MeteredRequest) -> tuple[bool, Payload]:
 
 async def chat_completions(request: Request, gw: GatewayDep) -> Response:
     call = gw.call
-    metered = await read_metered(request, gw, "/v1" + PATH, _check_messages)
+    metered = await read_metered(
+        request, gw, "/v1" + PATH, _check_messages, body_check(caller(request, gw), "chat/completions")
+    )
     if call.stream:
         client_wants_usage, payload = _ask_for_usage(metered)
     else:
