@@ -34,6 +34,7 @@ _COLLECTIONS = {
     "responses": "response",
     "conversations": "conversation",
     "fine_tuning/jobs": "fine_tuning.job",
+    "chat/completions": "chat.completion",
 }
 # Paths under a collection that name an operation, not an object (POST /v1/responses/input_tokens).
 _OPERATIONS = {"responses": frozenset({"input_tokens", "compact"})}
@@ -48,6 +49,7 @@ _MESSAGES = {
     "response": "Response with id '{id}' not found.",
     "conversation": "Conversation with id '{id}' not found.",
     "fine_tuning.job": "No such FineTuningJob object: {id}",
+    "chat.completion": "Chat completion with id '{id}' not found.",
 }
 
 
@@ -312,8 +314,8 @@ def _cursor(page: dict[str, Any]) -> str | None:
 
 def _split(path: str) -> tuple[str, list[str]] | None:
     segments = path.split("/")
-    if segments[:2] == ["fine_tuning", "jobs"]:
-        return "fine_tuning/jobs", segments[2:]
+    if segments[:2] in (["fine_tuning", "jobs"], ["chat", "completions"]):
+        return "/".join(segments[:2]), segments[2:]
     if segments[0] in _COLLECTIONS:
         return segments[0], segments[1:]
     return None

@@ -9,6 +9,7 @@ Creations are rare and are written before the client sees the new id.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -36,7 +37,7 @@ def _unavailable() -> GatewayError:
 
 
 class OwnerStore:
-    def __init__(self, engine: AsyncEngine, *, max_entries: int = 100_000, miss_ttl_s: float = 2.0) -> None:
+    def __init__(self, engine: AsyncEngine, *, max_entries: int = 50_000, miss_ttl_s: float = 2.0) -> None:
         self._engine = engine
         self._max_entries = max_entries
         self._miss_ttl_s = miss_ttl_s
@@ -53,6 +54,7 @@ class OwnerStore:
             cached = self._cache.get(resource_id)
             if cached is not None and (cached[0] is not None or cached[1] > now):
                 found[resource_id] = cached[0]
+                self._cache.move_to_end(resource_id)
             else:
                 missing.append(resource_id)
         if missing:
@@ -109,12 +111,13 @@ class OwnerStore:
                 code="ownership_unavailable",
             ) from exc
         now = time.monotonic()
-        for rid in fresh:
-            if rid in inserted:
-                self._remember(rid, api_key_id, now)
-            else:
-                # Recorded before, perhaps by another key: the next lookup asks the database.
-                self._cache.pop(rid, None)
+        for rid in inserted:
+            self._remember(rid, sys.intern(api_key_id), now)
+        if len(inserted) < len(fresh):
+            # Recorded before (a batch's output file seen in another worker, say): learn by whom.
+            earlier = [rid for rid in fresh if rid not in inserted]
+            self._cache.update((rid, (None, 0.0)) for rid in earlier)
+            await self.owners(earlier)
 
     def _known(self, resource_id: str) -> str | None:
         cached = self._cache.get(resource_id)
@@ -136,5 +139,6 @@ class OwnerStore:
                         resource_owners.c.resource_id.in_(chunk)
                     )
                 )
-                loaded.update((row[0], row[1]) for row in rows)
+                # Interned: a few keys own every cached object, so the cache holds one copy of each key id.
+                loaded.update((row[0], sys.intern(row[1])) for row in rows)
         return loaded

@@ -13,7 +13,7 @@ from app.attribution import attribute
 from app.background import BackgroundResponses
 from app.deps import Gateway, GatewayDep
 from app.ownership import admit, body_check, caller
-from app.ownership.responses import record_created
+from app.ownership.created import record_created, stored_response
 from app.relay import Payload, answer_headers, forward, send_checked
 from app.routes.metered import read_metered
 from app.streaming import EventRelayResponse, ResponsesEventInspector, learn_response
@@ -51,7 +51,7 @@ async def create_response(request: Request, gw: GatewayDep) -> Response:
         client_headers=gw.headers,
         inspector=(lambda: ResponsesEventInspector(call)) if call.stream else None,
     )
-    await record_created(who, metered.body, response)
+    await record_created(who, "response", stored_response(metered.body), response)
     if metered.body.get("background") is True and not call.stream and response.status_code < 300:
         created = _parsed(bytes(response.body))
         if created is not None and isinstance(created.get("id"), str) and created.get("status") not in _FINAL:

@@ -9,9 +9,10 @@
 
 Serves POST /v1/chat/completions, POST /v1/embeddings, POST /v1/moderations, GET /v1/models[/{id}]; the
 Responses API and conversations (``responses_api``); files and vector stores (``files_api``); uploads
-(``uploads_api``); batches and fine-tuning jobs (``jobs_api``); anything else gets OpenAI's 404
-"Invalid URL" body. Bodies, chunk framing and default usage are described in
-``openai_payloads`` and ``responses_payloads``; the objects the fake keeps live in ``store``.
+(``uploads_api``); batches and fine-tuning jobs (``jobs_api``); stored chat completions
+(``chat_store_api``); anything else gets OpenAI's 404 "Invalid URL" body. Bodies, chunk framing and
+default usage are described in ``openai_payloads`` and ``responses_payloads``; the objects the fake keeps
+live in ``store``.
 
 Deliberate divergences from OpenAI:
 - one choice only (``n`` is ignored); no logprobs, audio or refusals;
@@ -53,6 +54,7 @@ from tests.fakes import stateless_api
 from tests.fakes.answers import JSON_TYPE as JSON_TYPE
 from tests.fakes.answers import SSE_TYPE as SSE_TYPE
 from tests.fakes.answers import Answer, Download, Events, Handler, Incoming, Router
+from tests.fakes.chat_store_api import ChatStoreAPI
 from tests.fakes.faults import Cut, Drop, Fail, Fault, SlowFirstByte
 from tests.fakes.files_api import FilesAPI
 from tests.fakes.jobs_api import JobsAPI
@@ -131,6 +133,8 @@ class FakeOpenAI:
         ResponsesAPI(self.store, self._take_reply, lambda: self.background_delay_s).register(self._router)
         FilesAPI(self.store, lambda: self.ingest_delay_s).register(self._router)
         UploadsAPI(self.store).register(self._router)
+        self._chat_store = ChatStoreAPI(self.store)
+        self._chat_store.register(self._router)
         JobsAPI(self.store, lambda: self.job_delay_s).register(self._router)
         stateless_api.register(self._router)
         self.client_disconnected = threading.Event()  # set when any client leaves mid-answer
@@ -405,6 +409,8 @@ class FakeOpenAI:
             return await self._error(call, 400, problem)
         plan = p.plan_reply(body, self._take_reply() or self._unscripted)
         completion_id, created = p.random_id("chatcmpl-", 29), int(time.time())
+        if body.get("store") is True:
+            self._chat_store.keep(body, p.completion_body(plan, completion_id, created))
         if body.get("stream") is True:
             return await self._stream(call, body, plan, completion_id, created, cut)
         # A non-streamed answer takes as long as the same answer streamed would.

@@ -1,5 +1,5 @@
 """The fake upstream's server-side objects: stored responses, files, vector stores, conversations,
-batches, fine-tuning jobs and uploads.
+batches, fine-tuning jobs, uploads and stored chat completions.
 
 Thread-safe: endpoints change it on the server's loop while a test reads it from its own thread; hold
 ``lock`` for anything that reads more than one field. Time-driven states (a background response going
@@ -152,6 +152,7 @@ class FakeStore:
         self.batches: dict[str, Batch] = {}
         self.fine_tuning_jobs: dict[str, FineTuningJob] = {}
         self.uploads: dict[str, Upload] = {}
+        self.chat_completions: dict[str, StoredCompletion] = {}
         self.polls: dict[str, int] = {}  # GET /v1/responses/{id} received, per id; kept after a DELETE
 
     def clear(self) -> None:
@@ -163,6 +164,7 @@ class FakeStore:
             self.batches.clear()
             self.fine_tuning_jobs.clear()
             self.uploads.clear()
+            self.chat_completions.clear()
             self.polls.clear()
 
 
@@ -297,3 +299,15 @@ class Upload:
             "expires_at": self.created_at + 3600,
             "file": self.file.as_json() if self.file is not None else None,
         }
+
+
+@dataclass
+class StoredCompletion:
+    """A chat completion made with ``store: true``."""
+
+    completion: JSON
+    metadata: JSON
+    messages: list[JSON]
+
+    def as_json(self) -> JSON:
+        return {**self.completion, "metadata": self.metadata}

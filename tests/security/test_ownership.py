@@ -20,6 +20,7 @@ from tests.harness import MASTER_KEY, ThreadedGateway, wait_until
 
 MASTER = {"authorization": f"Bearer {MASTER_KEY}"}
 JSONL = b'{"custom_id": "1", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n'
+HELLO: list[Any] = [{"role": "user", "content": "Hello"}]
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Objects:
     conversation: str
     job: str
     upload: str
+    completion: str  # a stored chat completion
 
 
 def create_everything(key: Key) -> Objects:
@@ -80,7 +82,8 @@ def create_everything(key: Key) -> Objects:
         conversation = sdk.conversations.create(metadata={"topic": "x"}).id
         job = sdk.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=file).id
         upload = sdk.uploads.create(bytes=10, filename="a.jsonl", mime_type="text/jsonl", purpose="batch").id
-    return Objects(file, batch, vector_store, response, conversation, job, upload)
+        completion = sdk.chat.completions.create(model="gpt-4o-mini", messages=HELLO, store=True).id
+    return Objects(file, batch, vector_store, response, conversation, job, upload, completion)
 
 
 def forbidden_calls(theirs: Objects, own_file: str, own_store: str) -> list[tuple[str, str, Any]]:
@@ -112,6 +115,10 @@ def forbidden_calls(theirs: Objects, own_file: str, own_store: str) -> list[tupl
         ("GET", f"/fine_tuning/jobs/{t.job}/events", None),
         ("POST", f"/uploads/{t.upload}/cancel", None),
         ("POST", f"/uploads/{t.upload}/complete", {"part_ids": []}),
+        ("GET", f"/chat/completions/{t.completion}", None),
+        ("POST", f"/chat/completions/{t.completion}", {"metadata": {"topic": "y"}}),
+        ("DELETE", f"/chat/completions/{t.completion}", None),
+        ("GET", f"/chat/completions/{t.completion}/messages", None),
         # Bodies naming their objects.
         ("POST", "/responses", {"model": "gpt-4o-mini", "input": "and?", "previous_response_id": t.response}),
         ("POST", "/responses", {"model": "gpt-4o-mini", "input": "and?", "conversation": t.conversation}),
@@ -188,6 +195,7 @@ def test_another_key_gets_404_and_nothing_reaches_the_upstream(
     assert fake.store.files[theirs.file] and fake.store.responses[theirs.response]
     assert fake.store.vector_stores[theirs.vector_store].name == "docs"
     assert fake.store.conversations[theirs.conversation].metadata == {"topic": "x"}
+    assert fake.store.chat_completions[theirs.completion].metadata == {}
     for key in (a, master):
         for path in (
             f"/files/{theirs.file}",
@@ -200,6 +208,8 @@ def test_another_key_gets_404_and_nothing_reaches_the_upstream(
             f"/conversations/{theirs.conversation}",
             f"/fine_tuning/jobs/{theirs.job}",
             f"/fine_tuning/jobs/{theirs.job}/events",
+            f"/chat/completions/{theirs.completion}",
+            f"/chat/completions/{theirs.completion}/messages",
         ):
             assert key.call("GET", path).status_code == 200, (key.id, path)
     continued = a.call(
@@ -240,6 +250,7 @@ def test_owners_are_recorded_with_key_and_feature(keys: tuple[Key, Key, Key], da
         made.conversation: ("conversation", "search"),
         made.job: ("fine_tuning.job", "search"),
         made.upload: ("upload", "search"),
+        made.completion: ("chat.completion", "search"),
         tagged: ("file", "ingest"),
     }
 
@@ -250,10 +261,13 @@ def test_unstored_responses_and_the_masters_objects_are_not_recorded(
     a, b, master = keys
     with a.sdk() as sdk:
         unstored = sdk.responses.create(model="gpt-4o-mini", input="x", store=False).id
+        unstored_chat = sdk.chat.completions.create(model="gpt-4o-mini", messages=HELLO).id
     with master.sdk() as sdk:
         masters = sdk.files.create(file=("m.jsonl", JSONL), purpose="batch").id
     found = fetch(
-        database_url, "SELECT * FROM resource_owners WHERE resource_id = ANY($1::text[])", [unstored, masters]
+        database_url,
+        "SELECT * FROM resource_owners WHERE resource_id = ANY($1::text[])",
+        [unstored, unstored_chat, masters],
     )
     assert found == []
     # The master's objects are no gateway key's.
@@ -273,6 +287,7 @@ def test_lists_show_each_key_its_own_and_the_master_everything(
         "batch": lambda sdk: [x.id for x in sdk.batches.list()],
         "vector_store": lambda sdk: [x.id for x in sdk.vector_stores.list()],
         "job": lambda sdk: [x.id for x in sdk.fine_tuning.jobs.list()],
+        "completion": lambda sdk: [x.id for x in sdk.chat.completions.list()],
     }
     for key in (a, b):
         with key.sdk() as sdk:
@@ -362,6 +377,47 @@ def test_streamed_responses_are_recorded_before_the_client_sees_them(
             final = stream.get_final_response()
         assert final.id == response_id
         assert sdk.responses.retrieve(response_id).status == "completed"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stored_chat_completions_are_their_creators(keys: tuple[Key, Key, Key], stream: bool) -> None:
+    a, b, _ = keys
+    with a.sdk() as sdk:
+        if stream:
+            chunks = sdk.chat.completions.create(model="gpt-4o-mini", messages=HELLO, store=True, stream=True)
+            completion_id = next(iter(chunks)).id
+            assert b.call("GET", f"/chat/completions/{completion_id}").status_code == 404
+            assert [chunk.id for chunk in chunks] and chunks.response.status_code == 200
+        else:
+            completion_id = sdk.chat.completions.create(model="gpt-4o-mini", messages=HELLO, store=True).id
+        assert sdk.chat.completions.retrieve(completion_id).id == completion_id
+        assert [m.content for m in sdk.chat.completions.messages.list(completion_id)] == ["Hello"]
+    assert b.call("GET", f"/chat/completions/{completion_id}/messages").status_code == 404
+    assert b.call("DELETE", f"/chat/completions/{completion_id}").status_code == 404
+
+
+def test_replicas_share_owners(
+    keys: tuple[Key, Key, Key],
+    start_gateway: Callable[..., ThreadedGateway],
+    fake: FakeOpenAI,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another gateway on the same database knows what the first one recorded, including a batch's output
+    file that both saw (the second finds it recorded already)."""
+    a, b, _ = keys
+    monkeypatch.setattr(fake, "job_delay_s", 0.05)
+    other = start_gateway()
+    a2, b2 = Key(a.id, a.secret, other), Key(b.id, b.secret, other)
+    with a.sdk() as sdk:
+        file = sdk.files.create(file=("in.jsonl", JSONL), purpose="batch").id
+        batch = sdk.batches.create(
+            input_file_id=file, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        output = wait_until(lambda: sdk.batches.retrieve(batch.id).output_file_id, timeout=5)
+    assert a2.call("GET", f"/batches/{batch.id}").json()["output_file_id"] == output
+    for file_id in (file, output):
+        assert a2.call("GET", f"/files/{file_id}").status_code == 200
+        assert b2.call("GET", f"/files/{file_id}").status_code == 404
 
 
 @pytest.fixture

@@ -1,8 +1,9 @@
-"""Recording a response created through POST /v1/responses: stored (`store` defaults to true) or in the
-background, it can be retrieved, continued and deleted later, so it is its creator's alone.
+"""Recording what a metered route stores upstream: a response made through POST /v1/responses (stored
+unless `store` is false, or in the background) or a chat completion with `store: true`. Either can be
+retrieved, listed, changed and deleted later, so it is its creator's alone.
 
-A streamed response's id arrives in its first event (`response.created`): the stream is read up to that
-event and the owner recorded before any byte of it is relayed.
+A streamed answer's id arrives in its first event (`response.created`, or the first chunk): the stream is
+read up to that event and the owner recorded before any byte of it is relayed.
 """
 
 from __future__ import annotations
@@ -21,12 +22,17 @@ from app.upstream import UpstreamResponse
 _FIRST_EVENT_LIMIT = 16 * 1024 * 1024
 
 
-def _stored(body: dict[str, Any]) -> bool:
+def stored_response(body: dict[str, Any]) -> bool:
     return body.get("store") is not False or body.get("background") is True
 
 
-async def record_created(who: Caller | None, body: dict[str, Any], response: Response) -> None:
-    if who is None or response.status_code >= 300 or not _stored(body):
+def stored_completion(body: dict[str, Any]) -> bool:
+    return body.get("store") is True
+
+
+async def record_created(who: Caller | None, kind: str, stored: bool, response: Response) -> None:
+    """Record the caller as the owner of the object `response` carries, when the upstream stores it."""
+    if who is None or not stored or response.status_code >= 300:
         return
     if isinstance(response, EventRelayResponse):
         stream = response.upstream.stream
@@ -34,7 +40,7 @@ async def record_created(who: Caller | None, body: dict[str, Any], response: Res
         try:
             response_id = await _streamed_id(response.upstream)
             if response_id is not None:
-                await who.record([response_id], "response")
+                await who.record([response_id], kind)
         except BaseException:
             await stream.close()
             raise
@@ -44,13 +50,14 @@ async def record_created(who: Caller | None, body: dict[str, Any], response: Res
     except orjson.JSONDecodeError:
         return
     if isinstance(created, dict) and isinstance(created.get("id"), str):
-        await who.record([created["id"]], "response")
+        await who.record([created["id"]], kind)
 
 
 async def _streamed_id(upstream: UpstreamResponse) -> str | None:
-    """The id in the stream's first event that carries the response, reading on (and keeping what was
-    read, for the relay) until it has come; None when the stream starts with an error instead. Each byte
-    is scanned once (a slow first event must not cost quadratic time)."""
+    """The id in the stream's first event that carries one (a Responses event's `response`, a chat
+    chunk itself), reading on (and keeping what was read, for the relay) until it has come; None when the
+    stream starts with an error instead. Each byte is scanned once (a slow first event must not cost
+    quadratic time)."""
     stream = upstream.stream
     assert stream is not None
     buffer = bytearray(upstream.body)
@@ -71,9 +78,9 @@ async def _streamed_id(upstream: UpstreamResponse) -> str | None:
             event: Any = orjson.loads(data) if data else None
             if not isinstance(event, dict):
                 continue
-            if event.get("type") == "error":
+            if event.get("type") == "error" or "error" in event:
                 return None
-            created = event.get("response")
+            created = event.get("response", event)
             if isinstance(created, dict) and isinstance(created.get("id"), str):
                 return str(created["id"])
     except Exception as exc:  # a broken or malformed stream: no id to record, so nothing is relayed
