@@ -277,7 +277,10 @@ class Plan:
             if cursor is None:
                 break
             query = urlencode([(n, v) for n, v in params if n != "after"] + [("after", cursor)])
-            following: Any = orjson.loads(await fetch(query))
+            try:
+                following: Any = orjson.loads(await fetch(query))
+            except orjson.JSONDecodeError:
+                break
             if not isinstance(following, dict):
                 break
             page, pages = following, pages + 1
@@ -285,11 +288,15 @@ class Plan:
         result = {**page, "data": visible}
         if "first_id" in page:
             result["first_id"] = visible[0]["id"] if visible else None
-        if "last_id" in page:
-            # An empty page that is not the end keeps the upstream's cursor, so a client can page on.
-            result["last_id"] = (
-                visible[-1]["id"] if visible else (_cursor(page) if page.get("has_more") else None)
-            )
+        if visible:
+            if "last_id" in page:
+                result["last_id"] = visible[-1]["id"]
+        elif page.get("has_more") is True:
+            # An empty page that is not the end carries the upstream's cursor (even in a list that has
+            # no `last_id` of its own), so a client can page on.
+            result["last_id"] = _cursor(page)
+        elif "last_id" in page:
+            result["last_id"] = None
         return result
 
     async def _visible(self, page: dict[str, Any]) -> list[dict[str, Any]]:

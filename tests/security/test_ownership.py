@@ -441,5 +441,10 @@ def test_an_owner_the_database_cannot_tell_is_refused(own_database: tuple[str, T
         refused = a.call("GET", "/files/file-never-seen")
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "ownership_unavailable"
+        # An object whose owner cannot be written is not handed out: the client never learns its id.
+        with a.sdk() as sdk, pytest.raises(openai.InternalServerError) as caught:
+            sdk.files.create(file=("b.jsonl", JSONL), purpose="batch")
+        assert caught.value.status_code == 503 and caught.value.code == "ownership_unavailable"
+        assert "file-" not in caught.value.response.text
     finally:
         database_up(name)
