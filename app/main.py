@@ -42,6 +42,7 @@ from app.metering.metrics import Metrics
 from app.metering.middleware import Meter, meter_call
 from app.metering.pricing import PriceTable
 from app.metering.recorder import Recorder
+from app.ownership import OwnerStore
 from app.policy import Policy
 from app.request_context import RequestContextMiddleware
 from app.routes import admin, chat, embeddings, health, metrics, models, passthrough, responses, usage
@@ -156,6 +157,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         keys = KeyStore(engine)
         await keys.start()
         app.state.keys = keys
+        app.state.owners = OwnerStore(engine)
         guard = await _make_guard(settings, config, engine)
         app.state.guard = guard
         app_metrics.watch_limits(guard.stats)

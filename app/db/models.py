@@ -131,3 +131,18 @@ api_keys = Table(
     PrimaryKeyConstraint("id", name="pk_api_keys"),
     UniqueConstraint("secret_hash", name="uq_api_keys_secret_hash"),
 )
+
+# Who created each object the upstream keeps (files, batches, vector stores, stored responses, …) through a
+# gateway key: another key may not see or touch it. Objects with no row (made before the gateway, or by
+# the master key) belong to the master key alone. Rows are never updated: an upstream id is never reused.
+resource_owners = Table(
+    "resource_owners",
+    metadata,
+    Column("resource_id", Text, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("api_key_id", Text, nullable=False),
+    Column("feature", Text),
+    Column("created_at", UtcDateTime(), nullable=False),
+    PrimaryKeyConstraint("resource_id", name="pk_resource_owners"),
+    Index("ix_resource_owners_api_key_id_kind", "api_key_id", "kind"),
+)

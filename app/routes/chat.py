@@ -9,6 +9,8 @@ from starlette.responses import Response
 
 from app.deps import GatewayDep
 from app.errors import bad_request
+from app.ownership import body_check, caller
+from app.ownership.created import record_created, stored_completion
 from app.relay import Payload, forward
 from app.routes.metered import MeteredRequest, read_metered
 from app.streaming import ChatChunkInspector
@@ -62,14 +64,16 @@ def _ask_for_usage(metered: MeteredRequest) -> tuple[bool, Payload]:
 
 
 async def chat_completions(request: Request, gw: GatewayDep) -> Response:
-    call = gw.call
-    metered = await read_metered(request, gw, "/v1" + PATH, _check_messages)
+    call, who = gw.call, caller(request, gw)
+    metered = await read_metered(
+        request, gw, "/v1" + PATH, _check_messages, body_check(who, "chat/completions")
+    )
     if call.stream:
         client_wants_usage, payload = _ask_for_usage(metered)
     else:
         client_wants_usage = False
         payload = Payload(metered.raw, metered.body, modified=metered.modified)
-    return await forward(
+    response = await forward(
         gw.upstream,
         call,
         metered.candidates,
@@ -78,3 +82,5 @@ async def chat_completions(request: Request, gw: GatewayDep) -> Response:
         client_headers=gw.headers,
         inspector=(lambda: ChatChunkInspector(call, client_wants_usage)) if call.stream else None,
     )
+    await record_created(who, "chat.completion", stored_completion(metered.body), response)
+    return response

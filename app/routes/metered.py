@@ -4,7 +4,7 @@ and resolve the model through the policy."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,15 +32,22 @@ def _no_check(_: dict[str, Any]) -> None:
 
 
 async def read_metered(
-    request: Request, gw: Gateway, endpoint: str, check: Callable[[dict[str, Any]], None] = _no_check
+    request: Request,
+    gw: Gateway,
+    endpoint: str,
+    check: Callable[[dict[str, Any]], None] = _no_check,
+    owned: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
 ) -> MeteredRequest:
-    """Raises the 4xx for bad input before the call counts as metered: rejected input leaves no row."""
+    """Raises the 4xx for bad input before the call counts as metered: rejected input leaves no row.
+    `owned` refuses a body naming objects that are not the caller's (app.ownership)."""
     call, policy = gw.call, gw.policy
     raw = await read_body(request, gw.settings.max_body_bytes, gw.headers.get("content-length"))
     body = parse_object(raw)
     attribute(call, gw.headers, body)
     call.model = policy.requested_model(body.get("model"), call.feature)
     check(body)
+    if owned is not None:
+        await owned(body)
     candidates = policy.candidates(call.model, call.feature, call.key)
     model = candidates[0].model
     rules = policy.config.features.get(call.feature) if call.feature is not None else None

@@ -8,7 +8,7 @@ A JSON answer that carries `usage` (legacy completions, transcriptions, image ge
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
 from fastapi import APIRouter, Request
@@ -18,8 +18,9 @@ from app.attribution import attribute
 from app.body import read_body
 from app.call import CallRecord
 from app.canonical_path import upstream_path
-from app.deps import GatewayDep
+from app.deps import Gateway, GatewayDep
 from app.errors import GatewayError
+from app.ownership import admit, caller
 from app.relay import answer_headers, read_json_usage, send_checked
 from app.upstream import ResponseHead, UpstreamResponse
 
@@ -42,6 +43,27 @@ def _read_whole(response: ResponseHead) -> bool:
 
 def _stream_back(response: ResponseHead) -> bool:
     return not _read_whole(response)
+
+
+def _unless_json(response: ResponseHead) -> bool:
+    """For answers ownership must read (a new object's id, a list to filter) whatever their size."""
+    return not response.headers.get("content-type", "").startswith("application/json")
+
+
+def _pages(gw: Gateway, path: str) -> Callable[[str], Awaitable[bytes]]:
+    async def fetch(query: str) -> bytes:
+        target = gw.policy.default_target
+        answer = await send_checked(
+            gw.upstream,
+            gw.call,
+            target,
+            "GET",
+            upstream_path(*path.split("/")) + f"?{query}",
+            client_headers=gw.headers,
+        )
+        return answer.body
+
+    return fetch
 
 
 async def _upload(request: Request, limit: int) -> AsyncIterator[bytes]:
@@ -85,6 +107,7 @@ def _meter_json(call: CallRecord, path: str, request_body: bytes | None, answer:
 async def passthrough(request: Request, path: str, gw: GatewayDep) -> Response:
     settings, upstream, call = gw.settings, gw.upstream, gw.call
     attribute(call, gw.headers, None)
+    plan = await admit(caller(request, gw), request.method, path, request.url.query)
     declared = gw.headers.get("content-length")
     length = int(declared) if declared is not None and declared.isdigit() else None
     if length is not None and length > settings.max_upload_bytes:
@@ -102,6 +125,11 @@ async def passthrough(request: Request, path: str, gw: GatewayDep) -> Response:
     elif length is not None:
         # Passed on, so the upstream sees a sized upload rather than a chunked one.
         extra["content-length"] = str(length)
+    if plan is not None and plan.reads_body:
+        if buffered is None:
+            # Bodies naming other objects are small JSON: read whole, so the names can be checked.
+            buffered, extra = await read_body(request, _BUFFERED_BODY, declared), {}
+        await plan.check_body(buffered)
     query = f"?{request.url.query}" if request.url.query else ""
     answer = await send_checked(
         upstream,
@@ -111,10 +139,12 @@ async def passthrough(request: Request, path: str, gw: GatewayDep) -> Response:
         upstream_path(*path.split("/")) + query,
         client_headers=gw.headers,
         body=buffered if buffered is not None else _upload(request, settings.max_upload_bytes),
-        keep_open=_stream_back,
+        keep_open=_unless_json if plan is not None and plan.reads_answer else _stream_back,
         replayable=buffered is not None and request.method in _IDEMPOTENT,
         extra_headers=extra,
     )
+    if plan is not None:
+        answer = await plan.settle(answer, _pages(gw, path))
     headers = answer_headers(upstream, answer, call)
     headers.update({name: answer.headers[name] for name in _CONTENT_HEADERS if name in answer.headers})
     media_type = answer.headers.get("content-type")

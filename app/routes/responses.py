@@ -13,6 +13,8 @@ from app.attribution import attribute
 from app.background import BackgroundResponses
 from app.canonical_path import upstream_path
 from app.deps import Gateway, GatewayDep
+from app.ownership import admit, body_check, caller
+from app.ownership.created import record_created, stored_response
 from app.relay import Payload, answer_headers, forward, send_checked
 from app.routes.metered import read_metered
 from app.streaming import EventRelayResponse, ResponsesEventInspector, learn_response
@@ -39,8 +41,8 @@ def _parsed(body: bytes) -> dict[str, Any] | None:
 
 
 async def create_response(request: Request, gw: GatewayDep) -> Response:
-    call = gw.call
-    metered = await read_metered(request, gw, ENDPOINT)
+    call, who = gw.call, caller(request, gw)
+    metered = await read_metered(request, gw, ENDPOINT, owned=body_check(who, "responses"))
     response = await forward(
         gw.upstream,
         call,
@@ -50,6 +52,7 @@ async def create_response(request: Request, gw: GatewayDep) -> Response:
         client_headers=gw.headers,
         inspector=(lambda: ResponsesEventInspector(call)) if call.stream else None,
     )
+    await record_created(who, "response", stored_response(metered.body), response)
     if metered.body.get("background") is True and not call.stream and response.status_code < 300:
         created = _parsed(bytes(response.body))
         if created is not None and isinstance(created.get("id"), str) and created.get("status") not in _FINAL:
@@ -63,6 +66,7 @@ async def create_response(request: Request, gw: GatewayDep) -> Response:
 async def _follow(request: Request, response_id: str, method: str, suffix: str, gw: Gateway) -> Response:
     policy, upstream, call = gw.policy, gw.upstream, gw.call
     attribute(call, gw.headers, None)
+    await admit(caller(request, gw), method, f"responses/{response_id}{suffix}", "")
     registry = _registry(request)
     origin = registry.origin(response_id)
     target = policy.targets.get(origin.upstream, policy.default_target) if origin else policy.default_target

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from aiohttp import BodyPartReader, web
@@ -35,9 +35,18 @@ def file_content(sha256: str, size: int, chunk: int = READ_CHUNK) -> Iterator[by
         yield hashlib.shake_256(f"{sha256}:{offset}".encode()).digest(min(chunk, size - offset))
 
 
-def _listing(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def _listing(items: Sequence[dict[str, Any]], has_more: bool = False) -> dict[str, Any]:
     first, last = (items[0]["id"], items[-1]["id"]) if items else (None, None)
-    return {"object": "list", "data": list(items), "first_id": first, "last_id": last, "has_more": False}
+    return {"object": "list", "data": list(items), "first_id": first, "last_id": last, "has_more": has_more}
+
+
+def page(items: Sequence[dict[str, Any]], query: Mapping[str, str], default_limit: int) -> dict[str, Any]:
+    """One page of a cursor-paged list, as OpenAI pages: the `limit` items after the one `after` names."""
+    after = query.get("after")
+    ids = [item["id"] for item in items]
+    start = ids.index(after) + 1 if after in ids else 0
+    limit = int(query["limit"]) if query.get("limit", "").isdigit() else default_limit
+    return _listing(items[start : start + limit], has_more=start + limit < len(items))
 
 
 class FilesAPI:
@@ -54,6 +63,7 @@ class FilesAPI:
         router.add("POST", "/v1/vector_stores", self.create_store)
         router.add("GET", "/v1/vector_stores", self.list_stores)
         router.add("GET", "/v1/vector_stores/{id}", self.retrieve_store)
+        router.add("POST", "/v1/vector_stores/{id}", self.modify_store)
         router.add("DELETE", "/v1/vector_stores/{id}", self.delete_store)
         router.add("POST", "/v1/vector_stores/{id}/files", self.attach)
         router.add("GET", "/v1/vector_stores/{id}/files", self.list_attached)
@@ -67,7 +77,7 @@ class FilesAPI:
         if request.content_type != "multipart/form-data":
             message = f"Invalid Content-Type header ({request.content_type}), expected multipart/form-data."
             return error_body(400, message)
-        fields, filename, size, digest = await _read_form(request)
+        fields, filename, size, digest = await read_form(request)
         record = {
             "body_size": request.content.total_bytes,
             "upload_filename": filename,
@@ -109,17 +119,18 @@ class FilesAPI:
         purpose = incoming.request.query.get("purpose")
         with self._store.lock:
             files = [f for f in self._store.files.values() if purpose in (None, f.purpose)]
-        files.sort(key=lambda f: f.created_at, reverse=incoming.request.query.get("order") != "asc")
-        return json_body(_listing([f.as_json() for f in files]))
+        if incoming.request.query.get("order") != "asc":
+            files.reverse()  # newest first; insertion order breaks created_at's ties
+        return json_body(page([f.as_json() for f in files], incoming.request.query, default_limit=10000))
 
     async def retrieve_file(self, incoming: Incoming) -> Answer:
         stored = self._file(incoming.params["id"])
-        return json_body(stored.as_json()) if stored is not None else _no_file(incoming.params["id"])
+        return json_body(stored.as_json()) if stored is not None else no_file(incoming.params["id"])
 
     async def content(self, incoming: Incoming) -> Answer:
         stored = self._file(incoming.params["id"])
         if stored is None:
-            return _no_file(incoming.params["id"])
+            return no_file(incoming.params["id"])
         return Download(stored.bytes, file_content(stored.sha256, stored.bytes))
 
     async def delete_file(self, incoming: Incoming) -> Answer:
@@ -127,7 +138,7 @@ class FilesAPI:
         with self._store.lock:
             stored = self._store.files.pop(file_id, None)
         if stored is None:
-            return _no_file(file_id)
+            return no_file(file_id)
         return json_body({"object": "file", "deleted": True, "id": file_id})
 
     def _file(self, file_id: str) -> StoredFile | None:
@@ -160,6 +171,16 @@ class FilesAPI:
     async def retrieve_store(self, incoming: Incoming) -> Answer:
         with self._store.lock:
             vector_store = self._store.vector_stores.get(incoming.params["id"])
+            payload = vector_store.as_json() if vector_store is not None else None
+        return json_body(payload) if payload is not None else _no_store(incoming.params["id"])
+
+    async def modify_store(self, incoming: Incoming) -> Answer:
+        body = incoming.json if isinstance(incoming.json, dict) else {}
+        with self._store.lock:
+            vector_store = self._store.vector_stores.get(incoming.params["id"])
+            if vector_store is not None:
+                vector_store.name = str(body.get("name", vector_store.name) or "")
+                vector_store.metadata = body.get("metadata", vector_store.metadata) or {}
             payload = vector_store.as_json() if vector_store is not None else None
         return json_body(payload) if payload is not None else _no_store(incoming.params["id"])
 
@@ -230,7 +251,9 @@ class FilesAPI:
         return json_body({"id": file_id, "object": "vector_store.file.deleted", "deleted": True})
 
 
-async def _read_form(request: web.Request) -> tuple[dict[str, str], str | None, int, str | None]:
+async def read_form(
+    request: web.Request, file_field: str = "file"
+) -> tuple[dict[str, str], str | None, int, str | None]:
     """The text fields, and the file part's name, size and sha256, reading the body chunk by chunk."""
     fields: dict[str, str] = {}
     filename: str | None = None
@@ -240,7 +263,7 @@ async def _read_form(request: web.Request) -> tuple[dict[str, str], str | None, 
         if not isinstance(part, BodyPartReader):
             await part.release()  # a nested multipart: not something OpenAI takes
             continue
-        if part.name == "file" and part.filename is not None:
+        if part.name == file_field and part.filename is not None:
             filename, hasher = part.filename, hashlib.sha256()
             while chunk := await part.read_chunk(READ_CHUNK):
                 size += len(chunk)
@@ -258,8 +281,8 @@ def _polled(payload: dict[str, Any]) -> Answer:
     return Body(body.status, body.payload, headers={"openai-poll-after-ms": POLL_AFTER_MS})
 
 
-def _no_file(file_id: str) -> Answer:
-    return error_body(404, f"No such File object: {file_id}", param="id")
+def no_file(file_id: str, param: str = "id") -> Answer:
+    return error_body(404, f"No such File object: {file_id}", param=param)
 
 
 def _no_store(store_id: str) -> Answer:

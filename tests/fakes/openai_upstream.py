@@ -8,9 +8,11 @@
     python -m tests.fakes.openai_upstream --port 9911 --first-token-delay-ms 20 --inter-token-delay-ms 5
 
 Serves POST /v1/chat/completions, POST /v1/embeddings, POST /v1/moderations, GET /v1/models[/{id}]; the
-Responses API and conversations (``responses_api``); files and vector stores (``files_api``); anything else
-gets OpenAI's 404 "Invalid URL" body. Bodies, chunk framing and default usage are described in
-``openai_payloads`` and ``responses_payloads``; the objects the fake keeps live in ``store``.
+Responses API and conversations (``responses_api``); files and vector stores (``files_api``); uploads
+(``uploads_api``); batches and fine-tuning jobs (``jobs_api``); stored chat completions
+(``chat_store_api``); anything else gets OpenAI's 404 "Invalid URL" body. Bodies, chunk framing and
+default usage are described in ``openai_payloads`` and ``responses_payloads``; the objects the fake keeps
+live in ``store``.
 
 Deliberate divergences from OpenAI:
 - one choice only (``n`` is ignored); no logprobs, audio or refusals;
@@ -52,10 +54,13 @@ from tests.fakes import stateless_api
 from tests.fakes.answers import JSON_TYPE as JSON_TYPE
 from tests.fakes.answers import SSE_TYPE as SSE_TYPE
 from tests.fakes.answers import Answer, Download, Events, Handler, Incoming, Router
+from tests.fakes.chat_store_api import ChatStoreAPI
 from tests.fakes.faults import Cut, Drop, Fail, Fault, RawStream, SlowFirstByte
 from tests.fakes.files_api import FilesAPI
+from tests.fakes.jobs_api import JobsAPI
 from tests.fakes.responses_api import ResponsesAPI
 from tests.fakes.store import FakeStore
+from tests.fakes.uploads_api import UploadsAPI
 
 
 @dataclass
@@ -103,6 +108,7 @@ class FakeOpenAI:
         record_requests: bool = True,
         background_delay_s: float = 0.2,
         ingest_delay_s: float = 0.0,
+        job_delay_s: float = 0.2,
         ssl_context: ssl.SSLContext | None = None,
         gzip: bool = False,
         reply_pieces: int | None = None,
@@ -125,10 +131,15 @@ class FakeOpenAI:
         self._unscripted = p.Reply(chunks=[" word"] * reply_pieces) if reply_pieces else None
         self.background_delay_s = background_delay_s  # how long a background response takes
         self.ingest_delay_s = ingest_delay_s  # how long a file attached to a vector store stays in_progress
+        self.job_delay_s = job_delay_s  # how long a batch or a fine-tuning job takes
         self.store = FakeStore()
         self._router = Router()
         ResponsesAPI(self.store, self._take_reply, lambda: self.background_delay_s).register(self._router)
         FilesAPI(self.store, lambda: self.ingest_delay_s).register(self._router)
+        UploadsAPI(self.store).register(self._router)
+        self._chat_store = ChatStoreAPI(self.store)
+        self._chat_store.register(self._router)
+        JobsAPI(self.store, lambda: self.job_delay_s).register(self._router)
         stateless_api.register(self._router)
         self.client_disconnected = threading.Event()  # set when any client leaves mid-answer
         self._cond = threading.Condition()
@@ -409,6 +420,8 @@ class FakeOpenAI:
             return await self._error(call, 400, problem)
         plan = p.plan_reply(body, self._take_reply() or self._unscripted)
         completion_id, created = p.random_id("chatcmpl-", 29), int(time.time())
+        if body.get("store") is True:
+            self._chat_store.keep(body, p.completion_body(plan, completion_id, created))
         if body.get("stream") is True:
             return await self._stream(call, body, plan, completion_id, created, cut)
         # A non-streamed answer takes as long as the same answer streamed would.

@@ -11,7 +11,8 @@ Deliberate divergences from OpenAI:
   (``file-fake000…``, ``document.pdf``), so a test need not create a vector store first; a vector store
   the fake knows cites its first file, or nothing when it has none;
 - a cancelled response keeps no partial output; ``include``, ``stream=true`` and ``starting_after`` on
-  GET are ignored (the JSON object is returned); GET .../input_items is not served.
+  GET are ignored (the JSON object is returned); GET .../input_items lists the request's own input as
+  messages, on one page.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ class ResponsesAPI:
         router.add("GET", "/v1/responses/{id}", self.retrieve)
         router.add("DELETE", "/v1/responses/{id}", self.delete)
         router.add("POST", "/v1/responses/{id}/cancel", self.cancel)
+        router.add("GET", "/v1/responses/{id}/input_items", self.input_items)
         router.add("POST", "/v1/conversations", self.create_conversation)
         router.add("GET", "/v1/conversations/{id}", self.retrieve_conversation)
+        router.add("POST", "/v1/conversations/{id}", self.update_conversation)
         router.add("DELETE", "/v1/conversations/{id}", self.delete_conversation)
 
     async def create(self, incoming: Incoming) -> Answer:
@@ -73,7 +76,8 @@ class ResponsesAPI:
             if body.get("store") is not False:
                 # A streamed background response is done when its stream is.
                 delay = self._background_delay() if background and not streamed else 0.0
-                self._store.responses[final["id"]] = StoredResponse(final, background, delay)
+                stored = StoredResponse(final, background, delay, input_items=_input_items(body.get("input")))
+                self._store.responses[final["id"]] = stored
             if conversation_id and (thread := self._store.conversations.get(conversation_id)) is not None:
                 thread.context_tokens = rp.context_tokens(plan.usage)
         if streamed:
@@ -147,6 +151,17 @@ class ResponsesAPI:
             view = stored.view()
         return json_body(view, usage=view["usage"])
 
+    async def input_items(self, incoming: Incoming) -> Answer:
+        with self._store.lock:
+            stored = self._store.responses.get(incoming.params["id"])
+            items = list(stored.input_items) if stored is not None else None
+        if items is None:
+            return _not_found(incoming.params["id"])
+        first, last = (items[0]["id"], items[-1]["id"]) if items else (None, None)
+        return json_body(
+            {"object": "list", "data": items, "first_id": first, "last_id": last, "has_more": False}
+        )
+
     async def delete(self, incoming: Incoming) -> Answer:
         response_id = incoming.params["id"]
         with self._store.lock:
@@ -174,6 +189,16 @@ class ResponsesAPI:
             return _conversation_not_found(incoming.params["id"])
         return json_body(conversation.as_json())
 
+    async def update_conversation(self, incoming: Incoming) -> Answer:
+        body = incoming.json if isinstance(incoming.json, dict) else {}
+        with self._store.lock:
+            conversation = self._store.conversations.get(incoming.params["id"])
+            if conversation is not None:
+                conversation.metadata = body.get("metadata") or {}
+        if conversation is None:
+            return _conversation_not_found(incoming.params["id"])
+        return json_body(conversation.as_json())
+
     async def delete_conversation(self, incoming: Incoming) -> Answer:
         conversation_id = incoming.params["id"]
         with self._store.lock:
@@ -181,6 +206,26 @@ class ResponsesAPI:
         if conversation is None:
             return _conversation_not_found(conversation_id)
         return json_body({"id": conversation_id, "object": "conversation.deleted", "deleted": True})
+
+
+def _input_items(given: Any) -> list[dict[str, Any]]:
+    """The input as OpenAI lists it back: a string is one user message; each item gets an id."""
+    items = [{"role": "user", "content": given}] if isinstance(given, str) else given
+    listed = []
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict):
+            continue
+        content = item.get("content")
+        if isinstance(content, str):
+            content = [{"type": "input_text", "text": content}]
+        message = {
+            "type": "message",
+            "role": item.get("role", "user"),
+            "content": content,
+            "status": "completed",
+        }
+        listed.append({"id": p.hex_id("msg_", 50), **message})
+    return listed[::-1]  # newest first, as the default order is
 
 
 def _not_found(response_id: str) -> Answer:

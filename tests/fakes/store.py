@@ -1,4 +1,5 @@
-"""The fake upstream's server-side objects: stored responses, files, vector stores, conversations.
+"""The fake upstream's server-side objects: stored responses, files, vector stores, conversations,
+batches, fine-tuning jobs, uploads and stored chat completions.
 
 Thread-safe: endpoints change it on the server's loop while a test reads it from its own thread; hold
 ``lock`` for anything that reads more than one field. Time-driven states (a background response going
@@ -28,6 +29,7 @@ class StoredResponse:
     delay_s: float  # background only: queued for the first half, in_progress for the second
     started: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    input_items: list[JSON] = field(default_factory=list)  # as GET .../input_items lists them
 
     def status(self, now: float | None = None) -> str:
         elapsed = (time.monotonic() if now is None else now) - self.started
@@ -147,6 +149,10 @@ class FakeStore:
         self.files: dict[str, StoredFile] = {}
         self.vector_stores: dict[str, VectorStore] = {}
         self.conversations: dict[str, Conversation] = {}
+        self.batches: dict[str, Batch] = {}
+        self.fine_tuning_jobs: dict[str, FineTuningJob] = {}
+        self.uploads: dict[str, Upload] = {}
+        self.chat_completions: dict[str, StoredCompletion] = {}
         self.polls: dict[str, int] = {}  # GET /v1/responses/{id} received, per id; kept after a DELETE
 
     def clear(self) -> None:
@@ -155,4 +161,153 @@ class FakeStore:
             self.files.clear()
             self.vector_stores.clear()
             self.conversations.clear()
+            self.batches.clear()
+            self.fine_tuning_jobs.clear()
+            self.uploads.clear()
+            self.chat_completions.clear()
             self.polls.clear()
+
+
+@dataclass
+class Batch:
+    """A batch: ``validating`` for the first half of its delay, ``in_progress`` for the second, then
+    ``completed`` with an output file (made when first seen complete, as OpenAI makes it at the end)."""
+
+    id: str
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    metadata: JSON | None
+    delay_s: float
+    created_at: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.monotonic)
+    cancelled_at: int | None = None
+    output_file_id: str | None = None
+
+    def status(self) -> str:
+        elapsed = time.monotonic() - self.started
+        if self.cancelled_at is not None:
+            return "cancelled"
+        if elapsed >= self.delay_s:
+            return "completed"
+        return "validating" if elapsed < self.delay_s / 2 else "in_progress"
+
+    def as_json(self) -> JSON:
+        status = self.status()
+        done = status == "completed"
+        return {
+            "id": self.id,
+            "object": "batch",
+            "endpoint": self.endpoint,
+            "errors": None,
+            "input_file_id": self.input_file_id,
+            "completion_window": self.completion_window,
+            "status": status,
+            "output_file_id": self.output_file_id,
+            "error_file_id": None,
+            "created_at": self.created_at,
+            "in_progress_at": self.created_at if status != "validating" else None,
+            "expires_at": self.created_at + 86400,
+            "finalizing_at": self.created_at if done else None,
+            "completed_at": self.created_at if done else None,
+            "failed_at": None,
+            "expired_at": None,
+            "cancelling_at": self.cancelled_at,
+            "cancelled_at": self.cancelled_at,
+            "request_counts": {"total": 1, "completed": 1 if done else 0, "failed": 0},
+            "metadata": self.metadata,
+        }
+
+
+@dataclass
+class FineTuningJob:
+    """A job: ``validating_files``, then ``running``, then ``succeeded`` with a result file (made when
+    first seen succeeded) and a fine-tuned model, over its delay."""
+
+    id: str
+    model: str
+    training_file: str
+    validation_file: str | None
+    suffix: str | None
+    metadata: JSON | None
+    delay_s: float
+    created_at: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    result_files: list[str] = field(default_factory=list)
+
+    def status(self) -> str:
+        elapsed = time.monotonic() - self.started
+        if self.cancelled:
+            return "cancelled"
+        if elapsed >= self.delay_s:
+            return "succeeded"
+        return "validating_files" if elapsed < self.delay_s / 2 else "running"
+
+    def as_json(self) -> JSON:
+        status = self.status()
+        done = status == "succeeded"
+        return {
+            "object": "fine_tuning.job",
+            "id": self.id,
+            "model": self.model,
+            "created_at": self.created_at,
+            "finished_at": self.created_at if done else None,
+            "fine_tuned_model": f"ft:{self.model}:org:{self.suffix or 'custom'}:{self.id[-8:]}"
+            if done
+            else None,
+            "organization_id": "org-fake",
+            "result_files": list(self.result_files),
+            "status": status,
+            "validation_file": self.validation_file,
+            "training_file": self.training_file,
+            "hyperparameters": {"n_epochs": 3, "batch_size": 1, "learning_rate_multiplier": 1.8},
+            "trained_tokens": 5768 if done else None,
+            "error": None,
+            "user_provided_suffix": self.suffix,
+            "seed": 42,
+            "estimated_finish": None,
+            "integrations": [],
+            "metadata": self.metadata,
+            "method": {"type": "supervised"},
+        }
+
+
+@dataclass
+class Upload:
+    """An upload in parts: the parts' sizes and sha256s, never their bytes."""
+
+    id: str
+    filename: str
+    purpose: str
+    bytes: int
+    mime_type: str
+    parts: dict[str, tuple[int, str]] = field(default_factory=dict)  # part id -> (size, sha256)
+    status: str = "pending"
+    file: StoredFile | None = None
+    created_at: int = field(default_factory=lambda: int(time.time()))
+
+    def as_json(self) -> JSON:
+        return {
+            "id": self.id,
+            "object": "upload",
+            "bytes": self.bytes,
+            "created_at": self.created_at,
+            "filename": self.filename,
+            "purpose": self.purpose,
+            "status": self.status,
+            "expires_at": self.created_at + 3600,
+            "file": self.file.as_json() if self.file is not None else None,
+        }
+
+
+@dataclass
+class StoredCompletion:
+    """A chat completion made with ``store: true``."""
+
+    completion: JSON
+    metadata: JSON
+    messages: list[JSON]
+
+    def as_json(self) -> JSON:
+        return {**self.completion, "metadata": self.metadata}
