@@ -9,7 +9,6 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from app.attribution import attribute
 from app.background import BackgroundResponses
 from app.deps import Gateway, GatewayDep
 from app.relay import Payload, answer_headers, forward, send_checked
@@ -61,7 +60,6 @@ async def create_response(request: Request, gw: GatewayDep) -> Response:
 
 async def _follow(request: Request, response_id: str, method: str, suffix: str, gw: Gateway) -> Response:
     policy, upstream, call = gw.policy, gw.upstream, gw.call
-    attribute(call, gw.headers, None)
     registry = _registry(request)
     origin = registry.origin(response_id)
     target = policy.targets.get(origin.upstream, policy.default_target) if origin else policy.default_target
@@ -77,6 +75,9 @@ async def _follow(request: Request, response_id: str, method: str, suffix: str, 
         keep_open=is_sse if stream else never_open,
     )
     if origin is not None:
+        # Metered as its creator's call: this poll's admission, for the poller's scopes, must not be
+        # charged with the creator's cost.
+        call.admission = None
         call.feature, call.user_id, call.api_key_id, call.model = (
             origin.feature,
             origin.user_id,
