@@ -67,7 +67,7 @@ def _require_scope(scopes: frozenset[str], path: str) -> None:
         )
 
 
-async def unmetered_gateway(request: Request) -> Gateway:
+async def admitted_gateway(request: Request) -> Gateway:
     """For every other /v1 route (passthrough, model lists, retrievals): attributed from its headers and
     admitted before it goes upstream, so no path is a way around the rate limits and budgets."""
     gw = await gateway(request)
@@ -81,5 +81,5 @@ async def unmetered_gateway(request: Request) -> Gateway:
     return gw
 
 
-GatewayDep = Annotated[Gateway, Depends(unmetered_gateway)]
+GatewayDep = Annotated[Gateway, Depends(admitted_gateway)]
 MasterDep = Annotated[Principal, Depends(require_master)]
