@@ -126,10 +126,12 @@ def test_rpm_used_up_through_passthrough_refuses_the_metered_routes(
 def test_feature_and_user_rpm_count_passthrough_calls(
     start_gateway: Callable[..., ThreadedGateway], fake: FakeOpenAI, tmp_path: Path
 ) -> None:
-    gateway = configured(start_gateway, tmp_path, "features: {search: {rpm: 1}}\nusers: {rpm: 1}\n")
+    # Names of their own: a gateway starts from this period's spend in the session's database.
+    feature, user = f"search-{uuid.uuid4().hex[:6]}", f"u-{uuid.uuid4().hex[:6]}"
+    gateway = configured(start_gateway, tmp_path, f"features: {{{feature}: {{rpm: 1}}}}\nusers: {{rpm: 1}}\n")
     for headers, named in (
-        ({"x-feature": "search"}, "feature 'search'"),
-        ({"x-user-id": "u-1"}, "user 'u-1'"),
+        ({"x-feature": feature}, f"feature '{feature}'"),
+        ({"x-user-id": user}, f"user '{user}'"),
     ):
         first = raw_request(gateway.port, "GET", "/v1/models", headers={**MASTER, **headers})
         assert first.status == 200
@@ -167,12 +169,16 @@ def test_spent_key_budget_refuses_every_call_that_can_cost_money(
 def test_spent_feature_and_user_budgets_refuse_passthrough(
     start_gateway: Callable[..., ThreadedGateway], fake: FakeOpenAI, tmp_path: Path
 ) -> None:
+    feature, user = f"reports-{uuid.uuid4().hex[:6]}", f"u-{uuid.uuid4().hex[:6]}"
     gateway = configured(
         start_gateway,
         tmp_path,
-        "features: {reports: {budget_daily_usd: 0.1}}\nusers: {budget_monthly_usd: 0.1}\n",
+        f"features: {{{feature}: {{budget_daily_usd: 0.1}}}}\nusers: {{budget_monthly_usd: 0.1}}\n",
     )
-    for headers, scope in (({"x-feature": "reports"}, "feature:reports"), ({"x-user-id": "u-1"}, "user:u-1")):
+    for headers, scope in (
+        ({"x-feature": feature}, f"feature:{feature}"),
+        ({"x-user-id": user}, f"user:{user}"),
+    ):
         spend_on_chat(gateway, fake, {**MASTER, **headers}, scope)
         fake.reset()
         completion = post(gateway, "/v1/completions", COSTLY[0][1], {**MASTER, **headers})
@@ -185,7 +191,9 @@ def test_spent_feature_and_user_budgets_refuse_passthrough(
         )
         assert upstream_paths(fake) == ["/v1/files/file-x"]
     # Nobody else's budget is spent.
-    assert post(gateway, "/v1/completions", COSTLY[0][1], {**MASTER, "x-user-id": "u-2"}).status == 200
+    assert (
+        post(gateway, "/v1/completions", COSTLY[0][1], {**MASTER, "x-user-id": user + "-other"}).status == 200
+    )
 
 
 def test_passthrough_cost_is_charged_to_the_budgets(gateway: ThreadedGateway, fake: FakeOpenAI) -> None:
