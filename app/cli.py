@@ -16,7 +16,8 @@ from app.config import ConfigError, load_database_settings, load_settings
 from app.config_file import load_config_file
 from app.db.engine import create_engine
 from app.db.migrate import upgrade
-from app.keys import KeyStore
+from app.endpoint_classes import DEFAULT_SCOPES
+from app.keys import ApiKey, KeyStore
 from app.logs import configure_logging
 from app.reporting import (
     UsageQuery,
@@ -107,7 +108,7 @@ def _keys(args: argparse.Namespace) -> int:
                     )
                     return 2
                 key, secret = await store.create(spec.model_dump())
-                print(f"created {key.id} ({key.name})")
+                print(f"created {key.id} ({key.name}), scopes: {_scopes(key)}")
                 print(f"secret: {secret}")
                 print("The secret is shown only now; the gateway keeps only its hash.")
             elif args.keys_command == "list":
@@ -118,11 +119,12 @@ def _keys(args: argparse.Namespace) -> int:
                         "name": k.name,
                         "prefix": k.prefix,
                         "feature": k.default_feature,
+                        "scopes": _scopes(k),
                         "state": "revoked" if k.revoked_at else "active",
                     }
                     for k in keys
                 ]
-                print(to_plain_table(rows, ("id", "name", "prefix", "feature", "state")))
+                print(to_plain_table(rows, ("id", "name", "prefix", "feature", "scopes", "state")))
             else:
                 revoked = await store.revoke(args.id)
                 if revoked is None:
@@ -134,6 +136,10 @@ def _keys(args: argparse.Namespace) -> int:
             await engine.dispose()
 
     return asyncio.run(run())
+
+
+def _scopes(key: ApiKey) -> str:
+    return ",".join(key.public()["scopes"])
 
 
 def _tomorrow() -> date:
@@ -167,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--default-feature", dest="default_feature")
     create.add_argument("--pin-feature", dest="pin_feature", action="store_true", default=None)
     create.add_argument("--allowed-models", dest="allowed_models", type=lambda v: v.split(","))
+    create.add_argument(
+        "--scopes",
+        type=lambda v: v.split(","),
+        help=f"endpoint classes it may call, or '*' for all (default: {','.join(DEFAULT_SCOPES)})",
+    )
     create.add_argument("--rpm-limit", dest="rpm_limit", type=int)
     create.add_argument("--tpm-limit", dest="tpm_limit", type=int)
     create.add_argument("--budget-daily-usd", dest="budget_daily_usd")

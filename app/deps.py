@@ -7,9 +7,13 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.attribution import attribute
 from app.auth import Principal, require_master, require_principal
 from app.call import STATE_KEY, CallRecord
 from app.config import Settings
+from app.endpoint_classes import endpoint_class, spends
+from app.errors import GatewayError
+from app.limits.guard import Guard
 from app.policy import Policy
 from app.upstream import UpstreamClient
 
@@ -39,13 +43,43 @@ class Gateway:
 
 
 async def gateway(request: Request) -> Gateway:
+    """For the metered routes, which attribute the call from its body and admit it once they know its
+    model and size."""
     headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in request.scope["headers"]}
     principal = await require_principal(request, headers)
+    key = principal.key
+    if key is not None and key.scopes is not None:
+        _require_scope(key.scopes, request.scope["path"])
     state = request.app.state
     return Gateway(
         principal, request.scope["state"][STATE_KEY], headers, state.settings, state.policy, state.upstream
     )
 
 
-GatewayDep = Annotated[Gateway, Depends(gateway)]
+def _require_scope(scopes: frozenset[str], path: str) -> None:
+    name = endpoint_class(path)
+    if name not in scopes:
+        raise GatewayError(
+            403,
+            f"This key may not call the '{name}' endpoints; the gateway's admin can grant it the "
+            f"'{name}' scope.",
+            code="scope_not_allowed",
+        )
+
+
+async def admitted_gateway(request: Request) -> Gateway:
+    """For every other /v1 route (passthrough, model lists, retrievals): attributed from its headers and
+    admitted before it goes upstream, so no path is a way around the rate limits and budgets."""
+    gw = await gateway(request)
+    call = gw.call
+    attribute(call, gw.headers, None)
+    guard: Guard = request.app.state.guard
+    if guard.concerns(call):
+        call.admission = await guard.admit_unpriced(
+            call, gw.policy.config, spends=spends(request.method, request.scope["path"])
+        )
+    return gw
+
+
+GatewayDep = Annotated[Gateway, Depends(admitted_gateway)]
 MasterDep = Annotated[Principal, Depends(require_master)]

@@ -26,6 +26,7 @@ from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db.models import api_keys
+from app.endpoint_classes import ALL
 
 log = logging.getLogger("gateway.keys")
 
@@ -51,6 +52,8 @@ class ApiKey:
     default_feature: str | None
     pin_feature: bool
     allowed_models: tuple[str, ...] | None
+    # The endpoint classes it may call (app/endpoint_classes.py); None for every class.
+    scopes: frozenset[str] | None
     rpm_limit: int | None
     tpm_limit: int | None
     budget_daily_usd: Decimal | None
@@ -73,6 +76,7 @@ class ApiKey:
             "default_feature": self.default_feature,
             "pin_feature": self.pin_feature,
             "allowed_models": list(self.allowed_models) if self.allowed_models is not None else None,
+            "scopes": sorted(self.scopes) if self.scopes is not None else [ALL],
             "rpm_limit": self.rpm_limit,
             "tpm_limit": self.tpm_limit,
             "budget_daily_usd": _money(self.budget_daily_usd),
@@ -97,6 +101,8 @@ def _row_to_key(row: Any) -> ApiKey:
         default_feature=row.default_feature,
         pin_feature=bool(row.pin_feature),
         allowed_models=tuple(models) if models is not None else None,
+        # NULL: a key made before scopes existed, which keeps calling every class (migration 0004).
+        scopes=None if row.scopes is None or ALL in row.scopes else frozenset(row.scopes),
         rpm_limit=row.rpm_limit,
         tpm_limit=row.tpm_limit,
         budget_daily_usd=row.budget_daily_usd,

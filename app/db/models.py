@@ -121,6 +121,7 @@ api_keys = Table(
     Column("default_feature", Text),
     Column("pin_feature", Boolean, nullable=False, server_default=text("false")),
     Column("allowed_models", JSON),
+    Column("scopes", JSON),
     Column("rpm_limit", Integer),
     Column("tpm_limit", Integer),
     Column("budget_daily_usd", _MONEY),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -52,6 +52,11 @@ _NO_CAPS = Caps()
 
 def _periods(caps: Caps) -> tuple[tuple[Period, Decimal | None], ...]:
     return (("day", caps.budget_daily_usd), ("month", caps.budget_monthly_usd))
+
+
+def _unpriced() -> Decimal:
+    # An exhausted budget refuses even a call estimated at zero (BudgetLedger.check).
+    return Decimal(0)
 
 
 class Guard:
@@ -95,7 +100,7 @@ class Guard:
             caps.append((f"user:{call.user_id}", config.users))
         return caps
 
-    async def admit(
+    def admit(
         self,
         call: CallRecord,
         config: GatewayConfig,
@@ -103,8 +108,26 @@ class Guard:
         model: str,
         prompt_tokens: int,
         completion_tokens: int,
-    ) -> Admission | None:
+    ) -> Coroutine[None, None, Admission | None]:
         """None when no limit or budget concerns the call (nothing to settle after it)."""
+        # The coroutine itself, not one awaiting it: a frame less on every limited call.
+        return self._admit(
+            call,
+            config,
+            prompt_tokens + completion_tokens,
+            lambda: prices.cost_usd(model, prompt_tokens, completion_tokens, 0) or Decimal(0),
+        )
+
+    def admit_unpriced(
+        self, call: CallRecord, config: GatewayConfig, *, spends: bool
+    ) -> Coroutine[None, None, Admission | None]:
+        """A call priced only once it is made, if ever (passthrough, model lists, retrievals): one request
+        against every rate limit, no tokens reserved; refused by a spent budget only when it `spends`."""
+        return self._admit(call, config, 0, _unpriced if spends else None)
+
+    async def _admit(
+        self, call: CallRecord, config: GatewayConfig, estimate: int, cost: Callable[[], Decimal] | None
+    ) -> Admission | None:
         caps = self._caps(call, config)
         if not caps:
             return None
@@ -112,11 +135,9 @@ class Guard:
         budgets = [
             Budget(scope, period, cap) for scope, c in caps for period, cap in _periods(c) if cap is not None
         ]
-        estimate = prompt_tokens + completion_tokens
         now = self.clock()
-        if budgets:
-            cost = prices.cost_usd(model, prompt_tokens, completion_tokens, 0) or Decimal(0)
-            over = await self.ledger.check(budgets, cost, now)
+        if budgets and cost is not None:
+            over = await self.ledger.check(budgets, cost(), now)
             if over is not None:
                 raise _over_budget(over, now)
         if limits:

@@ -16,6 +16,7 @@ from starlette.responses import Response
 from app.config_file import Caps, GatewayConfig
 from app.db.models import usage_daily
 from app.deps import MasterDep
+from app.endpoint_classes import DEFAULT_SCOPES, parse_scopes
 from app.errors import GatewayError
 from app.keys import ApiKey, KeyStore
 from app.limits.budgets import resets_at
@@ -33,6 +34,9 @@ def _printable(value: str) -> str:
 Label = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_printable)]
 ModelName = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_printable)]
 Usd = Annotated[Decimal, Field(ge=0, max_digits=20, decimal_places=10)]
+Scopes = Annotated[
+    list[Annotated[str, Field(max_length=64)]], Field(max_length=100), AfterValidator(parse_scopes)
+]
 
 
 class _KeyFields(BaseModel):
@@ -43,6 +47,8 @@ class _KeyFields(BaseModel):
     # Pinned: the key bills its default feature only; an X-Feature naming another is refused.
     pin_feature: bool = False
     allowed_models: Annotated[list[ModelName], Field(max_length=1000)] | None = None
+    # The endpoint classes the key may call; ["*"]: every class, including any added later.
+    scopes: Scopes = Field(default_factory=lambda: list(DEFAULT_SCOPES))
     rpm_limit: Annotated[int, Field(ge=1, le=10**9)] | None = None
     tpm_limit: Annotated[int, Field(ge=1, le=10**12)] | None = None
     budget_daily_usd: Usd | None = None
@@ -63,10 +69,11 @@ class KeyCreate(_KeyFields):
 class KeyUpdate(_KeyFields):
     name: Label | None = None
     pin_feature: bool | None = None  # type: ignore[assignment]
+    scopes: Scopes | None = None  # type: ignore[assignment]
 
     def changes(self) -> dict[str, Any]:
         changes = {name: getattr(self, name) for name in self.model_fields_set}
-        for required in ("name", "pin_feature"):
+        for required in ("name", "pin_feature", "scopes"):
             if required in changes and changes[required] is None:
                 raise GatewayError(400, f"'{required}' cannot be null.", param=required)
         return changes

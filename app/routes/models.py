@@ -9,7 +9,6 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from app.attribution import attribute
 from app.call import CallRecord
 from app.canonical_path import upstream_path
 from app.deps import GatewayDep
@@ -37,7 +36,6 @@ def _listing(policy: Policy, upstream_models: list[dict[str, Any]], call: CallRe
 @router.get("/v1/models")
 async def list_models(request: Request, gw: GatewayDep) -> Response:
     policy, upstream, call = gw.policy, gw.upstream, gw.call
-    attribute(call, gw.headers, None)
     answer = await send_checked(
         upstream, call, policy.default_target, "GET", "/models", client_headers=gw.headers
     )
@@ -56,7 +54,6 @@ async def list_models(request: Request, gw: GatewayDep) -> Response:
 @router.get("/v1/models/{model:path}")
 async def retrieve_model(request: Request, model: str, gw: GatewayDep) -> Response:
     policy, upstream, call = gw.policy, gw.upstream, gw.call
-    attribute(call, gw.headers, None)
     allowed = policy.allowed_models(call.feature, call.key)
     if allowed is not None and policy.resolve(model) not in allowed:
         raise GatewayError(

@@ -14,7 +14,6 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
-from app.attribution import attribute
 from app.body import read_body
 from app.call import CallRecord
 from app.canonical_path import upstream_path
@@ -106,7 +105,6 @@ def _meter_json(call: CallRecord, path: str, request_body: bytes | None, answer:
 @router.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 async def passthrough(request: Request, path: str, gw: GatewayDep) -> Response:
     settings, upstream, call = gw.settings, gw.upstream, gw.call
-    attribute(call, gw.headers, None)
     plan = await admit(caller(request, gw), request.method, path, request.url.query)
     declared = gw.headers.get("content-length")
     length = int(declared) if declared is not None and declared.isdigit() else None

@@ -9,7 +9,6 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from app.attribution import attribute
 from app.background import BackgroundResponses
 from app.canonical_path import upstream_path
 from app.deps import Gateway, GatewayDep
@@ -65,7 +64,6 @@ async def create_response(request: Request, gw: GatewayDep) -> Response:
 
 async def _follow(request: Request, response_id: str, method: str, suffix: str, gw: Gateway) -> Response:
     policy, upstream, call = gw.policy, gw.upstream, gw.call
-    attribute(call, gw.headers, None)
     await admit(caller(request, gw), method, f"responses/{response_id}{suffix}", "")
     registry = _registry(request)
     origin = registry.origin(response_id)
@@ -82,6 +80,9 @@ async def _follow(request: Request, response_id: str, method: str, suffix: str, 
         keep_open=is_sse if stream else never_open,
     )
     if origin is not None:
+        # Metered as its creator's call: this poll's admission, for the poller's scopes, must not be
+        # charged with the creator's cost.
+        call.admission = None
         call.feature, call.user_id, call.api_key_id, call.model = (
             origin.feature,
             origin.user_id,

@@ -43,9 +43,9 @@ class Key:
 
 
 def make_key(gateway: ThreadedGateway, **spec: Any) -> Key:
-    response = httpx.post(
-        gateway.url + "/admin/keys", json={"name": f"own-{uuid.uuid4().hex[:6]}", **spec}, headers=MASTER
-    )
+    """A key that may call every endpoint class: what is under test here is ownership, not scopes."""
+    body = {"name": f"own-{uuid.uuid4().hex[:6]}", "scopes": ["*"], **spec}
+    response = httpx.post(gateway.url + "/admin/keys", json=body, headers=MASTER)
     assert response.status_code == 201, response.text
     created = response.json()
     return Key(created["id"], created["secret"], gateway)
