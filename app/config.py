@@ -66,6 +66,9 @@ class Settings(DatabaseSettings):
     # Passthrough uploads (files, audio) are streamed, never held in memory; OpenAI takes files to 512 MB.
     max_upload_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)
     upstream_max_connections: int = Field(default=2048, ge=1)
+    # A request's head (request line and header fields): its size, and the time it may take to arrive.
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    header_timeout_s: float = Field(default=10.0, gt=0)
 
     # Process.
     host: str = "127.0.0.1"
