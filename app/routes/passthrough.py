@@ -19,6 +19,7 @@ from app.body import read_body
 from app.call import CallRecord
 from app.deps import GatewayDep
 from app.errors import GatewayError
+from app.policy import MAX_MODEL_CHARS, is_model_name
 from app.relay import answer_headers, read_json_usage, send_checked
 from app.upstream import ResponseHead, UpstreamResponse
 
@@ -73,11 +74,15 @@ def _meter_json(call: CallRecord, path: str, request_body: bytes | None, answer:
             sent = orjson.loads(request_body)
         except orjson.JSONDecodeError:
             sent = None
-        if isinstance(sent, dict) and isinstance(sent.get("model"), str):
-            call.model = sent["model"]
+        model = sent.get("model") if isinstance(sent, dict) else None
+        # Learned after the call was answered, so not refused: a name no row can hold is left out, and
+        # the row names the model the upstream says answered.
+        if isinstance(model, str) and is_model_name(model):
+            call.model = model
     read_json_usage(call, answer)
     if call.usage is not None:
-        call.endpoint = "/v1/" + path
+        # Bounded as a model name is; no endpoint that reports usage comes near it.
+        call.endpoint = ("/v1/" + path)[:MAX_MODEL_CHARS]
 
 
 @router.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
