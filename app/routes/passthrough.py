@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
 from app.attribution import attribute
-from app.body import read_body
+from app.body import BodyDecoder, body_decoder, read_body
 from app.call import CallRecord
 from app.deps import GatewayDep
 from app.errors import GatewayError
@@ -44,15 +44,23 @@ def _stream_back(response: ResponseHead) -> bool:
     return not _read_whole(response)
 
 
-async def _upload(request: Request, limit: int) -> AsyncIterator[bytes]:
+def _upload_too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413, f"Upload is larger than the gateway's limit of {limit} bytes.", code="request_too_large"
+    )
+
+
+async def _upload(request: Request, limit: int, decoder: BodyDecoder | None) -> AsyncIterator[bytes]:
     sent = 0
     async for chunk in request.stream():
+        if decoder is not None:
+            chunk = decoder.feed(chunk)
         sent += len(chunk)
         if sent > limit:
-            raise GatewayError(
-                413, f"Upload is larger than the gateway's limit of {limit} bytes.", code="request_too_large"
-            )
+            raise _upload_too_large(limit)
         yield chunk
+    if decoder is not None:
+        decoder.end()
 
 
 async def _download(answer: UpstreamResponse) -> AsyncIterator[bytes]:
@@ -91,19 +99,19 @@ async def passthrough(request: Request, path: str, gw: GatewayDep) -> Response:
     attribute(call, gw.headers, None)
     declared = gw.headers.get("content-length")
     length = int(declared) if declared is not None and declared.isdigit() else None
-    if length is not None and length > settings.max_upload_bytes:
-        raise GatewayError(
-            413,
-            f"Upload is larger than the gateway's limit of {settings.max_upload_bytes} bytes.",
-            code="request_too_large",
-        )
+    limit = settings.max_upload_bytes
+    if length is not None and length > limit:
+        raise _upload_too_large(limit)
+    # A compressed body goes upstream decoded, as it streams in: its size is known only at its end, and it
+    # is not held to be replayed.
+    decoder = body_decoder(gw.headers.get("content-encoding"), limit, lambda: _upload_too_large(limit))
     extra: dict[str, str] = {}
     buffered: bytes | None = None
     if length is None and "transfer-encoding" not in gw.headers:
         buffered = b""  # no body at all (RFC 9112 §6.3)
-    elif length is not None and length <= _BUFFERED_BODY:
+    elif decoder is None and length is not None and length <= _BUFFERED_BODY:
         buffered = await read_body(request, _BUFFERED_BODY, declared)
-    elif length is not None:
+    elif decoder is None and length is not None:
         # Passed on, so the upstream sees a sized upload rather than a chunked one.
         extra["content-length"] = str(length)
     query = f"?{request.url.query}" if request.url.query else ""
@@ -114,7 +122,7 @@ async def passthrough(request: Request, path: str, gw: GatewayDep) -> Response:
         request.method,
         f"/{path}{query}",
         client_headers=gw.headers,
-        body=buffered if buffered is not None else _upload(request, settings.max_upload_bytes),
+        body=buffered if buffered is not None else _upload(request, limit, decoder),
         keep_open=_stream_back,
         replayable=buffered is not None and request.method in _IDEMPOTENT,
         extra_headers=extra,

@@ -1,19 +1,22 @@
-"""Request heads as an attacker sends them: too large or too slow, against a real `llm-gateway serve`,
-whose HTTP server protocol is what bounds them."""
+"""Request heads and headers as an attacker sends them: a head too large or too slow (against a real
+`llm-gateway serve`, whose HTTP server protocol is what bounds them), hop-by-hop headers, a
+Content-Encoding the body does not have (or a decompression bomb)."""
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import select
 import socket
 import time
+import zlib
 from collections.abc import Callable, Iterator
 
 import orjson
 import pytest
 
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.harness import MASTER_KEY, GatewayProcess
+from tests.harness import MASTER_KEY, GatewayProcess, ThreadedGateway
 from tests.security import RawResponse, _read_response, raw_request
 
 HEAD_LIMIT = 16 * 1024
@@ -141,3 +144,121 @@ def test_the_next_head_on_a_kept_alive_connection_is_bounded_too(served: Gateway
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nX-Slow: s")
         answer = _answer_within(sock, None, timeout=10 * HEAD_TIMEOUT_S)
     assert answer.startswith(b"HTTP/1.1 408 "), answer
+
+
+# -- headers the upstream must not see ------------------------------------------------------------------
+
+HOP_BY_HOP = {
+    "Proxy-Authorization": "Basic dXNlcjpzZWNyZXQ=",
+    "Proxy-Connection": "keep-alive",
+    "Keep-Alive": "timeout=5",
+    "TE": "trailers",
+    "X-Hop-Secret": "for-the-next-hop-only",
+}
+
+
+@pytest.mark.parametrize(
+    ("target", "body"),
+    [
+        ("/v1/chat/completions", CHAT),
+        ("/v1/completions", orjson.dumps({"model": "gpt-3.5-turbo-instruct", "prompt": "hi"})),
+    ],
+    ids=["metered", "passthrough"],
+)
+def test_hop_by_hop_headers_stay_at_the_gateway(
+    gateway: ThreadedGateway, fake: FakeOpenAI, target: str, body: bytes
+) -> None:
+    headers = {**AUTH, **HOP_BY_HOP, "X-Kept": "yes", "Connection": "close, X-Hop-Secret"}
+    response = raw_request(gateway.port, "POST", target, headers=headers, body=body)
+    assert response.status == 200, response.body
+    (seen,) = fake.requests
+    assert seen.headers["x-kept"] == "yes"
+    leaked = {name for name in seen.headers if name in {h.lower() for h in HOP_BY_HOP}}
+    assert leaked == set()
+
+
+PASSTHROUGH_BODY = orjson.dumps({"model": "gpt-3.5-turbo-instruct", "prompt": "hi there"})
+
+
+@pytest.mark.parametrize(
+    ("target", "body"),
+    [("/v1/chat/completions", CHAT), ("/v1/completions", PASSTHROUGH_BODY)],
+    ids=["metered", "passthrough"],
+)
+def test_a_plain_body_labelled_gzip_is_refused_400_and_not_forwarded(
+    gateway: ThreadedGateway, fake: FakeOpenAI, target: str, body: bytes
+) -> None:
+    response = raw_request(
+        gateway.port, "POST", target, headers={**AUTH, "Content-Encoding": "gzip"}, body=body
+    )
+    assert response.status == 400, response.body
+    assert response.error_code() == "invalid_content_encoding"
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    ("coding", "encode"),
+    [("gzip", gzip.compress), ("deflate", zlib.compress)],
+)
+def test_a_compressed_body_is_decoded_and_sent_plain_once(
+    gateway: ThreadedGateway, fake: FakeOpenAI, coding: str, encode: Callable[[bytes], bytes]
+) -> None:
+    response = raw_request(
+        gateway.port,
+        "POST",
+        "/v1/chat/completions",
+        headers={**AUTH, "Content-Encoding": coding},
+        body=encode(CHAT),
+    )
+    assert response.status == 200, response.body
+    (seen,) = fake.requests
+    assert seen.json == orjson.loads(CHAT)
+    assert "content-encoding" not in seen.headers
+
+
+def test_a_compressed_passthrough_body_is_decoded(gateway: ThreadedGateway, fake: FakeOpenAI) -> None:
+    body = orjson.dumps({"model": "gpt-3.5-turbo-instruct", "prompt": "hi there"})
+    response = raw_request(
+        gateway.port,
+        "POST",
+        "/v1/completions",
+        headers={**AUTH, "Content-Encoding": "gzip"},
+        body=gzip.compress(body),
+    )
+    assert response.status == 200, response.body
+    (seen,) = fake.requests
+    assert seen.body == body
+    assert "content-encoding" not in seen.headers
+
+
+@pytest.mark.parametrize(
+    "target", ["/v1/chat/completions", "/v1/completions"], ids=["metered", "passthrough"]
+)
+def test_a_decompression_bomb_is_refused_413(
+    start_gateway: Callable[..., ThreadedGateway], fake: FakeOpenAI, target: str
+) -> None:
+    gateway = start_gateway(max_body_bytes=1024 * 1024, max_upload_bytes=1024 * 1024)
+    # 64 MiB of one JSON string, compressed to ~64 KiB.
+    bomb = gzip.compress(b'{"model":"gpt-4o-mini","prompt":"' + b"0" * 64 * 1024 * 1024)
+    assert len(bomb) < 1024 * 1024
+    response = raw_request(
+        gateway.port, "POST", target, headers={**AUTH, "Content-Encoding": "gzip"}, body=bomb
+    )
+    assert response.status == 413, response.body
+    assert response.error_code() == "request_too_large"
+    assert fake.requests == []
+
+
+def test_an_encoding_the_gateway_does_not_decode_is_refused_415(
+    gateway: ThreadedGateway, fake: FakeOpenAI
+) -> None:
+    response = raw_request(
+        gateway.port,
+        "POST",
+        "/v1/chat/completions",
+        headers={**AUTH, "Content-Encoding": "br"},
+        body=CHAT,
+    )
+    assert response.status == 415, response.body
+    assert response.error_code() == "unsupported_content_encoding"
+    assert fake.requests == []
