@@ -1,6 +1,6 @@
 """Request heads and headers as an attacker sends them: a head too large or too slow (against a real
 `llm-gateway serve`, whose HTTP server protocol is what bounds them), hop-by-hop headers, a
-Content-Encoding the body does not have (or a decompression bomb)."""
+Content-Encoding the body does not have (or a decompression bomb), and header values in UTF-8."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 import orjson
 import pytest
 
+from tests.db import wait_for_rows
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import MASTER_KEY, GatewayProcess, ThreadedGateway
 from tests.security import RawResponse, _read_response, raw_request
@@ -261,4 +262,45 @@ def test_an_encoding_the_gateway_does_not_decode_is_refused_415(
     )
     assert response.status == 415, response.body
     assert response.error_code() == "unsupported_content_encoding"
+    assert fake.requests == []
+
+
+# -- header values ------------------------------------------------------------------------------------
+
+
+def _utf8(text: str) -> str:
+    """`text`'s UTF-8 bytes as raw_request sends a header value: one character a byte (Latin-1)."""
+    return text.encode().decode("latin-1")
+
+
+@pytest.mark.parametrize("feature", ["café", "€-budget", "日本語"])
+def test_attribution_headers_are_read_as_utf8(
+    gateway: ThreadedGateway, fake: FakeOpenAI, database_url: str, feature: str
+) -> None:
+    request_id = f"utf8-{time.time_ns()}"
+    response = raw_request(
+        gateway.port,
+        "POST",
+        "/v1/chat/completions",
+        headers={**AUTH, "X-Feature": _utf8(feature), "X-User-Id": _utf8("zoë"), "X-Request-Id": request_id},
+        body=CHAT,
+    )
+    assert response.status == 200, response.body
+    (row,) = wait_for_rows(database_url, request_id)
+    assert (row["feature"], row["user_id"]) == (feature, "zoë")
+
+
+@pytest.mark.parametrize("header", ["X-Feature", "X-User-Id"])
+def test_an_attribution_header_that_is_not_utf8_is_refused_400(
+    gateway: ThreadedGateway, fake: FakeOpenAI, header: str
+) -> None:
+    response = raw_request(
+        gateway.port,
+        "POST",
+        "/v1/chat/completions",
+        headers={**AUTH, header: "caf\xe9"},  # café in Latin-1: not UTF-8
+        body=CHAT,
+    )
+    assert response.status == 400, response.body
+    assert response.json()["error"]["param"] == header  # type: ignore[index]
     assert fake.requests == []
