@@ -17,11 +17,23 @@ def _checked(value: str, param: str) -> str:
     return value
 
 
+def _header(value: str, param: str) -> str:
+    """A header's value is bytes, taken as Latin-1 by the request's header dict: these two are read as
+    UTF-8 instead, what clients send (café must not become cafÃ©). ASCII, nearly every value, is the same
+    in both and is not decoded again."""
+    if not value.isascii():
+        try:
+            value = value.encode("latin-1").decode("utf-8")
+        except UnicodeDecodeError:
+            raise bad_request(f"{param} must be UTF-8", param=param) from None
+    return _checked(value, param)
+
+
 def attribute(call: CallRecord, headers: Mapping[str, str], body: Mapping[str, Any] | None) -> None:
     feature = headers.get("x-feature")
     key = call.key
     if feature is not None:
-        call.feature = _checked(feature, "X-Feature")
+        call.feature = _header(feature, "X-Feature")
         if key is not None and key.pin_feature and key.default_feature != call.feature:
             raise GatewayError(
                 403,
@@ -33,7 +45,7 @@ def attribute(call: CallRecord, headers: Mapping[str, str], body: Mapping[str, A
         call.feature = key.default_feature
     user = headers.get("x-user-id")
     if user is not None:
-        call.user_id = _checked(user, "X-User-Id")
+        call.user_id = _header(user, "X-User-Id")
         return
     if body is None:
         return

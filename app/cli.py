@@ -12,7 +12,7 @@ import orjson
 import uvicorn
 from pydantic import ValidationError
 
-from app.config import ConfigError, load_database_settings, load_settings
+from app.config import ConfigError, Settings, load_database_settings, load_settings
 from app.config_file import load_config_file
 from app.db.engine import create_engine
 from app.db.migrate import upgrade
@@ -42,7 +42,9 @@ def _serve(args: argparse.Namespace) -> int:
         port=args.port if args.port is not None else settings.port,
         workers=args.workers or settings.workers,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        http=_http_protocol(settings),
+        # h11 (where httptools is not installed) bounds its head itself, though not the time it takes.
+        h11_max_incomplete_event_size=settings.max_header_bytes,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
         log_config=None,
         access_log=False,
@@ -51,6 +53,14 @@ def _serve(args: argparse.Namespace) -> int:
         proxy_headers=False,
     )
     return 0
+
+
+def _http_protocol(settings: Settings) -> type[asyncio.Protocol] | str:
+    if importlib.util.find_spec("httptools") is None:
+        return "h11"
+    from app.http_head import head_limited_protocol
+
+    return head_limited_protocol(settings)
 
 
 def _migrate(_: argparse.Namespace) -> int:

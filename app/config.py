@@ -70,6 +70,9 @@ class Settings(DatabaseSettings):
     # most this much of an event still arriving. OpenAI's largest are final Responses API events carrying
     # the whole output (a few MB with images); 32 MiB leaves room and bounds a hostile upstream.
     max_event_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    # A request's head (request line and header fields): its size, and the time it may take to arrive.
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    header_timeout_s: float = Field(default=10.0, gt=0)
 
     # Process.
     host: str = "127.0.0.1"

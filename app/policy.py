@@ -12,6 +12,14 @@ from app.config_file import DEFAULT_UPSTREAM, GatewayConfig
 from app.errors import GatewayError, bad_request
 from app.keys import ApiKey
 
+# A model name lands in usage rows and in usage_daily's primary key: Postgres refuses an index entry
+# past ~2.7 kB and any text holding NUL, and a refused row is a call nobody is billed for.
+MAX_MODEL_CHARS = 256
+
+
+def is_model_name(value: str) -> bool:
+    return len(value) <= MAX_MODEL_CHARS and value.isprintable()
+
 
 @dataclass(frozen=True, slots=True)
 class UpstreamTarget:
@@ -75,6 +83,10 @@ class Policy:
             )
         if not isinstance(model, str) or not model:
             raise bad_request("Invalid type for 'model': expected a non-empty string.", param="model")
+        if not is_model_name(model):
+            raise bad_request(
+                f"Invalid 'model': expected at most {MAX_MODEL_CHARS} printable characters.", param="model"
+            )
         return model
 
     def candidates(self, requested: str, feature: str | None, key: ApiKey | None = None) -> list[Candidate]:

@@ -29,14 +29,18 @@ from app.retry_policy import RetryPolicy, UpstreamClosedEarly, is_retryable_stat
 log = logging.getLogger("gateway.upstream")
 
 # Headers of the client's request that never go upstream: the client's gateway key, the gateway's
-# own attribution headers, hop-by-hop headers, and identity headers that belong to the client's
-# OpenAI account rather than the gateway's key.
+# own attribution headers, hop-by-hop headers (RFC 9110 §7.6.1, with Proxy-Authorization, meant for a
+# proxy, and those Connection names), identity headers that belong to the client's OpenAI account rather
+# than the gateway's key, and Content-Encoding: the gateway decodes a compressed body (app/body.py).
 _DROP_REQUEST = frozenset(
     {
         "authorization",
+        "proxy-authorization",
         "host",
         "content-length",
+        "content-encoding",
         "connection",
+        "proxy-connection",
         "keep-alive",
         "transfer-encoding",
         "te",
@@ -115,10 +119,13 @@ class UpstreamResponse:
 
 
 def upstream_request_headers(client_headers: Mapping[str, str]) -> dict[str, str]:
+    connection = client_headers.get("connection")
+    # The headers a client's Connection names are hop-by-hop too (RFC 9110 §7.6.1).
+    listed = () if connection is None else [option.strip().lower() for option in connection.split(",")]
     return {
         name: value
         for name, value in client_headers.items()
-        if name not in _DROP_REQUEST and not name.startswith("x-gateway-")
+        if name not in _DROP_REQUEST and not name.startswith("x-gateway-") and name not in listed
     }
 
 

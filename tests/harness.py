@@ -16,6 +16,7 @@ import httpx
 import uvicorn
 
 from app.config import Settings
+from app.http_head import head_limited_protocol
 from app.main import create_app
 from tests.fakes.openai_upstream import FakeOpenAI
 
@@ -45,7 +46,7 @@ class ThreadedGateway:
             host="127.0.0.1",
             port=0,
             loop="uvloop",
-            http="httptools",
+            http=head_limited_protocol(settings),
             log_config=None,
             access_log=False,
             lifespan="on",

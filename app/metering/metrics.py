@@ -150,6 +150,11 @@ class Metrics:
             for name, help_text, key in (
                 ("gateway_recorder_db_write_errors", "Failed usage writes to the database", "write_errors"),
                 ("gateway_recorder_events_written", "Usage events written to the database", "events_written"),
+                (
+                    "gateway_recorder_events_rejected",
+                    "Usage events the database refused, kept in the spool's rejected file",
+                    "events_rejected",
+                ),
             ):
                 yield CounterMetricFamily(name, help_text, value=stats.get(key, 0))
 

@@ -41,7 +41,10 @@ async def read_metered(
     """Raises the 4xx for bad input before the call counts as metered: rejected input leaves no row.
     `owned` refuses a body naming objects that are not the caller's (app.ownership)."""
     call, policy = gw.call, gw.policy
-    raw = await read_body(request, gw.settings.max_body_bytes, gw.headers.get("content-length"))
+    headers = gw.headers
+    raw = await read_body(
+        request, gw.settings.max_body_bytes, headers.get("content-length"), headers.get("content-encoding")
+    )
     body = parse_object(raw)
     attribute(call, gw.headers, body)
     call.model = policy.requested_model(body.get("model"), call.feature)

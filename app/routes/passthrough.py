@@ -14,12 +14,13 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
-from app.body import read_body
+from app.body import BodyDecoder, body_decoder, read_body
 from app.call import CallRecord
 from app.canonical_path import upstream_path
 from app.deps import Gateway, GatewayDep
 from app.errors import GatewayError
 from app.ownership import admit, caller
+from app.policy import MAX_MODEL_CHARS, is_model_name
 from app.relay import answer_headers, read_json_usage, send_checked
 from app.upstream import ResponseHead, UpstreamResponse
 
@@ -65,15 +66,23 @@ def _pages(gw: Gateway, path: str) -> Callable[[str], Awaitable[bytes]]:
     return fetch
 
 
-async def _upload(request: Request, limit: int) -> AsyncIterator[bytes]:
+def _upload_too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413, f"Upload is larger than the gateway's limit of {limit} bytes.", code="request_too_large"
+    )
+
+
+async def _upload(request: Request, limit: int, decoder: BodyDecoder | None) -> AsyncIterator[bytes]:
     sent = 0
     async for chunk in request.stream():
+        if decoder is not None:
+            chunk = decoder.feed(chunk)
         sent += len(chunk)
         if sent > limit:
-            raise GatewayError(
-                413, f"Upload is larger than the gateway's limit of {limit} bytes.", code="request_too_large"
-            )
+            raise _upload_too_large(limit)
         yield chunk
+    if decoder is not None:
+        decoder.end()
 
 
 async def _download(answer: UpstreamResponse) -> AsyncIterator[bytes]:
@@ -95,11 +104,15 @@ def _meter_json(call: CallRecord, path: str, request_body: bytes | None, answer:
             sent = orjson.loads(request_body)
         except orjson.JSONDecodeError:
             sent = None
-        if isinstance(sent, dict) and isinstance(sent.get("model"), str):
-            call.model = sent["model"]
+        model = sent.get("model") if isinstance(sent, dict) else None
+        # Learned after the call was answered, so not refused: a name no row can hold is left out, and
+        # the row names the model the upstream says answered.
+        if isinstance(model, str) and is_model_name(model):
+            call.model = model
     read_json_usage(call, answer)
     if call.usage is not None:
-        call.endpoint = "/v1/" + path
+        # Bounded as a model name is; no endpoint that reports usage comes near it.
+        call.endpoint = ("/v1/" + path)[:MAX_MODEL_CHARS]
 
 
 @router.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
@@ -108,25 +121,26 @@ async def passthrough(request: Request, path: str, gw: GatewayDep) -> Response:
     plan = await admit(caller(request, gw), request.method, path, request.url.query)
     declared = gw.headers.get("content-length")
     length = int(declared) if declared is not None and declared.isdigit() else None
-    if length is not None and length > settings.max_upload_bytes:
-        raise GatewayError(
-            413,
-            f"Upload is larger than the gateway's limit of {settings.max_upload_bytes} bytes.",
-            code="request_too_large",
-        )
+    limit = settings.max_upload_bytes
+    if length is not None and length > limit:
+        raise _upload_too_large(limit)
+    # A compressed body goes upstream decoded, as it streams in: its size is known only at its end, and it
+    # is not held to be replayed.
+    decoder = body_decoder(gw.headers.get("content-encoding"), limit, lambda: _upload_too_large(limit))
     extra: dict[str, str] = {}
     buffered: bytes | None = None
     if length is None and "transfer-encoding" not in gw.headers:
         buffered = b""  # no body at all (RFC 9112 §6.3)
-    elif length is not None and length <= _BUFFERED_BODY:
+    elif decoder is None and length is not None and length <= _BUFFERED_BODY:
         buffered = await read_body(request, _BUFFERED_BODY, declared)
-    elif length is not None:
+    elif decoder is None and length is not None:
         # Passed on, so the upstream sees a sized upload rather than a chunked one.
         extra["content-length"] = str(length)
     if plan is not None and plan.reads_body:
         if buffered is None:
-            # Bodies naming other objects are small JSON: read whole, so the names can be checked.
-            buffered, extra = await read_body(request, _BUFFERED_BODY, declared), {}
+            # Bodies naming other objects are small JSON: read whole (decoded), so the names can be checked.
+            buffered = b"".join([chunk async for chunk in _upload(request, _BUFFERED_BODY, decoder)])
+            extra = {}
         await plan.check_body(buffered)
     query = f"?{request.url.query}" if request.url.query else ""
     answer = await send_checked(
@@ -136,7 +150,7 @@ async def passthrough(request: Request, path: str, gw: GatewayDep) -> Response:
         request.method,
         upstream_path(*path.split("/")) + query,
         client_headers=gw.headers,
-        body=buffered if buffered is not None else _upload(request, settings.max_upload_bytes),
+        body=buffered if buffered is not None else _upload(request, limit, decoder),
         keep_open=_unless_json if plan is not None and plan.reads_answer else _stream_back,
         replayable=buffered is not None and request.method in _IDEMPOTENT,
         extra_headers=extra,

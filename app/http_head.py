@@ -1,0 +1,181 @@
+"""The HTTP/1.1 server protocol: uvicorn's httptools protocol with bounds on the request head.
+
+httptools (llhttp) puts no limit on a head: a 48 MB header was parsed whole (the event loop stalled for
+0.6-1.6 s; eight 32 MB headers left the process ~90-280 MB larger), and a connection sending its head a
+byte a second was held for ever. Here a head larger than GATEWAY_MAX_HEADER_BYTES is answered 431, and a
+head not received within GATEWAY_HEADER_TIMEOUT_S 408 (of a new connection's opening, or of its first
+byte on a kept-alive one: the wait before that is uvicorn's keep-alive timeout).
+
+What is counted: the bytes read while a head is incomplete, so a large header is refused after at most
+one read past the bound, before it is ever whole; a head that ends within a read is measured from its
+parsed target and header fields, and only when that read could have taken it past the bound. A head that
+arrives in one read, nearly every request's, costs a comparison and starts no timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from functools import partial
+from typing import Any, cast
+
+from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from app.config import Settings
+from app.errors import error_body
+
+# How long a refused client may go on sending before the connection closes: reading what it sends
+# meanwhile lets it read the answer instead of a reset (RFC 9112 §9.6).
+_LINGER_S = 2.0
+
+
+def head_limited_protocol(settings: Settings) -> type[asyncio.Protocol]:
+    """uvicorn's `http=`. A partial rather than a class made here: uvicorn pickles its config for
+    `--workers` processes, and only a module-level class pickles."""
+    protocol = partial(
+        HeadLimitedProtocol,
+        max_head_bytes=settings.max_header_bytes,
+        head_timeout_s=settings.header_timeout_s,
+    )
+    return cast("type[asyncio.Protocol]", protocol)
+
+
+class HeadLimitedProtocol(HttpToolsProtocol):
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        max_head_bytes: int,
+        head_timeout_s: float,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.max_head_bytes = max_head_bytes
+        self.head_timeout_s = head_timeout_s
+        # Bytes of the head being read, in the reads before this one; -1 between heads.
+        self._head_bytes = -1
+        self._read = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._read = len(data)
+        super().data_received(data)
+        if self._head_bytes < 0 or self.transport.is_closing():
+            return
+        # The head is still incomplete: all of this read was head (or, after a pipelined request, its end
+        # and the next head's start).
+        self._head_bytes += self._read
+        if self._head_bytes > self.max_head_bytes:
+            self._refuse(431, self._too_large_message(), "request_header_fields_too_large")
+        elif self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes = 0
+
+    def on_headers_complete(self) -> None:
+        self._cancel_head_timer()
+        too_large = (
+            self._head_bytes + self._read > self.max_head_bytes
+            and self._parsed_head_bytes() > self.max_head_bytes
+        )
+        self._head_bytes = -1
+        if not too_large:
+            super().on_headers_complete()
+            return
+        # Answered as uvicorn answers past its concurrency limit: by another app for this one request.
+        app, self.app = self.app, partial(_refusal, self._too_large_message())
+        try:
+            super().on_headers_complete()
+        finally:
+            self.app = app
+
+    def _parsed_head_bytes(self) -> int:
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+
+    def _too_large_message(self) -> str:
+        return f"Request header fields are larger than the gateway's limit of {self.max_head_bytes} bytes."
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._head_bytes > 0:
+            self._refuse(
+                408,
+                f"The request head did not arrive within the gateway's {self.head_timeout_s:g} s.",
+                "request_timeout",
+            )
+        else:  # nothing was sent: there is no request to answer
+            self.transport.close()
+
+    def _refuse(self, status: int, message: str, code: str) -> None:
+        """Answer an incomplete head and stop parsing this connection: what the client still sends is
+        read and dropped until it stops or _LINGER_S has passed."""
+        self._cancel_head_timer()
+        self._unset_keepalive_if_required()
+        self.connections.discard(self)
+        body = error_body(message, status=status, code=code)
+        head = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            head.extend([name, b": ", value, b"\r\n"])
+        head.append(
+            b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+        )
+        self.transport.write(b"".join(head) + body)
+        self.transport.set_protocol(_Lingering(self.transport, self.loop))
+        self.parser = None  # type: ignore[assignment]
+
+
+async def _refusal(message: str, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+    body = error_body(message, status=431, code="request_header_fields_too_large")
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 431,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class _Lingering(asyncio.Protocol):
+    """A refused connection's last moments: its answer is written and half-closed; what the client
+    still sends is dropped, until it closes its end or _LINGER_S has passed."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._timer = loop.call_later(_LINGER_S, transport.close)
+        if transport.can_write_eof():
+            transport.write_eof()
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> None:
+        self._transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._timer.cancel()
