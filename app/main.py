@@ -19,6 +19,7 @@ from starlette.datastructures import State
 from starlette.types import ASGIApp
 
 from app.background import BackgroundResponses
+from app.client_watch import ClientWatch
 from app.config import ConfigError, Settings, load_settings
 from app.config_file import GatewayConfig, load_config_file
 from app.db.engine import create_engine
@@ -210,6 +211,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.policy = Policy(settings, config)
     app.state.reload_config = reload_config
     app.state.background = BackgroundResponses()
+    app.state.client_watch = ClientWatch()
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(metrics.router)

@@ -16,7 +16,7 @@ from app.streaming import ChatChunkInspector
 PATH = "/chat/completions"
 
 
-def _check_messages(body: dict[str, Any]) -> None:
+def _check_body(body: dict[str, Any]) -> None:
     messages = body.get("messages")
     if messages is None:
         raise bad_request(
@@ -33,6 +33,13 @@ def _check_messages(body: dict[str, Any]) -> None:
                 param=f"messages[{index}]",
                 code="invalid_type",
             )
+    # Checked here, before the call counts as metered, not where the usage chunk is asked for: input the
+    # gateway refuses itself leaves no row.
+    options = body.get("stream_options")
+    if body.get("stream") is True and options is not None and not isinstance(options, dict):
+        raise bad_request(
+            "Invalid 'stream_options': expected an object.", param="stream_options", code="invalid_type"
+        )
 
 
 # Appended to the client's own bytes when it set no stream_options: re-serialising the whole body would
@@ -45,10 +52,6 @@ def _ask_for_usage(metered: MeteredRequest) -> tuple[bool, Payload]:
     body to send."""
     body = metered.body
     options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise bad_request(
-            "Invalid 'stream_options': expected an object.", param="stream_options", code="invalid_type"
-        )
     client_wants_usage = bool(options and options.get("include_usage") is True)
     body["stream_options"] = {**(options or {}), "include_usage": True}
     if not metered.modified:
@@ -63,7 +66,7 @@ def _ask_for_usage(metered: MeteredRequest) -> tuple[bool, Payload]:
 
 async def chat_completions(request: Request, gw: GatewayDep) -> Response:
     call = gw.call
-    metered = await read_metered(request, gw, "/v1" + PATH, _check_messages)
+    metered = await read_metered(request, gw, "/v1" + PATH, _check_body)
     if call.stream:
         client_wants_usage, payload = _ask_for_usage(metered)
     else:
@@ -77,4 +80,6 @@ async def chat_completions(request: Request, gw: GatewayDep) -> Response:
         payload=payload,
         client_headers=gw.headers,
         inspector=(lambda: ChatChunkInspector(call, client_wants_usage)) if call.stream else None,
+        receive=request.receive,
+        clients=request.app.state.client_watch,
     )
