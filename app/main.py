@@ -120,10 +120,10 @@ async def _make_guard(settings: Settings, config: GatewayConfig, engine: AsyncEn
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings, config = _configuration(settings)
     configure_logging(settings.log_level)
-    app_metrics = Metrics()
+    app_metrics = Metrics(settings.metrics_max_features)
 
     def price_table(config: GatewayConfig) -> PriceTable:
-        return PriceTable(config.prices, on_unknown=lambda model: app_metrics.unknown_models.inc((model,)))
+        return PriceTable(config.prices, on_unknown=app_metrics.observe_unknown_model)
 
     def reload_config() -> None:
         """SIGHUP: validate the file again and swap the policy and prices whole; requests in flight keep
@@ -138,6 +138,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             threading.Thread(target=tokens.preload, name="tokenizer-preload", daemon=True).start()
         app.state.policy = Policy(settings, fresh)
         app.state.prices = price_table(fresh)
+        app_metrics.labels.configure(fresh, app.state.prices)
         meter: Meter | None = getattr(app.state, "meter", None)
         if meter is not None:
             meter.prices = app.state.prices
@@ -157,6 +158,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.guard = guard
         app_metrics.watch_limits(guard.stats)
         app.state.prices = price_table(config)
+        app_metrics.labels.configure(config, app.state.prices)
+        app_metrics.labels.name_routes([*HOT_ROUTES, *(getattr(route, "path", "") for route in app.routes)])
         recorder: Recorder | None = None
         if _has_prompt_budgets(config):
             # Prompt budgets count every chat prompt of their features (in a thread): built now, so that
