@@ -51,7 +51,7 @@ def _open_then_abandon(
     ],
     ids=["chat", "embeddings", "stream-before-its-first-byte"],
 )
-def test_an_abandoned_call_cancels_the_upstream_and_its_row_says_so(
+def test_an_abandoned_call_ends_and_its_row_says_so(
     path: str, body: dict[str, object], gateway: ThreadedGateway, fake: FakeOpenAI, database_url: str
 ) -> None:
     fake.slow_first_byte(UPSTREAM_THINKS_S)
@@ -109,28 +109,34 @@ def test_input_the_gateway_refuses_itself_leaves_no_row(
     assert len(fake.requests) == 1
 
 
-@pytest.mark.parametrize(
-    ("cap", "shown"),
-    [("0.0001", "$0.0001"), ("0.00025", "$0.00025"), ("0.5", "$0.50"), ("3", "$3.00")],
-)
+# Cap per feature, and how the budget message shows it.
+CAPS = {
+    "tiny": ("0.0001", "$0.0001"),
+    "small": ("0.00025", "$0.00025"),
+    "half": ("0.5", "$0.50"),
+    "three": ("3", "$3.00"),
+}
+
+
 def test_a_budget_message_keeps_the_digits_of_the_cap(
-    cap: str,
-    shown: str,
-    start_gateway: Callable[..., ThreadedGateway],
-    fake: FakeOpenAI,
-    tmp_path: Path,
+    start_gateway: Callable[..., ThreadedGateway], fake: FakeOpenAI, tmp_path: Path
 ) -> None:
     config = tmp_path / "gateway.yaml"
-    config.write_text(f"features: {{tiny: {{budget_daily_usd: {cap}}}}}\n")
+    config.write_text(
+        "features:\n" + "".join(f"  {name}: {{budget_daily_usd: {cap}}}\n" for name, (cap, _) in CAPS.items())
+    )
     gateway = start_gateway(config_file=config)
-    with sdk_client(gateway.base_url) as sdk, pytest.raises(openai.RateLimitError) as caught:
-        # Estimated at its max_tokens (1M output tokens of gpt-4o: $10), this call alone is over the cap.
-        sdk.chat.completions.create(
-            model="gpt-4o",
-            messages=MESSAGES,  # type: ignore[arg-type]
-            max_tokens=1_000_000,
-            extra_headers={"X-Feature": "tiny"},
-        )
-    assert caught.value.code == "budget_exceeded"
-    assert f"The daily budget of {shown} for feature 'tiny' is spent ($0.00 so far)" in caught.value.message
+    with sdk_client(gateway.base_url) as sdk:
+        for feature, (_, shown) in CAPS.items():
+            with pytest.raises(openai.RateLimitError) as caught:
+                # Estimated at its max_tokens (1M output tokens of gpt-4o: $10), each call is over its cap.
+                sdk.chat.completions.create(
+                    model="gpt-4o",
+                    messages=MESSAGES,  # type: ignore[arg-type]
+                    max_tokens=1_000_000,
+                    extra_headers={"X-Feature": feature},
+                )
+            assert caught.value.code == "budget_exceeded"
+            expected = f"The daily budget of {shown} for feature '{feature}' is spent ($0.00 so far)"
+            assert expected in caught.value.message
     assert fake.requests == []
