@@ -1,5 +1,6 @@
-"""Usage rows tell the truth: a call the client abandoned says so (and the upstream stops working on it),
-input the gateway refuses itself leaves no row, and a budget message shows the digits of the cap."""
+"""Usage rows tell the truth: a call the client abandoned says so (499, client_disconnected) as soon as the
+gateway notices, input the gateway refuses itself leaves no row, and a budget message shows the digits of
+the cap."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import MASTER_KEY, ThreadedGateway
 
 MESSAGES = [{"role": "user", "content": "hi"}]
-# Far longer than any wait here: the upstream answers only if nobody cancels the call.
+# Far longer than any wait here: a row before then shows that the gateway stopped waiting for the answer.
 UPSTREAM_THINKS_S = 60.0
 
 
@@ -47,9 +48,10 @@ def _open_then_abandon(
     [
         ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": MESSAGES}),
         ("/v1/embeddings", {"model": "text-embedding-3-small", "input": "hi"}),
+        ("/v1/responses", {"model": "gpt-4o-mini", "input": "hi"}),
         ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}),
     ],
-    ids=["chat", "embeddings", "stream-before-its-first-byte"],
+    ids=["chat", "embeddings", "responses", "stream-before-its-first-byte"],
 )
 def test_an_abandoned_call_ends_and_its_row_says_so(
     path: str, body: dict[str, object], gateway: ThreadedGateway, fake: FakeOpenAI, database_url: str
