@@ -74,6 +74,12 @@ class Settings(DatabaseSettings):
     max_header_bytes: int = Field(default=64 * 1024, ge=1024)
     header_timeout_s: float = Field(default=10.0, gt=0)
 
+    # /metrics: when set, a scrape needs `Authorization: Bearer <this key>` (the master key works too).
+    metrics_key: SecretStr | None = Field(default=None, min_length=8)
+    # Features that get a label of their own in /metrics besides those named in GATEWAY_CONFIG: the first
+    # this many seen. The rest are counted under `other`, so clients' X-Feature values cannot grow a scrape.
+    metrics_max_features: int = Field(default=100, ge=0)
+
     # Process.
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
@@ -88,7 +94,7 @@ class Settings(DatabaseSettings):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
-    @field_validator("openai_api_key", "redis_url", "config_file", mode="before")
+    @field_validator("openai_api_key", "redis_url", "config_file", "metrics_key", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if value == "" else value

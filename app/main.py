@@ -20,6 +20,7 @@ from starlette.types import ASGIApp
 
 from app.background import BackgroundResponses
 from app.canonical_path import CanonicalPath
+from app.client_watch import ClientWatch
 from app.config import ConfigError, Settings, load_settings
 from app.config_file import GatewayConfig, load_config_file
 from app.db.engine import create_engine
@@ -124,10 +125,10 @@ async def _make_guard(settings: Settings, config: GatewayConfig, engine: AsyncEn
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings, config = _configuration(settings)
     configure_logging(settings.log_level)
-    app_metrics = Metrics()
+    app_metrics = Metrics(settings.metrics_max_features)
 
     def price_table(config: GatewayConfig) -> PriceTable:
-        return PriceTable(config.prices, on_unknown=lambda model: app_metrics.unknown_models.inc((model,)))
+        return PriceTable(config.prices, on_unknown=app_metrics.observe_unknown_model)
 
     def reload_config() -> None:
         """SIGHUP: validate the file again and swap the policy and prices whole; requests in flight keep
@@ -142,6 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             threading.Thread(target=tokens.preload, name="tokenizer-preload", daemon=True).start()
         app.state.policy = Policy(settings, fresh)
         app.state.prices = price_table(fresh)
+        app_metrics.labels.configure(fresh, app.state.prices)
         meter: Meter | None = getattr(app.state, "meter", None)
         if meter is not None:
             meter.prices = app.state.prices
@@ -162,6 +164,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.guard = guard
         app_metrics.watch_limits(guard.stats)
         app.state.prices = price_table(config)
+        app_metrics.labels.configure(config, app.state.prices)
+        app_metrics.labels.name_routes([*HOT_ROUTES, *(getattr(route, "path", "") for route in app.routes)])
         recorder: Recorder | None = None
         if _has_prompt_budgets(config):
             # Prompt budgets count every chat prompt of their features (in a thread): built now, so that
@@ -216,6 +220,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.policy = Policy(settings, config)
     app.state.reload_config = reload_config
     app.state.background = BackgroundResponses()
+    app.state.client_watch = ClientWatch()
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(metrics.router)

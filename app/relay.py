@@ -3,15 +3,18 @@ turn what comes back into the client's response."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterable, Callable, Mapping
 from typing import Any
 
 import orjson
 from starlette.responses import Response
+from starlette.types import Receive
 
 from app.answers import RelayedResponse
 from app.call import CallRecord, Usage
+from app.client_watch import ClientWatch
 from app.errors import GatewayError, RelayedError
 from app.policy import Candidate, UpstreamTarget
 from app.streaming import EventInspector, EventRelayResponse, collect_text
@@ -159,9 +162,41 @@ async def forward(
     payload: Payload,
     client_headers: Mapping[str, str],
     inspector: Callable[[], EventInspector] | None,
+    receive: Receive,
+    clients: ClientWatch,
 ) -> Response:
     """POST `payload` to `path` for each candidate model in turn until one answers; relay JSON whole, or
-    an SSE stream event by event when `inspector` is given (made once the upstream answered a stream)."""
+    an SSE stream event by event when `inspector` is given (made once the upstream answered a stream).
+
+    A client that leaves while the upstream has not answered ends the call (app/client_watch.py): the row
+    says 499 client_disconnected, not the status of an answer the client never got. The upstream request
+    itself is abandoned, not aborted: pyreqwest (0.15.1) cannot abort a request still waiting for its
+    answer's head, so it runs on in the client's runtime until the answer or GATEWAY_REQUEST_TIMEOUT_S."""
+    task = clients.enter(receive)
+    try:
+        return await _forward(upstream, call, candidates, path, payload, client_headers, inspector)
+    except asyncio.CancelledError:
+        if not clients.gone(task):
+            raise
+        # Our own cancellation, for a client that left: nobody is left to answer, and not an error.
+        task.uncancel()
+        call.client_disconnected = True
+        call.error_type = "client_disconnected"
+        # As nginx logs it; the send goes nowhere, but the access log and the usage row record it.
+        return Response(status_code=499)
+    finally:
+        clients.leave(task)
+
+
+async def _forward(
+    upstream: UpstreamClient,
+    call: CallRecord,
+    candidates: list[Candidate],
+    path: str,
+    payload: Payload,
+    client_headers: Mapping[str, str],
+    inspector: Callable[[], EventInspector] | None,
+) -> Response:
     headers = {**upstream_request_headers(client_headers), "content-type": "application/json"}
     keep_open = is_sse if inspector is not None else never_open
     for index, candidate in enumerate(candidates):

@@ -86,12 +86,27 @@ def _row(row: dict[str, Any], group_by: tuple[str, ...]) -> dict[str, Any]:
     return row
 
 
+# OWASP, "CSV Injection": a spreadsheet takes a cell starting with one of these for a formula.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(value: object) -> object:
+    """A cell as written to CSV. Strings come from clients (feature, user, model): one a spreadsheet would
+    run as a formula gets a leading `'`, as OWASP advises, so it reads as the text it is. The numbers are
+    the gateway's own."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def to_csv(rows: list[dict[str, Any]], group_by: tuple[str, ...]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*group_by, *SUMS])
     for row in rows:
-        writer.writerow([("" if row[name] is None else row[name]) for name in (*group_by, *SUMS)])
+        writer.writerow([_csv_cell(row[name]) for name in (*group_by, *SUMS)])
     return out.getvalue()
 
 

@@ -184,7 +184,9 @@ class Guard:
 
 
 def _money(value: Decimal) -> str:
-    return f"${value.quantize(Decimal('0.01'))}"
+    """Cents at least, and every digit beyond them that the amount has: a $0.0001 cap must not read $0.00."""
+    cents = value.quantize(Decimal("0.01"))
+    return f"${cents if cents == value else value.normalize():f}"
 
 
 def _describe(scope: str) -> str:

@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from app.call import CallRecord, Usage
 from app.metering.events import COST_EXPONENT
+from app.metering.labels import MetricLabels
 
 COST_UNIT_USD = 10.0**COST_EXPONENT
 
@@ -110,7 +111,9 @@ class _Collected(Collector):
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, max_features: int = 100) -> None:
+        # Feature, model and route labels come from clients: bounded (app/metering/labels.py).
+        self.labels = MetricLabels(max_features)
         self.registry = CollectorRegistry(auto_describe=False)
         self.requests = _LabelledCounter(
             "gateway_requests", "Requests by route and status", ("route", "status")
@@ -177,6 +180,7 @@ class Metrics:
         self.registry.register(_Collected(families))
 
     def observe_request(self, route: str, call: CallRecord, seconds: float) -> None:
+        route = self.labels.route(route)
         key = (route,)
         self.requests.inc((route, str(call.status_code)))
         self.latency.observe(key, seconds)
@@ -186,7 +190,11 @@ class Metrics:
             self.attempts.inc(key, call.attempts)
 
     def observe_usage(self, model: str, feature: str, usage: Usage, cost_units: int | None) -> None:
-        self.usage.add((model, feature), usage, cost_units)
+        labels = self.labels
+        self.usage.add((labels.model(model), labels.feature(feature)), usage, cost_units)
+
+    def observe_unknown_model(self, model: str) -> None:
+        self.unknown_models.inc((self.labels.model(model),))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

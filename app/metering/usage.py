@@ -14,9 +14,11 @@ log = logging.getLogger("gateway.metering")
 
 def estimated_with(call: CallRecord) -> str | None:
     """The model whose tokenizer counts the call's tokens, when the gateway must count them itself: the
-    upstream did (or may have) generated tokens without saying how many — a 2xx without usage, a stream
-    the client abandoned, or one the upstream broke off after some output. None otherwise."""
-    if call.usage is not None or (call.status_code >= 400 and not call.completion_parts):
+    upstream did (or may have) generated tokens without saying how many — a 2xx without usage, a call
+    the client abandoned, or a stream the upstream broke off after some output. None otherwise."""
+    if call.usage is not None or (
+        call.status_code >= 400 and not call.completion_parts and not call.client_disconnected
+    ):
         return None
     return call.upstream_model or call.routed_model or call.model or ""
 

@@ -18,7 +18,7 @@ from app.streaming import ChatChunkInspector
 PATH = "/chat/completions"
 
 
-def _check_messages(body: dict[str, Any]) -> None:
+def _check_body(body: dict[str, Any]) -> None:
     messages = body.get("messages")
     if messages is None:
         raise bad_request(
@@ -35,6 +35,13 @@ def _check_messages(body: dict[str, Any]) -> None:
                 param=f"messages[{index}]",
                 code="invalid_type",
             )
+    # Checked here, before the call counts as metered, not where the usage chunk is asked for: input the
+    # gateway refuses itself leaves no row.
+    options = body.get("stream_options")
+    if body.get("stream") is True and options is not None and not isinstance(options, dict):
+        raise bad_request(
+            "Invalid 'stream_options': expected an object.", param="stream_options", code="invalid_type"
+        )
 
 
 # Appended to the client's own bytes when it set no stream_options: re-serialising the whole body would
@@ -47,10 +54,6 @@ def _ask_for_usage(metered: MeteredRequest) -> tuple[bool, Payload]:
     body to send."""
     body = metered.body
     options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise bad_request(
-            "Invalid 'stream_options': expected an object.", param="stream_options", code="invalid_type"
-        )
     client_wants_usage = bool(options and options.get("include_usage") is True)
     body["stream_options"] = {**(options or {}), "include_usage": True}
     if not metered.modified:
@@ -65,9 +68,7 @@ def _ask_for_usage(metered: MeteredRequest) -> tuple[bool, Payload]:
 
 async def chat_completions(request: Request, gw: GatewayDep) -> Response:
     call, who = gw.call, caller(request, gw)
-    metered = await read_metered(
-        request, gw, "/v1" + PATH, _check_messages, body_check(who, "chat/completions")
-    )
+    metered = await read_metered(request, gw, "/v1" + PATH, _check_body, body_check(who, "chat/completions"))
     if call.stream:
         client_wants_usage, payload = _ask_for_usage(metered)
     else:
@@ -81,6 +82,8 @@ async def chat_completions(request: Request, gw: GatewayDep) -> Response:
         payload=payload,
         client_headers=gw.headers,
         inspector=(lambda: ChatChunkInspector(call, client_wants_usage)) if call.stream else None,
+        receive=request.receive,
+        clients=request.app.state.client_watch,
     )
     await record_created(who, "chat.completion", stored_completion(metered.body), response)
     return response

@@ -30,4 +30,6 @@ async def embeddings(request: Request, gw: GatewayDep) -> Response:
         payload=Payload(metered.raw, metered.body),
         client_headers=gw.headers,
         inspector=None,
+        receive=request.receive,
+        clients=request.app.state.client_watch,
     )

@@ -50,6 +50,8 @@ async def create_response(request: Request, gw: GatewayDep) -> Response:
         payload=Payload(metered.raw, metered.body),
         client_headers=gw.headers,
         inspector=(lambda: ResponsesEventInspector(call)) if call.stream else None,
+        receive=request.receive,
+        clients=request.app.state.client_watch,
     )
     await record_created(who, "response", stored_response(metered.body), response)
     if metered.body.get("background") is True and not call.stream and response.status_code < 300:

@@ -1,0 +1,68 @@
+"""Noticing a client that leaves while its call waits for the upstream's answer.
+
+A call answered whole (or a stream before its first bytes) waits inside its handler, and only ASGI's
+`receive` tells that the client has gone: some task must be waiting on it. A task of its own for every call
+cost ~5 µs a call (creating, starting and cancelling it), a tenth of the gateway's own work on a call, for
+the few clients that leave. So a call is only registered as waiting (two dict operations), and a sweep
+every AFTER_S starts a watcher for each call that has been waiting since the sweep before: a client that
+leaves is noticed within 2 x AFTER_S, and a call answered sooner never gets a watcher at all.
+
+The watcher cancels the call's task; the caller asks `gone()` to tell that cancellation from any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from starlette.types import Receive
+
+AFTER_S = 0.25
+
+_Task = asyncio.Task[Any]
+
+
+class ClientWatch:
+    """One per app. Used from the event loop's thread only."""
+
+    def __init__(self) -> None:
+        # Calls registered since the last sweep, and those registered before it.
+        self._young: dict[_Task, Receive] = {}
+        self._old: dict[_Task, Receive] = {}
+        self._watchers: dict[_Task, _Task] = {}
+        self._gone: set[_Task] = set()
+        self._sweep_timer: asyncio.TimerHandle | None = None
+
+    def enter(self, receive: Receive) -> _Task:
+        """The current task waits for the upstream from now on: cancelled if its client leaves."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._young[task] = receive
+        if self._sweep_timer is None:
+            self._sweep_timer = asyncio.get_running_loop().call_later(AFTER_S, self._sweep)
+        return task
+
+    def gone(self, task: _Task) -> bool:
+        """Whether `task` was cancelled because its client left."""
+        return task in self._gone
+
+    def leave(self, task: _Task) -> None:
+        if self._young.pop(task, None) is not None or self._old.pop(task, None) is not None:
+            return
+        watcher = self._watchers.pop(task, None)
+        if watcher is not None:
+            watcher.cancel()
+        self._gone.discard(task)
+
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        for task, receive in self._old.items():
+            self._watchers[task] = loop.create_task(self._watch(receive, task))
+        self._old, self._young = self._young, {}
+        self._sweep_timer = loop.call_later(AFTER_S, self._sweep) if self._old else None
+
+    async def _watch(self, receive: Receive, task: _Task) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._gone.add(task)
+        task.cancel()
