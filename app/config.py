@@ -48,7 +48,10 @@ class Settings(DatabaseSettings):
 
     # Retry policy for upstream calls.
     max_attempts: int = Field(default=3, ge=1, le=20)
-    retry_deadline_s: float = Field(default=60.0, gt=0)
+    # The whole upstream call, first attempt included (a non-streamed answer must arrive within it; a
+    # stream's first bytes). As long as the OpenAI SDKs' own default timeout: a later answer would reach
+    # no SDK client waiting with its defaults.
+    retry_deadline_s: float = Field(default=600.0, gt=0)
     backoff_initial_s: float = Field(default=0.5, ge=0)
     backoff_max_s: float = Field(default=8.0, ge=0)
     retry_after_max_s: float = Field(default=30.0, ge=0)
@@ -66,6 +69,9 @@ class Settings(DatabaseSettings):
     # Passthrough uploads (files, audio) are streamed, never held in memory; OpenAI takes files to 512 MB.
     max_upload_bytes: int = Field(default=1024 * 1024 * 1024, ge=1024)
     upstream_max_connections: int = Field(default=2048, ge=1)
+    # An upstream answer read whole (a JSON body, an error) beyond this is refused (502), never buffered;
+    # decompressed bytes count. Streams and downloads are relayed as they come and not bounded by it.
+    max_answer_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
 
     # Process.
     host: str = "127.0.0.1"
