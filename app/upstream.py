@@ -15,12 +15,10 @@ trusted to be small.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
 from collections.abc import AsyncIterable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
@@ -168,10 +166,6 @@ async def read_whole(response: Response, limit: int) -> bytes:
 
 def _too_large(limit: int) -> UpstreamUnavailable:
     return UpstreamUnavailable("answer_too_large", f"upstream answer larger than the gateway's {limit} bytes")
-
-
-# An attempt that its own timeouts end before the deadline: no timer of the event loop's for it.
-_UNBOUNDED: AbstractAsyncContextManager[object] = contextlib.nullcontext()
 
 
 def relay_response_headers(upstream: Mapping[str, str]) -> dict[str, str]:
@@ -327,14 +321,17 @@ class UpstreamClient:
                 builder = builder.body_bytes(body)
             if whole:
                 limit = self._whole_limit if budget >= self._whole_limit_s else timedelta(seconds=budget)
-                return await self._exchange(builder.timeout(limit).build_streamed(), keep_open, _UNBOUNDED)
+                return await self._exchange(builder.timeout(limit).build_streamed(), keep_open)
             # Each chunk is handed over as it arrives: with a larger read-ahead, pyreqwest holds a stream's
-            # first events back until that many bytes have come. A timeout over the whole request would
-            # also cut the stream's later events: the deadline bounds this attempt from the event loop,
-            # only when it ends before the client's own timeouts do.
+            # first events back until that many bytes have come.
             request = builder.streamed_read_buffer_limit(1).build_streamed()
-            bound = asyncio.timeout(budget) if budget < self._open_bound_s else _UNBOUNDED
-            return await self._exchange(request, keep_open, bound)
+            if budget >= self._open_bound_s:
+                return await self._exchange(request, keep_open)
+            # A timeout over the whole request would cut the stream's later events too: the deadline
+            # bounds this attempt from the event loop instead. (pyreqwest goes on waiting for a cancelled
+            # request's answer, up to the client's read timeout, and drops it then.)
+            async with asyncio.timeout(budget):
+                return await self._exchange(request, keep_open)
 
         try:
             result = await self.policy.run(attempt, deadline=deadline, replayable=replayable)
@@ -349,29 +346,25 @@ class UpstreamClient:
         return result
 
     async def _exchange(
-        self,
-        request: StreamRequest,
-        keep_open: Callable[[ResponseHead], bool],
-        bound: AbstractAsyncContextManager[object],
+        self, request: StreamRequest, keep_open: Callable[[ResponseHead], bool]
     ) -> UpstreamResponse:
         """Send `request` and take its answer: open with its first bytes read, or read whole."""
         response: Response | None = None
         kept = False
         try:
-            async with bound:
-                response = await request.__aenter__()
-                if is_redirect(response.status):
-                    status = response.status
-                    raise UpstreamUnavailable("redirect", f"the upstream redirected ({status}): not followed")
-                if keep_open(response):
-                    first = await response.body_reader.read_chunk()
-                    if first is None and is_sse(response):
-                        raise UpstreamClosedEarly("upstream closed the stream before its first byte")
-                    kept = True
-                    stream = UpstreamStream(request, response)
-                    return UpstreamResponse(response.status, response.headers, bytes(first or b""), stream)
-                data = await read_whole(response, self._max_answer)
-                return UpstreamResponse(response.status, response.headers, data)
+            response = await request.__aenter__()
+            if is_redirect(response.status):
+                status = response.status
+                raise UpstreamUnavailable("redirect", f"the upstream redirected ({status}): not followed")
+            if keep_open(response):
+                first = await response.body_reader.read_chunk()
+                if first is None and is_sse(response):
+                    raise UpstreamClosedEarly("upstream closed the stream before its first byte")
+                kept = True
+                stream = UpstreamStream(request, response)
+                return UpstreamResponse(response.status, response.headers, bytes(first or b""), stream)
+            data = await read_whole(response, self._max_answer)
+            return UpstreamResponse(response.status, response.headers, data)
         finally:
             # Read to its end, the connection goes back to the pool; otherwise it is closed. (Never
             # opened, there is nothing to close: pyreqwest refuses an exit without an entry.)
