@@ -79,6 +79,9 @@ class CallRecord:
     routed_model: str | None = None
     upstream_model: str | None = None
     attempts: int = 0
+    # When the upstream call must be over (time.perf_counter()): set by its first attempt, shared by
+    # the fallbacks after it.
+    upstream_deadline: float | None = None
     status_code: int = 0
     usage: Usage | None = None
     ttfb_s: float | None = None

@@ -48,7 +48,10 @@ class Settings(DatabaseSettings):
 
     # Retry policy for upstream calls.
     max_attempts: int = Field(default=3, ge=1, le=20)
-    retry_deadline_s: float = Field(default=60.0, gt=0)
+    # The whole upstream call, first attempt included (a non-streamed answer must arrive within it; a
+    # stream's first bytes). As long as the OpenAI SDKs' own default timeout: a later answer would reach
+    # no SDK client waiting with its defaults.
+    retry_deadline_s: float = Field(default=600.0, gt=0)
     backoff_initial_s: float = Field(default=0.5, ge=0)
     backoff_max_s: float = Field(default=8.0, ge=0)
     retry_after_max_s: float = Field(default=30.0, ge=0)
@@ -73,6 +76,9 @@ class Settings(DatabaseSettings):
     # A request's head (request line and header fields): its size, and the time it may take to arrive.
     max_header_bytes: int = Field(default=64 * 1024, ge=1024)
     header_timeout_s: float = Field(default=10.0, gt=0)
+    # An upstream answer read whole (a JSON body, an error) beyond this is refused (502), never buffered;
+    # decompressed bytes count. Streams and downloads are relayed as they come and not bounded by it.
+    max_answer_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
 
     # /metrics: when set, a scrape needs `Authorization: Bearer <this key>` (the master key works too).
     metrics_key: SecretStr | None = Field(default=None, min_length=8)

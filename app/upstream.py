@@ -5,12 +5,19 @@ upstream client decides a Python gateway's throughput (ARCHITECTURE.md, pitfall 
 2-core machine kind, a bare pass-through on one core relaying nginx's canned answers did ~10,000 JSON
 requests/s and ~10,300 streams/s with aiohttp, ~16,000 and ~17,700 with pyreqwest (bench/README.md, "The
 upstream client"); with httpx ~350 req/s. The gateway relays bytes, so it needs no SDK models here.
+
+Deliberate divergences from a browser-like client: redirects are never followed (a 3xx other than 304 is
+refused with a 502), since following one re-sends the prompt, and the upstream key, to a host nobody
+configured; and an answer read whole is bounded (GATEWAY_MAX_ANSWER_BYTES), since the upstream is not
+trusted to be small.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -71,7 +78,8 @@ _RELAY_RESPONSE = frozenset(
 
 
 class UpstreamUnavailable(Exception):
-    """No response after every attempt: `timeout` (→ 504) or `connect` (→ 502)."""
+    """No usable answer: `timeout` (→ 504); `connect` (no answer after every attempt), `redirect` or
+    `answer_too_large` (→ 502)."""
 
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(detail)
@@ -138,6 +146,35 @@ def never_open(_: ResponseHead) -> bool:
     return False
 
 
+def is_redirect(status: int) -> bool:
+    # 304 Not Modified answers a conditional GET (a passthrough download); it points nowhere.
+    return 300 <= status < 400 and status != 304
+
+
+async def read_whole(response: Response, limit: int) -> bytes:
+    """The body, or UpstreamUnavailable once it passes `limit` bytes (counted decoded: reqwest undoes a
+    Content-Encoding, dropping Content-Length, before the gateway sees a byte)."""
+    declared = response.headers.get("content-length")
+    if declared is not None and declared.isdigit():
+        if int(declared) > limit:
+            raise _too_large(limit)
+        # A length-delimited body ends at its declared length (RFC 9112 §6.3): hyper reads no further.
+        return bytes(await response.body_reader.bytes())
+    reader = response.body_reader
+    chunks: list[bytes] = []
+    size = 0
+    while (chunk := await reader.read_chunk()) is not None:
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(bytes(chunk))
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> UpstreamUnavailable:
+    return UpstreamUnavailable("answer_too_large", f"upstream answer larger than the gateway's {limit} bytes")
+
+
 def relay_response_headers(upstream: Mapping[str, str]) -> dict[str, str]:
     """`upstream`'s names are lower-case, as pyreqwest (the http crate) gives them. Names first, values
     only of the few relayed: each one pyreqwest hands over is a new Python string, and OpenAI answers with
@@ -193,22 +230,35 @@ class UpstreamClient:
         self.max_event_bytes = settings.max_event_bytes
         self._settings = settings
         self._total = timedelta(seconds=settings.request_timeout_s)
+        self._deadline_s = settings.retry_deadline_s
+        # An answer read whole is bounded by one timeout of pyreqwest's, which closes the connection when
+        # it fires: the request timeout, or less when the deadline leaves less.
+        self._whole_limit_s = min(settings.request_timeout_s, settings.retry_deadline_s)
+        self._whole_limit = timedelta(seconds=self._whole_limit_s)
+        self._max_answer = settings.max_answer_bytes
+        # The longest an attempt on the open client can take by that client's own timeouts: a free
+        # connection (pool timeout), then the response head (reqwest's read timeout runs from the send,
+        # connecting included), then the first bytes.
+        self._open_bound_s = 3 * settings.stream_read_timeout_s
         self._whole: Client | None = None
         self._open: Client | None = None
 
     def _client(self, read_timeout_s: float | None) -> Client:
         settings = self._settings
+        # Waiting for a free connection counts as part of the call (ARCHITECTURE.md, pitfall 4): the
+        # whole answer's timeout bounds it, and a stream waits no longer than for its next event.
+        pool_timeout = self._total if read_timeout_s is None else timedelta(seconds=read_timeout_s)
         builder = (
             ClientBuilder()
             .connect_timeout(timedelta(seconds=settings.connect_timeout_s))
-            # Waiting for a free connection counts as part of the call (ARCHITECTURE.md, pitfall 4).
-            .pool_timeout(self._total)
+            .pool_timeout(pool_timeout)
             .pool_idle_timeout(timedelta(seconds=30))
             .max_connections(settings.upstream_max_connections)
             # The upstream is configured (OPENAI_BASE_URL), not found through the environment's proxy
             # settings; and no cookies, or one client's state would leak into another's calls.
             .no_proxy()
             .default_cookie_store(False)
+            .follow_redirects(False)
         )
         if read_timeout_s is not None:
             builder = builder.read_timeout(timedelta(seconds=read_timeout_s))
@@ -248,20 +298,30 @@ class UpstreamClient:
         keep_open: Callable[[ResponseHead], bool] = is_sse,
         replayable: bool = True,
     ) -> UpstreamResponse:
-        """One call with retries. A response for which `keep_open` is true comes back open, with its first
-        bytes already read; any other is read whole. When the request is not `replayable` (a streamed
-        upload, a non-idempotent passthrough), only failures before a connection existed are retried:
-        until then not a byte of the body has left."""
+        """One call with retries, all of it within GATEWAY_RETRY_DEADLINE_S of its first attempt (shared
+        with the fallbacks that follow it). A response for which `keep_open` is true comes back open,
+        with its first bytes already read; any other is read whole. When the request is not
+        `replayable` (a streamed upload, a non-idempotent passthrough), only failures before a
+        connection existed are retried: until then not a byte of the body has left."""
         assert self._whole is not None and self._open is not None, "UpstreamClient.start() was not awaited"
         whole = keep_open is never_open
         client = self._whole if whole else self._open
-        total = self._total
         url = target.base_url + path
         headers = dict(headers)
         if target.api_key is not None:
             headers["authorization"] = f"Bearer {target.api_key}"
+        deadline = call.upstream_deadline
+        fresh = deadline is None
+        if deadline is None:
+            deadline = call.upstream_deadline = time.perf_counter() + self._deadline_s
 
         async def attempt() -> UpstreamResponse:
+            nonlocal fresh
+            # The call's first attempt starts microseconds after its deadline was set: all of it is left.
+            budget = self._deadline_s if fresh else deadline - time.perf_counter()
+            fresh = False
+            if budget <= 0:  # a fallback after the deadline (the policy starts no retry past it)
+                raise TimeoutError("the call's deadline has passed")
             call.attempts += 1
             builder = client.request(method, url).headers(headers)
             if not isinstance(body, bytes):
@@ -269,28 +329,21 @@ class UpstreamClient:
             elif body:
                 builder = builder.body_bytes(body)
             if whole:
-                answer = await builder.timeout(total).build().send()
-                return UpstreamResponse(answer.status, answer.headers, bytes(await answer.bytes()))
+                limit = self._whole_limit if budget >= self._whole_limit_s else timedelta(seconds=budget)
+                return await self._exchange(builder.timeout(limit).build_streamed(), keep_open)
             # Each chunk is handed over as it arrives: with a larger read-ahead, pyreqwest holds a stream's
             # first events back until that many bytes have come.
             request = builder.streamed_read_buffer_limit(1).build_streamed()
-            response = await request.__aenter__()
-            try:
-                if keep_open(response):
-                    first = await response.body_reader.read_chunk()
-                    if first is None and is_sse(response):
-                        raise UpstreamClosedEarly("upstream closed the stream before its first byte")
-                    stream = UpstreamStream(request, response)
-                    return UpstreamResponse(response.status, response.headers, bytes(first or b""), stream)
-                data = bytes(await response.body_reader.bytes())
-            except BaseException:
-                await request.__aexit__(None, None, None)
-                raise
-            await request.__aexit__(None, None, None)
-            return UpstreamResponse(response.status, response.headers, data)
+            if budget >= self._open_bound_s:
+                return await self._exchange(request, keep_open)
+            # A timeout over the whole request would cut the stream's later events too: the deadline
+            # bounds this attempt from the event loop instead. (pyreqwest goes on waiting for a cancelled
+            # request's answer, up to the client's read timeout, and drops it then.)
+            async with asyncio.timeout(budget):
+                return await self._exchange(request, keep_open)
 
         try:
-            result = await self.policy.run(attempt, replayable=replayable)
+            result = await self.policy.run(attempt, deadline=deadline, replayable=replayable)
         except TimeoutError as exc:  # pyreqwest's timeouts are TimeoutErrors
             raise UpstreamUnavailable(
                 "timeout", f"upstream timed out after {call.attempts} attempt(s)"
@@ -300,3 +353,29 @@ class UpstreamClient:
                 "connect", f"upstream unreachable after {call.attempts} attempt(s): {type(exc).__name__}"
             ) from exc
         return result
+
+    async def _exchange(
+        self, request: StreamRequest, keep_open: Callable[[ResponseHead], bool]
+    ) -> UpstreamResponse:
+        """Send `request` and take its answer: open with its first bytes read, or read whole."""
+        response: Response | None = None
+        kept = False
+        try:
+            response = await request.__aenter__()
+            if is_redirect(response.status):
+                status = response.status
+                raise UpstreamUnavailable("redirect", f"the upstream redirected ({status}): not followed")
+            if keep_open(response):
+                first = await response.body_reader.read_chunk()
+                if first is None and is_sse(response):
+                    raise UpstreamClosedEarly("upstream closed the stream before its first byte")
+                kept = True
+                stream = UpstreamStream(request, response)
+                return UpstreamResponse(response.status, response.headers, bytes(first or b""), stream)
+            data = await read_whole(response, self._max_answer)
+            return UpstreamResponse(response.status, response.headers, data)
+        finally:
+            # Read to its end, the connection goes back to the pool; otherwise it is closed. (Never
+            # opened, there is nothing to close: pyreqwest refuses an exit without an entry.)
+            if response is not None and not kept:
+                await request.__aexit__(None, None, None)

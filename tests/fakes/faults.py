@@ -15,6 +15,7 @@ class Fail:
     status: int
     body: Mapping[str, Any] | str | bytes | None
     headers: Mapping[str, str]
+    delay_s: float = 0.0  # how long the fake thinks before it answers
 
 
 @dataclass(frozen=True)
@@ -44,4 +45,18 @@ class RawStream:
     endless: bytes | None
 
 
-Fault = Fail | Drop | SlowFirstByte | Cut | RawStream
+@dataclass(frozen=True)
+class Stall:
+    """Take the request, then answer nothing, not even a status line, until the client leaves."""
+
+
+@dataclass(frozen=True)
+class Flood:
+    """Answer 200 with a JSON body of about ``size`` bytes: with a Content-Length (``framing="length"``),
+    chunked without one (``"chunked"``), or gzip-compressed (``"gzip"``: a few KB on the wire)."""
+
+    size: int
+    framing: str
+
+
+Fault = Fail | Drop | SlowFirstByte | Cut | RawStream | Stall | Flood

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import gzip
 import secrets
 import signal
 import ssl
@@ -55,7 +56,7 @@ from tests.fakes.answers import JSON_TYPE as JSON_TYPE
 from tests.fakes.answers import SSE_TYPE as SSE_TYPE
 from tests.fakes.answers import Answer, Download, Events, Handler, Incoming, Router
 from tests.fakes.chat_store_api import ChatStoreAPI
-from tests.fakes.faults import Cut, Drop, Fail, Fault, RawStream, SlowFirstByte
+from tests.fakes.faults import Cut, Drop, Fail, Fault, Flood, RawStream, SlowFirstByte, Stall
 from tests.fakes.files_api import FilesAPI
 from tests.fakes.jobs_api import JobsAPI
 from tests.fakes.responses_api import ResponsesAPI
@@ -244,9 +245,11 @@ class FakeOpenAI:
         body: Mapping[str, Any] | str | bytes | None = None,
         headers: Mapping[str, str] | None = None,
         method: str = "POST",
+        delay_s: float = 0.0,
     ) -> None:
-        """Answer the next ``times`` requests of ``method`` with an OpenAI error (or ``body`` as given)."""
-        self._add_fault(Fail(status, body, dict(headers or {})), times, method)
+        """Answer the next ``times`` requests of ``method`` with an OpenAI error (or ``body`` as given),
+        after ``delay_s``."""
+        self._add_fault(Fail(status, body, dict(headers or {}), delay_s), times, method)
 
     def drop_connection(self, times: int = 1) -> None:
         self._add_fault(Drop(), times)
@@ -265,6 +268,14 @@ class FakeOpenAI:
 
     def slow_first_byte(self, seconds: float, times: int = 1) -> None:
         self._add_fault(SlowFirstByte(seconds), times)
+
+    def stall(self, times: int = 1) -> None:
+        """Take the next ``times`` requests whole, then send nothing until the client leaves."""
+        self._add_fault(Stall(), times)
+
+    def flood(self, size: int, framing: str = "length") -> None:
+        """Answer the next request with a JSON body of about ``size`` bytes (``faults.Flood``)."""
+        self._add_fault(Flood(size, framing), 1)
 
     def _add_fault(self, fault: Fault, times: int, method: str = "POST") -> None:
         with self._cond:
@@ -392,9 +403,14 @@ class FakeOpenAI:
         if isinstance(fault, Drop):
             return self._drop(call)
         if isinstance(fault, Fail):
+            await asyncio.sleep(fault.delay_s)
             return await self._fail(call, fault)
         if isinstance(fault, RawStream):
             return await self._raw_stream(call, fault)
+        if isinstance(fault, Stall):
+            return await self._cut(call, Cut(0, hang=True), None)
+        if isinstance(fault, Flood):
+            return await self._flood(call, fault)
         if isinstance(fault, SlowFirstByte):
             await asyncio.sleep(fault.seconds)
         return await endpoint(call, fault if isinstance(fault, Cut) else None)
@@ -566,6 +582,23 @@ class FakeOpenAI:
         if compressor:
             payload = compressor.compress(payload) + compressor.flush()
         return web.Response(status=status, body=payload, headers=headers)
+
+    async def _flood(self, call: _Call, fault: Flood) -> web.StreamResponse:
+        payload = b'{"object":"padding","pad":"' + b"x" * fault.size + b'"}'
+        headers = self._headers(call, JSON_TYPE)
+        self._update(call.record, status=200)
+        if fault.framing == "gzip":
+            headers["Content-Encoding"] = "gzip"
+            return web.Response(body=gzip.compress(payload), headers=headers)
+        if fault.framing == "length":
+            return web.Response(body=payload, headers=headers)
+        response = web.StreamResponse(headers=headers)
+        response.enable_chunked_encoding()
+        await response.prepare(call.request)
+        for start in range(0, len(payload), 65536):
+            await response.write(payload[start : start + 65536])
+        await response.write_eof()
+        return response
 
     def _compressor(self, call: _Call, headers: dict[str, str]) -> Any:
         """A gzip compressor, with the header that says so, when this fake compresses and the client
