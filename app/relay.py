@@ -172,9 +172,35 @@ async def forward(
     says 499 client_disconnected, not the status of an answer the client never got. The upstream request
     itself is abandoned, not aborted: pyreqwest (0.15.1) cannot abort a request still waiting for its
     answer's head, so it runs on in the client's runtime until the answer or GATEWAY_REQUEST_TIMEOUT_S."""
+    headers = {**upstream_request_headers(client_headers), "content-type": "application/json"}
+    keep_open = is_sse if inspector is not None else never_open
     task = clients.enter(receive)
     try:
-        return await _forward(upstream, call, candidates, path, payload, client_headers, inspector)
+        for index, candidate in enumerate(candidates):
+            last = index == len(candidates) - 1
+            try:
+                response = await upstream.send(
+                    candidate.target,
+                    "POST",
+                    path,
+                    body=payload.for_model(candidate.model),
+                    headers=headers,
+                    call=call,
+                    keep_open=keep_open,
+                )
+            except UpstreamUnavailable as exc:
+                if last:
+                    raise unavailable(upstream, exc, call) from None
+                log.warning("falling back", extra={"from_model": candidate.model, "reason": exc.kind})
+                continue
+            if response.status >= 400:
+                if last or not _falls_back(response):
+                    return upstream_error(upstream, response, call)
+                log.warning("falling back", extra={"from_model": candidate.model, "reason": response.status})
+                continue
+            call.routed_model = candidate.model
+            return _answer(upstream, call, response, inspector)
+        raise AssertionError("forward() needs at least one candidate")
     except asyncio.CancelledError:
         if not clients.gone(task):
             raise
@@ -186,44 +212,6 @@ async def forward(
         return Response(status_code=499)
     finally:
         clients.leave(task)
-
-
-async def _forward(
-    upstream: UpstreamClient,
-    call: CallRecord,
-    candidates: list[Candidate],
-    path: str,
-    payload: Payload,
-    client_headers: Mapping[str, str],
-    inspector: Callable[[], EventInspector] | None,
-) -> Response:
-    headers = {**upstream_request_headers(client_headers), "content-type": "application/json"}
-    keep_open = is_sse if inspector is not None else never_open
-    for index, candidate in enumerate(candidates):
-        last = index == len(candidates) - 1
-        try:
-            response = await upstream.send(
-                candidate.target,
-                "POST",
-                path,
-                body=payload.for_model(candidate.model),
-                headers=headers,
-                call=call,
-                keep_open=keep_open,
-            )
-        except UpstreamUnavailable as exc:
-            if last:
-                raise unavailable(upstream, exc, call) from None
-            log.warning("falling back", extra={"from_model": candidate.model, "reason": exc.kind})
-            continue
-        if response.status >= 400:
-            if last or not _falls_back(response):
-                return upstream_error(upstream, response, call)
-            log.warning("falling back", extra={"from_model": candidate.model, "reason": response.status})
-            continue
-        call.routed_model = candidate.model
-        return _answer(upstream, call, response, inspector)
-    raise AssertionError("forward() needs at least one candidate")
 
 
 def _answer(

@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import sdk_client
 from tests.fakes.openai_upstream import FakeOpenAI
+from tests.gateway.test_keys import create_key
 from tests.harness import MASTER_KEY, ThreadedGateway, wait_until
 from tests.security import raw_request
 
@@ -32,15 +33,6 @@ COSTLY: list[tuple[str, dict[str, Any]]] = [
     ("/v1/batches", {"input_file_id": "file-1", "endpoint": "/v1/chat/completions"}),
     ("/v1/fine_tuning/jobs", {"model": "gpt-4o-mini", "training_file": "file-1"}),
 ]
-
-
-def make_key(gateway: ThreadedGateway, **spec: Any) -> dict[str, Any]:
-    response = httpx.post(
-        gateway.url + "/admin/keys", json={"name": f"svc-{uuid.uuid4().hex[:6]}", **spec}, headers=MASTER
-    )
-    assert response.status_code == 201, response.text
-    created: dict[str, Any] = response.json()
-    return created
 
 
 def bearer(key: dict[str, Any]) -> dict[str, str]:
@@ -86,7 +78,7 @@ def spend_on_chat(gateway: ThreadedGateway, fake: FakeOpenAI, headers: dict[str,
 def test_rpm_used_up_on_a_metered_route_refuses_passthrough(
     gateway: ThreadedGateway, fake: FakeOpenAI
 ) -> None:
-    limited, other = make_key(gateway, rpm_limit=2), make_key(gateway, rpm_limit=2)
+    limited, other = create_key(gateway, rpm_limit=2), create_key(gateway, rpm_limit=2)
     with sdk_client(gateway.base_url, api_key=limited["secret"]) as sdk:
         for _ in range(2):
             sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
@@ -107,7 +99,7 @@ def test_rpm_used_up_on_a_metered_route_refuses_passthrough(
 def test_rpm_used_up_through_passthrough_refuses_the_metered_routes(
     gateway: ThreadedGateway, fake: FakeOpenAI
 ) -> None:
-    key = make_key(gateway, rpm_limit=3)
+    key = create_key(gateway, rpm_limit=3)
     with sdk_client(gateway.base_url, api_key=key["secret"]) as sdk:
         sdk.models.list()
         sdk.completions.create(model="gpt-4o", prompt="hi")
@@ -144,7 +136,10 @@ def test_feature_and_user_rpm_count_passthrough_calls(
 def test_spent_key_budget_refuses_every_call_that_can_cost_money(
     gateway: ThreadedGateway, fake: FakeOpenAI
 ) -> None:
-    spender, other = make_key(gateway, budget_daily_usd="0.1", scopes=["*"]), make_key(gateway, scopes=["*"])
+    spender, other = (
+        create_key(gateway, budget_daily_usd="0.1", scopes=["*"]),
+        create_key(gateway, scopes=["*"]),
+    )
     spend_on_chat(gateway, fake, bearer(spender), f"key:{spender['id']}")
     fake.reset()
     for path, body in COSTLY:
@@ -198,7 +193,7 @@ def test_spent_feature_and_user_budgets_refuse_passthrough(
 
 
 def test_passthrough_cost_is_charged_to_the_budgets(gateway: ThreadedGateway, fake: FakeOpenAI) -> None:
-    key = make_key(gateway, budget_daily_usd="0.01")
+    key = create_key(gateway, budget_daily_usd="0.01")
     # 10,000 prompt tokens of gpt-4o: $0.025, past the cap; the legacy endpoint is metered from its usage.
     prompt = "word " * 10_000
     assert post(gateway, "/v1/completions", {"model": "gpt-4o", "prompt": prompt}, bearer(key)).status == 200
