@@ -7,7 +7,11 @@ the few clients that leave. So a call is only registered as waiting (two dict op
 every AFTER_S starts a watcher for each call that has been waiting since the sweep before: a client that
 leaves is noticed within 2 x AFTER_S, and a call answered sooner never gets a watcher at all.
 
-The watcher cancels the call's task; the caller asks `gone()` to tell that cancellation from any other.
+The watcher marks the call (`client_disconnected`, `error_type`); it does not cancel it. The upstream client
+(pyreqwest 0.15.1) cannot abort a request still waiting for its answer's head: cancelling the await
+detaches the request, which runs on — and is billed — until the upstream answers. So the call waits for
+that answer too, and its row carries the tokens the upstream billed rather than a guess; the relay then
+answers nobody (499) and closes a stream at once.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import asyncio
 from typing import Any
 
 from starlette.types import Receive
+
+from app.call import CallRecord
 
 AFTER_S = 0.25
 
@@ -27,24 +33,19 @@ class ClientWatch:
 
     def __init__(self) -> None:
         # Calls registered since the last sweep, and those registered before it.
-        self._young: dict[_Task, Receive] = {}
-        self._old: dict[_Task, Receive] = {}
+        self._young: dict[_Task, tuple[Receive, CallRecord]] = {}
+        self._old: dict[_Task, tuple[Receive, CallRecord]] = {}
         self._watchers: dict[_Task, _Task] = {}
-        self._gone: set[_Task] = set()
         self._sweep_timer: asyncio.TimerHandle | None = None
 
-    def enter(self, receive: Receive) -> _Task:
-        """The current task waits for the upstream from now on: cancelled if its client leaves."""
+    def enter(self, receive: Receive, call: CallRecord) -> _Task:
+        """The current task waits for the upstream from now on: `call` is marked if its client leaves."""
         task = asyncio.current_task()
         assert task is not None
-        self._young[task] = receive
+        self._young[task] = (receive, call)
         if self._sweep_timer is None:
             self._sweep_timer = asyncio.get_running_loop().call_later(AFTER_S, self._sweep)
         return task
-
-    def gone(self, task: _Task) -> bool:
-        """Whether `task` was cancelled because its client left."""
-        return task in self._gone
 
     def leave(self, task: _Task) -> None:
         if self._young.pop(task, None) is not None or self._old.pop(task, None) is not None:
@@ -52,17 +53,17 @@ class ClientWatch:
         watcher = self._watchers.pop(task, None)
         if watcher is not None:
             watcher.cancel()
-        self._gone.discard(task)
 
     def _sweep(self) -> None:
         loop = asyncio.get_running_loop()
-        for task, receive in self._old.items():
-            self._watchers[task] = loop.create_task(self._watch(receive, task))
+        for task, (receive, call) in self._old.items():
+            self._watchers[task] = loop.create_task(self._watch(receive, call))
         self._old, self._young = self._young, {}
         self._sweep_timer = loop.call_later(AFTER_S, self._sweep) if self._old else None
 
-    async def _watch(self, receive: Receive, task: _Task) -> None:
+    @staticmethod
+    async def _watch(receive: Receive, call: CallRecord) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-        self._gone.add(task)
-        task.cancel()
+        call.client_disconnected = True
+        call.error_type = "client_disconnected"

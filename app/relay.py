@@ -3,7 +3,6 @@ turn what comes back into the client's response."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterable, Callable, Mapping
 from typing import Any
@@ -168,13 +167,12 @@ async def forward(
     """POST `payload` to `path` for each candidate model in turn until one answers; relay JSON whole, or
     an SSE stream event by event when `inspector` is given (made once the upstream answered a stream).
 
-    A client that leaves while the upstream has not answered ends the call (app/client_watch.py): the row
-    says 499 client_disconnected, not the status of an answer the client never got. The upstream request
-    itself is abandoned, not aborted: pyreqwest (0.15.1) cannot abort a request still waiting for its
-    answer's head, so it runs on in the client's runtime until the answer or GATEWAY_REQUEST_TIMEOUT_S."""
+    A client that leaves while the upstream works on its call is noticed (app/client_watch.py); the call
+    still waits for the answer, which the upstream bills, so that its row has the real usage, then answers
+    nobody: 499, `client_disconnected`, and no fallback or further model is tried for it."""
     headers = {**upstream_request_headers(client_headers), "content-type": "application/json"}
     keep_open = is_sse if inspector is not None else never_open
-    task = clients.enter(receive)
+    task = clients.enter(receive, call)
     try:
         for index, candidate in enumerate(candidates):
             last = index == len(candidates) - 1
@@ -189,10 +187,15 @@ async def forward(
                     keep_open=keep_open,
                 )
             except UpstreamUnavailable as exc:
+                if call.client_disconnected:
+                    return _abandoned()
                 if last:
                     raise unavailable(upstream, exc, call) from None
                 log.warning("falling back", extra={"from_model": candidate.model, "reason": exc.kind})
                 continue
+            if call.client_disconnected:
+                call.routed_model = candidate.model
+                return await _abandoned_answer(call, response)
             if response.status >= 400:
                 if last or not _falls_back(response):
                     return upstream_error(upstream, response, call)
@@ -201,17 +204,23 @@ async def forward(
             call.routed_model = candidate.model
             return _answer(upstream, call, response, inspector)
         raise AssertionError("forward() needs at least one candidate")
-    except asyncio.CancelledError:
-        if not clients.gone(task):
-            raise
-        # Our own cancellation, for a client that left: nobody is left to answer, and not an error.
-        task.uncancel()
-        call.client_disconnected = True
-        call.error_type = "client_disconnected"
-        # As nginx logs it; the send goes nowhere, but the access log and the usage row record it.
-        return Response(status_code=499)
     finally:
         clients.leave(task)
+
+
+def _abandoned() -> Response:
+    # As nginx logs it: the send goes nowhere, but the access log and the usage row record it.
+    return Response(status_code=499)
+
+
+async def _abandoned_answer(call: CallRecord, response: UpstreamResponse) -> Response:
+    """The answer to a call whose client has gone: its usage is kept (the upstream billed it); a stream is
+    closed at once, so the upstream stops generating."""
+    if response.stream is not None:
+        await response.stream.close()
+    elif response.status < 400:
+        read_json_usage(call, response.body)
+    return _abandoned()
 
 
 def _answer(
