@@ -76,6 +76,10 @@ class ChatChunkInspector:
         self.done = False
         self._pending: list[bytes] = []
         self._pending_bytes = 0
+        # A block kept past _PENDING_MAX_BYTES (a huge event, mostly), unparsed, and where its text goes
+        # among the completion's parts: parsing 20 MB held the event loop for 50-250 ms, for text that
+        # the usage chunk still to come makes needless. One at a time, so memory stays bounded.
+        self._large: tuple[int, bytes] | None = None
 
     def relay(self, block: bytes) -> bytes:
         if self.call.upstream_model is None:
@@ -182,6 +186,12 @@ class ChatChunkInspector:
 
     def _keep(self, events: bytes) -> None:
         """Kept unparsed, for their text in case no usage comes."""
+        if len(events) > _PENDING_MAX_BYTES:
+            # What came before it is collected first, so the text keeps its order.
+            self._collect_pending()
+            self._collect_large()
+            self._large = (len(self.call.completion_parts), events)
+            return
         self._pending.append(events)
         self._pending_bytes += len(events)
 
@@ -213,11 +223,12 @@ class ChatChunkInspector:
             call.usage = Usage.from_openai(usage)
             # The usage counts the whole completion: the text kept for counting it is not needed.
             self._pending.clear()
+            self._large = None
         else:
             self._collect_pending()
         choices = chunk.get("choices")
         if isinstance(choices, list):
-            self._collect(choices)
+            _collect_choices(choices, call.completion_parts)
             if not choices and isinstance(usage, dict) and not self.client_wants_usage:
                 return None
         return event
@@ -225,32 +236,46 @@ class ChatChunkInspector:
     def finish(self) -> None:
         if self.call.usage is None:
             self._collect_pending()
+            self._collect_large()
         self._pending.clear()
+        self._large = None
 
     def _collect_pending(self) -> None:
         pending, self._pending, self._pending_bytes = self._pending, [], 0
-        # An entry is one ordinary chunk, or a block of them: each event is cut out of it, not split off
-        # and given its blank line back (three copies of a 20 MB chunk).
         for block in pending:
-            start = 0
-            while (end := block.find(b"\n\n", start) + 2) > 1:
-                data = sse_data(block[start:end])
-                start = end
-                if data is None:
-                    continue
-                try:
-                    chunk = orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    continue
-                choices = chunk.get("choices") if isinstance(chunk, dict) else None
-                if isinstance(choices, list):
-                    self._collect(choices)
+            _collect_block(block, self.call.completion_parts)
 
-    def _collect(self, choices: list[object]) -> None:
-        for choice in choices:
-            delta = choice.get("delta") if isinstance(choice, dict) else None
-            if isinstance(delta, dict):
-                collect_text(delta, self.call.completion_parts)
+    def _collect_large(self) -> None:
+        if self._large is not None:
+            (at, block), self._large = self._large, None
+            parts: list[str] = []
+            _collect_block(block, parts)
+            self.call.completion_parts[at:at] = parts
+
+
+def _collect_block(block: bytes, parts: list[str]) -> None:
+    """The text of a block of chunks kept unparsed. Each event is cut out of it, not split off and given
+    its blank line back (three copies of a 20 MB chunk)."""
+    start = 0
+    while (end := block.find(b"\n\n", start) + 2) > 1:
+        data = sse_data(block[start:end])
+        start = end
+        if data is None:
+            continue
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            continue
+        choices = chunk.get("choices") if isinstance(chunk, dict) else None
+        if isinstance(choices, list):
+            _collect_choices(choices, parts)
+
+
+def _collect_choices(choices: list[object], parts: list[str]) -> None:
+    for choice in choices:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if isinstance(delta, dict):
+            collect_text(delta, parts)
 
 
 def collect_text(message: dict[str, Any], parts: list[str]) -> None:
