@@ -456,7 +456,7 @@ class EventRelayResponse(Response):
         framer = EventFramer(self.max_event_bytes)
         chunk: bytes | None = upstream.body
         failure: tuple[str, str] | None = None
-        partial = False  # the client has the start of an event and not its end
+        given = 0  # bytes of the event still arriving that went early: the client has its start, not its end
         try:
             await send(
                 {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
@@ -470,11 +470,11 @@ class EventRelayResponse(Response):
                 if not watch.ended:
                     events = framer.feed(chunk)
                     if events:
-                        out = self._relayed(events, framer.early)
-                        partial = False
+                        out = self._relayed(events, given) if given else inspect.relay(events)
+                        given = 0
                     elif framer.early_bytes() >= _EARLY_BYTES:
                         out = framer.take_early()
-                        partial = True
+                        given += len(out)
                     else:
                         out = b""
                     if out:
@@ -515,7 +515,7 @@ class EventRelayResponse(Response):
             if failure is not None:
                 call.error_type = failure[1]
             body = _error_event(*failure) if failure is not None else b""
-            if partial:
+            if given:
                 body = b"\n\n" + body
             await send({"type": "http.response.body", "body": body, "more_body": False})
 
@@ -524,8 +524,6 @@ class EventRelayResponse(Response):
         The inspectors change an event only at its end (the `"usage":null` taken out) or drop a usage
         chunk, which is short in any upstream's shape; one whose start they would change goes on as the
         upstream sent it, since its start went already."""
-        if not early:
-            return self.inspect.relay(events)
         # The bytes that went have no blank line: the first one from there ends that event.
         end = events.find(b"\n\n", early - 1) + 2
         first = events if end == len(events) else events[:end]

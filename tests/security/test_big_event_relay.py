@@ -35,8 +35,8 @@ def test_what_goes_early_and_the_rest_of_each_event_make_the_stream(size: int) -
         if out := framer.feed(read):
             events.append(out)
             # Whole events, the first of which went in part already.
-            assert out[: framer.early] == given
-            relayed.append(out[framer.early :])
+            assert out.startswith(given)
+            relayed.append(out[len(given) :])
             given = b""
         else:
             early = framer.take_early()
