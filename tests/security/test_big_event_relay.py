@@ -88,6 +88,17 @@ def test_an_event_that_never_ends_goes_out_as_it_arrives_and_is_ended_where_the_
     assert row["completion_tokens"] == tokens.count_text("gpt-4o", "Hi")
 
 
+def test_an_event_broken_off_after_its_start_went_out_is_ended_before_the_error_event(
+    gateway: ThreadedGateway, fake: FakeOpenAI
+) -> None:
+    fake.stream_raw(b"data: " + orjson.dumps(_FIRST) + b"\n\n", _OPEN, *[b"y" * 16384] * 20)
+    body = _stream_bytes(gateway.base_url, "big-event-broken")
+    _, partial, error, end = body.split(b"\n\n")
+    assert partial.startswith(_OPEN + b"y" * 65536)
+    assert json.loads(error.removeprefix(b"data: "))["error"]["code"] == "upstream_stream_incomplete"
+    assert end == b""
+
+
 def test_the_sdk_raises_on_an_event_ended_where_the_cap_cut_it(
     start_gateway: Callable[..., ThreadedGateway], fake: FakeOpenAI
 ) -> None:
