@@ -5,6 +5,11 @@ of an event's size: one 20 MB event took 9-15 s and blocked the event loop for a
 searched once, the bytes of an event still arriving are kept as a list of reads (joined once, when the
 event is complete), and an event longer than the cap ends the stream instead of being held without limit.
 
+A large event need not wait for its end to start going out: `take_early` gives what has come of it but its
+last read (which holds its end, where a chunk's usage is), and the event is still returned whole once it
+is complete, for the inspectors. Store-and-forward made a 20 MB event take 2.5-3x as long through the
+gateway as direct.
+
 Line ends are made `\\n` as they arrive: SSE ends a line with CRLF, LF or CR alike (WHATWG HTML,
 "Parsing an event stream"), and the inspectors and the clients downstream then only meet `\\n\\n` between
 events. A CRLF cut between two reads is one line end, not two.
@@ -19,7 +24,7 @@ class EventFramer:
     """Feed it the upstream's reads; it returns the complete events each one finishes. The usual read,
     whole events and nothing held from before, is searched once and returned as it is (no copy)."""
 
-    __slots__ = ("_cr", "_held", "_held_bytes", "max_event_bytes", "overflow")
+    __slots__ = ("_cr", "_held", "_held_bytes", "_released", "_taken", "max_event_bytes", "overflow")
 
     def __init__(self, max_event_bytes: int) -> None:
         self.max_event_bytes = max_event_bytes
@@ -30,6 +35,9 @@ class EventFramer:
         self._held_bytes = 0
         # The last read ended with CR, whose LF may open the next one.
         self._cr = False
+        # Bytes of the event still arriving given by take_early, and how many of its reads they were.
+        self._released = 0
+        self._taken = 0
 
     def feed(self, chunk: bytes) -> bytes:
         """The events this read completes, each ending with a blank line (b"" when none did)."""
@@ -45,7 +53,9 @@ class EventFramer:
         if not chunk:
             return b""
         held = self._held
-        at = chunk.rfind(_BLANK_LINE)
+        # A long read without a line end, the usual one in a large event, is not searched further: memchr
+        # is over 10x as fast as rfind's search for the pair (and slower than it on a short read).
+        at = chunk.rfind(_BLANK_LINE) if len(chunk) < 4096 or b"\n" in chunk else -1
         if at != -1:
             end = at + 2
         elif held and chunk[:1] == b"\n" and held[-1][-1:] == b"\n":
@@ -58,12 +68,27 @@ class EventFramer:
             held.append(events)
             events = b"".join(held)
             held.clear()
-            self._held_bytes = 0
+            self._held_bytes = self._released = self._taken = 0
         if end < len(chunk):
             self._hold(chunk[end:])
         if len(events) > self.max_event_bytes:
             return self._fitting(events)
         return events
+
+    def early_bytes(self) -> int:
+        """How much take_early would give now."""
+        return self._held_bytes - self._released - len(self._held[-1]) if self._held else 0
+
+    def take_early(self) -> bytes:
+        """What has come of the event still arriving but its last read, less what was given before. The
+        feed that completes the event returns it whole all the same."""
+        held = self._held
+        if not held:
+            return b""
+        early = b"".join(held[self._taken : -1])
+        self._taken = len(held) - 1
+        self._released += len(early)
+        return early
 
     def _hold(self, part: bytes) -> None:
         self._held.append(part)
@@ -84,4 +109,4 @@ class EventFramer:
     def _overflowed(self) -> None:
         self.overflow = True
         self._held.clear()
-        self._held_bytes = 0
+        self._held_bytes = self._taken = 0

@@ -9,6 +9,9 @@ Divergences from a plain byte pipe, each deliberate:
 2. A stream the upstream breaks off (connection lost, read timeout, no `[DONE]`) ends with an OpenAI
    error event, so the SDKs raise instead of returning a silently truncated answer; so does one with an
    event longer than GATEWAY_MAX_EVENT_BYTES, which is cut off there rather than held without limit.
+   An event longer than _EARLY_BYTES goes out as it arrives, its last read held back until its end (a
+   chunk's usage is last); broken off after its start went out, it is ended where it was cut (the
+   client's parser fails on it; a stream that just stopped there would drop it silently).
 3. When the client goes away, the upstream response is closed at once so the upstream stops generating
    (and billing) tokens nobody reads (ARCHITECTURE.md, pitfall 2).
 """
@@ -32,6 +35,9 @@ from app.upstream import UpstreamResponse
 
 DONE = b"[DONE]"
 _DONE_EVENT = b"data: [DONE]\n\n"
+# An event still arriving starts going out once this much of it came (its last read aside), in sends of
+# at least as much: the usual event, far shorter, goes out whole in one send, as before.
+_EARLY_BYTES = 64 * 1024
 
 
 class EventInspector(Protocol):
@@ -66,7 +72,8 @@ _PENDING_MAX_BYTES = 64 * 1024
 class ChatChunkInspector:
     """Parses what metering needs and no more: the first chunk (the model), any chunk that may carry usage,
     and the text of the deltas only when it may be needed — no usage came by the end of the stream, or the
-    unparsed chunks reached _PENDING_MAX_BYTES. A stream that ends with its usage chunk, as OpenAI's do
+    unparsed chunks reached _PENDING_MAX_BYTES (one block longer than that waits alone, until the next
+    such block or the end of the stream). A stream that ends with its usage chunk, as OpenAI's do
     when asked, is parsed twice, not once per event, and an ordinary chunk costs a few byte searches
     (streams/s in bench/README.md)."""
 
@@ -76,6 +83,11 @@ class ChatChunkInspector:
         self.done = False
         self._pending: list[bytes] = []
         self._pending_bytes = 0
+        # A block kept past _PENDING_MAX_BYTES (a huge event, mostly), unparsed, and where its text goes
+        # among the completion's parts: inspecting a 20 MB chunk held the event loop for 85-280 ms,
+        # mostly this parse, for text that the usage chunk still to come makes needless. One at a time,
+        # so memory stays bounded.
+        self._large: tuple[int, bytes] | None = None
 
     def relay(self, block: bytes) -> bytes:
         if self.call.upstream_model is None:
@@ -178,10 +190,22 @@ class ChatChunkInspector:
         else:
             out = events.replace(_COMMA_NO_USAGE, b"")
             nulls = (len(events) - len(out)) // len(_COMMA_NO_USAGE)
-        return out if nulls and events.count(b"\n") == 2 * nulls else None
+        if not nulls:
+            return None
+        # One event of one line: its first newline is its blank line (memchr; counting the newlines of a
+        # 20 MB event takes 10 ms).
+        if nulls == 1 and events.find(b"\n") == len(events) - 2:
+            return out
+        return out if events.count(b"\n") == 2 * nulls else None
 
     def _keep(self, events: bytes) -> None:
         """Kept unparsed, for their text in case no usage comes."""
+        if len(events) > _PENDING_MAX_BYTES:
+            # What came before it is collected first, so the text keeps its order.
+            self._collect_pending()
+            self._collect_large()
+            self._large = (len(self.call.completion_parts), events)
+            return
         self._pending.append(events)
         self._pending_bytes += len(events)
 
@@ -213,11 +237,12 @@ class ChatChunkInspector:
             call.usage = Usage.from_openai(usage)
             # The usage counts the whole completion: the text kept for counting it is not needed.
             self._pending.clear()
+            self._large = None
         else:
             self._collect_pending()
         choices = chunk.get("choices")
         if isinstance(choices, list):
-            self._collect(choices)
+            _collect_choices(choices, call.completion_parts)
             if not choices and isinstance(usage, dict) and not self.client_wants_usage:
                 return None
         return event
@@ -225,32 +250,46 @@ class ChatChunkInspector:
     def finish(self) -> None:
         if self.call.usage is None:
             self._collect_pending()
+            self._collect_large()
         self._pending.clear()
+        self._large = None
 
     def _collect_pending(self) -> None:
         pending, self._pending, self._pending_bytes = self._pending, [], 0
-        # An entry is one ordinary chunk, or a block of them: each event is cut out of it, not split off
-        # and given its blank line back (three copies of a 20 MB chunk).
         for block in pending:
-            start = 0
-            while (end := block.find(b"\n\n", start) + 2) > 1:
-                data = sse_data(block[start:end])
-                start = end
-                if data is None:
-                    continue
-                try:
-                    chunk = orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    continue
-                choices = chunk.get("choices") if isinstance(chunk, dict) else None
-                if isinstance(choices, list):
-                    self._collect(choices)
+            _collect_block(block, self.call.completion_parts)
 
-    def _collect(self, choices: list[object]) -> None:
-        for choice in choices:
-            delta = choice.get("delta") if isinstance(choice, dict) else None
-            if isinstance(delta, dict):
-                collect_text(delta, self.call.completion_parts)
+    def _collect_large(self) -> None:
+        if self._large is not None:
+            (at, block), self._large = self._large, None
+            parts: list[str] = []
+            _collect_block(block, parts)
+            self.call.completion_parts[at:at] = parts
+
+
+def _collect_block(block: bytes, parts: list[str]) -> None:
+    """The text of a block of chunks kept unparsed. Each event is cut out of it, not split off and given
+    its blank line back (three copies of a 20 MB chunk)."""
+    start = 0
+    while (end := block.find(b"\n\n", start) + 2) > 1:
+        data = sse_data(block[start:end])
+        start = end
+        if data is None:
+            continue
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            continue
+        choices = chunk.get("choices") if isinstance(chunk, dict) else None
+        if isinstance(choices, list):
+            _collect_choices(choices, parts)
+
+
+def _collect_choices(choices: list[object], parts: list[str]) -> None:
+    for choice in choices:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if isinstance(delta, dict):
+            collect_text(delta, parts)
 
 
 def collect_text(message: dict[str, Any], parts: list[str]) -> None:
@@ -419,6 +458,7 @@ class EventRelayResponse(Response):
         framer = EventFramer(self.max_event_bytes)
         chunk: bytes | None = upstream.body
         failure: tuple[str, str] | None = None
+        given = 0  # bytes of the event still arriving that went early: the client has its start, not its end
         try:
             await send(
                 {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
@@ -431,7 +471,14 @@ class EventRelayResponse(Response):
                 # upstream is still read to its end, so that its connection goes back to the pool.
                 if not watch.ended:
                     events = framer.feed(chunk)
-                    out = inspect.relay(events) if events else b""
+                    if events:
+                        out = self._relayed(events, given) if given else inspect.relay(events)
+                        given = 0
+                    elif framer.early_bytes() >= _EARLY_BYTES:
+                        out = framer.take_early()
+                        given += len(out)
+                    else:
+                        out = b""
                     if out:
                         call.mark_first_byte()
                     if out or inspect.done:
@@ -470,7 +517,21 @@ class EventRelayResponse(Response):
             if failure is not None:
                 call.error_type = failure[1]
             body = _error_event(*failure) if failure is not None else b""
+            if given:
+                body = b"\n\n" + body
             await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    def _relayed(self, events: bytes, early: int) -> bytes:
+        """The complete events of a read as relayed, when the first `early` bytes of them went already.
+        The inspectors change an event only at its end (the `"usage":null` taken out) or drop a usage
+        chunk, which is short in any upstream's shape; one whose start they would change goes on as the
+        upstream sent it, since its start went already."""
+        # The bytes that went have no blank line: the first one from there ends that event.
+        end = events.find(b"\n\n", early - 1) + 2
+        first = events if end == len(events) else events[:end]
+        out = self.inspect.relay(first)
+        rest = out[early:] if out is first or out.startswith(memoryview(first)[:early]) else first[early:]
+        return rest if first is events else rest + self.inspect.relay(events[end:])
 
 
 # What OpenAI and sse-starlette send with a stream: no caching anywhere, and no buffering in a proxy
