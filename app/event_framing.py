@@ -24,7 +24,7 @@ class EventFramer:
     """Feed it the upstream's reads; it returns the complete events each one finishes. The usual read,
     whole events and nothing held from before, is searched once and returned as it is (no copy)."""
 
-    __slots__ = ("_cr", "_held", "_held_bytes", "_released", "_taken", "max_event_bytes", "overflow")
+    __slots__ = ("_cr", "_held", "_held_bytes", "_released", "_taken", "idle", "max_event_bytes", "overflow")
 
     def __init__(self, max_event_bytes: int) -> None:
         self.max_event_bytes = max_event_bytes
@@ -38,9 +38,25 @@ class EventFramer:
         # Bytes of the event still arriving given by take_early, and how many of its reads they were.
         self._released = 0
         self._taken = 0
+        # Nothing held, no CR pending, no overflow: a read of whole LF-framed events is all there is.
+        self.idle = True
 
     def feed(self, chunk: bytes) -> bytes:
         """The events this read completes, each ending with a blank line (b"" when none did)."""
+        # The usual read of a live stream: whole events, nothing before them. Checked first, since a
+        # stream makes one such read an event (a tenth of the relay's cost per read otherwise).
+        if (
+            self.idle
+            and chunk.endswith(_BLANK_LINE)
+            and b"\r" not in chunk
+            and len(chunk) <= self.max_event_bytes
+        ):
+            return chunk
+        events = self._feed(chunk)
+        self.idle = not (self._held or self._cr or self.overflow)
+        return events
+
+    def _feed(self, chunk: bytes) -> bytes:
         if self.overflow:
             return b""
         if self._cr and chunk:
