@@ -14,10 +14,10 @@ import pytest
 
 from app.event_framing import EventFramer
 from app.metering import tokens
-from tests.conftest import sdk_client
 from tests.db import wait_for_rows
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import MASTER_KEY, ThreadedGateway
+from tests.security.test_sse_relay import relay_until
 
 MESSAGES = [{"role": "user", "content": "Say a lot."}]
 CAP = 1024 * 1024
@@ -105,16 +105,7 @@ def test_the_sdk_raises_on_an_event_ended_where_the_cap_cut_it(
     """A stream that just stopped there would end without an error: the event, never ended, is dropped."""
     gateway = start_gateway(max_event_bytes=CAP)
     fake.stream_raw(b"data: " + orjson.dumps(_FIRST) + b"\n\n", _OPEN, endless=b"y" * 16384)
-    relayed: list[str] = []
-    with sdk_client(gateway.base_url, timeout=30) as sdk:
-        stream = sdk.chat.completions.create(
-            model="gpt-4o",
-            messages=MESSAGES,  # type: ignore[arg-type]
-            stream=True,
-        )
-        with pytest.raises(json.JSONDecodeError):
-            for chunk in stream:
-                relayed.extend(choice.delta.content or "" for choice in chunk.choices)
+    _, relayed = relay_until(json.JSONDecodeError, gateway.base_url)
     assert relayed == ["Hi"]
 
 
@@ -142,18 +133,9 @@ def test_huge_events_of_a_stream_broken_off_before_its_usage_count_in_their_plac
     chunks = ["Start:", "big one " * 20_000 + "'", *small, "second big " * 20_000 + "'", *small[:5]]
     fake.reply(chunks=chunks)
     fake.drop_mid_stream(after_chunks=len(chunks) + 1)  # the role chunk, then all of these
-    relayed: list[str] = []
-    with sdk_client(gateway.base_url, timeout=30) as sdk:
-        stream = sdk.chat.completions.create(
-            model="gpt-4o",
-            messages=MESSAGES,  # type: ignore[arg-type]
-            stream=True,
-            stream_options={"include_usage": True},
-            extra_headers={"X-Request-Id": "big-event-estimate"},
-        )
-        with pytest.raises(openai.APIError):
-            for chunk in stream:
-                relayed.extend(choice.delta.content or "" for choice in chunk.choices)
+    _, relayed = relay_until(
+        openai.APIError, gateway.base_url, "big-event-estimate", stream_options={"include_usage": True}
+    )
     assert relayed[1:] == chunks
     (row,) = wait_for_rows(database_url, "big-event-estimate")
     assert row["usage_source"] == "estimated"

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 import openai
@@ -23,6 +24,32 @@ from tests.harness import MASTER_KEY, GatewayProcess, ThreadedGateway
 MESSAGES = [{"role": "user", "content": "Say a lot."}]
 BIG = 20_000_000
 SMALL_CAP = 64 * 1024
+
+
+E = TypeVar("E", bound=BaseException)
+
+
+def relay_until(
+    error: type[E], base_url: str, request_id: str | None = None, **options: Any
+) -> tuple[E, list[str]]:
+    """Stream a chat completion through the gateway with the SDK until it raises `error`: what it raised,
+    and the text relayed before."""
+    relayed: list[str] = []
+    headers = {"X-Request-Id": request_id} if request_id is not None else {}
+    with sdk_client(base_url, timeout=30) as sdk:
+        stream = sdk.chat.completions.create(
+            model="gpt-4o",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            stream=True,
+            extra_headers=headers,
+            **options,
+        )
+        with pytest.raises(error) as raised:
+            for chunk in stream:
+                relayed.extend(choice.delta.content or "" for choice in chunk.choices)
+    return raised.value, relayed
+
+
 # JSON escapes in it (quotes, a newline): the relay must not touch what the event carries.
 _PATTERN = 'a "quoted" word, then a line\n'
 
@@ -93,19 +120,9 @@ def test_an_event_past_the_cap_ends_the_stream_with_an_error_event_and_a_usage_r
 ) -> None:
     gateway = start_gateway(max_event_bytes=SMALL_CAP)
     fake.reply(chunks=["Hello", " there", "x" * (4 * SMALL_CAP), " never relayed"])
-    relayed: list[str] = []
-    with sdk_client(gateway.base_url, timeout=30) as sdk:
-        stream = sdk.chat.completions.create(
-            model="gpt-4o",
-            messages=MESSAGES,  # type: ignore[arg-type]
-            stream=True,
-            extra_headers={"X-Request-Id": "sse-relay-cap"},
-        )
-        with pytest.raises(openai.APIError) as raised:
-            for chunk in stream:
-                relayed.extend(choice.delta.content or "" for choice in chunk.choices)
-    assert raised.value.code == "upstream_event_too_large"
-    assert str(SMALL_CAP) in raised.value.message
+    raised, relayed = relay_until(openai.APIError, gateway.base_url, "sse-relay-cap")
+    assert raised.code == "upstream_event_too_large"
+    assert str(SMALL_CAP) in raised.message
     assert "".join(relayed) == "Hello there"
     (row,) = wait_for_rows(database_url, "sse-relay-cap")
     assert row["error_type"] == "upstream_event_too_large"
@@ -132,18 +149,8 @@ def test_an_upstream_that_never_ends_its_event_is_cut_off_at_the_cap(
         b'data: {"choices":[{"index":0,"delta":{"content":"',
         endless=b"y" * 16384,
     )
-    relayed: list[str] = []
-    with sdk_client(gateway.base_url, timeout=15) as sdk:
-        stream = sdk.chat.completions.create(
-            model="gpt-4o",
-            messages=MESSAGES,  # type: ignore[arg-type]
-            stream=True,
-            extra_headers={"X-Request-Id": "sse-relay-endless"},
-        )
-        with pytest.raises(openai.APIError) as raised:
-            for chunk in stream:
-                relayed.extend(choice.delta.content or "" for choice in chunk.choices)
-    assert raised.value.code == "upstream_event_too_large"
+    raised, relayed = relay_until(openai.APIError, gateway.base_url, "sse-relay-endless")
+    assert raised.code == "upstream_event_too_large"
     assert relayed == ["Hi"]
     # The upstream's response was closed, not drained: it stops sending.
     fake.wait_for(lambda request: request.disconnected)
