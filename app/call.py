@@ -26,7 +26,7 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
-    # Subsets of prompt_tokens / completion_tokens, never added on top (ARCHITECTURE.md, pitfall 8).
+    # Subsets of prompt_tokens / completion_tokens, never added on top (priced at their own rate).
     cached_tokens: int = 0
     reasoning_tokens: int = 0
 

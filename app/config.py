@@ -33,7 +33,7 @@ class DatabaseSettings(BaseSettings):
 
 
 class Settings(DatabaseSettings):
-    # The external contract (ARCHITECTURE.md).
+    # The external contract: names users' code and deployments depend on (README, Configuration).
     openai_api_key: SecretStr | None = Field(default=None, validation_alias="OPENAI_API_KEY")
     openai_base_url: str = Field(default=DEFAULT_UPSTREAM, validation_alias="OPENAI_BASE_URL")
     master_key: SecretStr = Field(validation_alias="GATEWAY_MASTER_KEY", min_length=8)

@@ -13,7 +13,7 @@ Divergences from a plain byte pipe, each deliberate:
    chunk's usage is last); broken off after its start went out, it is ended where it was cut (the
    client's parser fails on it; a stream that just stopped there would drop it silently).
 3. When the client goes away, the upstream response is closed at once so the upstream stops generating
-   (and billing) tokens nobody reads (ARCHITECTURE.md, pitfall 2).
+   (and billing) tokens nobody reads.
 """
 
 from __future__ import annotations

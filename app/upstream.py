@@ -1,7 +1,7 @@
 """The one upstream HTTP client per process, and the retrying call through it.
 
 pyreqwest (Rust's reqwest and hyper, awaited from the event loop) rather than aiohttp or httpx: the
-upstream client decides a Python gateway's throughput (ARCHITECTURE.md, pitfall 3). Measured on this
+upstream client decides a Python gateway's throughput. Measured on this
 2-core machine kind, a bare pass-through on one core relaying nginx's canned answers did ~10,000 JSON
 requests/s and ~10,300 streams/s with aiohttp, ~16,000 and ~17,700 with pyreqwest (bench/README.md, "The
 upstream client"); with httpx ~350 req/s. The gateway relays bytes, so it needs no SDK models here.
@@ -245,7 +245,7 @@ class UpstreamClient:
 
     def _client(self, read_timeout_s: float | None) -> Client:
         settings = self._settings
-        # Waiting for a free connection counts as part of the call (ARCHITECTURE.md, pitfall 4): the
+        # Waiting for a free connection counts as part of the call (a stream holds one all its life): the
         # whole answer's timeout bounds it, and a stream waits no longer than for its next event.
         pool_timeout = self._total if read_timeout_s is None else timedelta(seconds=read_timeout_s)
         builder = (

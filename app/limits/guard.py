@@ -148,7 +148,7 @@ class Guard:
 
     def settle(self, admission: Admission, total_tokens: int, cost: Decimal | None) -> None:
         """After the call: correct the token reservation and charge the cost, off the request path (the
-        request task may be cancelled by now; pitfall 2)."""
+        request task may be cancelled by now, on a client disconnect, and an await in it with the task)."""
         if not cost and (not admission.limits or total_tokens == admission.token_estimate):
             return
         task = asyncio.get_running_loop().create_task(self._settle(admission, total_tokens, cost))

@@ -4,7 +4,7 @@ outermost middleware) calls `meter_call` in its `finally`; one layer less on eve
 middleware of its own.
 
 Nothing here awaits: on a client disconnect the request task may already be cancelled, and anything
-awaited in a `finally` would be cancelled with it (ARCHITECTURE.md, pitfall 2). `Recorder.submit` is a
+awaited in a `finally` would be cancelled with it. `Recorder.submit` is a
 `put_nowait`. The one exception, the first call a process must count with a tokenizer it has not built
 yet, is metered by a task of its own, not the request's.
 """

@@ -10,7 +10,7 @@ from their base model, and an unknown model (warned once, counted by ``on_unknow
 silently wrong cost.
 
 Cached input tokens are a subset of the prompt tokens and reasoning tokens a subset of the completion
-tokens (ARCHITECTURE.md, pitfall 8), so neither is ever added on top.
+tokens, as OpenAI's usage object reports them, so neither is ever added on top.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """The background batch writer between the metering middleware and the database.
 
 submit() only queues: the request path never waits for the database, and a request task being
-cancelled on client disconnect cannot lose its event (ARCHITECTURE.md, pitfall 2). A writer task takes
+cancelled on client disconnect cannot lose its event. A writer task takes
 the queue in batches and writes up to `concurrent_writes` of them at once, each under a timeout. When a
 write fails, its batch goes to the local spool (spool.py), and so do later batches, without trying the
 database again, until the replay task, retrying with backoff, has written the spool back. One recorder
-per worker process (pitfall 5); workers may share a spool directory.
+per worker process (the lifespan runs in each worker); workers may share a spool directory.
 
 Events the database refuses outright (a NUL byte in a header value, a number out of range) would fail
 every retry and wedge the spool, so a refused batch is split until the refused events are isolated;
