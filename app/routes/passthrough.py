@@ -139,7 +139,7 @@ async def passthrough(request: Request, path: str, gw: GatewayDep) -> Response:
     if plan is not None and plan.reads_body:
         if buffered is None:
             # Bodies naming other objects are small JSON: read whole (decoded), so the names can be checked.
-            buffered = b"".join([chunk async for chunk in _upload(request, _BUFFERED_BODY, decoder)])
+            buffered = await read_body(request, _BUFFERED_BODY, declared, gw.headers.get("content-encoding"))
             extra = {}
         await plan.check_body(buffered)
     query = f"?{request.url.query}" if request.url.query else ""
