@@ -25,6 +25,8 @@ from prometheus_client import CollectorRegistry
 
 from app.config import Settings
 from app.db.engine import create_engine
+from app.db.migrate import upgrade
+from app.db.models import usage_events
 from app.logs import JsonFormatter
 from app.reconcile import store
 from app.reconcile.job import Reconciler, organization_reader, reconcile
@@ -374,6 +376,11 @@ def test_the_background_job_exposes_the_latest_complete_day(
     assert float(values["cost"]) == pytest.approx(float((openai_cost - _cost(800, 0, 100)) / openai_cost))
     day_start = re.search(r"^gateway_reconciliation_day_timestamp_seconds (\S+)$", metrics, re.M)
     assert day_start is not None and float(day_start[1]) == noon.timestamp() - 12 * 3600
+    # A client reaching the organization endpoints through the gateway gets the model key's answer.
+    master = {"authorization": f"Bearer {MASTER_KEY}"}
+    answer = httpx.get(gateway.base_url + "/organization/costs", params={"start_time": 0}, headers=master)
+    assert answer.status_code == 403
+    assert fake.requests[-1].headers["authorization"] == f"Bearer {fake.api_key}"
     assert fake.organization.admin_key not in "\n".join(gateway_log)
 
 
@@ -418,6 +425,49 @@ def gateway_log() -> Iterator[list[str]]:
         yield handler.lines
     finally:
         logger.removeHandler(handler)
+
+
+def test_the_embedded_sqlite_database_reconciles_too(
+    fake: FakeOpenAI, tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    database = f"sqlite:///{tmp_path / 'gateway.db'}"
+    upgrade(database, tmp_path)
+    settings = make_settings(database_url=database, openai_admin_key=fake.organization.admin_key)
+    today = _today()
+    fake.organization.plant(today, MINI, requests=2, input_tokens=30, output_tokens=3)
+
+    async def gateway_call_and_report() -> list[dict[str, Any]]:
+        engine = create_engine(database, tmp_path)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(
+                    usage_events.insert(),
+                    {
+                        "created_at": datetime.now(UTC),
+                        "request_id": "req_sqlite",
+                        "endpoint": "/v1/chat/completions",
+                        "model": "gpt-4o-mini",
+                        "upstream_model": MINI,
+                        "stream": False,
+                        "status_code": 200,
+                        "attempts": 1,
+                        "prompt_tokens": 10,
+                        "completion_tokens": 1,
+                        "total_tokens": 11,
+                        "usage_source": "upstream",
+                        "cost_usd": Decimal("0.0000021"),
+                        "latency_ms": 5,
+                    },
+                )
+            return await store.report(engine, today, today + timedelta(days=1))
+        finally:
+            await engine.dispose()
+
+    _read(settings, today, today + timedelta(days=1))
+    (row,) = asyncio.run(gateway_call_and_report())
+    assert (row["model"], row["gateway_requests"], row["openai_requests"]) == (MINI, 1, 2)
+    assert row["input_tokens_difference"] == 20
+    assert row["openai_cost_usd"] == _cost(30, 0, 3)
 
 
 def test_line_items_name_their_model() -> None:
