@@ -9,6 +9,7 @@ fails the run rather than being stored in part.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 from collections.abc import AsyncIterator
@@ -56,25 +57,25 @@ class ProviderRow:
     cost_usd: Decimal = field(default_factory=Decimal)
 
 
-class _Strict(BaseModel):
+class _OpenAIObject(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
-class _Bucket(_Strict):
+class _Bucket(_OpenAIObject):
     object: Literal["bucket"]
     start_time: int
     end_time: int
     results: list[dict[str, Any]] = Field(max_length=100_000)
 
 
-class _Page(_Strict):
+class _Page(_OpenAIObject):
     object: Literal["page"]
     data: list[_Bucket] = Field(max_length=10_000)
     has_more: bool
     next_page: str | None = Field(default=None, max_length=4096)
 
 
-class _UsageResult(_Strict):
+class _UsageResult(_OpenAIObject):
     input_tokens: int = Field(ge=0)
     output_tokens: int = Field(default=0, ge=0)  # embeddings have none
     input_cached_tokens: int | None = Field(default=None, ge=0)
@@ -82,12 +83,12 @@ class _UsageResult(_Strict):
     model: str | None = Field(default=None, max_length=256)
 
 
-class _Amount(_Strict):
+class _Amount(_OpenAIObject):
     value: Decimal = Field(allow_inf_nan=False, ge=-(10**9), le=10**9)
     currency: str = Field(max_length=16)
 
 
-class _CostResult(_Strict):
+class _CostResult(_OpenAIObject):
     amount: _Amount | None = None
     line_item: str | None = Field(default=None, max_length=512)
 
@@ -208,12 +209,13 @@ class OrganizationReader:
         if len(answer.body) > MAX_PAGE_BYTES:
             raise ProviderError(f"{endpoint}: a page larger than {MAX_PAGE_BYTES} bytes; stopped")
         try:
-            return _Page.model_validate_json(answer.body)
+            # Off the event loop: in the gateway, a page of several MB would hold up requests meanwhile.
+            return await asyncio.to_thread(_Page.model_validate_json, answer.body)
         except ValidationError as exc:
             raise ProviderError(f"{endpoint}: not a page of buckets: {_first_error(exc)}") from None
 
 
-def _parse(model: type[_Strict], result: dict[str, Any], source: str) -> Any:
+def _parse(model: type[_OpenAIObject], result: dict[str, Any], source: str) -> Any:
     try:
         return model.model_validate(result)
     except ValidationError as exc:

@@ -22,6 +22,7 @@ import httpx
 import openai
 import pytest
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 
 from app.config import Settings
 from app.db.engine import create_engine
@@ -482,3 +483,17 @@ def test_relative_difference() -> None:
     assert store.relative(10, 5) == 0.5
     assert store.relative(0, 0) == 0.0
     assert store.relative(0, 3) == float("-inf")
+
+
+@pytest.mark.parametrize("ids", ["proj a", "proj_x,../y", ",".join(f"p{n}" for n in range(101))])
+def test_bad_id_lists_are_refused_at_start(make_settings: Callable[..., Settings], ids: str) -> None:
+    with pytest.raises(ValidationError, match="comma-separated ids"):
+        make_settings(reconcile_project_ids=ids)
+    assert make_settings(reconcile_api_key_ids=" key_a, key_b ,").reconcile_api_key_ids == "key_a,key_b"
+
+
+def test_the_cli_refuses_a_range_it_would_not_read(fake: FakeOpenAI, scratch_db: tuple[str, str]) -> None:
+    result = _cli(fake, scratch_db[1], "--since", "2024-01-01")
+    assert result.returncode == 2
+    assert "1 to 366 days" in result.stderr
+    assert not [r for r in fake.requests if r.path.startswith("/v1/organization/")]
