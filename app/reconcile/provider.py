@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlencode
 
 import orjson
@@ -35,6 +35,10 @@ PAGE_DAYS = 31
 MAX_PAGES = 64
 MAX_PAGE_BYTES = 4 * 1024 * 1024
 _COST_QUANTUM = Decimal("1e-10")
+# Counts beyond this are not a day of one organization's usage; they would not fit the bigint columns
+# once summed.
+_MAX_COUNT = 10**15
+_MAX_UNIX = 10**11
 # Costs line items name the model, then a modality for some ("… audio, input"), then what was charged.
 _MODALITY = re.compile(r" (audio|text|image)$")
 _KEY_LIKE = re.compile(r"sk-[A-Za-z0-9*_-]+")
@@ -63,8 +67,8 @@ class _OpenAIObject(BaseModel):
 
 class _Bucket(_OpenAIObject):
     object: Literal["bucket"]
-    start_time: int
-    end_time: int
+    start_time: int = Field(ge=0, le=_MAX_UNIX)
+    end_time: int = Field(ge=0, le=_MAX_UNIX)
     results: list[dict[str, Any]] = Field(max_length=100_000)
 
 
@@ -76,10 +80,10 @@ class _Page(_OpenAIObject):
 
 
 class _UsageResult(_OpenAIObject):
-    input_tokens: int = Field(ge=0)
-    output_tokens: int = Field(default=0, ge=0)  # embeddings have none
-    input_cached_tokens: int | None = Field(default=None, ge=0)
-    num_model_requests: int = Field(ge=0)
+    input_tokens: int = Field(ge=0, le=_MAX_COUNT)
+    output_tokens: int = Field(default=0, ge=0, le=_MAX_COUNT)  # embeddings have none
+    input_cached_tokens: int | None = Field(default=None, ge=0, le=_MAX_COUNT)
+    num_model_requests: int = Field(ge=0, le=_MAX_COUNT)
     model: str | None = Field(default=None, max_length=256)
 
 
@@ -91,6 +95,9 @@ class _Amount(_OpenAIObject):
 class _CostResult(_OpenAIObject):
     amount: _Amount | None = None
     line_item: str | None = Field(default=None, max_length=512)
+
+
+_Result = TypeVar("_Result", _UsageResult, _CostResult)
 
 
 def line_item_model(line_item: str | None) -> str:
@@ -215,7 +222,7 @@ class OrganizationReader:
             raise ProviderError(f"{endpoint}: not a page of buckets: {_first_error(exc)}") from None
 
 
-def _parse(model: type[_OpenAIObject], result: dict[str, Any], source: str) -> Any:
+def _parse(model: type[_Result], result: dict[str, Any], source: str) -> _Result:
     try:
         return model.model_validate(result)
     except ValidationError as exc:

@@ -304,6 +304,12 @@ def test_bounded_reads_fail_whole_and_keep_what_was_stored(
     fake.fail(200, body={"object": "list", "data": []}, method="GET")
     with pytest.raises(ProviderError, match="not a page of buckets"):
         _read(reader_settings, today, today + timedelta(days=1))
+    midnight = int(datetime(today.year, today.month, today.day, tzinfo=UTC).timestamp())
+    huge = {"input_tokens": 10**20, "num_model_requests": 1}
+    bucket = {"object": "bucket", "start_time": midnight, "end_time": midnight + 86400, "results": [huge]}
+    fake.fail(200, body={"object": "page", "data": [bucket], "has_more": False}, method="GET")
+    with pytest.raises(ProviderError, match="malformed: input_tokens"):
+        _read(reader_settings, today, today + timedelta(days=1))
     with pytest.raises(ProviderError, match="1 to 366 days"):
         _read(reader_settings, today - timedelta(days=400), today)
 
