@@ -107,6 +107,9 @@ def upgrade() -> None:
         sa.Column("complete", sa.Boolean(), nullable=False),
         sa.PrimaryKeyConstraint("day", name="pk_provider_usage_days"),
     )
+    # A view pins the columns it reads: a later migration that changes the type of one of them (Postgres)
+    # or recreates usage_events in batch mode (SQLite, e.g. to drop a column) must drop the view first and
+    # create it again after. Adding columns needs neither.
     start, end = _DAY_BOUNDS[op.get_bind().dialect.name]
     op.execute(_VIEW.format(gateway=_GATEWAY_SIDE.format(day_start=start, day_end=end)))
 
