@@ -81,11 +81,7 @@ async def usage_summary(engine: AsyncEngine, query: UsageQuery) -> dict[str, Any
         ],
         "top_users": [_sums(row) for row in users],
         "models": [_sums(row) for row in models],
-        "reliability": {
-            "start": window_start.isoformat(),
-            "end": query.end.isoformat(),
-            "features": await _reliability(engine, window_start, query.end, query.filters),
-        },
+        "reliability": await _reliability(engine, window_start, query.end, query.filters),
     }
 
 
@@ -95,10 +91,10 @@ def _midnight(day: date) -> datetime:
 
 async def _reliability(
     engine: AsyncEngine, start: date, end: date, filters: dict[str, str]
-) -> list[dict[str, Any]]:
-    """Requests, failures and p95 latency per feature. The p95 is the nearest-rank one (a real call's
-    latency, as Postgres' percentile_disc gives it), computed with window functions so that SQLite, which
-    has no percentile aggregate, answers the same."""
+) -> dict[str, Any]:
+    """Requests and failures in all, and requests, failures and p95 latency of the busiest features. The
+    p95 is the nearest-rank one (a real call's latency, as Postgres' percentile_disc gives it), computed
+    with window functions so that SQLite, which has no percentile aggregate, answers the same."""
     conditions = [usage_events.c.created_at >= _midnight(start), usage_events.c.created_at < _midnight(end)]
     for name, value in filters.items():
         # '' is the rollup's "not attributed"; in the events that is NULL.
@@ -125,12 +121,16 @@ async def _reliability(
         .subquery()
     )
     requests = func.max(ranked.c.n)
+    failed_sum = func.sum(ranked.c.failed)
     statement = (
         select(
             ranked.c.feature,
             requests.label("requests"),
-            func.sum(ranked.c.failed).label("failed"),
+            failed_sum.label("failed"),
             func.min(case((ranked.c.rank >= ranked.c.n * 0.95, ranked.c.latency_ms))).label("p95_latency_ms"),
+            # Over every feature, not only the listed ones: windows are computed before the LIMIT.
+            func.sum(requests).over().label("all_requests"),
+            func.sum(failed_sum).over().label("all_failed"),
         )
         .group_by(ranked.c.feature)
         .order_by(requests.desc(), ranked.c.feature)
@@ -139,15 +139,21 @@ async def _reliability(
     async with engine.connect() as conn:
         await _bounded(conn)
         rows = (await conn.execute(statement)).mappings().all()
-    return [
-        {
-            "feature": row["feature"],
-            "requests": int(row["requests"]),
-            "failed": int(row["failed"]),
-            "p95_latency_ms": int(row["p95_latency_ms"]),
-        }
-        for row in rows
-    ]
+    return {
+        "start": start.isoformat(),
+        "end": end.isoformat(),
+        "requests": int(rows[0]["all_requests"]) if rows else 0,
+        "failed": int(rows[0]["all_failed"]) if rows else 0,
+        "features": [
+            {
+                "feature": row["feature"],
+                "requests": int(row["requests"]),
+                "failed": int(row["failed"]),
+                "p95_latency_ms": int(row["p95_latency_ms"]),
+            }
+            for row in rows
+        ],
+    }
 
 
 async def _bounded(conn: AsyncConnection) -> None:

@@ -58,8 +58,18 @@
   }
 
   const count = (n) => INTEGER.format(n);
-  const percent = (part, whole) => (whole ? `${((100 * part) / whole).toFixed(1)}%` : "–");
-  const latency = (ms) => (ms >= 1000 ? `${(ms / 1000).toFixed(2)} s` : `${ms} ms`);
+  // Rounded half up from whole numbers (tenths of a percent, hundredths of a second), so that a tie is
+  // rounded the same way every time, not as the binary float nearest to it happens to fall.
+  function percent(part, whole) {
+    if (!whole) return "–";
+    const tenths = Math.round((1000 * part) / whole);
+    return `${Math.floor(tenths / 10)}.${tenths % 10}%`;
+  }
+  function latency(ms) {
+    if (ms < 1000) return `${ms} ms`;
+    const hundredths = Math.round(ms / 10);
+    return `${Math.floor(hundredths / 100)}.${String(hundredths % 100).padStart(2, "0")} s`;
+  }
   const unnamed = (name, what) => (name === null ? `(no ${what})` : name);
 
   // --- dates (UTC days as YYYY-MM-DD) ---
@@ -171,9 +181,7 @@
       ? money(((Number(totals.cost_usd) * 1000) / totals.requests).toFixed(10))
       : "–";
     const reliability = summary.reliability;
-    const calls = reliability.features.reduce((sum, row) => sum + row.requests, 0);
-    const failed = reliability.features.reduce((sum, row) => sum + row.failed, 0);
-    $("error-rate").textContent = percent(failed, calls);
+    $("error-rate").textContent = percent(reliability.failed, reliability.requests);
     const window = `${reliability.start} to ${addDays(reliability.end, -1)}`;
     $("error-window").textContent = window;
     $("reliability-window").textContent = window;

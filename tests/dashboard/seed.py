@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, time, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 from app.db.engine import create_engine
 from app.db.usage_writer import write_batch
@@ -109,9 +110,9 @@ def _event(
     )
 
 
-def write(url: str, seeded: list[UsageEvent]) -> None:
+def write(url: str | None, seeded: list[UsageEvent], data_dir: Path = Path("unused-for-postgres")) -> None:
     async def run() -> None:
-        engine = create_engine(url, None)  # type: ignore[arg-type]
+        engine = create_engine(url, data_dir)
         try:
             for start in range(0, len(seeded), 1000):
                 await write_batch(engine, Batch.of(seeded[start : start + 1000]))

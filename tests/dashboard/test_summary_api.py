@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import tomllib
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -14,9 +14,12 @@ import httpx
 import openai
 import pytest
 
+from app.db.migrate import upgrade
 from app.endpoint_classes import parse_scopes
 from tests.dashboard.conftest import Seeded, make_key, sql
-from tests.harness import MASTER_KEY
+from tests.dashboard.seed import events as seed_events
+from tests.dashboard.seed import write
+from tests.harness import MASTER_KEY, ThreadedGateway
 
 ROOT = Path(__file__).resolve().parents[2]
 STATIC = ROOT / "app" / "static"
@@ -98,6 +101,10 @@ def test_p95_is_the_nearest_rank_latency(seeded: Seeded) -> None:
         window_start,
     )[0]
     assert body["reliability"]["start"] == window_start.isoformat()
+    assert (body["reliability"]["requests"], body["reliability"]["failed"]) == (
+        expected["requests"],
+        expected["failed"],
+    )
     assert body["reliability"]["features"] == [
         {
             "feature": "search",
@@ -209,3 +216,32 @@ def test_the_page_ships_in_the_wheel() -> None:
     for file in STATIC.iterdir():
         relative = file.relative_to(ROOT / "app").as_posix()
         assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns), relative
+
+
+def test_the_summary_on_embedded_sqlite(make_settings: Any, tmp_path: Path) -> None:
+    """`make run`'s database: the same answer without Postgres' percentile functions."""
+    upgrade(None, tmp_path)
+    now = datetime.now(UTC)
+    made = [
+        event._replace(request_id=f"req_sqlite{n}", created_at=now - timedelta(minutes=n), latency_ms=n + 1)
+        for n, event in enumerate(seed_events(now)[:20])
+    ]
+    made = [event._replace(feature="only") for event in made]
+    write(None, made, tmp_path)
+    gateway = ThreadedGateway(make_settings(database_url=None, data_dir=tmp_path)).start()
+    try:
+        response = httpx.get(
+            gateway.url + "/v1/usage/summary",
+            params={"start": (now - timedelta(days=1)).date().isoformat()},
+            headers=bearer(MASTER_KEY),
+        )
+    finally:
+        gateway.stop()
+    body = response.json()
+    assert body["totals"]["requests"] == 20
+    assert Decimal(body["totals"]["cost_usd"]) == sum(e.cost_usd or Decimal(0) for e in made)
+    failed = sum(1 for e in made if e.status_code >= 400)
+    # Latencies 1..20 ms: the nearest-rank p95 is the 19th.
+    assert body["reliability"]["features"] == [
+        {"feature": "only", "requests": 20, "failed": failed, "p95_latency_ms": 19}
+    ]
