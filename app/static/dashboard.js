@@ -1,6 +1,7 @@
 // The cost dashboard: reads GET /v1/usage/summary with a key kept in this tab's sessionStorage and draws
 // it with plain DOM and SVG. Names (features, users, models) come from the gateway's clients, so they are
-// only ever set as text, never as markup.
+// only ever set as text, never as markup. Styles are set through the CSSOM (`css`), which the page's
+// Content-Security-Policy allows, where it refuses style attributes.
 "use strict";
 
 (() => {
@@ -18,6 +19,7 @@
     for (const [name, value] of Object.entries(attrs || {})) {
       if (value === undefined || value === null) continue;
       if (name === "text") node.textContent = value;
+      else if (name === "css") Object.assign(node.style, value);
       else if (name === "onclick") node.addEventListener("click", value);
       else node.setAttribute(name, value);
     }
@@ -200,7 +202,9 @@
         "No usage in this range.",
       ),
     );
+    const modelColour = (i) => PALETTE[(i + 2) % PALETTE.length];
     $("models").replaceChildren(
+      donut(summary.models, totals.cost_usd, modelColour),
       table(
         summary.models,
         [
@@ -209,7 +213,11 @@
           { title: "Prompt", cell: (row) => count(row.prompt_tokens), numeric: true },
           { title: "Completion", cell: (row) => count(row.completion_tokens), numeric: true },
           { title: "Cost", cell: (row) => money(row.cost_usd), numeric: true, name: "cost" },
-          { title: "", cell: (row) => share(row.cost_usd, totals.cost_usd), bar: true },
+          {
+            title: "",
+            cell: (row) => share(row.cost_usd, totals.cost_usd, modelColour(summary.models.indexOf(row))),
+            bar: true,
+          },
         ],
         "No usage in this range.",
       ),
@@ -240,10 +248,10 @@
     return el("span", { class: `pill ${level}`, text: percent(failed, requests) });
   }
 
-  function share(part, whole) {
+  function share(part, whole, colour) {
     const ratio = Number(whole) > 0 ? Number(part) / Number(whole) : 0;
-    const bar = el("span", { class: "bar" }, el("span", { style: `width:${(ratio * 100).toFixed(1)}%` }));
-    return el("span", { class: "share", title: percent(Number(part), Number(whole)) }, bar);
+    const fill = el("span", { css: { width: `${(ratio * 100).toFixed(1)}%`, background: colour } });
+    return el("span", { class: "share", title: percent(Number(part), Number(whole)) }, el("span", { class: "bar" }, fill));
   }
 
   function filterLink(filter, value, what) {
@@ -315,7 +323,7 @@
         el(
           "li",
           {},
-          el("span", { class: "swatch", style: `background:${s.colour}` }),
+          el("span", { class: "swatch", css: { background: s.colour } }),
           el("span", { text: s.name }),
           el("span", { class: "muted", text: money(legendTotals[i].toFixed(10)) }),
         ),
@@ -382,6 +390,56 @@
       }
     });
     $("daily").replaceChildren(chart);
+  }
+
+  // Each model's share of the cost as a ring, the range's cost in its middle.
+  function donut(rows, total, colour) {
+    const whole = Number(total);
+    if (!rows.length || whole <= 0) return "";
+    const size = 150;
+    const radius = 58;
+    const circumference = 2 * Math.PI * radius;
+    const ring = svg("svg", { viewBox: `0 0 ${size} ${size}`, class: "donut", role: "img", "aria-label": "Cost by model" });
+    ring.append(svg("circle", { cx: size / 2, cy: size / 2, r: radius, class: "donut-track" }));
+    let offset = 0;
+    rows.forEach((row, i) => {
+      const length = (Number(row.cost_usd) / whole) * circumference;
+      if (length <= 0) return;
+      const arc = svg("circle", {
+        cx: size / 2,
+        cy: size / 2,
+        r: radius,
+        class: "donut-arc",
+        stroke: colour(i),
+        "stroke-dasharray": `${length} ${circumference - length}`,
+        "stroke-dashoffset": `${-offset}`,
+        transform: `rotate(-90 ${size / 2} ${size / 2})`,
+      });
+      const tip = svg("title");
+      tip.textContent = `${row.model}: ${money(row.cost_usd)} (${percent(Number(row.cost_usd), whole)})`;
+      arc.append(tip);
+      ring.append(arc);
+      offset += length;
+    });
+    const value = svg("text", { x: size / 2, y: size / 2 + 2, class: "donut-value", "text-anchor": "middle" });
+    value.textContent = money(total);
+    const label = svg("text", { x: size / 2, y: size / 2 + 20, class: "donut-label", "text-anchor": "middle" });
+    label.textContent = `${rows.length} model${rows.length === 1 ? "" : "s"}`;
+    ring.append(value, label);
+    const keys = el(
+      "ul",
+      { class: "legend donut-legend" },
+      ...rows.map((row, i) =>
+        el(
+          "li",
+          {},
+          el("span", { class: "swatch", css: { background: colour(i) } }),
+          el("span", { text: unnamed(row.model, "model") }),
+          el("span", { class: "muted", text: percent(Number(row.cost_usd), whole) }),
+        ),
+      ),
+    );
+    return el("div", { class: "donut-row" }, ring, keys);
   }
 
   function niceTicks(max) {
