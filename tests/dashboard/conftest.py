@@ -61,7 +61,9 @@ def seeded(make_settings: Callable[..., Settings]) -> Iterator[Seeded]:
             gateway.stop()
 
 
-@pytest.fixture(scope="package")
+# Module-scoped: while it is open, Playwright keeps an event loop running in the tests' thread, and code
+# that calls asyncio.run() (the seeding, the migrations) must not run in that module.
+@pytest.fixture(scope="module")
 def browser(seeded: Seeded) -> Iterator[Any]:
     if shutil.which(CHROMIUM) is None:
         pytest.fail(f"{CHROMIUM} is missing: run tests/dashboard/install.sh (make test does)")
