@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument(
         "--scopes",
         type=lambda v: v.split(","),
-        help=f"endpoint classes it may call, or '*' for all (default: {','.join(DEFAULT_SCOPES)})",
+        help=f"endpoint classes it may call, or '*' for all, and 'reports' to read the usage reports "
+        f"(default: {','.join(DEFAULT_SCOPES)})",
     )
     create.add_argument("--rpm-limit", dest="rpm_limit", type=int)
     create.add_argument("--tpm-limit", dest="tpm_limit", type=int)
