@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 
 import orjson
 from fastapi import APIRouter, Depends, Query, Request
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.responses import Response
 
 from app.dashboard import MAX_RANGE_DAYS, usage_summary
@@ -112,6 +113,13 @@ async def usage_summary_route(request: Request, _: ReportsDep, span: RangeDep) -
     state.summaries_in_flight += 1
     try:
         body = await usage_summary(state.engine, UsageQuery(span.start, span.end, filters=span.filters))
+    except SQLAlchemyError:
+        # The database is unreachable, or the events query ran past its statement timeout.
+        raise GatewayError(
+            503,
+            "The usage summary could not be computed right now; try again, or a shorter range or a filter.",
+            code="reports_unavailable",
+        ) from None
     finally:
         state.summaries_in_flight -= 1
     return Response(orjson.dumps(body), media_type="application/json")

@@ -19,6 +19,7 @@ from app.endpoint_classes import parse_scopes
 from tests.dashboard.conftest import Seeded, make_key, sql
 from tests.dashboard.seed import events as seed_events
 from tests.dashboard.seed import write
+from tests.db import database_down, database_up
 from tests.harness import MASTER_KEY, ThreadedGateway
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -245,3 +246,16 @@ def test_the_summary_on_embedded_sqlite(make_settings: Any, tmp_path: Path) -> N
     assert body["reliability"]["features"] == [
         {"feature": "only", "requests": 20, "failed": failed, "p95_latency_ms": 19}
     ]
+
+
+def test_a_database_outage_is_a_503_not_a_500(make_settings: Any, scratch_db: tuple[str, str]) -> None:
+    name, url = scratch_db
+    gateway = ThreadedGateway(make_settings(database_url=url)).start()
+    try:
+        database_down(name)
+        response = httpx.get(gateway.url + "/v1/usage/summary", headers=bearer(MASTER_KEY), timeout=30)
+    finally:
+        database_up(name)
+        gateway.stop()
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "reports_unavailable"
