@@ -4,8 +4,9 @@ TEST_ARTIFACTS_DIR (default var/test-artifacts)."""
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import date, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -14,8 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
+from app.config import Settings
+from app.logs import JsonFormatter
 from tests.dashboard.conftest import Seeded, make_key, sql
-from tests.harness import MASTER_KEY
+from tests.harness import MASTER_KEY, ThreadedGateway
 
 ARTIFACTS = Path(
     os.environ.get("TEST_ARTIFACTS_DIR", Path(__file__).resolve().parents[2] / "var/test-artifacts")
@@ -58,8 +61,10 @@ def page(browser: Any, seeded: Seeded) -> Iterator[Any]:
         context.close()
 
 
-def sign_in(page: Any, seeded: Seeded, key: str, fragment: str = "") -> None:
-    page.goto(seeded.gateway.url + "/dashboard" + fragment)
+def sign_in(
+    page: Any, seeded: Seeded, key: str, fragment: str = "", gateway: ThreadedGateway | None = None
+) -> None:
+    page.goto((gateway or seeded.gateway).url + "/dashboard" + fragment)
     page.fill("#key", key)
     page.click("#login-form button[type=submit]")
 
@@ -232,3 +237,32 @@ def test_a_range_too_long_shows_the_gateways_error(page: Any, seeded: Seeded) ->
     sign_in(page, seeded, seeded.reports_key, "#start=2026-01-01&end=2026-06-30")
     page.wait_for_selector("#error:not([hidden])")
     assert "at most 92 days" in page.inner_text("#error")
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(JsonFormatter())
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+def test_the_key_is_in_no_log_line(page: Any, seeded: Seeded, make_settings: Callable[..., Settings]) -> None:
+    """A gateway logging every request (info): the page's requests are in its access lines, the key is
+    not, in any line."""
+    root = logging.getLogger()
+    level = root.level
+    gateway = ThreadedGateway(make_settings(database_url=seeded.url, log_level="info")).start()
+    captured = _Lines()
+    root.addHandler(captured)
+    try:
+        sign_in(page, seeded, seeded.reports_key, "#feature=search", gateway=gateway)
+        loaded(page)
+    finally:
+        root.removeHandler(captured)
+        gateway.stop()
+        root.setLevel(level)
+    assert any("/v1/usage/summary" in line for line in captured.lines)
+    assert not [line for line in captured.lines if seeded.reports_key in line]
