@@ -251,3 +251,32 @@ def test_compose_profile_provisions_grafana() -> None:
     board = json.loads(DASHBOARD.read_text())
     assert {panel["datasource"]["uid"] for panel in board["panels"]} == {datasource["uid"]}
     assert datasource["secureJsonData"]["password"] == "${GATEWAY_READONLY_ROLE_PASSWORD}"
+
+
+@pytest.mark.parametrize(
+    ("on_postgres", "role", "password", "message"),
+    [
+        (True, "grafana_reader", None, "set GATEWAY_READONLY_ROLE_PASSWORD"),
+        (True, 'x"; DROP TABLE usage_events; --', "pw", "use lower-case letters"),
+        (False, "grafana_reader", "pw", "needs Postgres"),
+    ],
+)
+def test_the_role_command_refuses_what_it_cannot_do(
+    seeded: Seeded, tmp_path: Path, on_postgres: bool, role: str, password: str | None, message: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") and k != "DATABASE_URL"}
+    env["GATEWAY_DATA_DIR"] = str(tmp_path)  # the embedded SQLite database when DATABASE_URL is unset
+    if on_postgres:
+        env["DATABASE_URL"] = seeded.url
+    if password is not None:
+        env["GATEWAY_READONLY_ROLE_PASSWORD"] = password
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "migrate", "--create-readonly-role", role],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert sql(seeded.url, "SELECT count(*) AS n FROM usage_events")[0]["n"] == len(seeded.events)
