@@ -12,10 +12,11 @@ import orjson
 import uvicorn
 from pydantic import ValidationError
 
-from app.config import ConfigError, Settings, load_database_settings, load_settings
+from app.config import ConfigError, DatabaseSettings, Settings, load_database_settings, load_settings
 from app.config_file import load_config_file
 from app.db.engine import create_engine
 from app.db.migrate import upgrade
+from app.db.readonly_role import PASSWORD_ENV, REPORTING_TABLES, create_readonly_role
 from app.endpoint_classes import DEFAULT_SCOPES
 from app.keys import ApiKey, KeyStore
 from app.logs import configure_logging
@@ -67,10 +68,31 @@ def _http_protocol(settings: Settings) -> type[asyncio.Protocol] | str:
     return head_limited_protocol(settings)
 
 
-def _migrate(_: argparse.Namespace) -> int:
+def _migrate(args: argparse.Namespace) -> int:
     settings = load_database_settings()
     upgrade(settings.database_url, settings.data_dir)
     print("llm-gateway: database is at the latest schema")
+    if args.create_readonly_role:
+        return _readonly_role(settings, args.create_readonly_role)
+    return 0
+
+
+def _readonly_role(settings: DatabaseSettings, name: str) -> int:
+    password = settings.readonly_role_password
+
+    async def run() -> None:
+        engine = create_engine(settings.database_url, settings.data_dir)
+        try:
+            await create_readonly_role(engine, name, password.get_secret_value() if password else "")
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(run())
+    except ValueError as exc:
+        print(f"llm-gateway migrate: {exc}", file=sys.stderr)
+        return 2
+    print(f"llm-gateway: role {name} can read {', '.join(REPORTING_TABLES)} and nothing else")
     return 0
 
 
@@ -210,6 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--workers", type=int, help="worker processes (GATEWAY_WORKERS, default 1)")
     serve.set_defaults(handler=_serve)
     migrate = commands.add_parser("migrate", help="apply the database migrations (DATABASE_URL)")
+    migrate.add_argument(
+        "--create-readonly-role",
+        metavar="NAME",
+        help=f"then create (or update) a login role that can only read the usage tables, for dashboards; "
+        f"its password comes from {PASSWORD_ENV}",
+    )
     migrate.set_defaults(handler=_migrate)
     usage = commands.add_parser("usage", help="print tokens and cost from usage_daily")
     usage.add_argument("--by", default="feature", help="any of day,feature,user,model (default: feature)")
@@ -244,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument(
         "--scopes",
         type=lambda v: v.split(","),
-        help=f"endpoint classes it may call, or '*' for all (default: {','.join(DEFAULT_SCOPES)})",
+        help=f"endpoint classes it may call, or '*' for all, and 'reports' to read the usage reports "
+        f"(default: {','.join(DEFAULT_SCOPES)})",
     )
     create.add_argument("--rpm-limit", dest="rpm_limit", type=int)
     create.add_argument("--tpm-limit", dest="tpm_limit", type=int)

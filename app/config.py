@@ -33,6 +33,11 @@ class DatabaseSettings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
 
+    # Dashboards: the password of the read-only role `migrate --create-readonly-role NAME` creates.
+    readonly_role_password: SecretStr | None = Field(
+        default=None, validation_alias="GATEWAY_READONLY_ROLE_PASSWORD"
+    )
+
 
 class Settings(DatabaseSettings):
     # The external contract: names users' code and deployments depend on (README, Configuration).

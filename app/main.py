@@ -48,6 +48,7 @@ from app.policy import Policy
 from app.reconcile.job import Reconciler
 from app.request_context import RequestContextMiddleware
 from app.routes import admin, chat, embeddings, health, metrics, models, passthrough, responses, usage
+from app.routes.dashboard import router as dashboard_router
 from app.upstream import UpstreamClient
 
 log = logging.getLogger("gateway")
@@ -234,6 +235,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(responses.router)
     app.include_router(models.router)
     app.include_router(usage.router)
+    app.state.summaries_in_flight = 0
+    app.include_router(dashboard_router)
     app.include_router(admin.router)
     # Last: it takes every /v1/* path the routers above do not.
     app.include_router(passthrough.router)
