@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 PASSWORD_ENV = "GATEWAY_READONLY_ROLE_PASSWORD"
 # What dashboards read. api_keys (key hashes) and resource_owners stay out of its sight.
-REPORTING_TABLES = ("usage_events", "usage_daily")
+REPORTING_TABLES = ("usage_events", "usage_daily", "reconciliation_daily")
 # Postgres' own defaults for a verifier it computes.
 _ITERATIONS = 4096
 _SALT_BYTES = 16

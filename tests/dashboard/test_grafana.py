@@ -161,6 +161,47 @@ def test_every_panel_returns_the_seeded_rows(seeded: Seeded, reader: str) -> Non
         assert row["cached_share"] == pytest.approx(sum(e.cached_tokens for e in group) / prompt)
 
 
+def test_the_reconciliation_panel_sets_openai_beside_the_gateway(seeded: Seeded, reader: str) -> None:
+    """The panel reads the reconciliation view as the read-only role: a day OpenAI reported five more
+    requests of a model than the gateway sent shows the gateway's own count beside OpenAI's."""
+    day = (seeded.now - timedelta(days=2)).date()
+    model = "gpt-4o-mini"
+    sent = [
+        e
+        for e in seeded.events
+        if e.created_at.astimezone(UTC).date() == day and e.upstream_model == model and e.total_tokens > 0
+    ]
+    assert sent
+    sql(
+        seeded.url,
+        "INSERT INTO provider_usage_days (day, fetched_at, complete) VALUES ($1, now(), true)",
+        day,
+    )
+    sql(
+        seeded.url,
+        "INSERT INTO provider_usage_daily (day, source, model, requests, fetched_at)"
+        " VALUES ($1, 'completions', $2, $3, now())",
+        day,
+        model,
+        len(sent) + 5,
+    )
+    try:
+        end = datetime.now(UTC)
+        rows = sql(reader, expand(panels()["Reconciliation with OpenAI"], end - timedelta(days=7), end))
+        row = next(row for row in rows if row["model"] == model)
+        assert (row["day"], row["gateway_requests"], row["openai_requests"], row["requests_difference"]) == (
+            day,
+            len(sent),
+            len(sent) + 5,
+            5,
+        )
+        assert row["gateway_cost_usd"] == cost(sent)
+        assert {row["day"] for row in rows} == {day}
+    finally:
+        sql(seeded.url, "DELETE FROM provider_usage_daily WHERE day = $1", day)
+        sql(seeded.url, "DELETE FROM provider_usage_days WHERE day = $1", day)
+
+
 def test_a_narrower_range_narrows_every_panel(seeded: Seeded, reader: str) -> None:
     """The macros really filter: the last seven days hold fewer calls than the month, exactly as many as
     the seed put there."""
