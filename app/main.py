@@ -92,8 +92,9 @@ class GatewayApp(FastAPI):
 def _configuration(settings: Settings | None) -> tuple[Settings, GatewayConfig]:
     try:
         settings = settings or load_settings()
+        tokens.verify_vocabularies()
         return settings, load_config_file(settings.config_file)
-    except ConfigError as exc:
+    except (ConfigError, tokens.VocabularyError) as exc:
         # One clear line for the operator, not a traceback.
         print(f"llm-gateway: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
