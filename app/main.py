@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import sys
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -39,7 +41,7 @@ from app.limits import (
 from app.limits.guard import Guard, seed_spend
 from app.logs import configure_logging
 from app.metering import tokens
-from app.metering.metrics import Metrics
+from app.metering.metrics import WORKER_METRICS_DIR, Metrics
 from app.metering.middleware import Meter, meter_call
 from app.metering.pricing import PriceTable
 from app.metering.recorder import Recorder
@@ -183,6 +185,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await recorder.start()
             app_metrics.watch_recorder(recorder.stats)
         app.state.meter = Meter(recorder, app.state.prices, app_metrics, guard)
+        shared_metrics = os.environ.get(WORKER_METRICS_DIR)
+        if shared_metrics:
+            app_metrics.share(Path(shared_metrics))
+        publishing = asyncio.get_running_loop().create_task(app_metrics.publish_every())
         # Everything made at start-up (modules, tokenizer tables, settings) lives as long as the process:
         # out of the collector's sight, and fewer collections of the short-lived objects each request
         # makes (a request allocates hundreds of objects; the default threshold collects every 700).
@@ -201,6 +207,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.meter.drain(settings.shutdown_timeout_s)
             if recorder is not None:
                 await recorder.close(timeout_s=settings.shutdown_timeout_s)
+            # After the recorder: its last counts are in the worker's final figures.
+            publishing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publishing
             await guard.close()
             await keys.close()
             await upstream.close()

@@ -96,7 +96,7 @@ class Meter:
         if call.admission is not None:
             self.guard.settle(call.admission, usage.total_tokens, cost_to_usd(cost))
         if self.recorder is not None:
-            self.metrics.observe_usage(model or "", call.feature or "", usage, cost)
+            self.metrics.observe_usage(call.model or "", model or "", call.feature or "", usage, cost)
             self.recorder.submit(event_line(call, usage, source, cost, elapsed))
 
 
