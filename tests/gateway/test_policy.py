@@ -56,7 +56,8 @@ def test_alias_resolves_and_the_row_keeps_what_was_asked(
     assert row["cost_usd"] is not None
     # The metrics name the model as the row does, with the one that answered beside it.
     metrics = httpx.get(policy_gateway.url + "/metrics").text
-    assert 'gateway_tokens_total{feature="",kind="prompt",model="fast",upstream_model="gpt-4o-mini"}' in metrics
+    tokens = 'gateway_tokens_total{feature="",kind="prompt",model="fast",upstream_model="gpt-4o-mini"}'
+    assert tokens in metrics
     assert 'gateway_cost_usd_total{feature="",model="fast",upstream_model="gpt-4o-mini"}' in metrics
 
 
