@@ -93,6 +93,18 @@ class Settings(DatabaseSettings):
     shutdown_timeout_s: float = Field(default=30.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # Tracing (OpenTelemetry, app/tracing.py): spans go to this OTLP/HTTP collector when set; off when unset.
+    otel_endpoint: str | None = Field(default=None, validation_alias="OTEL_EXPORTER_OTLP_ENDPOINT")
+
+    @field_validator("otel_endpoint", mode="before")
+    @classmethod
+    def _otel_endpoint(cls, value: object) -> object:
+        if value == "" or value is None:
+            return None
+        if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https:// (OTLP over HTTP)")
+        return value
+
     @field_validator("openai_base_url")
     @classmethod
     def _base_url(cls, value: str) -> str:

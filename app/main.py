@@ -13,7 +13,7 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -51,6 +51,9 @@ from app.request_context import RequestContextMiddleware
 from app.routes import admin, chat, embeddings, health, metrics, models, passthrough, responses, usage
 from app.upstream import UpstreamClient
 
+if TYPE_CHECKING:
+    from app.tracing import Tracing
+
 log = logging.getLogger("gateway")
 
 
@@ -81,14 +84,17 @@ class GatewayApp(FastAPI):
         for name, value in self.state._state.items():
             setattr(state, name, value)
         self.state = state
+        self.tracing: Tracing | None = None
 
     def build_middleware_stack(self) -> ASGIApp:
         # Outside Starlette's ServerErrorMiddleware, so even an unexpected 500 carries its X-Request-Id
         # and gets its access-log line; it meters the hot routes and FastAPI's alike when they end. The
         # path is checked before any route (hot or not) or auth sees it.
-        return RequestContextMiddleware(
+        stack = RequestContextMiddleware(
             CanonicalPath(HotRoutes(super().build_middleware_stack(), HOT_ROUTES)), meter_call
         )
+        # Traced, the span wraps all of it; untraced, there is no layer at all.
+        return stack if self.tracing is None else self.tracing.middleware(stack)
 
 
 def _configuration(settings: Settings | None) -> tuple[Settings, GatewayConfig]:
@@ -100,6 +106,21 @@ def _configuration(settings: Settings | None) -> tuple[Settings, GatewayConfig]:
         # One clear line for the operator, not a traceback.
         print(f"llm-gateway: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _tracing(settings: Settings) -> Tracing | None:
+    if settings.otel_endpoint is None:
+        return None
+    try:
+        from app.tracing import Tracing
+    except ImportError:
+        print(
+            "llm-gateway: OTEL_EXPORTER_OTLP_ENDPOINT is set but OpenTelemetry is not installed: "
+            "pip install 'llm-gateway[otel]'",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
+    return Tracing(settings.otel_endpoint)
 
 
 def _has_prompt_budgets(config: GatewayConfig) -> bool:
@@ -128,6 +149,7 @@ async def _make_guard(settings: Settings, config: GatewayConfig, engine: AsyncEn
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings, config = _configuration(settings)
     configure_logging(settings.log_level)
+    tracing = _tracing(settings)
     app_metrics = Metrics(settings.metrics_max_features)
 
     def price_table(config: GatewayConfig) -> PriceTable:
@@ -155,6 +177,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         upstream = UpstreamClient(settings)
+        upstream.tracing = tracing
         await upstream.start()
         engine = create_engine(settings.database_url, settings.data_dir)
         app.state.upstream = upstream
@@ -215,6 +238,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await keys.close()
             await upstream.close()
             await engine.dispose()
+            if tracing is not None:
+                # Exports the last spans: up to the exporter's timeout when the collector is away.
+                await asyncio.to_thread(tracing.shutdown)
 
     app = GatewayApp(
         title="llm-gateway",
@@ -226,6 +252,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # in the benchmark's profile); the gateway's own metrics are at /metrics.
         telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
+    app.tracing = tracing
     app.state.settings = settings
     app.state.metrics = app_metrics
     app.state.policy = Policy(settings, config)
