@@ -147,7 +147,8 @@ class _TracedRequests:
         finally:
             otel_context.detach(token)
             call = state.get(STATE_KEY)
-            if not isinstance(call, CallRecord):
+            # An unsampled span (OTEL_TRACES_SAMPLER) records nothing: no attributes are gathered for it.
+            if not isinstance(call, CallRecord) or not span.is_recording():
                 span.end()
             elif call.pending_metering is None or call.pending_metering.done():
                 _finish(span, call)
