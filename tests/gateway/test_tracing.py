@@ -16,7 +16,7 @@ from tests.conftest import sdk_client
 from tests.db import wait_for_rows
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.otlp_receiver import CLIENT, ERROR, SERVER, OtlpReceiver
-from tests.harness import ThreadedGateway
+from tests.harness import ThreadedGateway, refused_start
 
 PROMPT = "a-secret-prompt-7f3a"
 ANSWER = "a-secret-answer-91cd"
@@ -159,7 +159,8 @@ def test_a_stream_the_client_abandons_still_ends_its_span(
         stream.close()
     span = receiver.server_span(request_id)
     assert span.attributes["gateway.client_disconnected"] is True
-    assert span.attributes["gen_ai.usage.output_tokens"] > 0
+    # Counted by the gateway itself (no usage chunk came): the prompt at least.
+    assert span.attributes["gen_ai.usage.input_tokens"] > 0
     assert span.start_ns < span.end_ns
 
 
@@ -213,3 +214,8 @@ def test_a_call_off_the_metered_routes_is_named_by_its_route(
     span = receiver.server_span(request_id)
     assert span.name == "GET /healthz"
     assert "gen_ai.operation.name" not in span.attributes
+
+
+def test_an_endpoint_that_is_not_otlp_over_http_stops_start_up_with_one_line() -> None:
+    line = refused_start({"OTEL_EXPORTER_OTLP_ENDPOINT": "otel-collector:4317"})
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" in line and "http://" in line
