@@ -3,7 +3,9 @@ whole server's requests."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 from pathlib import Path
 
 import httpx
@@ -42,6 +44,19 @@ def _per_worker(directory: Path) -> list[float]:
     return counts
 
 
+def _workers(server: int) -> list[int]:
+    """The server's worker processes (multiprocessing's resource tracker is a child of it too)."""
+    workers = []
+    for child in Path(f"/proc/{server}/task/{server}/children").read_text().split():
+        try:
+            command = Path(f"/proc/{child}/cmdline").read_bytes()
+        except FileNotFoundError:  # gone meanwhile
+            continue
+        if b"resource_tracker" not in command:
+            workers.append(int(child))
+    return workers
+
+
 def test_every_scrape_counts_every_worker(fake_server: FakeOpenAI, database_url: str, tmp_path: Path) -> None:
     fake_server.reset()
     temp = tmp_path / "tmp"
@@ -76,6 +91,16 @@ def test_every_scrape_counts_every_worker(fake_server: FakeOpenAI, database_url:
         # The other worker's figures are at most a second old.
         wait_until(all_counted, timeout=10, interval=0.1)
         # From then on every scrape, whichever worker answers it, has all of them.
+        for _ in range(8):
+            text = httpx.get(gateway.url + "/metrics").text
+            assert (_requests(text), _tokens(text)) == (sent, prompt_tokens)
+
+        # A worker that dies is replaced; what it counted stays counted.
+        assert gateway.proc is not None
+        before = _workers(gateway.proc.pid)
+        os.kill(before[0], signal.SIGKILL)
+        wait_until(lambda: len(set(_workers(gateway.proc.pid)) - set(before)) == 1, timeout=30, interval=0.1)
+        wait_until(gateway._ready, timeout=30)
         for _ in range(8):
             text = httpx.get(gateway.url + "/metrics").text
             assert (_requests(text), _tokens(text)) == (sent, prompt_tokens)
