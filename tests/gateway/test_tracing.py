@@ -7,6 +7,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import openai
@@ -16,7 +17,7 @@ from tests.conftest import sdk_client
 from tests.db import wait_for_rows
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.otlp_receiver import CLIENT, ERROR, SERVER, OtlpReceiver
-from tests.harness import ThreadedGateway, refused_start
+from tests.harness import GatewayProcess, ThreadedGateway, refused_start
 
 PROMPT = "a-secret-prompt-7f3a"
 ANSWER = "a-secret-answer-91cd"
@@ -219,3 +220,30 @@ def test_a_call_off_the_metered_routes_is_named_by_its_route(
 def test_an_endpoint_that_is_not_otlp_over_http_stops_start_up_with_one_line() -> None:
     line = refused_start({"OTEL_EXPORTER_OTLP_ENDPOINT": "otel-collector:4317"})
     assert "OTEL_EXPORTER_OTLP_ENDPOINT" in line and "http://" in line
+
+
+def test_a_served_process_exports_its_last_spans_when_it_stops(
+    fake_server: FakeOpenAI, receiver: OtlpReceiver, database_url: str, tmp_path: Path
+) -> None:
+    """`llm-gateway serve` with two workers, each with its own exporter; a SIGTERM flushes them (the
+    SDK's default batch delay, 5 s, is longer than the test waits before stopping)."""
+    fake_server.reset()
+    gateway = GatewayProcess(
+        fake_server,
+        database_url,
+        tmp_path,
+        env={"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_SERVICE_NAME": "gateway-under-test"},
+        args=("--workers", "2"),
+    ).start()
+    request_id = _rid()
+    try:
+        fake_server.reply(ANSWER, usage=USAGE)
+        with sdk_client(gateway.url + "/v1") as sdk:
+            sdk.chat.completions.create(
+                model="gpt-4o-mini", messages=MESSAGES, extra_headers={"X-Request-Id": request_id}
+            )
+    finally:
+        assert gateway.stop() == 0
+    span = receiver.server_span(request_id, timeout=1)
+    assert (span.name, span.service) == ("chat gpt-4o-mini", "gateway-under-test")
+    assert span.attributes["gen_ai.usage.input_tokens"] == 11
