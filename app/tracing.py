@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -96,7 +97,7 @@ class Tracing:
             span = tracer.start_span(
                 f"{method} upstream",
                 kind=SpanKind.CLIENT,
-                attributes={"http.request.method": method, "url.full": url},
+                attributes={"http.request.method": method, "url.full": _without_credentials(url)},
             )
             with trace.use_span(
                 span, end_on_exit=True, record_exception=False, set_status_on_exception=False
@@ -205,6 +206,14 @@ def _describe(span: Span, call: CallRecord) -> None:
     span.set_attributes(attributes)
     if call.status_code >= 500 or (call.error_type is not None and call.endpoint is not None):
         span.set_status(Status(StatusCode.ERROR))
+
+
+def _without_credentials(url: str) -> str:
+    """An OPENAI_BASE_URL may carry user:password@; the conventions have it redacted on spans."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="REDACTED:REDACTED@" + parts.netloc.rpartition("@")[2]))
 
 
 def _put(attributes: dict[str, Any], pairs: Iterable[tuple[str, Any]]) -> None:

@@ -87,6 +87,7 @@ def test_a_call_is_a_genai_span_with_a_child_per_attempt_continuing_the_callers_
     assert (first.attributes["http.response.status_code"], first.status) == (503, ERROR)
     assert second.attributes["http.response.status_code"] == 200
     assert [first.attributes["gateway.attempt"], second.attributes["gateway.attempt"]] == [1, 2]
+    assert first.attributes["url.full"] == fake.base_url + "/chat/completions"
     assert span.start_ns <= first.start_ns < first.end_ns <= second.start_ns < second.end_ns <= span.end_ns
     # Each attempt told the upstream its own span, in the caller's trace.
     sent = [request.headers["traceparent"] for request in fake.requests]
@@ -247,3 +248,14 @@ def test_a_served_process_exports_its_last_spans_when_it_stops(
     span = receiver.server_span(request_id, timeout=1)
     assert (span.name, span.service) == ("chat gpt-4o-mini", "gateway-under-test")
     assert span.attributes["gen_ai.usage.input_tokens"] == 11
+
+
+def test_an_upstream_url_is_put_on_a_span_without_its_credentials() -> None:
+    from app.tracing import _without_credentials
+
+    assert _without_credentials("https://me:secret@llm.internal:8443/v1/chat/completions") == (
+        "https://REDACTED:REDACTED@llm.internal:8443/v1/chat/completions"
+    )
+    assert _without_credentials("http://127.0.0.1:8000/v1/files?purpose=batch") == (
+        "http://127.0.0.1:8000/v1/files?purpose=batch"
+    )
