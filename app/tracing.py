@@ -12,7 +12,7 @@ its answer's head (and a stream's first bytes) or its failure. An incoming W3C `
 continued, and each attempt sends the upstream a `traceparent` naming its own span.
 
 Prompts, completions, headers and keys are never put on a span. Only `traceparent`/`tracestate` are
-read and sent, never `baggage`: a client's baggage could carry anything to the upstream.
+read and written (the W3C trace-context propagator alone): the gateway adds no `baggage` of its own.
 """
 
 from __future__ import annotations
