@@ -281,9 +281,13 @@ class _SharedFamilies:
         if data == self._written:
             return
         partial = self._path.with_suffix(".partial")
-        partial.write_bytes(data)
-        # Readers see the old file or the new one, never half of one.
-        partial.replace(self._path)
+        try:
+            partial.write_bytes(data)
+            # Readers see the old file or the new one, never half of one.
+            partial.replace(self._path)
+        except OSError as exc:  # a full disk, a directory cleaned away: the scrape still answers
+            log.warning("worker metrics not published", extra={"error": str(exc)})
+            return
         self._written = data
 
     def _merge(self) -> Iterator[Metric]:
