@@ -269,6 +269,7 @@ class _SharedFamilies:
         self._path = directory / f"{os.getpid()}.json"
         self._directory = directory
         self._written = b""
+        self._failing = False
         self.merged = CollectorRegistry(auto_describe=False)
         self.merged.register(_Collected(self._merge))
 
@@ -286,8 +287,11 @@ class _SharedFamilies:
             # Readers see the old file or the new one, never half of one.
             partial.replace(self._path)
         except OSError as exc:  # a full disk, a directory cleaned away: the scrape still answers
-            log.warning("worker metrics not published", extra={"error": str(exc)})
+            if not self._failing:  # once until it works again, not every second
+                log.warning("worker metrics not published", extra={"error": str(exc)})
+            self._failing = True
             return
+        self._failing = False
         self._written = data
 
     def _merge(self) -> Iterator[Metric]:
