@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 export GATEWAY_MASTER_KEY ?= sk-gateway-dev-master-key
 
-.PHONY: install run test demo lint bench clean dashboard-browser
+.PHONY: install run test demo lint bench lock clean dashboard-browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,16 @@ lint: install
 # BENCH_ARGS=--quick for a short run without LiteLLM; --profile adds py-spy profiles of the gateway.
 bench: install
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# The image's exact dependencies with their hashes (Dockerfile): the runtime and the `otel` extra for
+# Linux x86_64 and aarch64 on CPython 3.11, and the build backend apart (it is not shipped). Run after a
+# change of pyproject.toml's dependencies; uv is installed into the venv for it.
+LOCK_FLAGS := --generate-hashes --python-version 3.11 --python-platform linux --no-strip-extras \
+	--custom-compile-command "make lock" --quiet
+lock: install
+	$(PY) -m pip install --quiet 'uv>=0.5'
+	$(VENV)/bin/uv pip compile pyproject.toml --extra otel $(LOCK_FLAGS) -o requirements.lock
+	echo 'setuptools>=69' | $(VENV)/bin/uv pip compile - $(LOCK_FLAGS) -o requirements-build.lock
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

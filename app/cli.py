@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import importlib.util
+import os
+import shutil
 import sys
+import tempfile
 from datetime import UTC, date, datetime, timedelta
 
 import orjson
@@ -20,6 +24,7 @@ from app.db.readonly_role import PASSWORD_ENV, REPORTING_TABLES, create_readonly
 from app.endpoint_classes import DEFAULT_SCOPES
 from app.keys import ApiKey, KeyStore
 from app.logs import configure_logging
+from app.metering.metrics import WORKER_METRICS_DIR
 from app.reconcile import store as reconciliation
 from app.reconcile.job import organization_reader, reconcile
 from app.reconcile.provider import MAX_DAYS, ProviderError
@@ -40,12 +45,15 @@ def _serve(args: argparse.Namespace) -> int:
     settings = load_settings()
     load_config_file(settings.config_file)
     configure_logging(settings.log_level)
+    workers = args.workers or settings.workers
+    if workers > 1:
+        _share_worker_metrics()
     uvicorn.run(
         "app.main:create_app",
         factory=True,
         host=args.host or settings.host,
         port=args.port if args.port is not None else settings.port,
-        workers=args.workers or settings.workers,
+        workers=workers,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         http=_http_protocol(settings),
         # h11 (where httptools is not installed) bounds its head itself, though not the time it takes.
@@ -58,6 +66,15 @@ def _serve(args: argparse.Namespace) -> int:
         proxy_headers=False,
     )
     return 0
+
+
+def _share_worker_metrics() -> None:
+    """The workers publish their metrics here, so that a scrape of any of them answers for all of them
+    (app/metering/metrics.py). Made fresh for this server, removed when it exits (the workers are spawned,
+    not forked: the exit handler is the server's alone)."""
+    directory = tempfile.mkdtemp(prefix="llm-gateway-metrics-")
+    os.environ[WORKER_METRICS_DIR] = directory
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
 
 
 def _http_protocol(settings: Settings) -> type[asyncio.Protocol] | str:

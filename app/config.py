@@ -148,6 +148,18 @@ class Settings(DatabaseSettings):
         # A self-hosted OpenAI-compatible server often needs no key; OpenAI itself always does.
         return self.openai_api_key is not None or self.openai_base_url != DEFAULT_UPSTREAM
 
+    # Tracing (OpenTelemetry, app/tracing.py): spans go to this OTLP/HTTP collector when set; off when unset.
+    otel_endpoint: str | None = Field(default=None, validation_alias="OTEL_EXPORTER_OTLP_ENDPOINT")
+
+    @field_validator("otel_endpoint", mode="before")
+    @classmethod
+    def _otel_endpoint(cls, value: object) -> object:
+        if value == "" or value is None:
+            return None
+        if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https:// (OTLP over HTTP)")
+        return value
+
 
 _S = TypeVar("_S", bound=DatabaseSettings)
 
