@@ -93,6 +93,11 @@ class Settings(DatabaseSettings):
     shutdown_timeout_s: float = Field(default=30.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # Budgets: how long a call's reservation holds its worst-case cost when nothing settles it (its
+    # process died). Past the request timeout, with room for retries and fallbacks; a longer call is
+    # still charged when it ends, its hold just lapses before.
+    budget_reservation_ttl_s: float = Field(default=1200.0, gt=0)
+
     @field_validator("openai_base_url")
     @classmethod
     def _base_url(cls, value: str) -> str:

@@ -114,7 +114,7 @@ async def _make_guard(settings: Settings, config: GatewayConfig, engine: AsyncEn
         ledger = RedisBudgetLedger(client, fail_open=fail_open, timeout_s=timeout_s)
     else:
         limiter, ledger = InProcessRateLimiter(), InProcessBudgetLedger()
-    guard = Guard(limiter, ledger)
+    guard = Guard(limiter, ledger, reservation_ttl_s=settings.budget_reservation_ttl_s)
     try:
         await seed_spend(engine, ledger, guard.clock())
     except Exception as exc:  # start anyway: the database or Redis may come back; budgets count from now

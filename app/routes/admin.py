@@ -126,7 +126,8 @@ async def revoke_key(request: Request, key_id: str, _: MasterDep) -> Response:
 
 @router.get("/budgets")
 async def budgets(request: Request, _: MasterDep) -> Response:
-    """Every spend cap in force, with what its scope has spent this period."""
+    """Every spend cap in force, with what its scope has spent this period and, apart, what the calls in
+    flight hold against it (their worst case, until they end)."""
     state = request.app.state
     guard: Guard = state.guard
     config: GatewayConfig = state.policy.config
@@ -150,13 +151,15 @@ async def budgets(request: Request, _: MasterDep) -> Response:
             if cap is None:
                 continue
             spent = await guard.ledger.spent(scope, period, now)
+            reserved = await guard.ledger.reserved(scope, period, now)
             data.append(
                 {
                     "scope": scope,
                     "period": period,
                     "cap_usd": str(cap),
                     "spent_usd": str(spent.normalize()),
-                    "remaining_usd": str(max(cap - spent, Decimal(0)).normalize()),
+                    "reserved_usd": str(reserved.normalize()),
+                    "remaining_usd": str(max(cap - spent - reserved, Decimal(0)).normalize()),
                     "resets_at": resets_at(period, now).isoformat().replace("+00:00", "Z"),
                 }
             )

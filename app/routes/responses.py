@@ -84,6 +84,8 @@ async def _follow(request: Request, response_id: str, method: str, suffix: str, 
     if origin is not None:
         # Metered as its creator's call: this poll's admission, for the poller's scopes, must not be
         # charged with the creator's cost.
+        if call.admission is not None:
+            request.app.state.guard.release(call.admission)
         call.admission = None
         call.feature, call.user_id, call.api_key_id, call.model = (
             origin.feature,
