@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -17,6 +18,7 @@ from app.limits import (
     OverBudget,
     RedisBudgetLedger,
     RedisUnavailable,
+    Reservation,
 )
 from app.limits.budgets import period_key, resets_at, to_units, to_usd
 from tests.limits import CLOSED_URL, REDIS_URL, delete_keys, run_workers, unique_prefix
@@ -283,3 +285,100 @@ async def test_seed_reports_an_unreachable_redis() -> None:
             await ledger.seed([("key:a", "day", "2026-11-25", usd("1"))], NOW)
     finally:
         await ledger.aclose()
+
+
+async def test_concurrent_reservations_hold_the_cap(ledger: BudgetLedger) -> None:
+    budgets = [Budget("key:a", "day", usd("3")), Budget("feature:f", "month", usd("100"))]
+    verdicts = await asyncio.gather(*(ledger.reserve(budgets, usd("1"), 60, NOW) for _ in range(50)))
+    held = [v for v in verdicts if isinstance(v, Reservation)]
+    refused = [v for v in verdicts if isinstance(v, OverBudget)]
+    assert (len(held), len(refused)) == (3, 47)
+    assert refused[-1] == OverBudget(budgets[0], usd("0"), MIDNIGHT, reserved_usd=usd("3"))
+    assert await ledger.reserved("key:a", "day", NOW) == usd("3")
+    assert await ledger.reserved("feature:f", "month", NOW) == usd("3")
+    assert await ledger.spent("key:a", "day", NOW) == 0
+    for reservation in held:
+        await ledger.settle(["key:a", "feature:f"], usd("0.9"), reservation, NOW)
+    assert await ledger.reserved("key:a", "day", NOW) == 0
+    assert await ledger.spent("key:a", "day", NOW) == usd("2.7")
+    assert isinstance(await ledger.reserve(budgets, usd("0.3000000001"), 60, NOW), OverBudget)
+    assert isinstance(await ledger.reserve(budgets, usd("0.3"), 60, NOW), Reservation)
+
+
+async def test_a_hold_left_behind_expires_and_is_given_back_once(ledger: BudgetLedger) -> None:
+    budgets = [Budget("key:a", "day", usd("1"))]
+    orphan = await ledger.reserve(budgets, usd("1"), 10, NOW)
+    assert isinstance(orphan, Reservation)
+    assert isinstance(await ledger.reserve(budgets, usd("0.01"), 10, NOW + timedelta(seconds=9)), OverBudget)
+    later = NOW + timedelta(seconds=11)
+    assert await ledger.reserved("key:a", "day", later) == 0
+    fresh = await ledger.reserve(budgets, usd("0.6"), 10, later)
+    assert isinstance(fresh, Reservation)
+    # The orphan's process was only slow: its settle charges the cost, and leaves the new hold alone.
+    await ledger.settle(["key:a"], usd("0.2"), orphan, later)
+    assert await ledger.reserved("key:a", "day", later) == usd("0.6")
+    assert await ledger.spent("key:a", "day", later) == usd("0.2")
+    await ledger.settle(["key:a"], usd("0.6"), fresh, later)
+    await ledger.settle(["key:a"], usd("0"), fresh, later)  # a second settle gives nothing back
+    assert await ledger.reserved("key:a", "day", later) == 0
+    assert await ledger.spent("key:a", "day", later) == usd("0.8")
+
+
+async def test_a_check_holds_nothing(ledger: BudgetLedger) -> None:
+    budgets = [Budget("user:u", "day", usd("1"))]
+    assert await ledger.check(budgets, usd("1"), NOW) is None
+    assert await ledger.reserved("user:u", "day", NOW) == 0
+    nothing = await ledger.reserve(budgets, usd("0"), 60, NOW)
+    assert isinstance(nothing, Reservation) and nothing.units == 0
+    assert await ledger.reserved("user:u", "day", NOW) == 0
+
+
+RESERVING_WORKER = """
+import asyncio, sys
+from datetime import datetime
+from decimal import Decimal
+from app.limits import Budget, RedisBudgetLedger, Reservation
+
+async def main(url, prefix, now):
+    ledger = RedisBudgetLedger(url, prefix=prefix, timeout_s=5.0)
+    budgets = [Budget("key:shared", "day", Decimal("0.03")), Budget("user:shared", "month", Decimal("1"))]
+    await ledger.spent("key:shared", "day", now)  # connect before the start
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    verdicts = await asyncio.gather(*(ledger.reserve(budgets, Decimal("0.01"), 60, now) for _ in range(25)))
+    print(sum(isinstance(v, Reservation) for v in verdicts), ledger.redis_errors)
+    await ledger.aclose()
+
+asyncio.run(main(sys.argv[1], sys.argv[2], datetime.fromisoformat(sys.argv[3])))
+"""
+
+
+async def test_two_processes_reserving_on_one_redis_hold_the_cap(prefix: str) -> None:
+    results = await run_workers(RESERVING_WORKER, REDIS_URL, prefix, NOW.isoformat())
+    held = [int(line.split()[0]) for line in results]
+    assert [line.split()[1] for line in results] == ["0", "0"]
+    assert sum(held) == 3
+    ledger = RedisBudgetLedger(REDIS_URL, prefix=prefix, timeout_s=1.0)
+    try:
+        assert await ledger.reserved("key:shared", "day", NOW) == usd("0.03")
+        assert await ledger.reserved("user:shared", "month", NOW) == usd("0.03")
+    finally:
+        await ledger.aclose()
+
+
+async def test_unreachable_redis_reserves_by_the_fail_mode() -> None:
+    budgets = [Budget("key:a", "day", usd("1"))]
+    for fail_open in (True, False):
+        ledger = RedisBudgetLedger(CLOSED_URL, fail_open=fail_open)
+        try:
+            verdict = await ledger.reserve(budgets, usd("0.5"), 60, NOW)
+            # A settle with nothing reachable loses nothing but time, and takes none.
+            started = time.perf_counter()
+            await ledger.settle(["key:a"], usd("0.5"), None, NOW)
+            assert time.perf_counter() - started < 0.1
+        finally:
+            await ledger.aclose()
+        if fail_open:
+            assert verdict is None
+        else:
+            assert verdict == OverBudget(budgets[0], usd("0"), MIDNIGHT, "ledger_unavailable")
