@@ -41,7 +41,15 @@ def as_row(event: UsageEvent) -> dict[str, Any]:
     return dict(zip(TABLE_COLUMNS, event, strict=True), cost_usd=event.cost_usd)
 
 
-FAST = {"flush_interval_s": 0.02, "write_timeout_s": 2.0, "retry_initial_s": 0.05, "retry_max_s": 0.2}
+# A write is taken for an outage after spool_after_s: longer here than the tiny flush interval gives,
+# so a first connection to the database is not one.
+FAST = {
+    "flush_interval_s": 0.02,
+    "write_timeout_s": 2.0,
+    "retry_initial_s": 0.05,
+    "retry_max_s": 0.2,
+    "spool_after_s": 1.0,
+}
 
 
 def make_event(**overrides: Any) -> UsageEvent:
