@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from redis.asyncio import Redis
 from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -99,9 +100,12 @@ class Guard:
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         reservation_ttl_s: float,
+        shared_redis: Redis | None = None,
     ) -> None:
         self.limiter = limiter
         self.ledger = ledger
+        # The client the limiter and the ledger share, closed after them.
+        self._shared_redis = shared_redis
         self.clock = clock
         self.reservation_ttl_s = reservation_ttl_s
         self._pending: set[asyncio.Task[None]] = set()
@@ -234,6 +238,8 @@ class Guard:
         await self.drain()
         await self.limiter.aclose()
         await self.ledger.aclose()
+        if self._shared_redis is not None:
+            await self._shared_redis.aclose()
 
 
 def _money(value: Decimal) -> str:

@@ -101,9 +101,11 @@ def _budget_row(url: str, key_id: str) -> dict[str, str]:
     return row
 
 
+@pytest.mark.parametrize("ledger", ["in-process", "redis"])
 @pytest.mark.parametrize("concurrency", [20, 50])
 def test_concurrent_calls_spend_at_most_the_cap_in_one_process(
     concurrency: int,
+    ledger: str,
     start_gateway: Callable[..., ThreadedGateway],
     slow: FakeOpenAI,
     database_url: str,
@@ -111,7 +113,7 @@ def test_concurrent_calls_spend_at_most_the_cap_in_one_process(
     slow.reset()
     for _ in range(concurrency):
         slow.reply("ok", usage=USAGE)
-    gateway = start_gateway(openai_base_url=slow.base_url)
+    gateway = start_gateway(openai_base_url=slow.base_url, redis_url=REDIS_URL if ledger == "redis" else None)
     key = _make_capped_key(gateway.url)
     statuses = _spend_concurrently(gateway.base_url, key["secret"], concurrency)
     _check(gateway.url, database_url, key["id"], statuses)

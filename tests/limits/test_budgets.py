@@ -382,3 +382,15 @@ async def test_unreachable_redis_reserves_by_the_fail_mode() -> None:
             assert verdict is None
         else:
             assert verdict == OverBudget(budgets[0], usd("0"), MIDNIGHT, "ledger_unavailable")
+
+
+async def test_in_process_holds_settled_leave_nothing_behind() -> None:
+    ledger = InProcessBudgetLedger()
+    budgets = [Budget("key:a", "day", usd("1"))]
+    for _ in range(1000):
+        held = await ledger.reserve(budgets, usd("0.5"), 3600, NOW)
+        assert isinstance(held, Reservation)
+        await ledger.settle(["key:a"], usd("0"), held, NOW)
+    # The expiry of every settled hold is not kept for the hour it would have lasted.
+    assert len(ledger._expiries) <= 64 + 2
+    assert await ledger.reserved("key:a", "day", NOW) == 0
