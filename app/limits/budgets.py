@@ -92,12 +92,6 @@ class BudgetLedger(Protocol):
         the Reservation. None: the ledger could not be asked and fails open."""
         ...
 
-    async def check(
-        self, budgets: Sequence[Budget], estimate_usd: Decimal, now: datetime | None = None
-    ) -> OverBudget | None:
-        """reserve() without holding anything."""
-        ...
-
     async def settle(
         self,
         scopes: Sequence[str],
@@ -215,17 +209,7 @@ class InProcessBudgetLedger(InProcess):
     async def reserve(
         self, budgets: Sequence[Budget], amount_usd: Decimal, ttl_s: float, now: datetime | None = None
     ) -> Reservation | OverBudget | None:
-        return self._reserve(budgets, amount_usd, utc(now), ttl_s)
-
-    async def check(
-        self, budgets: Sequence[Budget], estimate_usd: Decimal, now: datetime | None = None
-    ) -> OverBudget | None:
-        verdict = self._reserve(budgets, estimate_usd, utc(now), None)
-        return verdict if isinstance(verdict, OverBudget) else None
-
-    def _reserve(
-        self, budgets: Sequence[Budget], amount_usd: Decimal, now: datetime, ttl_s: float | None
-    ) -> Reservation | OverBudget:
+        now = utc(now)
         self._expire(now)
         amount = to_units(amount_usd)
         for budget in budgets:
@@ -233,7 +217,7 @@ class InProcessBudgetLedger(InProcess):
             spent, held = self._units.get(counter, 0), self._held.get(counter, 0)
             if _over(budget, spent, held, amount):
                 return _refusal(budget, spent, held, now)
-        reservation = _new_reservation(budgets, amount if ttl_s is not None else 0, ttl_s or 0.0, now)
+        reservation = _new_reservation(budgets, amount, ttl_s, now)
         if reservation.units and reservation.counters:
             for counter in reservation.counters:
                 self._held[counter] = self._held.get(counter, 0) + reservation.units
@@ -330,18 +314,8 @@ class RedisBudgetLedger(RedisBacked):
     async def reserve(
         self, budgets: Sequence[Budget], amount_usd: Decimal, ttl_s: float, now: datetime | None = None
     ) -> Reservation | OverBudget | None:
-        return await self._reserve(budgets, amount_usd, utc(now), ttl_s)
-
-    async def check(
-        self, budgets: Sequence[Budget], estimate_usd: Decimal, now: datetime | None = None
-    ) -> OverBudget | None:
-        verdict = await self._reserve(budgets, estimate_usd, utc(now), None)
-        return verdict if isinstance(verdict, OverBudget) else None
-
-    async def _reserve(
-        self, budgets: Sequence[Budget], amount_usd: Decimal, now: datetime, ttl_s: float | None
-    ) -> Reservation | OverBudget | None:
-        reservation = _new_reservation(budgets, to_units(amount_usd), ttl_s or 0.0, now)
+        now = utc(now)
+        reservation = _new_reservation(budgets, to_units(amount_usd), ttl_s, now)
         if not budgets:
             return reservation
         keys: list[str] = []
@@ -350,7 +324,7 @@ class RedisBudgetLedger(RedisBacked):
             counter = self._key(budget.scope, budget.period, now)
             keys += [counter, counter + HELD, counter + HELD_UNITS]
             limits += [str(to_units(budget.cap_usd)), _ttl(budget.period, now)]
-        hold = ttl_s is not None and reservation.units > 0
+        hold = reservation.units > 0
         args: list[str | int] = [
             repr(now.timestamp()),
             str(reservation.units),
@@ -369,7 +343,7 @@ class RedisBudgetLedger(RedisBacked):
         if verdict is not None:
             index, spent, held = verdict
             return _refusal(budgets[int(index) - 1], int(spent), int(held), now)
-        return reservation if hold else _new_reservation(budgets, 0, 0.0, now)
+        return reservation
 
     async def settle(
         self,

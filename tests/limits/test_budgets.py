@@ -50,21 +50,32 @@ def usd(amount: str) -> Decimal:
     return Decimal(amount)
 
 
+async def check(
+    ledger: BudgetLedger, budgets: list[Budget], amount_usd: Decimal, now: datetime
+) -> OverBudget | None:
+    """The verdict of a reservation, let go of at once: the budgets' test without a hold left behind."""
+    verdict = await ledger.reserve(budgets, amount_usd, 60, now)
+    if isinstance(verdict, Reservation):
+        await ledger.settle([], usd("0"), verdict, now)
+        return None
+    return verdict
+
+
 async def test_trips_at_the_right_cent(ledger: BudgetLedger) -> None:
     budgets = [Budget("key:a", "day", usd("0.05"))]
     await ledger.charge(["key:a"], usd("0.02"), NOW)
     await ledger.charge(["key:a"], usd("0.02"), NOW)
     # 0.04 + 0.01 = 0.05 <= 0.05: reaching the cap exactly is allowed; one unit more is not.
-    assert await ledger.check(budgets, usd("0.01"), NOW) is None
-    over = await ledger.check(budgets, usd("0.0100000001"), NOW)
+    assert await check(ledger, budgets, usd("0.01"), NOW) is None
+    over = await check(ledger, budgets, usd("0.0100000001"), NOW)
     assert over == OverBudget(budgets[0], usd("0.04"), MIDNIGHT)
 
     await ledger.charge(["key:a"], usd("0.01"), NOW)
     assert await ledger.spent("key:a", "day", NOW) == usd("0.05")
-    over = await ledger.check(budgets, usd("0.0000000001"), NOW)
+    over = await check(ledger, budgets, usd("0.0000000001"), NOW)
     assert over == OverBudget(budgets[0], usd("0.05"), MIDNIGHT)
     # A spent cap refuses even a call estimated at nothing.
-    assert await ledger.check(budgets, usd("0"), NOW) is not None
+    assert await check(ledger, budgets, usd("0"), NOW) is not None
 
 
 async def test_the_first_exceeded_budget_is_reported(ledger: BudgetLedger) -> None:
@@ -75,12 +86,12 @@ async def test_the_first_exceeded_budget_is_reported(ledger: BudgetLedger) -> No
         Budget("user:u-1", "month", usd("4.2")),
     ]
     # 3 + 1.5 exceeds both of the user's caps; the first one listed is reported.
-    over = await ledger.check(budgets, usd("1.5"), NOW)
+    over = await check(ledger, budgets, usd("1.5"), NOW)
     assert over is not None
     assert over.budget == budgets[1]
     assert over.spent_usd == usd("3")
-    assert await ledger.check(budgets, usd("1"), NOW) is None
-    assert await ledger.check([], usd("1000"), NOW) is None
+    assert await check(ledger, budgets, usd("1"), NOW) is None
+    assert await check(ledger, [], usd("1000"), NOW) is None
 
 
 async def test_charge_counts_each_scope_once_in_both_periods(ledger: BudgetLedger) -> None:
@@ -102,8 +113,10 @@ async def test_the_day_resets_at_utc_midnight(ledger: BudgetLedger) -> None:
     budgets = [Budget("user:u-1", "day", usd("1")), Budget("user:u-1", "month", usd("10"))]
     last_second = datetime(2026, 11, 25, 23, 59, 59, tzinfo=UTC)
     await ledger.charge(["user:u-1"], usd("1"), last_second)
-    assert await ledger.check(budgets, usd("0.01"), last_second) == OverBudget(budgets[0], usd("1"), MIDNIGHT)
-    assert await ledger.check(budgets, usd("0.01"), MIDNIGHT) is None
+    assert await check(ledger, budgets, usd("0.01"), last_second) == OverBudget(
+        budgets[0], usd("1"), MIDNIGHT
+    )
+    assert await check(ledger, budgets, usd("0.01"), MIDNIGHT) is None
     assert await ledger.spent("user:u-1", "day", MIDNIGHT) == 0
     assert await ledger.spent("user:u-1", "month", MIDNIGHT) == usd("1")
 
@@ -120,10 +133,10 @@ async def test_the_month_resets_on_the_first(
 ) -> None:
     budgets = [Budget("feature:f", "month", usd("2"))]
     await ledger.charge(["feature:f"], usd("2"), last_second)
-    over = await ledger.check(budgets, usd("0.01"), last_second)
+    over = await check(ledger, budgets, usd("0.01"), last_second)
     assert over is not None
     assert over.resets_at == next_month
-    assert await ledger.check(budgets, usd("2"), next_month) is None
+    assert await check(ledger, budgets, usd("2"), next_month) is None
 
 
 @pytest.mark.parametrize(
@@ -252,7 +265,7 @@ async def test_unreachable_redis_fails_open_quickly() -> None:
     budgets = [Budget("key:a", "day", usd("0"))]
     try:
         started = time.perf_counter()
-        assert await ledger.check(budgets, usd("1"), NOW) is None
+        assert await check(ledger, budgets, usd("1"), NOW) is None
         await ledger.charge(["key:a"], usd("1"), NOW)
         assert time.perf_counter() - started < 0.1
         assert ledger.degraded
@@ -269,7 +282,7 @@ async def test_unreachable_redis_fails_closed_with_a_reason() -> None:
     budgets = [Budget("key:a", "month", usd("100"))]
     try:
         started = time.perf_counter()
-        over = await ledger.check(budgets, usd("1"), NOW)
+        over = await check(ledger, budgets, usd("1"), NOW)
         assert time.perf_counter() - started < 0.1
         assert over == OverBudget(
             budgets[0], usd("0"), datetime(2026, 12, 1, tzinfo=UTC), "ledger_unavailable"
@@ -324,10 +337,8 @@ async def test_a_hold_left_behind_expires_and_is_given_back_once(ledger: BudgetL
     assert await ledger.spent("key:a", "day", later) == usd("0.8")
 
 
-async def test_a_check_holds_nothing(ledger: BudgetLedger) -> None:
+async def test_a_reservation_of_nothing_holds_nothing(ledger: BudgetLedger) -> None:
     budgets = [Budget("user:u", "day", usd("1"))]
-    assert await ledger.check(budgets, usd("1"), NOW) is None
-    assert await ledger.reserved("user:u", "day", NOW) == 0
     nothing = await ledger.reserve(budgets, usd("0"), 60, NOW)
     assert isinstance(nothing, Reservation) and nothing.units == 0
     assert await ledger.reserved("user:u", "day", NOW) == 0
