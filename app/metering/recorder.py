@@ -211,14 +211,18 @@ class Recorder:
                 return
 
     async def _take_slot(self) -> bool:
-        """A write slot; False once the database is taken to be away, which the writes holding the slots
-        decide within half a flush interval, so no batch waits here longer than that."""
-        while self._db_ok:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._hedge_s):
-                    await self._write_slots.acquire()
-                    return True
-        return False
+        """A write slot; False when the database is taken to be away, or when no slot frees up within
+        half a flush interval: the writes holding them are stuck (on connections the database dropped,
+        say, while the replay finds it back), and the batch must not wait for them."""
+        if not self._db_ok:
+            return False
+        try:
+            async with asyncio.timeout(self._hedge_s):
+                await self._write_slots.acquire()
+        except TimeoutError:
+            self._outage(f"no write done within {self._hedge_s:g}s")
+            return False
+        return True
 
     def _write_done(self, task: asyncio.Task[None]) -> None:
         del self._inflight[task]
