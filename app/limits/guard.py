@@ -116,6 +116,17 @@ class Guard:
         first, so a call without one does not pay for a coroutine."""
         return call.key is not None or call.feature is not None or call.user_id is not None
 
+    @staticmethod
+    def charge_to(api_key_id: str | None, feature: str | None, user_id: str | None) -> Admission | None:
+        """For a call metered as another's (a background response, billed to the call that created it):
+        nothing reserved or refused, its cost charged to that call's key, feature and user."""
+        scopes = tuple(
+            f"{kind}:{name}"
+            for kind, name in (("key", api_key_id), ("feature", feature), ("user", user_id))
+            if name is not None
+        )
+        return Admission((), scopes, 0) if scopes else None
+
     def _caps(self, call: CallRecord, config: GatewayConfig) -> list[tuple[str, Caps]]:
         caps: list[tuple[str, Caps]] = []
         key = call.key

@@ -130,12 +130,27 @@ def test_an_unpriced_model_holds_nothing_and_costs_nothing_counted(
     assert row["reserved_usd"] == 0
 
 
-def test_a_queued_background_response_lets_go_of_its_hold(gateway: ThreadedGateway, fake: FakeOpenAI) -> None:
+def _spent(url: str, key_id: str) -> Decimal:
+    rows = httpx.get(url + "/admin/budgets", headers=MASTER).json()["data"]
+    return next(
+        Decimal(r["spent_usd"]) for r in rows if r["scope"] == f"key:{key_id}" and r["period"] == "day"
+    )
+
+
+def test_a_background_response_lets_go_of_its_hold_and_is_charged_once_when_done(
+    gateway: ThreadedGateway, fake: FakeOpenAI, database_url: str
+) -> None:
     key = _key(gateway.url, budget_daily_usd="1")
     with sdk_client(gateway.base_url, api_key=key["secret"]) as sdk:
         queued = sdk.responses.create(model="gpt-4o-mini", input="hi", background=True, max_output_tokens=50)
-    assert queued.status == "queued"
-    wait_until(lambda: _reserved(gateway.url, key["id"]) == 0)
+        assert queued.status == "queued"
+        wait_until(lambda: _reserved(gateway.url, key["id"]) == 0)
+        assert _spent(gateway.url, key["id"]) == 0
+        wait_until(lambda: sdk.responses.retrieve(queued.id).status == "completed")
+        sdk.responses.retrieve(queued.id)  # a later poll charges nothing more
+    (row,) = wait_for_rows(database_url, queued.id)
+    assert row["cost_usd"] > 0
+    wait_until(lambda: _spent(gateway.url, key["id"]) == row["cost_usd"])
 
 
 def test_worst_case_output_takes_the_request_then_feature_then_model_then_gateway_cap() -> None:
