@@ -412,6 +412,39 @@ async def test_hung_database_times_out_into_the_spool(
     await assert_rollup_matches_events(engine)
 
 
+async def test_a_write_stuck_past_half_a_flush_interval_is_spooled_long_before_its_timeout(
+    engine: AsyncEngine, make_recorder: Callable[..., Recorder], pg_url: str, tmp_path: Path
+) -> None:
+    """A database that does not answer is an outage as soon as a write takes half a flush interval: the
+    batch waiting on it, and every later one, go to the spool then, not when the write times out."""
+    recorder = make_recorder(engine, flush_interval_s=0.2, spool_after_s=None, write_timeout_s=60)
+    await recorder.start()
+    first, later = varied_events(20), varied_events(5)
+    blocker = create_engine(pg_url, tmp_path)
+    try:
+        async with blocker.connect() as conn:
+            await conn.execute(text("LOCK TABLE usage_events IN ACCESS EXCLUSIVE MODE"))
+            for wave in (first, later):
+                spooled_before = recorder.events_spooled
+                for e in wave:
+                    recorder.submit(e.to_line())
+
+                async def spooled(wave: list[UsageEvent] = wave, before: int = spooled_before) -> bool:
+                    return recorder.events_spooled == before + len(wave)
+
+                await eventually(spooled, timeout_s=10)
+            assert recorder.events_written == 0
+            await conn.rollback()  # releases the lock: the stuck write commits, the replay adds nothing
+
+        async def replayed() -> bool:
+            return recorder.spool_events() == 0 and await count_rows(engine) == len(first) + len(later)
+
+        await eventually(replayed)
+    finally:
+        await blocker.dispose()
+    await assert_rollup_matches_events(engine)
+
+
 async def test_spool_left_by_a_previous_process_is_replayed_on_start(
     engine: AsyncEngine, make_recorder: Callable[..., Recorder], tmp_path: Path
 ) -> None:
