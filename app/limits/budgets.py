@@ -74,10 +74,6 @@ class Reservation:
     expires_at: float
 
     @property
-    def usd(self) -> Decimal:
-        return to_usd(self.units)
-
-    @property
     def member(self) -> str:
         # The amount rides in the name, so whoever finds the hold expired knows what to give back.
         return f"{self.id}:{self.units}"
@@ -101,10 +97,6 @@ class BudgetLedger(Protocol):
     ) -> None:
         """Let go of the reservation (if it has not expired) and add the call's real cost to the day and
         month counters of each scope, in one step."""
-        ...
-
-    async def charge(self, scopes: Sequence[str], cost_usd: Decimal, now: datetime | None = None) -> None:
-        """settle() of a call that reserved nothing."""
         ...
 
     async def spent(self, scope: str, period: str, now: datetime | None = None) -> Decimal: ...
@@ -248,9 +240,6 @@ class InProcessBudgetLedger(InProcess):
                 key = self._key(scope, period, now)
                 self._units[key] = self._units.get(key, 0) + units
 
-    async def charge(self, scopes: Sequence[str], cost_usd: Decimal, now: datetime | None = None) -> None:
-        await self.settle(scopes, cost_usd, None, now)
-
     async def spent(self, scope: str, period: str, now: datetime | None = None) -> Decimal:
         return to_usd(self._units.get(self._key(scope, period, utc(now)), 0))
 
@@ -378,9 +367,6 @@ class RedisBudgetLedger(RedisBacked):
             await self._guard.call(
                 lambda: self._settle_script(keys=keys, args=[str(units), member, charged, *ttls])
             )
-
-    async def charge(self, scopes: Sequence[str], cost_usd: Decimal, now: datetime | None = None) -> None:
-        await self.settle(scopes, cost_usd, None, now)
 
     async def reserved(self, scope: str, period: str, now: datetime | None = None) -> Decimal:
         """The holds that have not expired (an expired one is cleared by the next reserve()). Raises

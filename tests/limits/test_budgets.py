@@ -63,14 +63,14 @@ async def check(
 
 async def test_trips_at_the_right_cent(ledger: BudgetLedger) -> None:
     budgets = [Budget("key:a", "day", usd("0.05"))]
-    await ledger.charge(["key:a"], usd("0.02"), NOW)
-    await ledger.charge(["key:a"], usd("0.02"), NOW)
+    await ledger.settle(["key:a"], usd("0.02"), None, NOW)
+    await ledger.settle(["key:a"], usd("0.02"), None, NOW)
     # 0.04 + 0.01 = 0.05 <= 0.05: reaching the cap exactly is allowed; one unit more is not.
     assert await check(ledger, budgets, usd("0.01"), NOW) is None
     over = await check(ledger, budgets, usd("0.0100000001"), NOW)
     assert over == OverBudget(budgets[0], usd("0.04"), MIDNIGHT)
 
-    await ledger.charge(["key:a"], usd("0.01"), NOW)
+    await ledger.settle(["key:a"], usd("0.01"), None, NOW)
     assert await ledger.spent("key:a", "day", NOW) == usd("0.05")
     over = await check(ledger, budgets, usd("0.0000000001"), NOW)
     assert over == OverBudget(budgets[0], usd("0.05"), MIDNIGHT)
@@ -79,7 +79,7 @@ async def test_trips_at_the_right_cent(ledger: BudgetLedger) -> None:
 
 
 async def test_the_first_exceeded_budget_is_reported(ledger: BudgetLedger) -> None:
-    await ledger.charge(["key:a", "user:u-1"], usd("3"), NOW)
+    await ledger.settle(["key:a", "user:u-1"], usd("3"), None, NOW)
     budgets = [
         Budget("key:a", "month", usd("100")),
         Budget("user:u-1", "day", usd("4")),
@@ -95,8 +95,8 @@ async def test_the_first_exceeded_budget_is_reported(ledger: BudgetLedger) -> No
 
 
 async def test_charge_counts_each_scope_once_in_both_periods(ledger: BudgetLedger) -> None:
-    await ledger.charge(["key:a", "feature:f", "key:a"], usd("0.25"), NOW)
-    await ledger.charge([], usd("1"), NOW)
+    await ledger.settle(["key:a", "feature:f", "key:a"], usd("0.25"), None, NOW)
+    await ledger.settle([], usd("1"), None, NOW)
     for scope in ("key:a", "feature:f"):
         assert await ledger.spent(scope, "day", NOW) == usd("0.25")
         assert await ledger.spent(scope, "month", NOW) == usd("0.25")
@@ -104,15 +104,15 @@ async def test_charge_counts_each_scope_once_in_both_periods(ledger: BudgetLedge
 
 
 async def test_amounts_past_2_to_the_53_units_stay_exact(ledger: BudgetLedger) -> None:
-    await ledger.charge(["key:a"], usd("987654.3210987654"), NOW)
-    await ledger.charge(["key:a"], usd("0.0000000001"), NOW)
+    await ledger.settle(["key:a"], usd("987654.3210987654"), None, NOW)
+    await ledger.settle(["key:a"], usd("0.0000000001"), None, NOW)
     assert await ledger.spent("key:a", "month", NOW) == usd("987654.3210987655")
 
 
 async def test_the_day_resets_at_utc_midnight(ledger: BudgetLedger) -> None:
     budgets = [Budget("user:u-1", "day", usd("1")), Budget("user:u-1", "month", usd("10"))]
     last_second = datetime(2026, 11, 25, 23, 59, 59, tzinfo=UTC)
-    await ledger.charge(["user:u-1"], usd("1"), last_second)
+    await ledger.settle(["user:u-1"], usd("1"), None, last_second)
     assert await check(ledger, budgets, usd("0.01"), last_second) == OverBudget(
         budgets[0], usd("1"), MIDNIGHT
     )
@@ -132,7 +132,7 @@ async def test_the_month_resets_on_the_first(
     ledger: BudgetLedger, last_second: datetime, next_month: datetime
 ) -> None:
     budgets = [Budget("feature:f", "month", usd("2"))]
-    await ledger.charge(["feature:f"], usd("2"), last_second)
+    await ledger.settle(["feature:f"], usd("2"), None, last_second)
     over = await check(ledger, budgets, usd("0.01"), last_second)
     assert over is not None
     assert over.resets_at == next_month
@@ -156,7 +156,7 @@ def test_resets_at(period: str, now: datetime, expected: datetime) -> None:
 async def test_periods_are_utc_whatever_the_callers_zone(ledger: BudgetLedger) -> None:
     # 01:00 on the 26th in UTC+2 is still the 25th in UTC.
     east = datetime(2026, 11, 26, 1, 0, tzinfo=timezone(timedelta(hours=2)))
-    await ledger.charge(["key:a"], usd("1"), east)
+    await ledger.settle(["key:a"], usd("1"), None, east)
     assert await ledger.spent("key:a", "day", NOW) == usd("1")
     with pytest.raises(ValueError, match="timezone-aware"):
         await ledger.spent("key:a", "day", datetime(2026, 11, 25, 12, 0))
@@ -173,7 +173,7 @@ async def test_seed_loads_the_current_periods_and_never_doubles(ledger: BudgetLe
     assert await ledger.spent("key:a", "day", NOW) == usd("0.30")
     assert await ledger.spent("key:a", "month", NOW) == usd("1.20")
 
-    await ledger.charge(["key:a"], usd("0.10"), NOW)
+    await ledger.settle(["key:a"], usd("0.10"), None, NOW)
     await ledger.seed(rows, NOW)
     assert await ledger.spent("key:a", "day", NOW) == usd("0.40")
     with pytest.raises(ValueError, match="period"):
@@ -185,7 +185,7 @@ async def test_a_second_replica_sees_the_spend_and_its_seed_adds_nothing(prefix:
     second = RedisBudgetLedger(REDIS_URL, prefix=prefix, timeout_s=1.0)
     try:
         await first.seed([("user:u-1", "day", "2026-11-25", usd("1"))], NOW)
-        await first.charge(["user:u-1"], usd("0.5"), NOW)
+        await first.settle(["user:u-1"], usd("0.5"), None, NOW)
         await second.seed([("user:u-1", "day", "2026-11-25", usd("1.5"))], NOW)
         assert await second.spent("user:u-1", "day", NOW) == usd("1.5")
     finally:
@@ -204,8 +204,8 @@ def test_money_is_exact_to_a_ten_billionth_of_a_dollar() -> None:
 async def test_in_process_counters_keep_only_the_current_periods() -> None:
     ledger = InProcessBudgetLedger()
     for n in range(50):
-        await ledger.charge([f"user:{n}"], usd("1"), NOW)
-    await ledger.charge(["user:late"], usd("1"), datetime(2026, 12, 1, tzinfo=UTC))
+        await ledger.settle([f"user:{n}"], usd("1"), None, NOW)
+    await ledger.settle(["user:late"], usd("1"), None, datetime(2026, 12, 1, tzinfo=UTC))
     assert len(ledger._units) == 2
 
 
@@ -214,7 +214,7 @@ async def test_redis_counters_expire_an_hour_after_their_period(prefix: str) -> 
     client = Redis.from_url(REDIS_URL)
     last_second = datetime(2026, 11, 30, 23, 59, 59, tzinfo=UTC)
     try:
-        await ledger.charge(["key:a"], usd("1"), last_second)
+        await ledger.settle(["key:a"], usd("1"), None, last_second)
         assert await client.ttl(f"{prefix}key:a:day:2026-11-30") == 1 + 3600
         assert await client.ttl(f"{prefix}key:a:month:2026-11") == 1 + 3600
         assert await client.get(f"{prefix}key:a:month:2026-11") == str(10**10).encode()
@@ -235,7 +235,7 @@ async def main(url, prefix, now, tasks, charges):
 
     async def spend():
         for _ in range(charges):
-            await ledger.charge(["feature:shared", "user:shared"], cost, now)
+            await ledger.settle(["feature:shared", "user:shared"], cost, None, now)
 
     await ledger.spent("feature:shared", "day", now)  # connect before the start
     print("ready", flush=True)
@@ -266,7 +266,7 @@ async def test_unreachable_redis_fails_open_quickly() -> None:
     try:
         started = time.perf_counter()
         assert await check(ledger, budgets, usd("1"), NOW) is None
-        await ledger.charge(["key:a"], usd("1"), NOW)
+        await ledger.settle(["key:a"], usd("1"), None, NOW)
         assert time.perf_counter() - started < 0.1
         assert ledger.degraded
         assert (ledger.redis_errors, ledger.unchecked) == (1, 2)
