@@ -21,6 +21,7 @@ from app.errors import GatewayError
 from app.keys import ApiKey, KeyStore
 from app.limits.budgets import resets_at
 from app.limits.guard import Guard
+from app.limits.redis_guard import RedisUnavailable
 
 router = APIRouter(prefix="/admin")
 
@@ -150,8 +151,14 @@ async def budgets(request: Request, _: MasterDep) -> Response:
         for period, cap in (("day", rules.budget_daily_usd), ("month", rules.budget_monthly_usd)):
             if cap is None:
                 continue
-            spent = await guard.ledger.spent(scope, period, now)
-            reserved = await guard.ledger.reserved(scope, period, now)
+            try:
+                spent = await guard.ledger.spent(scope, period, now)
+                reserved = await guard.ledger.reserved(scope, period, now)
+            except RedisUnavailable:
+                # An unknown spend is not a zero one.
+                raise GatewayError(
+                    503, "Budgets cannot be read right now; try again shortly.", code="budget_unavailable"
+                ) from None
             data.append(
                 {
                     "scope": scope,

@@ -169,3 +169,13 @@ def test_worst_case_output_takes_the_request_then_feature_then_model_then_gatewa
     assert worst_case_output({}, config, "other", "gpt-5") == 9000
     assert worst_case_output({"n": True, "max_tokens": False}, config, None, "gpt-4o") == 2000
     assert worst_case_output({}, GatewayConfig(), None, "gpt-4o") == 4096
+
+
+def test_budgets_unreadable_with_redis_down_are_a_503_not_zeros(
+    start_gateway: Callable[..., ThreadedGateway], fake: FakeOpenAI
+) -> None:
+    gateway = start_gateway(redis_url="redis://127.0.0.1:1/0")
+    _key(gateway.url, budget_daily_usd="1")
+    response = httpx.get(gateway.url + "/admin/budgets", headers=MASTER)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "budget_unavailable"
