@@ -124,6 +124,10 @@ class Settings(DatabaseSettings):
         if len(ids) > 100 or any(not _OPENAI_ID.fullmatch(part) for part in ids):
             raise ValueError("must be up to 100 comma-separated ids of A-Za-z0-9_- (1-128 characters)")
         return ",".join(ids)
+    # Budgets: how long a call's reservation holds its worst-case cost when nothing settles it (its
+    # process died). Past the request timeout, with room for retries and fallbacks; a longer call is
+    # still charged when it ends, its hold just lapses before.
+    budget_reservation_ttl_s: float = Field(default=1200.0, gt=0)
 
     @field_validator("openai_base_url")
     @classmethod

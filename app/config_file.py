@@ -12,7 +12,8 @@ reason. Example:
       support-bot: {default_model: fast, allowed_models: [fast, gpt-4o], rpm: 600, tpm: 200000,
                     budget_daily_usd: 50, max_prompt_tokens: 8000, prompt_overflow: truncate}
     users: {rpm: 20, budget_daily_usd: 1}
-    limits: {fail_open: true}
+    limits: {fail_open: true, default_max_output_tokens: 4096,
+             default_max_output_tokens_by_model: {gpt-4.1: 32768}}
     prices:
       llama-3.1-70b: {input_per_1m: 0.6, output_per_1m: 0.6}
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 import os
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -78,12 +79,18 @@ class FeatureConfig(Caps):
     # The largest chat prompt the feature may send, and what to do with a larger one.
     max_prompt_tokens: int | None = Field(default=None, ge=1)
     prompt_overflow: Literal["reject", "truncate"] = "reject"
+    # Output tokens a budget reserves for a call of this feature that sets no output cap of its own.
+    default_max_output_tokens: int | None = Field(default=None, ge=1)
 
 
 class LimitsConfig(_Strict):
     # When Redis (GATEWAY_REDIS_URL) cannot be reached: admit and count a metric (open), or refuse (closed).
     fail_open: bool = True
     redis_timeout_s: float = Field(default=0.25, gt=0, le=5)
+    # Output tokens a budget reserves for a call that sets no output cap (max_tokens,
+    # max_completion_tokens, max_output_tokens), unless its feature or its model names another number.
+    default_max_output_tokens: int = Field(default=4096, ge=1)
+    default_max_output_tokens_by_model: dict[str, Annotated[int, Field(ge=1)]] = {}
 
 
 class GatewayConfig(_Strict):

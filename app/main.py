@@ -133,6 +133,7 @@ async def _make_guard(settings: Settings, config: GatewayConfig, engine: AsyncEn
     """Counters in Redis when several workers or replicas must share them, else in this process."""
     limiter: RateLimiter
     ledger: BudgetLedger
+    client = None
     if settings.redis_url:
         client = redis_client(settings.redis_url, timeout_s=config.limits.redis_timeout_s)
         fail_open, timeout_s = config.limits.fail_open, config.limits.redis_timeout_s
@@ -140,7 +141,7 @@ async def _make_guard(settings: Settings, config: GatewayConfig, engine: AsyncEn
         ledger = RedisBudgetLedger(client, fail_open=fail_open, timeout_s=timeout_s)
     else:
         limiter, ledger = InProcessRateLimiter(), InProcessBudgetLedger()
-    guard = Guard(limiter, ledger)
+    guard = Guard(limiter, ledger, reservation_ttl_s=settings.budget_reservation_ttl_s, shared_redis=client)
     try:
         await seed_spend(engine, ledger, guard.clock())
     except Exception as exc:  # start anyway: the database or Redis may come back; budgets count from now

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -90,3 +91,70 @@ def wait_for_rows(url: str, *request_ids: str, timeout: float = 10.0) -> list[di
 
     rows: list[dict[str, Any]] = wait_until(ready, timeout=timeout, interval=0.05)
     return rows
+
+
+class HangingProxy:
+    """A TCP proxy in front of Postgres that can stop answering: connections stay open and new ones are
+    accepted, but no byte goes through either way. That is an unreachable database as a gateway sees a
+    network partition: nothing refuses, everything waits."""
+
+    def __init__(self, url: str) -> None:
+        target = make_url(url)
+        self._host, self._port = target.host or "127.0.0.1", target.port or 5432
+        self._target = target
+        self._hung = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self.url = ""
+
+    def __enter__(self) -> HangingProxy:
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._serve, "127.0.0.1", 0), self._loop
+        ).result()
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = self._target.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+        return self
+
+    def hang(self) -> None:
+        self._hung.set()
+
+    def __exit__(self, *_: object) -> None:
+        async def close() -> None:
+            assert self._server is not None
+            self._server.close()
+            tasks = asyncio.all_tasks() - {asyncio.current_task()}
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for writer in self._writers:
+                writer.close()
+
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        if self._hung.is_set():
+            await asyncio.Event().wait()
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self._host, self._port)
+        except OSError:
+            writer.close()
+            return
+        self._writers.append(up_writer)
+        await asyncio.gather(
+            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
+        )
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            if self._hung.is_set():
+                await asyncio.Event().wait()
+            writer.write(data)
+            await writer.drain()
+        writer.close()

@@ -30,8 +30,10 @@ from app.db.models import usage_daily, usage_events
 from app.metering.events import COST_EXPONENT, Batch, UsageEvent, cost_to_usd
 
 EVENT_COLUMNS = UsageEvent._fields
-# usage_events' columns, in the order of EVENT_COLUMNS: the event's integer cost_units is cost_usd there.
-TABLE_COLUMNS = tuple("cost_usd" if c == "cost_units" else c for c in EVENT_COLUMNS)
+# Amounts the events hold as integer 1e-10 USD units, and the numeric columns they fill.
+_MONEY_COLUMNS = {"cost_units": "cost_usd", "reserved_units": "reserved_usd"}
+# usage_events' columns, in the order of EVENT_COLUMNS.
+TABLE_COLUMNS = tuple(_MONEY_COLUMNS.get(c, c) for c in EVENT_COLUMNS)
 
 _DAILY_KEY = ("day", "feature", "user_id", "model")
 _DAILY_SUMS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd")
@@ -46,8 +48,8 @@ _PG_COPY_OPTIONS = {"format": "csv", "quote": "\x01", "delimiter": "\x02"}
 
 def _field(index: int, name: str) -> str:
     value = f"(line->>{index})"
-    if name == "cost_units":
-        # The cost arrives as an integer number of units and becomes dollars here.
+    if name in _MONEY_COLUMNS:
+        # An amount arrives as an integer number of units and becomes dollars here.
         return f"{value}::bigint * 1e{COST_EXPONENT}::numeric"
     if name == "created_at":
         # Microseconds since the Unix epoch: exact (below 2**53 until the year 2255).
@@ -153,7 +155,14 @@ async def _write_sqlite(conn: AsyncConnection, events: list[UsageEvent]) -> int:
     async with conn.begin():
         result = await conn.execute(
             insert_events,
-            [dict(zip(TABLE_COLUMNS, e, strict=True), cost_usd=e.cost_usd) for e in events],
+            [
+                dict(
+                    zip(TABLE_COLUMNS, e, strict=True),
+                    cost_usd=e.cost_usd,
+                    reserved_usd=cost_to_usd(e.reserved_units),
+                )
+                for e in events
+            ],
         )
         inserted = set(result.scalars())
         rows = _daily_increments([e for e in events if e.request_id in inserted])

@@ -6,6 +6,7 @@ from app.limits.budgets import (
     InProcessBudgetLedger,
     OverBudget,
     RedisBudgetLedger,
+    Reservation,
 )
 from app.limits.ratelimit import (
     Denied,
@@ -28,5 +29,6 @@ __all__ = [
     "RedisBudgetLedger",
     "RedisRateLimiter",
     "RedisUnavailable",
+    "Reservation",
     "redis_client",
 ]

@@ -4,7 +4,12 @@ settling of what it really cost once it has ended.
 Token estimate before the call: the prompt (counted exactly when a prompt budget already counted it,
 otherwise its JSON size / 4, the usual rule of thumb) plus the completion the caller allows (`max_tokens`,
 `max_completion_tokens` or `max_output_tokens`). The estimate reserves tokens-per-minute; the settle
-step corrects it to the real count, and charges the real cost to each scope's day and month.
+step corrects it to the real count.
+
+Budgets reserve the call's worst case: that prompt plus the most output it may produce (its own output
+cap, or the default one of its feature, its model or the gateway, times `n`), at the model's price. The
+settle step, which runs however the call ends, lets go of that hold and charges the real cost to each
+scope's day and month.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from redis.asyncio import Redis
 from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -25,7 +31,7 @@ from app.call import CallRecord
 from app.config_file import Caps, GatewayConfig
 from app.db.models import api_keys, usage_daily, usage_events
 from app.errors import GatewayError
-from app.limits.budgets import Budget, BudgetLedger, OverBudget, Period, period_key
+from app.limits.budgets import Budget, BudgetLedger, OverBudget, Period, Reservation, period_key
 from app.limits.ratelimit import Denied, Limit, RateLimiter
 from app.metering.pricing import PriceTable
 
@@ -37,14 +43,41 @@ class Admission:
     limits: tuple[Limit, ...]
     scopes: tuple[str, ...]
     token_estimate: int
+    # What the budgets hold for the call until it is settled; None when no budget was asked (none
+    # applies, or the ledger failed open).
+    reservation: Reservation | None = None
+
+    @property
+    def reserved_units(self) -> int | None:
+        return None if self.reservation is None else self.reservation.units
 
 
 def completion_allowance(body: dict[str, Any]) -> int:
     for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        value = body.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        value = _positive(body.get(name))
+        if value:
             return value
     return 0
+
+
+def worst_case_output(body: dict[str, Any], config: GatewayConfig, feature: str | None, model: str) -> int:
+    """The most output tokens the call may be billed for: its own cap, else the default cap of its
+    feature, of its model, or of the gateway; times the choices it asks for (`n`)."""
+    cap = completion_allowance(body)
+    if not cap:
+        rules = config.features.get(feature) if feature is not None else None
+        limits = config.limits
+        cap = (
+            (rules.default_max_output_tokens if rules is not None else None)
+            or limits.default_max_output_tokens_by_model.get(model)
+            or limits.default_max_output_tokens
+        )
+    return cap * (_positive(body.get("n")) or 1)
+
+
+def _positive(value: object) -> int:
+    # type() rather than isinstance(): True is an int too, and not a count.
+    return value if type(value) is int and value > 0 else 0
 
 
 _NO_CAPS = Caps()
@@ -66,10 +99,15 @@ class Guard:
         ledger: BudgetLedger,
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        reservation_ttl_s: float,
+        shared_redis: Redis | None = None,
     ) -> None:
         self.limiter = limiter
         self.ledger = ledger
+        # The client the limiter and the ledger share, closed after them.
+        self._shared_redis = shared_redis
         self.clock = clock
+        self.reservation_ttl_s = reservation_ttl_s
         self._pending: set[asyncio.Task[None]] = set()
 
     @staticmethod
@@ -77,6 +115,17 @@ class Guard:
         """Whether any key, feature or user scope applies (admit() would return None otherwise): checked
         first, so a call without one does not pay for a coroutine."""
         return call.key is not None or call.feature is not None or call.user_id is not None
+
+    @staticmethod
+    def charge_to(api_key_id: str | None, feature: str | None, user_id: str | None) -> Admission | None:
+        """For a call metered as another's (a background response, billed to the call that created it):
+        nothing reserved or refused, its cost charged to that call's key, feature and user."""
+        scopes = tuple(
+            f"{kind}:{name}"
+            for kind, name in (("key", api_key_id), ("feature", feature), ("user", user_id))
+            if name is not None
+        )
+        return Admission((), scopes, 0) if scopes else None
 
     def _caps(self, call: CallRecord, config: GatewayConfig) -> list[tuple[str, Caps]]:
         caps: list[tuple[str, Caps]] = []
@@ -108,14 +157,17 @@ class Guard:
         model: str,
         prompt_tokens: int,
         completion_tokens: int,
+        worst_completion_tokens: int,
     ) -> Coroutine[None, None, Admission | None]:
-        """None when no limit or budget concerns the call (nothing to settle after it)."""
+        """None when no limit or budget concerns the call (nothing to settle after it). Rate limits
+        reserve prompt + completion_tokens; budgets the cost of prompt + worst_completion_tokens (nothing
+        for a model without a price: its calls cost nothing the budgets could count)."""
         # The coroutine itself, not one awaiting it: a frame less on every limited call.
         return self._admit(
             call,
             config,
             prompt_tokens + completion_tokens,
-            lambda: prices.cost_usd(model, prompt_tokens, completion_tokens, 0) or Decimal(0),
+            lambda: prices.cost_usd(model, prompt_tokens, worst_completion_tokens, 0) or Decimal(0),
         )
 
     def admit_unpriced(
@@ -136,24 +188,40 @@ class Guard:
             Budget(scope, period, cap) for scope, c in caps for period, cap in _periods(c) if cap is not None
         ]
         now = self.clock()
+        scopes = tuple(scope for scope, _ in caps)
+        reservation: Reservation | None = None
         if budgets and cost is not None:
-            over = await self.ledger.check(budgets, cost(), now)
-            if over is not None:
-                raise _over_budget(over, now)
+            verdict = await self.ledger.reserve(budgets, cost(), self.reservation_ttl_s, now)
+            if isinstance(verdict, OverBudget):
+                raise _over_budget(verdict, now)
+            reservation = verdict
+        admission = Admission(limits, scopes, estimate, reservation)
         if limits:
-            denied = await self.limiter.admit(limits, estimate, now.timestamp())
+            try:
+                denied = await self.limiter.admit(limits, estimate, now.timestamp())
+            except BaseException:
+                self.release(admission)
+                raise
             if denied is not None:
+                self.release(admission)
                 raise _rate_limited(denied)
-        return Admission(limits, tuple(scope for scope, _ in caps), estimate)
+        return admission
 
     def settle(self, admission: Admission, total_tokens: int, cost: Decimal | None) -> None:
-        """After the call: correct the token reservation and charge the cost, off the request path (the
-        request task may be cancelled by now, on a client disconnect, and an await in it with the task)."""
-        if not cost and (not admission.limits or total_tokens == admission.token_estimate):
+        """After the call, however it ended: correct the token reservation, let go of the budgets' hold
+        and charge the cost, off the request path (the request task may be cancelled by now, on a client
+        disconnect, and an await in it with the task)."""
+        held = admission.reservation is not None and admission.reservation.units > 0
+        if not held and not cost and (not admission.limits or total_tokens == admission.token_estimate):
             return
         task = asyncio.get_running_loop().create_task(self._settle(admission, total_tokens, cost))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+
+    def release(self, admission: Admission) -> None:
+        """A call that ends without a cost to charge (it was never made, or another call is metered for
+        it): its budgets' hold goes, its token reservation stays as estimated."""
+        self.settle(admission, admission.token_estimate, None)
 
     async def _settle(self, admission: Admission, total_tokens: int, cost: Decimal | None) -> None:
         try:
@@ -162,8 +230,8 @@ class Guard:
                 await self.limiter.settle(
                     admission.limits, total_tokens - admission.token_estimate, now.timestamp()
                 )
-            if cost and admission.scopes:
-                await self.ledger.charge(admission.scopes, cost, now)
+            if admission.scopes and (cost or admission.reservation is not None):
+                await self.ledger.settle(admission.scopes, cost or Decimal(0), admission.reservation, now)
         except Exception:  # a lost settle skews one counter for a minute or a period; never the call
             log.warning("settling limits failed", exc_info=True)
 
@@ -181,6 +249,8 @@ class Guard:
         await self.drain()
         await self.limiter.aclose()
         await self.ledger.aclose()
+        if self._shared_redis is not None:
+            await self._shared_redis.aclose()
 
 
 def _money(value: Decimal) -> str:
@@ -203,10 +273,11 @@ def _over_budget(over: OverBudget, now: datetime) -> GatewayError:
     wait = max(1, math.ceil((over.resets_at - now).total_seconds()))
     period = "daily" if budget.period == "day" else "monthly"
     resets = over.resets_at.isoformat().replace("+00:00", "Z")
+    held = f", {_money(over.reserved_usd)} held by calls in flight" if over.reserved_usd else ""
     return GatewayError(
         429,
         f"The {period} budget of {_money(budget.cap_usd)} for {_describe(budget.scope)} is spent "
-        f"({_money(over.spent_usd)} so far); it resets at {resets}.",
+        f"({_money(over.spent_usd)} so far{held}); it resets at {resets}.",
         code="budget_exceeded",
         # Waiting seconds will not help: the SDKs must not retry this.
         headers={"retry-after": str(wait), "x-should-retry": "false"},

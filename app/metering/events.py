@@ -76,6 +76,9 @@ class UsageEvent(NamedTuple):
     prompt_truncated: bool = False
     # The caller's X-Request-Id, when it sent one (request_id is always the gateway's own).
     client_request_id: str | None = None
+    # 1e-10 USD the budgets held for the call before it was made; None when no budget was asked. A cost
+    # above it is spend the budgets did not see coming.
+    reserved_units: int | None = None
 
     @property
     def cost_usd(self) -> Decimal | None:
@@ -104,9 +107,11 @@ class UsageEvent(NamedTuple):
     def to_json(self) -> bytes:
         """One line of JSON without the newline; the cost in USD as a string, so no precision is lost."""
         data: dict[str, Any] = self._asdict()
-        del data["cost_units"]
+        del data["cost_units"], data["reserved_units"]
         cost = self.cost_usd
         data["cost_usd"] = None if cost is None else str(cost)
+        reserved = cost_to_usd(self.reserved_units)
+        data["reserved_usd"] = None if reserved is None else str(reserved)
         return orjson.dumps(data)
 
     @classmethod
@@ -118,10 +123,12 @@ class UsageEvent(NamedTuple):
             if created_at.utcoffset() is None:
                 raise ValueError("naive created_at")
             cost = data["cost_usd"]
+            reserved = data.get("reserved_usd")
             values = {
                 **{name: data[name] for name in _SPOOLED if name in data or name not in _DEFAULTED},
                 "created_at": created_at,
                 "cost_units": usd_to_cost(None if cost is None else Decimal(cost)),
+                "reserved_units": usd_to_cost(None if reserved is None else Decimal(reserved)),
             }
             # Keys written by a newer version are ignored, so an older gateway can still replay its spool.
             # A spool written before a column existed lacks its key: the field's default fills it.
@@ -135,7 +142,9 @@ def line(values: tuple[Any, ...]) -> bytes:
     return orjson.dumps(values, option=orjson.OPT_APPEND_NEWLINE)
 
 
-_SPOOLED = tuple(name for name in UsageEvent._fields if name not in ("created_at", "cost_units"))
+_SPOOLED = tuple(
+    name for name in UsageEvent._fields if name not in ("created_at", "cost_units", "reserved_units")
+)
 _DEFAULTED = frozenset(UsageEvent._field_defaults)
 
 

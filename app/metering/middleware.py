@@ -53,6 +53,9 @@ class Meter:
         elapsed = time.perf_counter() - call.started
         self.metrics.observe_request(route, call, elapsed)
         if call.endpoint is None or (call.metered_only_with_usage and call.usage is None):
+            # Nothing to meter: what the call's budgets hold for it goes all the same.
+            if call.admission is not None:
+                self.guard.release(call.admission)
             return
         if self.recorder is None and call.admission is None:
             return

@@ -7,6 +7,13 @@ write fails, its batch goes to the local spool (spool.py), and so do later batch
 database again, until the replay task, retrying with backoff, has written the spool back. One recorder
 per worker process (the lifespan runs in each worker); workers may share a spool directory.
 
+A crash loses at most the last moment. A batch is taken at most one flush interval after its first event
+arrived. A write that has not committed half a flush interval after that counts as an outage, whether
+the database refuses or does not answer at all: the batch goes to the spool at once, while the write
+goes on (should it commit after all, the replay of that copy inserts nothing), and later batches go
+straight to the spool, as they do when no write slot frees up within that half interval. So an event is
+in the database or the fsynced spool within about 1.5 flush intervals of its call's end.
+
 Events the database refuses outright (a NUL byte in a header value, a number out of range) would fail
 every retry and wedge the spool, so a refused batch is split until the refused events are isolated;
 those go to the spool directory's rejected.jsonl for an operator and are counted in events_rejected.
@@ -50,6 +57,7 @@ class Recorder:
         retry_initial_s: float = 0.5,
         retry_max_s: float = 30.0,
         concurrent_writes: int = 2,
+        spool_after_s: float | None = None,
     ) -> None:
         self._engine = engine
         self._spool = Spool(spool_dir)
@@ -67,6 +75,11 @@ class Recorder:
         self._ready: deque[Batch] = deque()
         self._buffer = bytearray()
         self._buffered = 0
+        # When the buffer got its first event: the batch is taken one flush interval after it.
+        self._buffer_since = 0.0
+        # How long a batch may wait for a write slot, and a write take, before the batch is spooled: half
+        # a flush interval unless told (tests of other things, whose flush intervals are tiny, give more).
+        self._hedge_s = flush_interval_s / 2 if spool_after_s is None else spool_after_s
         self._queued = 0
         self._has_events = asyncio.Event()
         # Two batches in flight keep both cores busy, Postgres on one while this process prepares the
@@ -108,6 +121,8 @@ class Recorder:
             else:
                 self._buffer += line
                 self._buffered += 1
+                if self._buffered == 1:
+                    self._buffer_since = time.monotonic()
                 self._queued += 1
                 if self._queued == 1:
                     self._has_events.set()
@@ -174,13 +189,19 @@ class Recorder:
         while True:
             # A slot first, then a batch: a batch taken off the queue is in _inflight at once, so close()
             # can always find it.
-            await self._write_slots.acquire()
+            slot = await self._take_slot()
             batch, stop = await self._next_batch()
+            if not slot and self._db_ok and not self._write_slots.locked():
+                # The database came back while this batch filled.
+                await self._write_slots.acquire()
+                slot = True
             if batch.size:
-                task = asyncio.create_task(self._write_or_spool(batch))
+                task = asyncio.create_task(
+                    self._write_or_spool(batch) if slot else self._spool_for_replay(batch)
+                )
                 self._inflight[task] = batch
-                task.add_done_callback(self._write_done)
-            else:
+                task.add_done_callback(self._write_done if slot else self._spool_done)
+            elif slot:
                 self._write_slots.release()
             if self._spool.unsynced:
                 await self._sync_spool()
@@ -189,9 +210,26 @@ class Recorder:
                     await asyncio.wait(set(self._inflight))
                 return
 
+    async def _take_slot(self) -> bool:
+        """A write slot; False when the database is taken to be away, or when no slot frees up within
+        half a flush interval: the writes holding them are stuck (on connections the database dropped,
+        say, while the replay finds it back), and the batch must not wait for them."""
+        if not self._db_ok:
+            return False
+        try:
+            async with asyncio.timeout(self._hedge_s):
+                await self._write_slots.acquire()
+        except TimeoutError:
+            self._outage(f"no write done within {self._hedge_s:g}s")
+            return False
+        return True
+
     def _write_done(self, task: asyncio.Task[None]) -> None:
         del self._inflight[task]
         self._write_slots.release()
+
+    def _spool_done(self, task: asyncio.Task[None]) -> None:
+        del self._inflight[task]
 
     async def _next_batch(self) -> tuple[Batch, bool]:
         """A full batch (batch_size events) if one is waiting; else what is queued now plus what arrives
@@ -206,8 +244,11 @@ class Recorder:
             await self._has_events.wait()
         if not self._ready and not self._closed:
             self._batch_ready.clear()
+            # From the batch's first event, not from now: however long the writer waited for a slot,
+            # no event waits in the buffer for more than one flush interval.
+            wait_s = self._buffer_since + self._flush_interval_s - time.monotonic()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._flush_interval_s):
+                async with asyncio.timeout(max(wait_s, 0)):
                     await self._batch_ready.wait()
         batch = self._ready.popleft() if self._ready else self._take_buffer()
         self._queued -= batch.size
@@ -221,13 +262,33 @@ class Recorder:
 
     async def _write_or_spool(self, batch: Batch) -> None:
         if self._db_ok:
+            write = asyncio.ensure_future(self._store(batch))
+            spooled = False
             try:
-                await self._store(batch)
+                done, _ = await asyncio.wait({write}, timeout=self._hedge_s)
+                if not done:
+                    spooled = True
+                    # A crash now would lose the batch: spool it, and later batches too, until the
+                    # replay finds the database answering.
+                    self._outage(f"no answer within {self._hedge_s:g}s")
+                    await self._spool_for_replay(batch)
+                await write
                 return
             except Exception as exc:
                 self.write_errors += 1
-                self._db_ok = False
-                log.warning("usage write failed (%s); spooling until the database is back", _describe(exc))
+                self._outage(_describe(exc))
+                if spooled:
+                    return
+            finally:
+                write.cancel()
+        await self._spool_for_replay(batch)
+
+    def _outage(self, why: str) -> None:
+        if self._db_ok:
+            self._db_ok = False
+            log.warning("usage write failed (%s); spooling until the database is back", why)
+
+    async def _spool_for_replay(self, batch: Batch) -> None:
         await self._spool_batch(batch)
         self._replay_wanted.set()
 

@@ -21,6 +21,7 @@ from app.errors import GatewayError
 from app.keys import ApiKey, KeyStore
 from app.limits.budgets import resets_at
 from app.limits.guard import Guard
+from app.limits.redis_guard import RedisUnavailable
 
 router = APIRouter(prefix="/admin")
 
@@ -126,7 +127,8 @@ async def revoke_key(request: Request, key_id: str, _: MasterDep) -> Response:
 
 @router.get("/budgets")
 async def budgets(request: Request, _: MasterDep) -> Response:
-    """Every spend cap in force, with what its scope has spent this period."""
+    """Every spend cap in force, with what its scope has spent this period and, apart, what the calls in
+    flight hold against it (their worst case, until they end)."""
     state = request.app.state
     guard: Guard = state.guard
     config: GatewayConfig = state.policy.config
@@ -149,14 +151,22 @@ async def budgets(request: Request, _: MasterDep) -> Response:
         for period, cap in (("day", rules.budget_daily_usd), ("month", rules.budget_monthly_usd)):
             if cap is None:
                 continue
-            spent = await guard.ledger.spent(scope, period, now)
+            try:
+                spent = await guard.ledger.spent(scope, period, now)
+                reserved = await guard.ledger.reserved(scope, period, now)
+            except RedisUnavailable:
+                # An unknown spend is not a zero one.
+                raise GatewayError(
+                    503, "Budgets cannot be read right now; try again shortly.", code="budget_unavailable"
+                ) from None
             data.append(
                 {
                     "scope": scope,
                     "period": period,
                     "cap_usd": str(cap),
                     "spent_usd": str(spent.normalize()),
-                    "remaining_usd": str(max(cap - spent, Decimal(0)).normalize()),
+                    "reserved_usd": str(reserved.normalize()),
+                    "remaining_usd": str(max(cap - spent - reserved, Decimal(0)).normalize()),
                     "resets_at": resets_at(period, now).isoformat().replace("+00:00", "Z"),
                 }
             )

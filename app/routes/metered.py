@@ -13,7 +13,7 @@ from fastapi import Request
 from app.attribution import attribute
 from app.body import parse_object, read_body
 from app.deps import Gateway
-from app.limits.guard import completion_allowance
+from app.limits.guard import completion_allowance, worst_case_output
 from app.limits.prompt_budget import fit_prompt
 from app.policy import Candidate
 
@@ -70,8 +70,12 @@ async def read_metered(
     state = request.app.state
     guard = state.guard
     if guard.concerns(call):
+        # Embeddings produce no output tokens, whatever the default output cap.
+        worst = (
+            0 if endpoint == "/v1/embeddings" else worst_case_output(body, policy.config, call.feature, model)
+        )
         call.admission = await guard.admit(
-            call, policy.config, state.prices, model, prompt_tokens, completion_allowance(body)
+            call, policy.config, state.prices, model, prompt_tokens, completion_allowance(body), worst
         )
     call.endpoint = endpoint
     call.request_body = body

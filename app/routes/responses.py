@@ -12,6 +12,7 @@ from starlette.responses import Response
 from app.background import BackgroundResponses
 from app.canonical_path import upstream_path
 from app.deps import Gateway, GatewayDep
+from app.limits.guard import Guard
 from app.ownership import admit, body_check, caller
 from app.ownership.created import record_created, stored_response
 from app.relay import Payload, answer_headers, forward, send_checked
@@ -66,6 +67,7 @@ async def create_response(request: Request, gw: GatewayDep) -> Response:
 
 async def _follow(request: Request, response_id: str, method: str, suffix: str, gw: Gateway) -> Response:
     policy, upstream, call = gw.policy, gw.upstream, gw.call
+    guard: Guard = request.app.state.guard
     await admit(caller(request, gw), method, f"responses/{response_id}{suffix}", "")
     registry = _registry(request)
     origin = registry.origin(response_id)
@@ -84,6 +86,8 @@ async def _follow(request: Request, response_id: str, method: str, suffix: str, 
     if origin is not None:
         # Metered as its creator's call: this poll's admission, for the poller's scopes, must not be
         # charged with the creator's cost.
+        if call.admission is not None:
+            guard.release(call.admission)
         call.admission = None
         call.feature, call.user_id, call.api_key_id, call.model = (
             origin.feature,
@@ -106,6 +110,9 @@ async def _follow(request: Request, response_id: str, method: str, suffix: str, 
         and isinstance(found.get("usage"), dict)
         and registry.first_metering(response_id)
     ):
+        if origin is not None:
+            # Charged once to the budgets of the call that created it (a resumed stream's end is not).
+            call.admission = guard.charge_to(origin.api_key_id, origin.feature, origin.user_id)
         learn_response(call, found)
         call.endpoint = ENDPOINT
         call.model = call.model or call.upstream_model

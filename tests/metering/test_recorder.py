@@ -41,7 +41,15 @@ def as_row(event: UsageEvent) -> dict[str, Any]:
     return dict(zip(TABLE_COLUMNS, event, strict=True), cost_usd=event.cost_usd)
 
 
-FAST = {"flush_interval_s": 0.02, "write_timeout_s": 2.0, "retry_initial_s": 0.05, "retry_max_s": 0.2}
+# A write is taken for an outage after spool_after_s: longer here than the tiny flush interval gives,
+# so a first connection to the database is not one.
+FAST = {
+    "flush_interval_s": 0.02,
+    "write_timeout_s": 2.0,
+    "retry_initial_s": 0.05,
+    "retry_max_s": 0.2,
+    "spool_after_s": 1.0,
+}
 
 
 def make_event(**overrides: Any) -> UsageEvent:
@@ -401,6 +409,39 @@ async def test_hung_database_times_out_into_the_spool(
     finally:
         await blocker.dispose()
     assert await count_rows(engine) == len(events)
+    await assert_rollup_matches_events(engine)
+
+
+async def test_a_write_stuck_past_half_a_flush_interval_is_spooled_long_before_its_timeout(
+    engine: AsyncEngine, make_recorder: Callable[..., Recorder], pg_url: str, tmp_path: Path
+) -> None:
+    """A database that does not answer is an outage as soon as a write takes half a flush interval: the
+    batch waiting on it, and every later one, go to the spool then, not when the write times out."""
+    recorder = make_recorder(engine, flush_interval_s=0.2, spool_after_s=None, write_timeout_s=60)
+    await recorder.start()
+    first, later = varied_events(20), varied_events(5)
+    blocker = create_engine(pg_url, tmp_path)
+    try:
+        async with blocker.connect() as conn:
+            await conn.execute(text("LOCK TABLE usage_events IN ACCESS EXCLUSIVE MODE"))
+            for wave in (first, later):
+                spooled_before = recorder.events_spooled
+                for e in wave:
+                    recorder.submit(e.to_line())
+
+                async def spooled(wave: list[UsageEvent] = wave, before: int = spooled_before) -> bool:
+                    return recorder.events_spooled == before + len(wave)
+
+                await eventually(spooled, timeout_s=10)
+            assert recorder.events_written == 0
+            await conn.rollback()  # releases the lock: the stuck write commits, the replay adds nothing
+
+        async def replayed() -> bool:
+            return recorder.spool_events() == 0 and await count_rows(engine) == len(first) + len(later)
+
+        await eventually(replayed)
+    finally:
+        await blocker.dispose()
     await assert_rollup_matches_events(engine)
 
 
