@@ -1,7 +1,7 @@
 """usage_events.reserved_usd: what the budgets held for a call before it was made
 
 Revision ID: 0009
-Revises: 0005
+Revises: 0007
 Create Date: 2026-12-04
 """
 
