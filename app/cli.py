@@ -8,14 +8,16 @@ import importlib.util
 import sys
 from datetime import UTC, date, datetime, timedelta
 
+import asyncpg  # type: ignore[import-untyped]
 import orjson
 import uvicorn
 from pydantic import ValidationError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from app.config import ConfigError, Settings, load_database_settings, load_settings
 from app.config_file import load_config_file
-from app.db.engine import create_engine
-from app.db.migrate import upgrade
+from app.db.engine import UnsupportedDatabase, create_engine, display_url
+from app.db.migrate import BEHIND, SCHEMA_SQLSTATES, upgrade_reporting
 from app.endpoint_classes import DEFAULT_SCOPES
 from app.keys import ApiKey, KeyStore
 from app.logs import configure_logging
@@ -65,8 +67,14 @@ def _http_protocol(settings: Settings) -> type[asyncio.Protocol] | str:
 
 def _migrate(_: argparse.Namespace) -> int:
     settings = load_database_settings()
-    upgrade(settings.database_url, settings.data_dir)
-    print("llm-gateway: database is at the latest schema")
+    where = display_url(settings.database_url, settings.data_dir)
+    applied = upgrade_reporting(settings.database_url, settings.data_dir)
+    if applied:
+        print(f"llm-gateway migrate: applied {len(applied)} migration(s) to {where}:")
+        for revision in applied:
+            print(f"  {revision}")
+    else:
+        print(f"llm-gateway migrate: {where} is at the latest schema already; nothing to apply")
     return 0
 
 
@@ -93,7 +101,7 @@ def _usage(args: argparse.Namespace) -> int:
     if args.format == "csv":
         sys.stdout.write(to_csv(rows, groups))
     elif args.format == "json":
-        sys.stdout.write(orjson.dumps(rows, default=str).decode() + "\n")
+        sys.stdout.write(orjson.dumps(rows).decode() + "\n")
     else:
         print(to_table(rows, groups))
     return 0
@@ -202,7 +210,36 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"llm-gateway: {exc}", file=sys.stderr)
         return 2
+    except _DATABASE_ERRORS as exc:
+        if args.command == "serve":
+            raise
+        settings = load_database_settings()
+        where = display_url(settings.database_url, settings.data_dir)
+        print(f"llm-gateway {args.command}: database {where}: {_database_problem(exc)}", file=sys.stderr)
+        return 1
     return code
+
+
+# What a database that cannot be reached, refuses us, or is named wrongly raises: the operator's to fix,
+# told in one line rather than a traceback.
+_DATABASE_ERRORS = (
+    OSError,
+    TimeoutError,
+    ArgumentError,
+    DBAPIError,
+    asyncpg.PostgresError,
+    UnsupportedDatabase,
+)
+
+
+def _database_problem(exc: BaseException) -> str:
+    """One line on what went wrong with the database, from the driver's own words (never SQLAlchemy's
+    rendering, which adds the statement and its parameters)."""
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    if getattr(cause, "sqlstate", None) in SCHEMA_SQLSTATES:
+        return BEHIND
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return text[:300] or type(cause).__name__
 
 
 if __name__ == "__main__":

@@ -104,11 +104,32 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return GatewayError(exc.status_code, message, headers=exc.headers).response()
 
 
-async def _validation_error(_: Request, exc: Exception) -> Response:
+# What pydantic says when the body as a whole is not a JSON object: not a sentence an operator can act on.
+_NOT_AN_OBJECT = frozenset({"model_attributes_type", "dict_type", "model_type", "missing"})
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+    where = tuple(first.get("loc", ()))
+    if where[:1] == ("body",) and (
+        first.get("type") == "json_invalid" or (len(where) == 1 and first.get("type") in _NOT_AN_OBJECT)
+    ):
+        return bad_request(_body_problem(request, first.get("type") == "json_invalid")).response()
+    loc = [str(part) for part in where if part not in ("body", "query", "path")]
     return bad_request(first.get("msg", "invalid request"), param=".".join(loc) or None).response()
+
+
+def _body_problem(request: Request, malformed: bool) -> str:
+    """Why the body is not the JSON object the route takes. FastAPI parses a body as JSON only when its
+    Content-Type says so, and `curl -d` sends application/x-www-form-urlencoded unless told otherwise."""
+    sent = request.headers.get("content-type")
+    if sent is None or "json" not in sent.lower():
+        got = f"got Content-Type: {sent[:100]}" if sent else "no Content-Type was sent"
+        return f"Send the body as a JSON object with Content-Type: application/json ({got})."
+    if malformed:
+        return "The body is not valid JSON; send a JSON object."
+    return "The body must be a JSON object."
 
 
 def error_response(exc: Exception) -> Response | None:

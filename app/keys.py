@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db.models import api_keys
 from app.endpoint_classes import ALL
+from app.money import usd
 
 log = logging.getLogger("gateway.keys")
 
@@ -88,7 +89,7 @@ class ApiKey:
 
 
 def _money(value: Decimal | None) -> str | None:
-    return None if value is None else format(value.normalize(), "f")
+    return None if value is None else usd(value)
 
 
 def _row_to_key(row: Any) -> ApiKey:

@@ -19,6 +19,7 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db.models import usage_daily
+from app.money import usd
 
 GROUPS: dict[str, ColumnElement[Any]] = {
     "day": usage_daily.c.day,
@@ -82,7 +83,7 @@ def _row(row: dict[str, Any], group_by: tuple[str, ...]) -> dict[str, Any]:
             row[name] = None
     for name in SUMS[:-1]:
         row[name] = int(row[name])
-    row["cost_usd"] = Decimal(row["cost_usd"]).quantize(Decimal("1e-10"))
+    row["cost_usd"] = usd(Decimal(row["cost_usd"]))
     return row
 
 

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
+from urllib.parse import urlsplit
 
 from pyreqwest.client import Client, ClientBuilder
 from pyreqwest.exceptions import PyreqwestError
@@ -30,6 +31,7 @@ from pyreqwest.response import Response
 
 from app.call import CallRecord
 from app.config import Settings
+from app.config_file import DEFAULT_UPSTREAM
 from app.policy import UpstreamTarget
 from app.retry_policy import RetryPolicy, UpstreamClosedEarly, is_retryable_status
 
@@ -84,6 +86,26 @@ class UpstreamUnavailable(Exception):
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(detail)
         self.kind = kind
+
+
+def unreachable(target: UpstreamTarget, attempts: int, exc: BaseException) -> str:
+    """What the caller (often the person who just started the gateway) needs to act on a call that got no
+    answer: which host, and which settings point there. The host and port only: a base URL's path or
+    user info may hold what callers should not see."""
+    parts = urlsplit(target.base_url)
+    host = parts.hostname or target.base_url
+    where = f"{host}:{parts.port}" if parts.port else host
+    if target.name == DEFAULT_UPSTREAM:
+        settings, key = "OPENAI_BASE_URL", "OPENAI_API_KEY"
+    else:
+        settings, key = f"the base_url of upstream '{target.name}' in GATEWAY_CONFIG", "its api_key_env"
+    message = (
+        f"upstream unreachable: no answer from {where} after {attempts} attempt(s) "
+        f"({type(exc).__name__}). Check {settings} and that the gateway's network can reach that host"
+    )
+    if target.api_key is None:
+        message += f"; {key} is not set either"
+    return message + "."
 
 
 class ResponseHead(Protocol):
@@ -349,9 +371,7 @@ class UpstreamClient:
                 "timeout", f"upstream timed out after {call.attempts} attempt(s)"
             ) from exc
         except (PyreqwestError, OSError) as exc:
-            raise UpstreamUnavailable(
-                "connect", f"upstream unreachable after {call.attempts} attempt(s): {type(exc).__name__}"
-            ) from exc
+            raise UpstreamUnavailable("connect", unreachable(target, call.attempts, exc)) from exc
         return result
 
     async def _exchange(

@@ -21,6 +21,7 @@ from app.errors import GatewayError
 from app.keys import ApiKey, KeyStore
 from app.limits.budgets import resets_at
 from app.limits.guard import Guard
+from app.money import usd
 
 router = APIRouter(prefix="/admin")
 
@@ -154,9 +155,9 @@ async def budgets(request: Request, _: MasterDep) -> Response:
                 {
                     "scope": scope,
                     "period": period,
-                    "cap_usd": str(cap),
-                    "spent_usd": str(spent.normalize()),
-                    "remaining_usd": str(max(cap - spent, Decimal(0)).normalize()),
+                    "cap_usd": usd(cap),
+                    "spent_usd": usd(spent),
+                    "remaining_usd": usd(max(cap - spent, Decimal(0))),
                     "resets_at": resets_at(period, now).isoformat().replace("+00:00", "Z"),
                 }
             )

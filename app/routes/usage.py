@@ -59,6 +59,6 @@ async def usage(
         "start": query_start.isoformat(),
         "end": query_end.isoformat(),
         "group_by": list(groups),
-        "data": [{**row, "cost_usd": float(row["cost_usd"])} for row in rows],
+        "data": rows,
     }
     return Response(orjson.dumps(body), media_type="application/json")
