@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import logging
 import sys
 from datetime import UTC, date, datetime, timedelta
 
@@ -12,12 +13,14 @@ import asyncpg  # type: ignore[import-untyped]
 import orjson
 import uvicorn
 from pydantic import ValidationError
+from sqlalchemy import func, or_, select
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from app.config import ConfigError, Settings, load_database_settings, load_settings
-from app.config_file import load_config_file
+from app.config_file import Caps, GatewayConfig, load_config_file
 from app.db.engine import UnsupportedDatabase, create_engine, display_url
 from app.db.migrate import BEHIND, SCHEMA_SQLSTATES, upgrade_reporting
+from app.db.models import api_keys
 from app.endpoint_classes import DEFAULT_SCOPES
 from app.keys import ApiKey, KeyStore
 from app.logs import configure_logging
@@ -32,17 +35,22 @@ from app.reporting import (
 )
 from app.routes.admin import KeyCreate
 
+log = logging.getLogger("gateway")
+
 
 def _serve(args: argparse.Namespace) -> int:
     settings = load_settings()
-    load_config_file(settings.config_file)
+    config = load_config_file(settings.config_file)
     configure_logging(settings.log_level)
+    workers = args.workers or settings.workers
+    if workers > 1 and not settings.redis_url:
+        _warn_unshared_limits(workers, config, settings)
     uvicorn.run(
         "app.main:create_app",
         factory=True,
         host=args.host or settings.host,
         port=args.port if args.port is not None else settings.port,
-        workers=args.workers or settings.workers,
+        workers=workers,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         http=_http_protocol(settings),
         # h11 (where httptools is not installed) bounds its head itself, though not the time it takes.
@@ -55,6 +63,51 @@ def _serve(args: argparse.Namespace) -> int:
         proxy_headers=False,
     )
     return 0
+
+
+def _warn_unshared_limits(workers: int, config: GatewayConfig, settings: Settings) -> None:
+    """Without Redis each worker process counts limits and budgets on its own, so together they admit up
+    to `workers` times what a limit says. Legitimate on one worker, or with no limits at all; otherwise
+    said once, here, before the workers start."""
+    limited = [f"feature '{name}'" for name, caps in config.features.items() if _capped(caps)]
+    if _capped(config.users):
+        limited.append("every end user")
+    keys = asyncio.run(_capped_keys(settings))
+    if keys:
+        limited.append(f"{keys} gateway key(s)")
+    if limited:
+        log.warning(
+            "%d workers without GATEWAY_REDIS_URL: each worker counts rate limits and budgets on its own, "
+            "so together they admit up to %d times a limit (limits are set for %s). Set GATEWAY_REDIS_URL "
+            "to share the counters.",
+            workers,
+            workers,
+            ", ".join(limited),
+        )
+
+
+def _capped(caps: Caps) -> bool:
+    return any(
+        value is not None for value in (caps.rpm, caps.tpm, caps.budget_daily_usd, caps.budget_monthly_usd)
+    )
+
+
+async def _capped_keys(settings: Settings) -> int:
+    """Usable keys with a limit or a budget of their own; 0 when the database cannot say (the gateway
+    starts anyway, and /readyz tells why)."""
+    engine = create_engine(settings.database_url, settings.data_dir)
+    capped = or_(*(api_keys.c[name].is_not(None) for name in _KEY_CAPS))
+    statement = select(func.count()).where(api_keys.c.revoked_at.is_(None), capped)
+    try:
+        async with asyncio.timeout(5), engine.connect() as conn:
+            return int((await conn.execute(statement)).scalar_one())
+    except Exception:  # any failure: the warning is a courtesy, never a reason not to start
+        return 0
+    finally:
+        await engine.dispose()
+
+
+_KEY_CAPS = ("rpm_limit", "tpm_limit", "budget_daily_usd", "budget_monthly_usd")
 
 
 def _http_protocol(settings: Settings) -> type[asyncio.Protocol] | str:

@@ -22,6 +22,24 @@ def plain_url(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+def masked(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def postgres_problem() -> str | None:
+    """Why the test server cannot be used, in a few words; None when it can."""
+
+    async def probe() -> None:
+        conn = await asyncpg.connect(plain_url(ADMIN_URL), timeout=5)
+        await conn.close()
+
+    try:
+        asyncio.run(probe())
+    except Exception as exc:  # whatever the reason, the suite cannot run; say which
+        return f"cannot be reached ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return None
+
+
 def admin(*statements: str) -> None:
     async def run() -> None:
         conn = await asyncpg.connect(plain_url(ADMIN_URL))

@@ -56,3 +56,10 @@ def display_url(database_url: str | None, data_dir: Path) -> str:
     except ArgumentError:
         # Not a URL SQLAlchemy can read, so its password cannot be found to mask: show none of it.
         return "(an unreadable DATABASE_URL)"
+
+
+if __name__ == "__main__":
+    # `make run`'s banner.
+    import os
+
+    print(display_url(os.environ.get("DATABASE_URL"), Path(os.environ.get("GATEWAY_DATA_DIR", "./var"))))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -42,7 +42,19 @@ def upgrade(database_url: str | None, data_dir: Path) -> None:
 # SQLSTATEs of a statement naming a table or column the database does not have: the schema is older than
 # the code (42P01 undefined_table, 42703 undefined_column).
 SCHEMA_SQLSTATES = frozenset({"42P01", "42703"})
+_VERSION_TABLE = "alembic_version"
 BEHIND = "schema is behind: run `llm-gateway migrate`"
+
+
+def is_schema_error(exc: BaseException) -> bool:
+    """True when a statement failed because a table or column this code uses is not in the database."""
+    cause = getattr(exc, "orig", None) or exc
+    if getattr(cause, "sqlstate", None) in SCHEMA_SQLSTATES:
+        return True
+    # SQLite has no SQLSTATE.
+    return type(cause).__name__ == "OperationalError" and str(cause).startswith(
+        ("no such table", "no such column")
+    )
 
 
 def head_revisions() -> frozenset[str]:
@@ -62,8 +74,11 @@ async def database_revisions(engine: AsyncEngine) -> frozenset[str]:
         return frozenset(await conn.run_sync(_current_heads))
 
 
-def _current_heads(conn: Connection) -> tuple[str, ...]:
-    return MigrationContext.configure(conn).get_current_heads()
+def _current_heads(conn: Connection) -> list[str]:
+    # Read directly: alembic's MigrationContext would log two lines at every readiness probe.
+    if not inspect(conn).has_table(_VERSION_TABLE):
+        return []
+    return list(conn.execute(text(f"SELECT version_num FROM {_VERSION_TABLE}")).scalars())
 
 
 def is_behind(database: frozenset[str], heads: frozenset[str], known: frozenset[str]) -> bool:
@@ -78,10 +93,10 @@ class SchemaCheck:
 
     def __init__(self) -> None:
         self.heads = head_revisions()
-        self._known = _known_revisions()
+        self.known = _known_revisions()
 
     async def behind(self, engine: AsyncEngine) -> bool:
-        return is_behind(await database_revisions(engine), self.heads, self._known)
+        return is_behind(await database_revisions(engine), self.heads, self.known)
 
 
 def upgrade_reporting(database_url: str | None, data_dir: Path) -> list[str]:

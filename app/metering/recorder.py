@@ -26,6 +26,7 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.db.migrate import BEHIND, is_schema_error
 from app.db.usage_writer import is_rejected_data, write_batch
 from app.metering.events import Batch
 from app.metering.spool import Spool
@@ -50,6 +51,7 @@ class Recorder:
         retry_initial_s: float = 0.5,
         retry_max_s: float = 30.0,
         concurrent_writes: int = 2,
+        schema_behind_logged: bool = False,
     ) -> None:
         self._engine = engine
         self._spool = Spool(spool_dir)
@@ -88,6 +90,8 @@ class Recorder:
         self.events_rejected = 0
         self.events_lost = 0
         self._loss_logged_at = float("-inf")
+        # The start-up check may have said already that the schema is behind: not again here.
+        self._schema_logged = schema_behind_logged
 
     async def start(self) -> None:
         self._writer = asyncio.create_task(self._write_loop(), name="usage-recorder-writer")
@@ -227,7 +231,7 @@ class Recorder:
             except Exception as exc:
                 self.write_errors += 1
                 self._db_ok = False
-                log.warning("usage write failed (%s); spooling until the database is back", _describe(exc))
+                self._log_failure("usage write failed (%s); spooling until the database is back", exc)
         await self._spool_batch(batch)
         self._replay_wanted.set()
 
@@ -299,13 +303,23 @@ class Recorder:
                 self.write_errors += 1
                 # Jitter so that the workers of a restarted deployment do not retry in lockstep.
                 pause = delay * random.uniform(0.5, 1.0)
-                log.warning("usage spool replay failed (%s); retrying in %.1fs", _describe(exc), pause)
+                self._log_failure(f"usage spool replay failed (%s); retrying in {pause:.1f}s", exc)
                 self._replay_wanted.set()
                 await asyncio.sleep(pause)
                 delay = min(delay * 2, self._retry_max_s)
             else:
                 self._db_ok = True
+                self._schema_logged = False
                 delay = self._retry_initial_s
+
+    def _log_failure(self, message: str, exc: Exception) -> None:
+        """A write that failed for want of a table or column fails the same way on every retry until
+        someone migrates: that is said once, not at every retry."""
+        if not is_schema_error(exc):
+            log.warning(message, _describe(exc))
+        elif not self._schema_logged:
+            self._schema_logged = True
+            log.error("usage not written: database %s; usage is kept in the spool until then", BEHIND)
 
     async def _replay_all(self) -> None:
         await self._replay_sealed()
