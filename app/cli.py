@@ -7,7 +7,8 @@ import asyncio
 import importlib.util
 import logging
 import sys
-from datetime import UTC, date, datetime, timedelta
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 import asyncpg  # type: ignore[import-untyped]
 import orjson
@@ -22,10 +23,14 @@ from app.db.engine import UnsupportedDatabase, create_engine, display_url
 from app.db.migrate import BEHIND, SCHEMA_SQLSTATES, upgrade_reporting
 from app.db.models import api_keys
 from app.endpoint_classes import DEFAULT_SCOPES
+from app.errors import GatewayError
 from app.keys import ApiKey, KeyStore
 from app.logs import configure_logging
+from app.money import usd
 from app.reporting import (
+    DEFAULT_GROUP_BY,
     UsageQuery,
+    default_range,
     parse_group_by,
     parse_since,
     to_csv,
@@ -33,7 +38,7 @@ from app.reporting import (
     to_table,
     usage_report,
 )
-from app.routes.admin import KeyCreate
+from app.routes.admin import KeyCreate, KeyUpdate
 
 log = logging.getLogger("gateway")
 
@@ -133,10 +138,11 @@ def _migrate(_: argparse.Namespace) -> int:
 
 def _usage(args: argparse.Namespace) -> int:
     settings = load_database_settings()
+    first, tomorrow = default_range()
     try:
         groups = parse_group_by(args.by)
-        start = parse_since(args.since)
-        end = parse_since(args.until) if args.until else None
+        start = parse_since(args.since) if args.since else first
+        end = parse_since(args.until) if args.until else tomorrow
     except ValueError as exc:
         print(f"llm-gateway usage: {exc}", file=sys.stderr)
         return 2
@@ -145,7 +151,7 @@ def _usage(args: argparse.Namespace) -> int:
     async def report() -> list[dict[str, object]]:
         engine = create_engine(settings.database_url, settings.data_dir)
         try:
-            query = UsageQuery(start, end or _tomorrow(), groups, filters)
+            query = UsageQuery(start, end, groups, filters)
             return await usage_report(engine, query)
         finally:
             await engine.dispose()
@@ -168,34 +174,24 @@ def _keys(args: argparse.Namespace) -> int:
         store = KeyStore(engine)
         try:
             if args.keys_command == "create":
-                try:
-                    spec = KeyCreate.model_validate(
-                        {k: v for k, v in vars(args).items() if k in KeyCreate.model_fields and v is not None}
-                    )
-                except ValidationError as exc:
-                    err = exc.errors()[0]
-                    print(
-                        f"llm-gateway keys: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr
-                    )
-                    return 2
+                given = {k: v for k, v in vars(args).items() if k in KeyCreate.model_fields and v is not None}
+                spec = KeyCreate.model_validate(given)
                 key, secret = await store.create(spec.model_dump())
                 print(f"created {key.id} ({key.name}), scopes: {_scopes(key)}")
                 print(f"secret: {secret}")
                 print("The secret is shown only now; the gateway keeps only its hash.")
+            elif args.keys_command == "update":
+                # Only the options given are in args (SUPPRESS): the rest stay as they are.
+                changes = KeyUpdate.model_validate(
+                    {k: v for k, v in vars(args).items() if k in KeyUpdate.model_fields}
+                ).changes()
+                updated = await store.update(args.id, changes) if changes else await store.get(args.id)
+                if updated is None:
+                    print(f"llm-gateway keys: no key with id {args.id}", file=sys.stderr)
+                    return 1
+                print(to_plain_table([_key_row(updated)], KEY_COLUMNS))
             elif args.keys_command == "list":
-                keys = await store.list()
-                rows = [
-                    {
-                        "id": k.id,
-                        "name": k.name,
-                        "prefix": k.prefix,
-                        "feature": k.default_feature,
-                        "scopes": _scopes(k),
-                        "state": "revoked" if k.revoked_at else "active",
-                    }
-                    for k in keys
-                ]
-                print(to_plain_table(rows, ("id", "name", "prefix", "feature", "scopes", "state")))
+                print(to_plain_table([_key_row(k) for k in await store.list()], KEY_COLUMNS))
             else:
                 revoked = await store.revoke(args.id)
                 if revoked is None:
@@ -203,18 +199,118 @@ def _keys(args: argparse.Namespace) -> int:
                     return 1
                 print(f"revoked {revoked.id} ({revoked.name})")
             return 0
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(map(str, err["loc"]))
+            print(f"llm-gateway keys: {where + ': ' if where else ''}{err['msg']}", file=sys.stderr)
+            return 2
+        except GatewayError as exc:
+            print(f"llm-gateway keys: {exc.message}", file=sys.stderr)
+            return 2
         finally:
             await engine.dispose()
 
     return asyncio.run(run())
 
 
+KEY_COLUMNS = (
+    "id",
+    "name",
+    "prefix",
+    "feature",
+    "scopes",
+    "rpm",
+    "tpm",
+    "budget_day_usd",
+    "budget_month_usd",
+    "expires_at",
+    "last_used_at",
+    "state",
+)
+
+
+def _key_row(key: ApiKey) -> dict[str, object]:
+    """A key as `keys list` shows it: what GET /admin/keys answers, in a line (times in UTC)."""
+    return {
+        "id": key.id,
+        "name": key.name,
+        "prefix": key.prefix,
+        "feature": (key.default_feature + " (pinned)")
+        if key.pin_feature and key.default_feature
+        else key.default_feature,
+        "scopes": _scopes(key),
+        "rpm": key.rpm_limit,
+        "tpm": key.tpm_limit,
+        "budget_day_usd": usd(key.budget_daily_usd) if key.budget_daily_usd is not None else None,
+        "budget_month_usd": usd(key.budget_monthly_usd) if key.budget_monthly_usd is not None else None,
+        "expires_at": _minute(key.expires_at),
+        "last_used_at": _minute(key.last_used_at),
+        "state": key.state(datetime.now(UTC)),
+    }
+
+
+def _minute(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%MZ")
+
+
 def _scopes(key: ApiKey) -> str:
     return ",".join(key.public()["scopes"])
 
 
-def _tomorrow() -> date:
-    return datetime.now(UTC).date() + timedelta(days=1)
+def _nullable(convert: Callable[[str], object], kind: str) -> Callable[[str], object]:
+    """An option's value, or None for `none`: how `keys update` clears a limit, a budget or the expiry."""
+
+    def parse(value: str) -> object:
+        return None if value.strip().lower() == "none" else convert(value)
+
+    parse.__name__ = kind  # argparse names it in "invalid <kind> value"
+    return parse
+
+
+def _moment(value: str) -> datetime:
+    """An ISO date (midnight UTC) or date and time; without an offset, UTC."""
+    moment = datetime.fromisoformat(value)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _comma_list(value: str) -> list[str]:
+    return value.split(",")
+
+
+def _key_options(parser: argparse.ArgumentParser, *, update: bool) -> None:
+    """The options `keys create` and `keys update` share: the fields of POST and PATCH /admin/keys."""
+    if update:
+        parser.add_argument("id")
+        parser.add_argument("--name")
+        parser.add_argument("--pin-feature", dest="pin_feature", action=argparse.BooleanOptionalAction)
+    else:
+        parser.add_argument("name")
+        parser.add_argument("--pin-feature", dest="pin_feature", action="store_true", default=None)
+    nullable = " ('none' clears it)" if update else ""
+    parser.add_argument("--owner", type=_nullable(str, "text"), help="who owns the key" + nullable)
+    parser.add_argument("--default-feature", dest="default_feature", type=_nullable(str, "text"))
+    parser.add_argument(
+        "--allowed-models", dest="allowed_models", type=_nullable(_comma_list, "list"), help="a,b" + nullable
+    )
+    parser.add_argument(
+        "--scopes",
+        type=_comma_list,
+        help=f"endpoint classes it may call, or '*' for all (default: {','.join(DEFAULT_SCOPES)})",
+    )
+    for option, meaning, convert in (
+        ("--rpm-limit", "requests a minute", int),
+        ("--tpm-limit", "tokens a minute", int),
+        ("--budget-daily-usd", "USD a UTC day", str),
+        ("--budget-monthly-usd", "USD a UTC month", str),
+    ):
+        kind = "integer" if convert is int else "amount"
+        parser.add_argument(option, type=_nullable(convert, kind), help=meaning + nullable)
+    parser.add_argument(
+        "--expires-at",
+        dest="expires_at",
+        type=_nullable(_moment, "date"),
+        help="YYYY-MM-DD or an ISO date and time (UTC unless an offset is given)" + nullable,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,31 +324,24 @@ def main(argv: list[str] | None = None) -> int:
     migrate = commands.add_parser("migrate", help="apply the database migrations (DATABASE_URL)")
     migrate.set_defaults(handler=_migrate)
     usage = commands.add_parser("usage", help="print tokens and cost from usage_daily")
-    usage.add_argument("--by", default="feature", help="any of day,feature,user,model (default: feature)")
-    usage.add_argument("--since", default="7d", help="7d, 4w, 3m or YYYY-MM-DD (default: 7d)")
+    usage.add_argument(
+        "--by", default=DEFAULT_GROUP_BY, help=f"any of day,feature,user,model (default: {DEFAULT_GROUP_BY})"
+    )
+    usage.add_argument("--since", help="7d, 4w, 3m or YYYY-MM-DD (default: the 1st of this month)")
     usage.add_argument("--until", help="end day, exclusive (default: tomorrow)")
     usage.add_argument("--feature", help="only this feature")
     usage.add_argument("--user", help="only this end user")
     usage.add_argument("--model", help="only this model")
     usage.add_argument("--format", choices=["table", "csv", "json"], default="table")
     usage.set_defaults(handler=_usage)
-    keys = commands.add_parser("keys", help="create, list and revoke gateway keys")
+    keys = commands.add_parser("keys", help="create, list, update and revoke gateway keys")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_commands.add_parser("create", help="create a key; its secret is printed once")
-    create.add_argument("name")
-    create.add_argument("--owner")
-    create.add_argument("--default-feature", dest="default_feature")
-    create.add_argument("--pin-feature", dest="pin_feature", action="store_true", default=None)
-    create.add_argument("--allowed-models", dest="allowed_models", type=lambda v: v.split(","))
-    create.add_argument(
-        "--scopes",
-        type=lambda v: v.split(","),
-        help=f"endpoint classes it may call, or '*' for all (default: {','.join(DEFAULT_SCOPES)})",
+    _key_options(create, update=False)
+    update = keys_commands.add_parser(
+        "update", help="change a key's fields (PATCH /admin/keys/ID)", argument_default=argparse.SUPPRESS
     )
-    create.add_argument("--rpm-limit", dest="rpm_limit", type=int)
-    create.add_argument("--tpm-limit", dest="tpm_limit", type=int)
-    create.add_argument("--budget-daily-usd", dest="budget_daily_usd")
-    create.add_argument("--budget-monthly-usd", dest="budget_monthly_usd")
+    _key_options(update, update=True)
     keys_commands.add_parser("list", help="list keys (never their secrets)")
     revoke = keys_commands.add_parser("revoke", help="revoke a key at once, on every replica")
     revoke.add_argument("id")

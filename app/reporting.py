@@ -38,6 +38,16 @@ class UsageQuery:
     filters: dict[str, str] = field(default_factory=dict)
 
 
+DEFAULT_GROUP_BY = "day"
+
+
+def default_range(today: date | None = None) -> tuple[date, date]:
+    """The period a report covers when none is given, in the API and the CLI alike: this month so far
+    (from its 1st UTC day to tomorrow, exclusive)."""
+    today = today or datetime.now(UTC).date()
+    return today.replace(day=1), today + timedelta(days=1)
+
+
 def parse_since(value: str, today: date | None = None) -> date:
     """`7d`, `4w`, `3m` (30-day months) or an ISO date; `7d` means today and the six days before."""
     today = today or datetime.now(UTC).date()
@@ -49,7 +59,7 @@ def parse_since(value: str, today: date | None = None) -> date:
 
 
 def parse_group_by(value: str | None) -> tuple[str, ...]:
-    names = tuple(part.strip() for part in (value or "day").split(",") if part.strip())
+    names = tuple(part.strip() for part in (value or DEFAULT_GROUP_BY).split(",") if part.strip())
     unknown = [name for name in names if name not in GROUPS]
     if unknown or not names:
         raise ValueError(f"group_by takes any of {', '.join(GROUPS)}; got {value!r}")

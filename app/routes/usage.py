@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
+from datetime import date
 from typing import Annotated, Literal
 
 import orjson
@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from app.deps import MasterDep
 from app.errors import bad_request
-from app.reporting import UsageQuery, parse_group_by, to_csv, usage_report
+from app.reporting import UsageQuery, default_range, parse_group_by, to_csv, usage_report
 
 router = APIRouter()
 
@@ -39,9 +39,9 @@ async def usage(
     model: str | None = None,
     format: Literal["json", "csv"] = "json",
 ) -> Response:
-    today = datetime.now(UTC).date()
-    query_start = _day(start, "start", today.replace(day=1))
-    query_end = _day(end, "end", today + timedelta(days=1))
+    first, tomorrow = default_range()
+    query_start = _day(start, "start", first)
+    query_end = _day(end, "end", tomorrow)
     if query_end <= query_start:
         raise bad_request("'end' must be after 'start'.", param="end")
     try:
