@@ -52,12 +52,17 @@ def admin(*statements: str) -> None:
     asyncio.run(run())
 
 
-def create_database(prefix: str) -> tuple[str, str]:
-    """A new, migrated database: (name, URL)."""
+def database_url_for(name: str) -> str:
+    return make_url(plain_url(ADMIN_URL)).set(database=name).render_as_string(hide_password=False)
+
+
+def create_database(prefix: str, *, migrated: bool = True) -> tuple[str, str]:
+    """A new database, migrated unless told otherwise: (name, URL)."""
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin(f'CREATE DATABASE "{name}"')
-    url = make_url(plain_url(ADMIN_URL)).set(database=name).render_as_string(hide_password=False)
-    upgrade(url, Path("unused-for-postgres"))
+    url = database_url_for(name)
+    if migrated:
+        upgrade(url, Path("unused-for-postgres"))
     return name, url
 
 

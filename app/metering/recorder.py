@@ -252,6 +252,8 @@ class Recorder:
             # Not `+= await write_batch(...)`, which reads the counter before the await and so loses
             # what the other task (writer or replay) added meanwhile.
             self.events_written += inserted
+            # Written: should the schema fall behind again, that is news again.
+            self._schema_logged = False
 
     async def _reject(self, batch: Batch, exc: Exception) -> None:
         log.error(
@@ -309,7 +311,6 @@ class Recorder:
                 delay = min(delay * 2, self._retry_max_s)
             else:
                 self._db_ok = True
-                self._schema_logged = False
                 delay = self._retry_initial_s
 
     def _log_failure(self, message: str, exc: Exception) -> None:
