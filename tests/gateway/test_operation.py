@@ -98,8 +98,9 @@ def test_make_demo_runs_end_to_end() -> None:
     # Then what the gateway made of the two calls: their rows, attributed and priced, and the report.
     recorded = result.stdout.split("What the gateway recorded")[1].split("The usage report")[0]
     rows = [line.split() for line in recorded.splitlines() if line.startswith("/v1/chat/completions")]
-    assert [row[1:5] for row in rows] == [["False", "demo", "newcomer", "gpt-4o-mini"]] + [
-        ["True", "demo", "newcomer", "gpt-4o-mini"]
+    assert [row[1:5] for row in rows] == [
+        ["False", "demo", "newcomer", "gpt-4o-mini"],
+        ["True", "demo", "newcomer", "gpt-4o-mini"],
     ]
     assert all(int(row[5]) > 0 and int(row[6]) > 0 and row[7].startswith("0.0000") for row in rows)
     report = result.stdout.split("The usage report")[1].split("Where to look next")[0]
