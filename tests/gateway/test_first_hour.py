@@ -156,6 +156,8 @@ def test_serve_on_a_database_never_migrated_is_not_ready_and_says_so_once(
         assert "0001: usage_events and the usage_daily rollup" in migrated.stdout
         wait_until(lambda: httpx.get(gateway.url + "/readyz").status_code == 200, timeout=10)
         assert httpx.get(gateway.url + "/readyz").json()["checks"]["schema"] == "ok"
+        # The spool's next replay (its backoff is a few seconds by now) writes the calls' usage.
+        wait_until(lambda: fetch(url, "SELECT count(*) AS n FROM usage_events")[0]["n"] == 3, timeout=40)
     finally:
         gateway.stop()
         drop_database(name)
