@@ -88,23 +88,39 @@ class UpstreamUnavailable(Exception):
         self.kind = kind
 
 
-def unreachable(target: UpstreamTarget, attempts: int, exc: BaseException) -> str:
-    """What the caller (often the person who just started the gateway) needs to act on a call that got no
-    answer: which host, and which settings point there. The host and port only: a base URL's path or
-    user info may hold what callers should not see."""
+@dataclass(frozen=True, slots=True)
+class Whereabouts:
+    """What an operator reading an upstream failure needs: the host, and the settings that point there.
+    The host and port only: a base URL's path or user info may hold what callers should not see."""
+
+    host: str
+    url_setting: str
+    key_setting: str
+    key_set: bool
+
+
+def whereabouts(target: UpstreamTarget) -> Whereabouts:
     parts = urlsplit(target.base_url)
-    host = parts.hostname or target.base_url
-    where = f"{host}:{parts.port}" if parts.port else host
+    host = parts.hostname or "the upstream"
+    if parts.port:
+        host = f"{host}:{parts.port}"
     if target.name == DEFAULT_UPSTREAM:
-        settings, key = "OPENAI_BASE_URL", "OPENAI_API_KEY"
-    else:
-        settings, key = f"the base_url of upstream '{target.name}' in GATEWAY_CONFIG", "its api_key_env"
-    message = (
-        f"upstream unreachable: no answer from {where} after {attempts} attempt(s) "
-        f"({type(exc).__name__}). Check {settings} and that the gateway's network can reach that host"
+        return Whereabouts(host, "OPENAI_BASE_URL", "OPENAI_API_KEY", target.api_key is not None)
+    config = f"upstream '{target.name}' in GATEWAY_CONFIG"
+    return Whereabouts(
+        host, f"the base_url of {config}", f"the api_key_env of {config}", target.api_key is not None
     )
-    if target.api_key is None:
-        message += f"; {key} is not set either"
+
+
+def unreachable(target: UpstreamTarget, attempts: int, exc: BaseException) -> str:
+    """A call that got no answer, said so that whoever started the gateway can act on it."""
+    where = whereabouts(target)
+    message = (
+        f"upstream unreachable: no answer from {where.host} after {attempts} attempt(s) "
+        f"({type(exc).__name__}). Check {where.url_setting} and that the gateway's network reaches that host"
+    )
+    if not where.key_set:
+        message += f"; {where.key_setting} is not set either"
     return message + "."
 
 

@@ -280,6 +280,20 @@ def test_an_unreachable_upstream_names_the_host_and_the_settings_to_check(
     assert ("OPENAI_API_KEY is not set" in message) is not with_key
 
 
+def test_an_upstream_refusing_the_gateways_key_names_the_host_and_the_setting(
+    start_gateway: Callable[..., ThreadedGateway], fake: FakeOpenAI
+) -> None:
+    gateway = start_gateway(openai_api_key=None)
+    fake.fail(401)
+    sdk = openai.OpenAI(base_url=gateway.base_url, api_key=MASTER_KEY, max_retries=0)
+    with sdk, pytest.raises(openai.APIStatusError) as raised:
+        sdk.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+    assert raised.value.status_code == 502
+    host = httpx.URL(fake.base_url)
+    assert f"The upstream at {host.host}:{host.port} rejected" in str(raised.value)
+    assert "check OPENAI_API_KEY (it is not set)" in str(raised.value)
+
+
 # --- Money ------------------------------------------------------------------------------------------------
 
 
