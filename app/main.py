@@ -104,9 +104,19 @@ def _has_prompt_budgets(config: GatewayConfig) -> bool:
     return any(feature.max_prompt_tokens is not None for feature in config.features.values())
 
 
-async def _schema_behind(schema: SchemaCheck, engine: AsyncEngine) -> bool:
+def _schema_check() -> SchemaCheck | None:
+    try:
+        return SchemaCheck()
+    except RuntimeError as exc:  # an install without migrations/ cannot tell; it serves all the same
+        log.warning("the database schema is not checked: %s", exc)
+        return None
+
+
+async def _schema_behind(schema: SchemaCheck | None, engine: AsyncEngine) -> bool:
     """Said once at start-up, for a database nobody migrated: until `llm-gateway migrate` runs, /readyz
     fails, and usage is spooled."""
+    if schema is None:
+        return False
     try:
         database = await asyncio.wait_for(database_revisions(engine), 5.0)
     except Exception:  # unreachable: /readyz says so, and the recorder spools until it is back
@@ -180,7 +190,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await keys.start()
         app.state.keys = keys
         app.state.owners = OwnerStore(engine)
-        schema = app.state.schema = SchemaCheck()
+        schema = app.state.schema = _schema_check()
         behind = await _schema_behind(schema, engine)
         # Without the tables there is no spend to load, only one more failure to log.
         guard = await _make_guard(settings, config, engine, seed=not behind)

@@ -31,8 +31,8 @@ async def readyz(request: Request, settings: SettingsDep) -> Response:
         checks["database"] = "ok"
     except Exception as exc:  # any failure to reach the database means not ready, whatever its kind
         checks["database"] = f"unreachable: {type(exc).__name__}"
-    else:
-        schema: SchemaCheck = request.app.state.schema
+    schema: SchemaCheck | None = request.app.state.schema
+    if checks["database"] == "ok" and schema is not None:
         try:
             behind = await asyncio.wait_for(schema.behind(engine), _READY_TIMEOUT_S)
             checks["schema"] = BEHIND if behind else "ok"
