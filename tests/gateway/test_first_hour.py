@@ -185,16 +185,20 @@ def test_migrate_says_what_it_applied_or_that_nothing_was_needed() -> None:
         drop_database(name)
 
 
+CLOSED = f"postgresql://gw:hunter2@127.0.0.1:{free_port()}/gw"
+
+
 @pytest.mark.parametrize(
-    ("database_url", "says"),
+    ("command", "database_url", "says"),
     [
-        (f"postgresql://gw:hunter2@127.0.0.1:{free_port()}/gw", "gw:***@127.0.0.1"),
-        (database_url_for("no_such_database_here"), 'database "no_such_database_here"'),
-        ("mysql://gw:hunter2@127.0.0.1/gw", "unsupported database 'mysql'"),
-        ("not a url at all hunter2", "unreadable DATABASE_URL"),
+        (("migrate",), CLOSED, "gw:***@127.0.0.1"),
+        (("migrate",), database_url_for("no_such_database_here"), 'database "no_such_database_here"'),
+        (("migrate",), "mysql://gw:hunter2@127.0.0.1/gw", "unsupported database 'mysql'"),
+        (("migrate",), "not a url at all hunter2", "unreadable DATABASE_URL"),
+        (("usage",), CLOSED, "gw:***@127.0.0.1"),
+        (("keys", "list"), CLOSED, "gw:***@127.0.0.1"),
     ],
 )
-@pytest.mark.parametrize("command", [("migrate",), ("usage",), ("keys", "list")])
 def test_a_bad_database_url_is_one_line_not_a_traceback(
     database_url: str, says: str, command: tuple[str, ...]
 ) -> None:
