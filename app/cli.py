@@ -15,11 +15,11 @@ import orjson
 import uvicorn
 from pydantic import ValidationError
 from sqlalchemy import func, or_, select
-from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.exc import DBAPIError
 
 from app.config import ConfigError, Settings, load_database_settings, load_settings
 from app.config_file import Caps, GatewayConfig, load_config_file
-from app.db.engine import UnsupportedDatabase, create_engine, display_url
+from app.db.engine import create_engine, display_url
 from app.db.migrate import BEHIND, SCHEMA_SQLSTATES, upgrade_reporting
 from app.db.models import api_keys
 from app.endpoint_classes import DEFAULT_SCOPES
@@ -362,16 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-# What a database that cannot be reached, refuses us, or is named wrongly raises: the operator's to fix,
-# told in one line rather than a traceback.
-_DATABASE_ERRORS = (
-    OSError,
-    TimeoutError,
-    ArgumentError,
-    DBAPIError,
-    asyncpg.PostgresError,
-    UnsupportedDatabase,
-)
+# What a database that cannot be reached or refuses us raises: the operator's to fix, told in one line
+# rather than a traceback. (A DATABASE_URL that is no URL, or names another database, is refused with
+# the rest of the configuration.)
+_DATABASE_ERRORS = (OSError, TimeoutError, DBAPIError, asyncpg.PostgresError)
 
 
 def _database_problem(exc: BaseException) -> str:

@@ -26,7 +26,7 @@ from app.db.migrate import BEHIND, SchemaCheck
 from app.money import usd
 from tests.db import create_database, database_url_for, drop_database, fetch, wait_for_rows
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.harness import MASTER_KEY, GatewayProcess, ThreadedGateway, free_port, wait_until
+from tests.harness import MASTER_KEY, GatewayProcess, ThreadedGateway, free_port, refused_start, wait_until
 from tests.limits import REDIS_URL
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -189,25 +189,47 @@ CLOSED = f"postgresql://gw:hunter2@127.0.0.1:{free_port()}/gw"
 
 
 @pytest.mark.parametrize(
-    ("command", "database_url", "says"),
+    ("command", "database_url", "status", "says"),
     [
-        (("migrate",), CLOSED, "gw:***@127.0.0.1"),
-        (("migrate",), database_url_for("no_such_database_here"), 'database "no_such_database_here"'),
-        (("migrate",), "mysql://gw:hunter2@127.0.0.1/gw", "unsupported database 'mysql'"),
-        (("migrate",), "not a url at all hunter2", "unreadable DATABASE_URL"),
-        (("usage",), CLOSED, "gw:***@127.0.0.1"),
-        (("keys", "list"), CLOSED, "gw:***@127.0.0.1"),
+        (("migrate",), CLOSED, 1, "llm-gateway migrate: database postgresql://gw:***@127.0.0.1:"),
+        (
+            ("migrate",),
+            database_url_for("no_such_database_here"),
+            1,
+            'database "no_such_database_here" does not exist',
+        ),
+        (
+            ("migrate",),
+            "mysql://gw:hunter2@127.0.0.1/gw",
+            2,
+            "DATABASE_URL: Value error, unsupported database 'mysql'",
+        ),
+        (("migrate",), "not a url at all hunter2", 2, "DATABASE_URL: Value error, not a database URL"),
+        (("usage",), CLOSED, 1, "llm-gateway usage: database postgresql://gw:***@127.0.0.1:"),
+        (("keys", "list"), CLOSED, 1, "llm-gateway keys: database postgresql://gw:***@127.0.0.1:"),
     ],
 )
 def test_a_bad_database_url_is_one_line_not_a_traceback(
-    database_url: str, says: str, command: tuple[str, ...]
+    command: tuple[str, ...], database_url: str, status: int, says: str
 ) -> None:
     result = cli(*command, env=clean_env(DATABASE_URL=database_url))
-    assert result.returncode == 1
+    assert result.returncode == status
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr and "hunter2" not in result.stderr
     assert says in result.stderr
-    assert result.stderr.startswith(f"llm-gateway {command[0]}: database ")
+
+
+@pytest.mark.parametrize(
+    ("database_url", "says"),
+    [
+        ("mysql://gw:hunter2@127.0.0.1/gw", "unsupported database 'mysql'"),
+        ("not a url at all hunter2", "not a database URL"),
+    ],
+)
+def test_serve_refuses_a_database_url_it_cannot_use_in_one_line(database_url: str, says: str) -> None:
+    line = refused_start({"DATABASE_URL": database_url})
+    assert line.startswith("llm-gateway: invalid configuration: DATABASE_URL:") and says in line
+    assert "hunter2" not in line
 
 
 def test_the_cli_on_a_database_never_migrated_says_to_migrate() -> None:
