@@ -8,9 +8,12 @@ from collections.abc import Mapping
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
+
+from app.db.migrate import BEHIND, is_schema_error
 
 log = logging.getLogger("gateway.errors")
 
@@ -142,6 +145,9 @@ def error_response(exc: Exception) -> Response | None:
         return exc.response
     if isinstance(exc, ClientDisconnect):
         return None
+    if is_schema_error(exc):
+        # Not a bug to trace at every call: the operator has not migrated (the start-up log said so).
+        return GatewayError(503, f"The gateway's database {BEHIND}.", code="schema_behind").response()
     log.error("unhandled error", exc_info=exc)
     return GatewayError(500, "The gateway hit an internal error.").response()
 
@@ -157,4 +163,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ClientDisconnect, _unexpected)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    # Its own class, so that Starlette answers it without re-raising it to the server, which would log
+    # a traceback even for a database that is only not migrated yet (error_response tells those apart).
+    app.add_exception_handler(DBAPIError, _unexpected)
     app.add_exception_handler(Exception, _unexpected)
