@@ -9,6 +9,7 @@ import logging
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 import orjson
@@ -27,6 +28,9 @@ from app.errors import GatewayError
 from app.keys import ApiKey, KeyStore
 from app.logs import configure_logging
 from app.money import usd
+from app.reconcile import store as reconciliation
+from app.reconcile.job import organization_reader, reconcile
+from app.reconcile.provider import MAX_DAYS, ProviderError
 from app.reporting import (
     DEFAULT_GROUP_BY,
     UsageQuery,
@@ -39,6 +43,7 @@ from app.reporting import (
     usage_report,
 )
 from app.routes.admin import KeyCreate, KeyUpdate
+from app.upstream import UpstreamClient
 
 log = logging.getLogger("gateway")
 
@@ -213,6 +218,49 @@ def _keys(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def _reconcile(args: argparse.Namespace) -> int:
+    try:
+        start = parse_since(args.since)
+        end = parse_since(args.until) if args.until else default_range()[1]
+    except ValueError as exc:
+        print(f"llm-gateway reconcile: {exc}", file=sys.stderr)
+        return 2
+    if not 0 < (end - start).days <= MAX_DAYS:
+        print(f"llm-gateway reconcile: 1 to {MAX_DAYS} days, --since before --until", file=sys.stderr)
+        return 2
+    settings = load_database_settings() if args.no_fetch else load_settings()
+
+    async def run() -> list[dict[str, Any]]:
+        engine = create_engine(settings.database_url, settings.data_dir)
+        try:
+            if isinstance(settings, Settings):
+                upstream = UpstreamClient(settings)
+                await upstream.start()
+                try:
+                    reader = organization_reader(settings, upstream)
+                    await reconcile(engine, reader, start, end, settings.reconcile_timeout_s)
+                finally:
+                    await upstream.close()
+            return await reconciliation.report(engine, start, end)
+        finally:
+            await engine.dispose()
+
+    try:
+        rows = asyncio.run(run())
+    except ProviderError as exc:
+        print(f"llm-gateway reconcile: {exc}", file=sys.stderr)
+        return 1
+    if args.format == "table":
+        print(reconciliation.to_table(rows))
+        return 0
+    written = [{**row, **{name: usd(row[name]) for name in reconciliation.MONEY}} for row in rows]
+    if args.format == "csv":
+        sys.stdout.write(to_csv(written, ("day", "model"), reconciliation.COLUMNS[2:]))
+    else:
+        sys.stdout.write(orjson.dumps(written, default=str).decode() + "\n")
+    return 0
+
+
 KEY_COLUMNS = (
     "id",
     "name",
@@ -334,6 +382,19 @@ def main(argv: list[str] | None = None) -> int:
     usage.add_argument("--model", help="only this model")
     usage.add_argument("--format", choices=["table", "csv", "json"], default="table")
     usage.set_defaults(handler=_usage)
+    recon = commands.add_parser(
+        "reconcile", help="read OpenAI's usage and costs; print them beside the gateway's, per day and model"
+    )
+    recon.add_argument("--since", default="7d", help="7d, 4w, 3m or YYYY-MM-DD (default: 7d)")
+    recon.add_argument("--until", help="end day, exclusive (default: tomorrow)")
+    recon.add_argument(
+        "--no-fetch",
+        dest="no_fetch",
+        action="store_true",
+        help="report from what was read before, asking OpenAI nothing",
+    )
+    recon.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    recon.set_defaults(handler=_reconcile)
     keys = commands.add_parser("keys", help="create, list, update and revoke gateway keys")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_commands.add_parser("create", help="create a key; its secret is printed once")

@@ -46,6 +46,7 @@ from app.metering.pricing import PriceTable
 from app.metering.recorder import Recorder
 from app.ownership import OwnerStore
 from app.policy import Policy
+from app.reconcile.job import Reconciler
 from app.request_context import RequestContextMiddleware
 from app.routes import admin, chat, embeddings, health, metrics, models, passthrough, responses, usage
 from app.upstream import UpstreamClient
@@ -216,6 +217,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await recorder.start()
             app_metrics.watch_recorder(recorder.stats)
         app.state.meter = Meter(recorder, app.state.prices, app_metrics, guard)
+        reconciler: Reconciler | None = None
+        if settings.openai_admin_key is not None:
+            reconciler = Reconciler(settings, upstream, engine, app_metrics.registry)
+            reconciler.start()
         # Everything made at start-up (modules, tokenizer tables, settings) lives as long as the process:
         # out of the collector's sight, and fewer collections of the short-lived objects each request
         # makes (a request allocates hundreds of objects; the default threshold collects every 700).
@@ -231,6 +236,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             # uvicorn has let in-flight requests finish by now, so every event is queued, or is about
             # to be once a tokenizer is built.
+            if reconciler is not None:
+                await reconciler.close()
             await app.state.meter.drain(settings.shutdown_timeout_s)
             if recorder is not None:
                 await recorder.close(timeout_s=settings.shutdown_timeout_s)

@@ -112,12 +112,12 @@ def _csv_cell(value: object) -> object:
     return value
 
 
-def to_csv(rows: list[dict[str, Any]], group_by: tuple[str, ...]) -> str:
+def to_csv(rows: list[dict[str, Any]], group_by: tuple[str, ...], sums: tuple[str, ...] = SUMS) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([*group_by, *SUMS])
+    writer.writerow([*group_by, *sums])
     for row in rows:
-        writer.writerow([_csv_cell(row[name]) for name in (*group_by, *SUMS)])
+        writer.writerow([_csv_cell(row[name]) for name in (*group_by, *sums)])
     return out.getvalue()
 
 
