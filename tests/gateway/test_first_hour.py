@@ -268,13 +268,21 @@ def test_several_workers_without_redis_warn_once_when_limits_are_set(
         assert "2 workers" in warnings[0] and "feature 'search'" in warnings[0]
 
 
-def test_one_worker_or_no_limits_do_not_warn(
+def test_without_limits_no_warning_and_a_key_with_a_limit_warns(
     fake_server: FakeOpenAI, scratch_db: tuple[str, str], tmp_path: Path
 ) -> None:
     # A database of its own: no key with a limit in it, and no configuration file.
     gateway = GatewayProcess(fake_server, scratch_db[1], tmp_path, args=("--workers", "2")).start()
     gateway.stop()
     assert "GATEWAY_REDIS_URL" not in gateway.log_path.read_text()
+
+    env = clean_env(DATABASE_URL=scratch_db[1])
+    assert cli("keys", "create", "capped", "--budget-monthly-usd", "100", env=env).returncode == 0
+    gateway.log_path.unlink()
+    gateway = GatewayProcess(fake_server, scratch_db[1], tmp_path, args=("--workers", "2")).start()
+    gateway.stop()
+    warnings = [line for line in gateway.log_path.read_text().splitlines() if "GATEWAY_REDIS_URL" in line]
+    assert len(warnings) == 1 and "1 gateway key(s)" in warnings[0]
 
 
 def test_the_compose_file_shares_the_counters_of_its_workers_through_redis() -> None:
