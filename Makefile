@@ -25,8 +25,9 @@ $(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
 dashboard-browser:
 	tests/dashboard/install.sh
 
+# The banner's database comes from the gateway's own reading of DATABASE_URL, its password masked.
 run: install
-	@echo "llm-gateway on http://$${GATEWAY_HOST:-127.0.0.1}:$${GATEWAY_PORT:-8080}/v1 (database: $${DATABASE_URL:-embedded SQLite in ./var})"
+	@echo "llm-gateway on http://$${GATEWAY_HOST:-127.0.0.1}:$${GATEWAY_PORT:-8080}/v1 (database: $$($(PY) -m app.db.engine))"
 	$(VENV)/bin/llm-gateway migrate
 	$(VENV)/bin/llm-gateway serve
 

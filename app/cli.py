@@ -6,30 +6,41 @@ import argparse
 import asyncio
 import atexit
 import importlib.util
+import logging
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 import orjson
 import uvicorn
 from pydantic import ValidationError
+from sqlalchemy import func, or_, select
+from sqlalchemy.exc import DBAPIError
 
 from app.config import ConfigError, DatabaseSettings, Settings, load_database_settings, load_settings
-from app.config_file import load_config_file
-from app.db.engine import create_engine
-from app.db.migrate import upgrade
+from app.config_file import Caps, GatewayConfig, load_config_file
+from app.db.engine import create_engine, display_url
+from app.db.migrate import BEHIND, SCHEMA_SQLSTATES, upgrade_reporting
+from app.db.models import api_keys
 from app.db.readonly_role import PASSWORD_ENV, REPORTING_TABLES, create_readonly_role
 from app.endpoint_classes import DEFAULT_SCOPES
+from app.errors import GatewayError
 from app.keys import ApiKey, KeyStore
 from app.logs import configure_logging
 from app.metering.metrics import WORKER_METRICS_DIR
+from app.money import usd
 from app.reconcile import store as reconciliation
 from app.reconcile.job import organization_reader, reconcile
 from app.reconcile.provider import MAX_DAYS, ProviderError
 from app.reporting import (
+    DEFAULT_GROUP_BY,
     UsageQuery,
+    default_range,
     parse_group_by,
     parse_since,
     to_csv,
@@ -37,17 +48,21 @@ from app.reporting import (
     to_table,
     usage_report,
 )
-from app.routes.admin import KeyCreate
+from app.routes.admin import KeyCreate, KeyUpdate
 from app.upstream import UpstreamClient
+
+log = logging.getLogger("gateway")
 
 
 def _serve(args: argparse.Namespace) -> int:
     settings = load_settings()
-    load_config_file(settings.config_file)
+    config = load_config_file(settings.config_file)
     configure_logging(settings.log_level)
     workers = args.workers or settings.workers
     if workers > 1:
         _share_worker_metrics()
+    if workers > 1 and not settings.redis_url:
+        _warn_unshared_limits(workers, config, settings)
     uvicorn.run(
         "app.main:create_app",
         factory=True,
@@ -77,6 +92,51 @@ def _share_worker_metrics() -> None:
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
 
 
+def _warn_unshared_limits(workers: int, config: GatewayConfig, settings: Settings) -> None:
+    """Without Redis each worker process counts limits and budgets on its own, so together they admit up
+    to `workers` times what a limit says. Legitimate on one worker, or with no limits at all; otherwise
+    said once, here, before the workers start."""
+    limited = [f"feature '{name}'" for name, caps in config.features.items() if _capped(caps)]
+    if _capped(config.users):
+        limited.append("every end user")
+    keys = asyncio.run(_capped_keys(settings))
+    if keys:
+        limited.append(f"{keys} gateway key(s)")
+    if limited:
+        log.warning(
+            "%d workers without GATEWAY_REDIS_URL: each worker counts rate limits and budgets on its own, "
+            "so together they admit up to %d times a limit (limits are set for %s). Set GATEWAY_REDIS_URL "
+            "to share the counters.",
+            workers,
+            workers,
+            ", ".join(limited),
+        )
+
+
+def _capped(caps: Caps) -> bool:
+    return any(
+        value is not None for value in (caps.rpm, caps.tpm, caps.budget_daily_usd, caps.budget_monthly_usd)
+    )
+
+
+async def _capped_keys(settings: Settings) -> int:
+    """Usable keys with a limit or a budget of their own; 0 when the database cannot say (the gateway
+    starts anyway, and /readyz tells why)."""
+    engine = create_engine(settings.database_url, settings.data_dir)
+    capped = or_(*(api_keys.c[name].is_not(None) for name in _KEY_CAPS))
+    statement = select(func.count()).where(api_keys.c.revoked_at.is_(None), capped)
+    try:
+        async with asyncio.timeout(5), engine.connect() as conn:
+            return int((await conn.execute(statement)).scalar_one())
+    except Exception:  # any failure: the warning is a courtesy, never a reason not to start
+        return 0
+    finally:
+        await engine.dispose()
+
+
+_KEY_CAPS = ("rpm_limit", "tpm_limit", "budget_daily_usd", "budget_monthly_usd")
+
+
 def _http_protocol(settings: Settings) -> type[asyncio.Protocol] | str:
     if importlib.util.find_spec("httptools") is None:
         return "h11"
@@ -87,8 +147,14 @@ def _http_protocol(settings: Settings) -> type[asyncio.Protocol] | str:
 
 def _migrate(args: argparse.Namespace) -> int:
     settings = load_database_settings()
-    upgrade(settings.database_url, settings.data_dir)
-    print("llm-gateway: database is at the latest schema")
+    where = display_url(settings.database_url, settings.data_dir)
+    applied = upgrade_reporting(settings.database_url, settings.data_dir)
+    if applied:
+        print(f"llm-gateway migrate: applied {len(applied)} migration(s) to {where}:")
+        for revision in applied:
+            print(f"  {revision}")
+    else:
+        print(f"llm-gateway migrate: {where} is at the latest schema already; nothing to apply")
     if args.create_readonly_role:
         return _readonly_role(settings, args.create_readonly_role)
     return 0
@@ -115,10 +181,11 @@ def _readonly_role(settings: DatabaseSettings, name: str) -> int:
 
 def _usage(args: argparse.Namespace) -> int:
     settings = load_database_settings()
+    first, tomorrow = default_range()
     try:
         groups = parse_group_by(args.by)
-        start = parse_since(args.since)
-        end = parse_since(args.until) if args.until else None
+        start = parse_since(args.since) if args.since else first
+        end = parse_since(args.until) if args.until else tomorrow
     except ValueError as exc:
         print(f"llm-gateway usage: {exc}", file=sys.stderr)
         return 2
@@ -127,7 +194,7 @@ def _usage(args: argparse.Namespace) -> int:
     async def report() -> list[dict[str, object]]:
         engine = create_engine(settings.database_url, settings.data_dir)
         try:
-            query = UsageQuery(start, end or _tomorrow(), groups, filters)
+            query = UsageQuery(start, end, groups, filters)
             return await usage_report(engine, query)
         finally:
             await engine.dispose()
@@ -136,7 +203,7 @@ def _usage(args: argparse.Namespace) -> int:
     if args.format == "csv":
         sys.stdout.write(to_csv(rows, groups))
     elif args.format == "json":
-        sys.stdout.write(orjson.dumps(rows, default=str).decode() + "\n")
+        sys.stdout.write(orjson.dumps(rows).decode() + "\n")
     else:
         print(to_table(rows, groups))
     return 0
@@ -150,34 +217,24 @@ def _keys(args: argparse.Namespace) -> int:
         store = KeyStore(engine)
         try:
             if args.keys_command == "create":
-                try:
-                    spec = KeyCreate.model_validate(
-                        {k: v for k, v in vars(args).items() if k in KeyCreate.model_fields and v is not None}
-                    )
-                except ValidationError as exc:
-                    err = exc.errors()[0]
-                    print(
-                        f"llm-gateway keys: {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr
-                    )
-                    return 2
+                given = {k: v for k, v in vars(args).items() if k in KeyCreate.model_fields and v is not None}
+                spec = KeyCreate.model_validate(given)
                 key, secret = await store.create(spec.model_dump())
                 print(f"created {key.id} ({key.name}), scopes: {_scopes(key)}")
                 print(f"secret: {secret}")
                 print("The secret is shown only now; the gateway keeps only its hash.")
+            elif args.keys_command == "update":
+                # Only the options given are in args (SUPPRESS): the rest stay as they are.
+                changes = KeyUpdate.model_validate(
+                    {k: v for k, v in vars(args).items() if k in KeyUpdate.model_fields}
+                ).changes()
+                updated = await store.update(args.id, changes) if changes else await store.get(args.id)
+                if updated is None:
+                    print(f"llm-gateway keys: no key with id {args.id}", file=sys.stderr)
+                    return 1
+                print(to_plain_table([_key_row(updated)], KEY_COLUMNS))
             elif args.keys_command == "list":
-                keys = await store.list()
-                rows = [
-                    {
-                        "id": k.id,
-                        "name": k.name,
-                        "prefix": k.prefix,
-                        "feature": k.default_feature,
-                        "scopes": _scopes(k),
-                        "state": "revoked" if k.revoked_at else "active",
-                    }
-                    for k in keys
-                ]
-                print(to_plain_table(rows, ("id", "name", "prefix", "feature", "scopes", "state")))
+                print(to_plain_table([_key_row(k) for k in await store.list()], KEY_COLUMNS))
             else:
                 revoked = await store.revoke(args.id)
                 if revoked is None:
@@ -185,6 +242,14 @@ def _keys(args: argparse.Namespace) -> int:
                     return 1
                 print(f"revoked {revoked.id} ({revoked.name})")
             return 0
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(map(str, err["loc"]))
+            print(f"llm-gateway keys: {where + ': ' if where else ''}{err['msg']}", file=sys.stderr)
+            return 2
+        except GatewayError as exc:
+            print(f"llm-gateway keys: {exc.message}", file=sys.stderr)
+            return 2
         finally:
             await engine.dispose()
 
@@ -194,7 +259,7 @@ def _keys(args: argparse.Namespace) -> int:
 def _reconcile(args: argparse.Namespace) -> int:
     try:
         start = parse_since(args.since)
-        end = parse_since(args.until) if args.until else _tomorrow()
+        end = parse_since(args.until) if args.until else default_range()[1]
     except ValueError as exc:
         print(f"llm-gateway reconcile: {exc}", file=sys.stderr)
         return 2
@@ -203,7 +268,7 @@ def _reconcile(args: argparse.Namespace) -> int:
         return 2
     settings = load_database_settings() if args.no_fetch else load_settings()
 
-    async def run() -> list[dict[str, object]]:
+    async def run() -> list[dict[str, Any]]:
         engine = create_engine(settings.database_url, settings.data_dir)
         try:
             if isinstance(settings, Settings):
@@ -223,21 +288,116 @@ def _reconcile(args: argparse.Namespace) -> int:
     except ProviderError as exc:
         print(f"llm-gateway reconcile: {exc}", file=sys.stderr)
         return 1
-    if args.format == "csv":
-        sys.stdout.write(to_csv(rows, ("day", "model"), reconciliation.COLUMNS[2:]))
-    elif args.format == "json":
-        sys.stdout.write(orjson.dumps(rows, default=str).decode() + "\n")
-    else:
+    if args.format == "table":
         print(reconciliation.to_table(rows))
+        return 0
+    written = [{**row, **{name: usd(row[name]) for name in reconciliation.MONEY}} for row in rows]
+    if args.format == "csv":
+        sys.stdout.write(to_csv(written, ("day", "model"), reconciliation.COLUMNS[2:]))
+    else:
+        sys.stdout.write(orjson.dumps(written, default=str).decode() + "\n")
     return 0
+
+
+KEY_COLUMNS = (
+    "id",
+    "name",
+    "prefix",
+    "feature",
+    "scopes",
+    "rpm",
+    "tpm",
+    "budget_day_usd",
+    "budget_month_usd",
+    "expires_at",
+    "last_used_at",
+    "state",
+)
+
+
+def _key_row(key: ApiKey) -> dict[str, object]:
+    """A key as `keys list` shows it: what GET /admin/keys answers, in a line (times in UTC)."""
+    return {
+        "id": key.id,
+        "name": key.name,
+        "prefix": key.prefix,
+        "feature": (key.default_feature + " (pinned)")
+        if key.pin_feature and key.default_feature
+        else key.default_feature,
+        "scopes": _scopes(key),
+        "rpm": key.rpm_limit,
+        "tpm": key.tpm_limit,
+        "budget_day_usd": usd(key.budget_daily_usd) if key.budget_daily_usd is not None else None,
+        "budget_month_usd": usd(key.budget_monthly_usd) if key.budget_monthly_usd is not None else None,
+        "expires_at": _minute(key.expires_at),
+        "last_used_at": _minute(key.last_used_at),
+        "state": key.state(datetime.now(UTC)),
+    }
+
+
+def _minute(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%MZ")
 
 
 def _scopes(key: ApiKey) -> str:
     return ",".join(key.public()["scopes"])
 
 
-def _tomorrow() -> date:
-    return datetime.now(UTC).date() + timedelta(days=1)
+def _nullable(convert: Callable[[str], object], kind: str) -> Callable[[str], object]:
+    """An option's value, or None for `none`: how `keys update` clears a limit, a budget or the expiry."""
+
+    def parse(value: str) -> object:
+        return None if value.strip().lower() == "none" else convert(value)
+
+    parse.__name__ = kind  # argparse names it in "invalid <kind> value"
+    return parse
+
+
+def _moment(value: str) -> datetime:
+    """An ISO date (midnight UTC) or date and time; without an offset, UTC."""
+    moment = datetime.fromisoformat(value)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _comma_list(value: str) -> list[str]:
+    return value.split(",")
+
+
+def _key_options(parser: argparse.ArgumentParser, *, update: bool) -> None:
+    """The options `keys create` and `keys update` share: the fields of POST and PATCH /admin/keys."""
+    if update:
+        parser.add_argument("id")
+        parser.add_argument("--name")
+        parser.add_argument("--pin-feature", dest="pin_feature", action=argparse.BooleanOptionalAction)
+    else:
+        parser.add_argument("name")
+        parser.add_argument("--pin-feature", dest="pin_feature", action="store_true", default=None)
+    nullable = " ('none' clears it)" if update else ""
+    parser.add_argument("--owner", type=_nullable(str, "text"), help="who owns the key" + nullable)
+    parser.add_argument("--default-feature", dest="default_feature", type=_nullable(str, "text"))
+    parser.add_argument(
+        "--allowed-models", dest="allowed_models", type=_nullable(_comma_list, "list"), help="a,b" + nullable
+    )
+    parser.add_argument(
+        "--scopes",
+        type=_comma_list,
+        help=f"endpoint classes it may call, or '*' for all, and 'reports' to read the usage reports "
+        f"(default: {','.join(DEFAULT_SCOPES)})",
+    )
+    for option, meaning, convert in (
+        ("--rpm-limit", "requests a minute", int),
+        ("--tpm-limit", "tokens a minute", int),
+        ("--budget-daily-usd", "USD a UTC day", str),
+        ("--budget-monthly-usd", "USD a UTC month", str),
+    ):
+        kind = "integer" if convert is int else "amount"
+        parser.add_argument(option, type=_nullable(convert, kind), help=meaning + nullable)
+    parser.add_argument(
+        "--expires-at",
+        dest="expires_at",
+        type=_nullable(_moment, "date"),
+        help="YYYY-MM-DD or an ISO date and time (UTC unless an offset is given)" + nullable,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,8 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     migrate.set_defaults(handler=_migrate)
     usage = commands.add_parser("usage", help="print tokens and cost from usage_daily")
-    usage.add_argument("--by", default="feature", help="any of day,feature,user,model (default: feature)")
-    usage.add_argument("--since", default="7d", help="7d, 4w, 3m or YYYY-MM-DD (default: 7d)")
+    usage.add_argument(
+        "--by", default=DEFAULT_GROUP_BY, help=f"any of day,feature,user,model (default: {DEFAULT_GROUP_BY})"
+    )
+    usage.add_argument("--since", help="7d, 4w, 3m or YYYY-MM-DD (default: the 1st of this month)")
     usage.add_argument("--until", help="end day, exclusive (default: tomorrow)")
     usage.add_argument("--feature", help="only this feature")
     usage.add_argument("--user", help="only this end user")
@@ -278,24 +440,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     recon.add_argument("--format", choices=["table", "csv", "json"], default="table")
     recon.set_defaults(handler=_reconcile)
-    keys = commands.add_parser("keys", help="create, list and revoke gateway keys")
+    keys = commands.add_parser("keys", help="create, list, update and revoke gateway keys")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_commands.add_parser("create", help="create a key; its secret is printed once")
-    create.add_argument("name")
-    create.add_argument("--owner")
-    create.add_argument("--default-feature", dest="default_feature")
-    create.add_argument("--pin-feature", dest="pin_feature", action="store_true", default=None)
-    create.add_argument("--allowed-models", dest="allowed_models", type=lambda v: v.split(","))
-    create.add_argument(
-        "--scopes",
-        type=lambda v: v.split(","),
-        help=f"endpoint classes it may call, or '*' for all, and 'reports' to read the usage reports "
-        f"(default: {','.join(DEFAULT_SCOPES)})",
+    _key_options(create, update=False)
+    update = keys_commands.add_parser(
+        "update", help="change a key's fields (PATCH /admin/keys/ID)", argument_default=argparse.SUPPRESS
     )
-    create.add_argument("--rpm-limit", dest="rpm_limit", type=int)
-    create.add_argument("--tpm-limit", dest="tpm_limit", type=int)
-    create.add_argument("--budget-daily-usd", dest="budget_daily_usd")
-    create.add_argument("--budget-monthly-usd", dest="budget_monthly_usd")
+    _key_options(update, update=True)
     keys_commands.add_parser("list", help="list keys (never their secrets)")
     revoke = keys_commands.add_parser("revoke", help="revoke a key at once, on every replica")
     revoke.add_argument("id")
@@ -306,7 +458,30 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"llm-gateway: {exc}", file=sys.stderr)
         return 2
+    except _DATABASE_ERRORS as exc:
+        if args.command == "serve":
+            raise
+        settings = load_database_settings()
+        where = display_url(settings.database_url, settings.data_dir)
+        print(f"llm-gateway {args.command}: database {where}: {_database_problem(exc)}", file=sys.stderr)
+        return 1
     return code
+
+
+# What a database that cannot be reached or refuses us raises: the operator's to fix, told in one line
+# rather than a traceback. (A DATABASE_URL that is no URL, or names another database, is refused with
+# the rest of the configuration.)
+_DATABASE_ERRORS = (OSError, TimeoutError, DBAPIError, asyncpg.PostgresError)
+
+
+def _database_problem(exc: BaseException) -> str:
+    """One line on what went wrong with the database, from the driver's own words (never SQLAlchemy's
+    rendering, which adds the statement and its parameters)."""
+    cause = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    if getattr(cause, "sqlstate", None) in SCHEMA_SQLSTATES:
+        return BEHIND
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return text[:300] or type(cause).__name__
 
 
 if __name__ == "__main__":

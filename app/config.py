@@ -12,6 +12,9 @@ from typing import Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.exc import ArgumentError
+
+from app.db.engine import async_url
 
 DEFAULT_UPSTREAM = "https://api.openai.com/v1"
 _OPENAI_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -37,6 +40,16 @@ class DatabaseSettings(BaseSettings):
     readonly_role_password: SecretStr | None = Field(
         default=None, validation_alias="GATEWAY_READONLY_ROLE_PASSWORD"
     )
+    @field_validator("database_url")
+    @classmethod
+    def _readable(cls, value: str | None) -> str | None:
+        # Read now, so that a URL the gateway cannot use stops it with one line rather than a traceback
+        # from the first worker's start-up. (Whether the database answers is for /readyz.)
+        try:
+            async_url(value, Path("."))
+        except ArgumentError:
+            raise ValueError("not a database URL (e.g. postgresql://user:password@host:5432/db)") from None
+        return value
 
 
 class Settings(DatabaseSettings):

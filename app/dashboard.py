@@ -19,6 +19,7 @@ from sqlalchemy import and_, case, func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.db.models import usage_events
+from app.money import usd
 from app.reporting import UsageQuery, usage_report
 
 MAX_RANGE_DAYS = 92
@@ -37,12 +38,8 @@ _EVENT_COLUMNS = {
 }
 
 
-def _money(value: Decimal) -> str:
-    return format(value, "f")
-
-
 def _sums(row: dict[str, Any]) -> dict[str, Any]:
-    return {**row, "cost_usd": _money(row["cost_usd"])}
+    return {**row, "cost_usd": usd(row["cost_usd"])}
 
 
 async def usage_summary(engine: AsyncEngine, query: UsageQuery) -> dict[str, Any]:
@@ -57,7 +54,7 @@ async def usage_summary(engine: AsyncEngine, query: UsageQuery) -> dict[str, Any
     for feature in named:
         only = {**query.filters, "feature": feature or ""}
         for row in await usage_report(engine, replace(query, group_by=("day",), filters=only)):
-            stacked[row["day"]][feature] = row["cost_usd"]
+            stacked[row["day"]][feature] = Decimal(row["cost_usd"])
     users = await usage_report(engine, replace(query, group_by=("user",), limit=TOP_USERS))
     models = await usage_report(engine, replace(query, group_by=("model",), limit=TOP_MODELS))
     window_start = max(query.start, query.end - timedelta(days=EVENT_WINDOW_DAYS))
@@ -73,9 +70,9 @@ async def usage_summary(engine: AsyncEngine, query: UsageQuery) -> dict[str, Any
             {
                 "day": row["day"],
                 "requests": row["requests"],
-                "cost_usd": _money(row["cost_usd"]),
-                "by_feature": [_money(stacked[row["day"]].get(name, Decimal(0))) for name in named],
-                "other_usd": _money(row["cost_usd"] - sum(stacked[row["day"]].values(), Decimal(0))),
+                "cost_usd": usd(row["cost_usd"]),
+                "by_feature": [usd(stacked[row["day"]].get(name, Decimal(0))) for name in named],
+                "other_usd": usd(Decimal(row["cost_usd"]) - sum(stacked[row["day"]].values(), Decimal(0))),
             }
             for row in by_day
         ],

@@ -8,9 +8,12 @@ from collections.abc import Mapping
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
+
+from app.db.migrate import BEHIND, is_schema_error
 
 log = logging.getLogger("gateway.errors")
 
@@ -104,11 +107,32 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return GatewayError(exc.status_code, message, headers=exc.headers).response()
 
 
-async def _validation_error(_: Request, exc: Exception) -> Response:
+# What pydantic says when the body as a whole is not a JSON object: not a sentence an operator can act on.
+_NOT_AN_OBJECT = frozenset({"model_attributes_type", "dict_type", "model_type", "missing"})
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+    where = tuple(first.get("loc", ()))
+    if where[:1] == ("body",) and (
+        first.get("type") == "json_invalid" or (len(where) == 1 and first.get("type") in _NOT_AN_OBJECT)
+    ):
+        return bad_request(_body_problem(request, first.get("type") == "json_invalid")).response()
+    loc = [str(part) for part in where if part not in ("body", "query", "path")]
     return bad_request(first.get("msg", "invalid request"), param=".".join(loc) or None).response()
+
+
+def _body_problem(request: Request, malformed: bool) -> str:
+    """Why the body is not the JSON object the route takes. FastAPI parses a body as JSON only when its
+    Content-Type says so, and `curl -d` sends application/x-www-form-urlencoded unless told otherwise."""
+    sent = request.headers.get("content-type")
+    if sent is None or "json" not in sent.lower():
+        got = f"got Content-Type: {sent[:100]}" if sent else "no Content-Type was sent"
+        return f"Send the body as a JSON object with Content-Type: application/json ({got})."
+    if malformed:
+        return "The body is not valid JSON; send a JSON object."
+    return "The body must be a JSON object."
 
 
 def error_response(exc: Exception) -> Response | None:
@@ -121,6 +145,9 @@ def error_response(exc: Exception) -> Response | None:
         return exc.response
     if isinstance(exc, ClientDisconnect):
         return None
+    if is_schema_error(exc):
+        # Not a bug to trace at every call: the operator has not migrated (the start-up log said so).
+        return GatewayError(503, f"The gateway's database {BEHIND}.", code="schema_behind").response()
     log.error("unhandled error", exc_info=exc)
     return GatewayError(500, "The gateway hit an internal error.").response()
 
@@ -136,4 +163,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ClientDisconnect, _unexpected)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    # Its own class, so that Starlette answers it without re-raising it to the server, which would log
+    # a traceback even for a database that is only not migrated yet (error_response tells those apart).
+    app.add_exception_handler(DBAPIError, _unexpected)
     app.add_exception_handler(Exception, _unexpected)

@@ -25,8 +25,9 @@ import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.db.models import api_keys
+from app.db.models import api_keys, usage_events
 from app.endpoint_classes import ALL, REPORTS
+from app.money import usd
 
 log = logging.getLogger("gateway.keys")
 
@@ -63,6 +64,8 @@ class ApiKey:
     revoked_at: datetime | None
     # It may read the usage reports (the `reports` scope, which no other scope implies).
     reports: bool = False
+    # When its latest recorded call arrived (usage_events); read for the admin views, not for auth.
+    last_used_at: datetime | None = None
 
     def usable(self, now: datetime) -> bool:
         return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
@@ -86,7 +89,13 @@ class ApiKey:
             "expires_at": self.expires_at.isoformat() if self.expires_at else None,
             "created_at": self.created_at.isoformat(),
             "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
+            "last_used_at": self.last_used_at.isoformat() if self.last_used_at else None,
         }
+
+    def state(self, now: datetime) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        return "expired" if self.expires_at is not None and self.expires_at <= now else "active"
 
 
 def _all_scopes(reports: bool) -> list[str]:
@@ -94,7 +103,7 @@ def _all_scopes(reports: bool) -> list[str]:
 
 
 def _money(value: Decimal | None) -> str | None:
-    return None if value is None else format(value.normalize(), "f")
+    return None if value is None else usd(value)
 
 
 def _row_to_key(row: Any) -> ApiKey:
@@ -117,7 +126,17 @@ def _row_to_key(row: Any) -> ApiKey:
         created_at=row.created_at,
         revoked_at=row.revoked_at,
         reports=row.scopes is not None and REPORTS in row.scopes,
+        last_used_at=row._mapping.get("last_used_at"),
     )
+
+
+# The latest usage row of each key: one backward step on the (api_key_id, created_at) index a key.
+_LAST_USED = (
+    select(func.max(usage_events.c.created_at))
+    .where(usage_events.c.api_key_id == api_keys.c.id)
+    .scalar_subquery()
+    .label("last_used_at")
+)
 
 
 class KeyLookupUnavailable(Exception):
@@ -193,12 +212,12 @@ class KeyStore:
 
     async def get(self, key_id: str) -> ApiKey | None:
         async with self._engine.connect() as conn:
-            row = (await conn.execute(select(api_keys).where(api_keys.c.id == key_id))).first()
+            row = (await conn.execute(select(api_keys, _LAST_USED).where(api_keys.c.id == key_id))).first()
         return _row_to_key(row) if row is not None else None
 
     async def list(self) -> list[ApiKey]:
         async with self._engine.connect() as conn:
-            rows = (await conn.execute(select(api_keys).order_by(api_keys.c.created_at))).all()
+            rows = (await conn.execute(select(api_keys, _LAST_USED).order_by(api_keys.c.created_at))).all()
         return [_row_to_key(row) for row in rows]
 
     async def update(self, key_id: str, changes: dict[str, Any]) -> ApiKey | None:

@@ -26,6 +26,7 @@ from app.client_watch import ClientWatch
 from app.config import ConfigError, Settings, load_settings
 from app.config_file import GatewayConfig, load_config_file
 from app.db.engine import create_engine
+from app.db.migrate import BEHIND, SchemaCheck, database_revisions, is_behind
 from app.errors import install_error_handlers
 from app.hot_routes import HotRoutes
 from app.keys import KeyStore
@@ -129,7 +130,34 @@ def _has_prompt_budgets(config: GatewayConfig) -> bool:
     return any(feature.max_prompt_tokens is not None for feature in config.features.values())
 
 
-async def _make_guard(settings: Settings, config: GatewayConfig, engine: AsyncEngine) -> Guard:
+def _schema_check() -> SchemaCheck | None:
+    try:
+        return SchemaCheck()
+    except RuntimeError as exc:  # an install without migrations/ cannot tell; it serves all the same
+        log.warning("the database schema is not checked: %s", exc)
+        return None
+
+
+async def _schema_behind(schema: SchemaCheck | None, engine: AsyncEngine) -> bool:
+    """Said once at start-up, for a database nobody migrated: until `llm-gateway migrate` runs, /readyz
+    fails, and usage is spooled."""
+    if schema is None:
+        return False
+    try:
+        database = await asyncio.wait_for(database_revisions(engine), 5.0)
+    except Exception:  # unreachable: /readyz says so, and the recorder spools until it is back
+        return False
+    behind = is_behind(database, schema.heads, schema.known)
+    if behind:
+        log.error(
+            "database %s; until then /readyz answers 503 and usage is kept in the spool",
+            BEHIND,
+            extra={"database_revision": sorted(database), "needs": sorted(schema.heads)},
+        )
+    return behind
+
+
+async def _make_guard(settings: Settings, config: GatewayConfig, engine: AsyncEngine, *, seed: bool) -> Guard:
     """Counters in Redis when several workers or replicas must share them, else in this process."""
     limiter: RateLimiter
     ledger: BudgetLedger
@@ -142,6 +170,8 @@ async def _make_guard(settings: Settings, config: GatewayConfig, engine: AsyncEn
     else:
         limiter, ledger = InProcessRateLimiter(), InProcessBudgetLedger()
     guard = Guard(limiter, ledger, reservation_ttl_s=settings.budget_reservation_ttl_s, shared_redis=client)
+    if not seed:
+        return guard
     try:
         await seed_spend(engine, ledger, guard.clock())
     except Exception as exc:  # start anyway: the database or Redis may come back; budgets count from now
@@ -189,7 +219,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await keys.start()
         app.state.keys = keys
         app.state.owners = OwnerStore(engine)
-        guard = await _make_guard(settings, config, engine)
+        schema = app.state.schema = _schema_check()
+        behind = await _schema_behind(schema, engine)
+        # Without the tables there is no spend to load, only one more failure to log.
+        guard = await _make_guard(settings, config, engine, seed=not behind)
         app.state.guard = guard
         app_metrics.watch_limits(guard.stats)
         app.state.prices = price_table(config)
@@ -207,6 +240,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 max_queue=settings.recorder_max_queue,
                 batch_size=settings.recorder_batch_size,
                 flush_interval_s=settings.recorder_flush_interval_s,
+                schema_behind_logged=behind,
             )
             await recorder.start()
             app_metrics.watch_recorder(recorder.stats)

@@ -25,6 +25,7 @@ from app.upstream import (
     is_sse,
     never_open,
     upstream_request_headers,
+    whereabouts,
 )
 
 log = logging.getLogger("gateway.relay")
@@ -52,15 +53,20 @@ def answer_headers(upstream: UpstreamClient, response: UpstreamResponse, call: C
     return {**upstream.relay_headers(response), ATTEMPTS_HEADER: str(call.attempts)}
 
 
-def upstream_error(upstream: UpstreamClient, response: UpstreamResponse, call: CallRecord) -> Response:
+def upstream_error(
+    upstream: UpstreamClient, target: UpstreamTarget, response: UpstreamResponse, call: CallRecord
+) -> Response:
     """The upstream's error, relayed: its status, body and rate-limit headers."""
     attempts = {ATTEMPTS_HEADER: str(call.attempts)}
     if response.status == 401:
         # The caller's key was accepted by the gateway; a 401 would blame it for the gateway's own key.
         call.error_type = "upstream_auth"
+        where = whereabouts(target)
+        unset = "" if where.key_set else " (it is not set)"
         raise GatewayError(
             502,
-            "The upstream rejected the gateway's own OPENAI_API_KEY; the gateway operator must fix it.",
+            f"The upstream at {where.host} rejected the gateway's own key: check {where.key_setting}{unset}. "
+            "The gateway operator must fix it.",
             code="upstream_auth_failed",
             headers={**attempts, "x-should-retry": "false"},
         )
@@ -112,7 +118,7 @@ async def send_checked(
     except UpstreamUnavailable as exc:
         raise unavailable(upstream, exc, call) from None
     if answer.status >= 400:
-        raise RelayedError(upstream_error(upstream, answer, call))
+        raise RelayedError(upstream_error(upstream, target, answer, call))
     return answer
 
 
@@ -198,7 +204,7 @@ async def forward(
                 return await _abandoned_answer(call, response)
             if response.status >= 400:
                 if last or not _falls_back(response):
-                    return upstream_error(upstream, response, call)
+                    return upstream_error(upstream, candidate.target, response, call)
                 log.warning("falling back", extra={"from_model": candidate.model, "reason": response.status})
                 continue
             call.routed_model = candidate.model

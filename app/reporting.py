@@ -19,6 +19,7 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db.models import usage_daily
+from app.money import usd
 
 GROUPS: dict[str, ColumnElement[Any]] = {
     "day": usage_daily.c.day,
@@ -39,6 +40,16 @@ class UsageQuery:
     limit: int | None = None
 
 
+DEFAULT_GROUP_BY = "day"
+
+
+def default_range(today: date | None = None) -> tuple[date, date]:
+    """The period a report covers when none is given, in the API and the CLI alike: this month so far
+    (from its 1st UTC day to tomorrow, exclusive)."""
+    today = today or datetime.now(UTC).date()
+    return today.replace(day=1), today + timedelta(days=1)
+
+
 def parse_since(value: str, today: date | None = None) -> date:
     """`7d`, `4w`, `3m` (30-day months) or an ISO date; `7d` means today and the six days before."""
     today = today or datetime.now(UTC).date()
@@ -50,7 +61,7 @@ def parse_since(value: str, today: date | None = None) -> date:
 
 
 def parse_group_by(value: str | None) -> tuple[str, ...]:
-    names = tuple(part.strip() for part in (value or "day").split(",") if part.strip())
+    names = tuple(part.strip() for part in (value or DEFAULT_GROUP_BY).split(",") if part.strip())
     unknown = [name for name in names if name not in GROUPS]
     if unknown or not names:
         raise ValueError(f"group_by takes any of {', '.join(GROUPS)}; got {value!r}")
@@ -89,7 +100,7 @@ def _row(row: dict[str, Any], group_by: tuple[str, ...]) -> dict[str, Any]:
             row[name] = None
     for name in SUMS[:-1]:
         row[name] = int(row[name])
-    row["cost_usd"] = Decimal(row["cost_usd"]).quantize(Decimal("1e-10"))
+    row["cost_usd"] = usd(Decimal(row["cost_usd"]))
     return row
 
 

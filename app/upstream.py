@@ -22,6 +22,7 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlsplit
 
 from pyreqwest.client import Client, ClientBuilder
 from pyreqwest.exceptions import PyreqwestError
@@ -30,6 +31,7 @@ from pyreqwest.response import Response
 
 from app.call import CallRecord
 from app.config import Settings
+from app.config_file import DEFAULT_UPSTREAM
 from app.policy import UpstreamTarget
 from app.retry_policy import RetryPolicy, UpstreamClosedEarly, is_retryable_status
 
@@ -87,6 +89,42 @@ class UpstreamUnavailable(Exception):
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(detail)
         self.kind = kind
+
+
+@dataclass(frozen=True, slots=True)
+class Whereabouts:
+    """What an operator reading an upstream failure needs: the host, and the settings that point there.
+    The host and port only: a base URL's path or user info may hold what callers should not see."""
+
+    host: str
+    url_setting: str
+    key_setting: str
+    key_set: bool
+
+
+def whereabouts(target: UpstreamTarget) -> Whereabouts:
+    parts = urlsplit(target.base_url)
+    host = parts.hostname or "the upstream"
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    if target.name == DEFAULT_UPSTREAM:
+        return Whereabouts(host, "OPENAI_BASE_URL", "OPENAI_API_KEY", target.api_key is not None)
+    config = f"upstream '{target.name}' in GATEWAY_CONFIG"
+    return Whereabouts(
+        host, f"the base_url of {config}", f"the api_key_env of {config}", target.api_key is not None
+    )
+
+
+def unreachable(target: UpstreamTarget, attempts: int, exc: BaseException) -> str:
+    """A call that got no answer, said so that whoever started the gateway can act on it."""
+    where = whereabouts(target)
+    message = (
+        f"upstream unreachable: no answer from {where.host} after {attempts} attempt(s) "
+        f"({type(exc).__name__}). Check {where.url_setting} and that the gateway's network reaches that host"
+    )
+    if not where.key_set:
+        message += f"; {where.key_setting} is not set either"
+    return message + "."
 
 
 class ResponseHead(Protocol):
@@ -357,9 +395,7 @@ class UpstreamClient:
                 "timeout", f"upstream timed out after {call.attempts} attempt(s)"
             ) from exc
         except (PyreqwestError, OSError) as exc:
-            raise UpstreamUnavailable(
-                "connect", f"upstream unreachable after {call.attempts} attempt(s): {type(exc).__name__}"
-            ) from exc
+            raise UpstreamUnavailable("connect", unreachable(target, call.attempts, exc)) from exc
         return result
 
     async def _exchange(

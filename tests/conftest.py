@@ -10,9 +10,33 @@ import openai
 import pytest
 
 from app.config import Settings
-from tests.db import create_database, drop_database
+from tests.db import ADMIN_URL, create_database, drop_database, masked, postgres_problem
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import MASTER_KEY, ThreadedGateway
+from tests.limits import REDIS_URL, redis_problem
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Before any test runs, one line naming what is missing, instead of an error for every test that
+    needs it."""
+    items = session.items
+    if any({"database_url", "scratch_db"} & set(getattr(item, "fixturenames", ())) for item in items):
+        problem = postgres_problem()
+        if problem:
+            pytest.exit(
+                f"The tests need Postgres at {masked(ADMIN_URL)} (TEST_DATABASE_URL), which {problem}. Start "
+                "one, e.g. `docker run -d -p 5432:5432 -e POSTGRES_HOST_AUTH_METHOD=trust postgres:16`, "
+                "or point TEST_DATABASE_URL at one.",
+                returncode=3,
+            )
+    if any(getattr(getattr(item, "module", None), "REDIS_URL", None) for item in items):
+        problem = redis_problem(REDIS_URL)
+        if problem:
+            pytest.exit(
+                f"The tests need Redis at {REDIS_URL} (TEST_REDIS_URL), which {problem}. Start one, e.g. "
+                "`docker run -d -p 6379:6379 redis:7`, or point TEST_REDIS_URL at one.",
+                returncode=3,
+            )
 
 
 @pytest.fixture(scope="session")

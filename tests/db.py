@@ -23,6 +23,24 @@ def plain_url(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+def masked(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def postgres_problem() -> str | None:
+    """Why the test server cannot be used, in a few words; None when it can."""
+
+    async def probe() -> None:
+        conn = await asyncpg.connect(plain_url(ADMIN_URL), timeout=5)
+        await conn.close()
+
+    try:
+        asyncio.run(probe())
+    except Exception as exc:  # whatever the reason, the suite cannot run; say which
+        return f"cannot be reached ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return None
+
+
 def admin(*statements: str) -> None:
     async def run() -> None:
         conn = await asyncpg.connect(plain_url(ADMIN_URL))
@@ -35,12 +53,17 @@ def admin(*statements: str) -> None:
     asyncio.run(run())
 
 
-def create_database(prefix: str) -> tuple[str, str]:
-    """A new, migrated database: (name, URL)."""
+def database_url_for(name: str) -> str:
+    return make_url(plain_url(ADMIN_URL)).set(database=name).render_as_string(hide_password=False)
+
+
+def create_database(prefix: str, *, migrated: bool = True) -> tuple[str, str]:
+    """A new database, migrated unless told otherwise: (name, URL)."""
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin(f'CREATE DATABASE "{name}"')
-    url = make_url(plain_url(ADMIN_URL)).set(database=name).render_as_string(hide_password=False)
-    upgrade(url, Path("unused-for-postgres"))
+    url = database_url_for(name)
+    if migrated:
+        upgrade(url, Path("unused-for-postgres"))
     return name, url
 
 

@@ -1,20 +1,29 @@
-"""`make demo`: the gateway in front of the fake OpenAI server, one chat and one stream through the SDK.
+"""`make demo`: the gateway in front of the fake OpenAI server, one chat and one stream through the SDK,
+then the rows the gateway recorded for them and the usage report.
 
 No OpenAI key needed; everything runs on 127.0.0.1 and stops when the demo ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import tempfile
+from decimal import Decimal
 from pathlib import Path
 
+import httpx
 import openai
+from sqlalchemy import select
 
 from app.config import Settings
+from app.db.engine import create_engine
 from app.db.migrate import upgrade
+from app.db.models import usage_events
+from app.money import usd
+from app.reporting import to_plain_table, to_table
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.harness import MASTER_KEY, ThreadedGateway
+from tests.harness import MASTER_KEY, ThreadedGateway, wait_until
 
 
 def main() -> None:
@@ -60,9 +69,70 @@ def main() -> None:
                 "        ",
                 {k: v for k, v in fake.requests[-1].headers.items() if k in ("authorization", "x-feature")},
             )
+            show_what_was_recorded(gateway, settings, expected=2)
         finally:
             gateway.stop()
+    print(NEXT_STEPS)
     sys.exit(0)
+
+
+ROW_COLUMNS = (
+    "endpoint",
+    "stream",
+    "feature",
+    "user_id",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+)
+
+
+def show_what_was_recorded(gateway: ThreadedGateway, settings: Settings, expected: int) -> None:
+    """The point of the gateway: every call became a row, attributed and priced, and the report sums them.
+    The rows are written in the background a moment after each call, so they are waited for."""
+
+    async def rows() -> list[dict[str, object]]:
+        engine = create_engine(settings.database_url, settings.data_dir)
+        try:
+            async with engine.connect() as conn:
+                found = await conn.execute(select(usage_events).order_by(usage_events.c.id))
+                return [dict(row) for row in found.mappings()]
+        finally:
+            await engine.dispose()
+
+    def all_written() -> list[dict[str, object]] | None:
+        found = asyncio.run(rows())
+        return found if len(found) >= expected else None
+
+    recorded: list[dict[str, object]] = wait_until(all_written, timeout=30, interval=0.1)
+    shown = [
+        {**{name: row[name] for name in ROW_COLUMNS}, "cost_usd": usd(Decimal(str(row["cost_usd"])))}
+        for row in recorded
+    ]
+    print("\nWhat the gateway recorded, a row of usage_events per call:\n")
+    print(to_plain_table(shown, ROW_COLUMNS))
+    report = httpx.get(
+        gateway.url + "/v1/usage",
+        params={"group_by": "feature,user"},
+        headers={"authorization": f"Bearer {MASTER_KEY}"},
+        timeout=10,
+    )
+    report.raise_for_status()
+    print(
+        "\nThe usage report (GET /v1/usage?group_by=feature,user; `llm-gateway usage --by feature,user`):\n"
+    )
+    print(to_table(report.json()["data"], ("feature", "user")))
+
+
+NEXT_STEPS = """
+Where to look next:
+  - Your own gateway: `make run` (needs OPENAI_API_KEY), then point the SDK at http://127.0.0.1:8080/v1
+    and send X-Feature / X-User-Id (README, "Pointing the SDKs at it").
+  - A key per calling service: `llm-gateway keys create NAME`, or POST /admin/keys (README, "Gateway keys").
+  - Reports: `llm-gateway usage`, GET /v1/usage, and the SQL in the README's "Dashboards".
+  - Limits and budgets per feature and user: GATEWAY_CONFIG (README, "Model policy, limits and budgets").
+"""
 
 
 if __name__ == "__main__":

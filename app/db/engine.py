@@ -6,9 +6,14 @@ from pathlib import Path
 
 from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 _ASYNC_DRIVERS = {"postgresql": "asyncpg", "sqlite": "aiosqlite"}
+
+
+class UnsupportedDatabase(ValueError):
+    """DATABASE_URL names a database the gateway does not speak."""
 
 
 def async_url(database_url: str | None, data_dir: Path) -> URL:
@@ -22,7 +27,7 @@ def async_url(database_url: str | None, data_dir: Path) -> URL:
     url = make_url(database_url)
     backend = url.get_backend_name()
     if backend not in _ASYNC_DRIVERS:
-        raise ValueError(f"unsupported database {backend!r}; use postgresql:// or sqlite://")
+        raise UnsupportedDatabase(f"unsupported database {backend!r}; use postgresql:// or sqlite://")
     return url.set(drivername=f"{backend}+{_ASYNC_DRIVERS[backend]}")
 
 
@@ -40,3 +45,21 @@ def create_engine(database_url: str | None, data_dir: Path) -> AsyncEngine:
 async def ping(engine: AsyncEngine) -> None:
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
+
+
+def display_url(database_url: str | None, data_dir: Path) -> str:
+    """DATABASE_URL as logs and banners may show it: the password masked."""
+    if not database_url:
+        return f"embedded SQLite in {data_dir}"
+    try:
+        return make_url(database_url).render_as_string(hide_password=True)
+    except ArgumentError:
+        # Not a URL SQLAlchemy can read, so its password cannot be found to mask: show none of it.
+        return "(an unreadable DATABASE_URL)"
+
+
+if __name__ == "__main__":
+    # `make run`'s banner.
+    import os
+
+    print(display_url(os.environ.get("DATABASE_URL"), Path(os.environ.get("GATEWAY_DATA_DIR", "./var"))))

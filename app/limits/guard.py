@@ -34,6 +34,7 @@ from app.errors import GatewayError
 from app.limits.budgets import Budget, BudgetLedger, OverBudget, Period, Reservation, period_key
 from app.limits.ratelimit import Denied, Limit, RateLimiter
 from app.metering.pricing import PriceTable
+from app.money import usd
 
 log = logging.getLogger("gateway.limits")
 
@@ -254,9 +255,7 @@ class Guard:
 
 
 def _money(value: Decimal) -> str:
-    """Cents at least, and every digit beyond them that the amount has: a $0.0001 cap must not read $0.00."""
-    cents = value.quantize(Decimal("0.01"))
-    return f"${cents if cents == value else value.normalize():f}"
+    return f"${usd(value)}"
 
 
 def _describe(scope: str) -> str:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.db.migrate import BEHIND, is_schema_error
 from app.db.usage_writer import is_rejected_data, write_batch
 from app.metering.events import Batch
 from app.metering.spool import Spool
@@ -58,6 +59,7 @@ class Recorder:
         retry_max_s: float = 30.0,
         concurrent_writes: int = 2,
         spool_after_s: float | None = None,
+        schema_behind_logged: bool = False,
     ) -> None:
         self._engine = engine
         self._spool = Spool(spool_dir)
@@ -101,6 +103,8 @@ class Recorder:
         self.events_rejected = 0
         self.events_lost = 0
         self._loss_logged_at = float("-inf")
+        # The start-up check may have said already that the schema is behind: not again here.
+        self._schema_logged = schema_behind_logged
 
     async def start(self) -> None:
         self._writer = asyncio.create_task(self._write_loop(), name="usage-recorder-writer")
@@ -276,17 +280,20 @@ class Recorder:
                 return
             except Exception as exc:
                 self.write_errors += 1
-                self._outage(_describe(exc))
+                self._outage(exc)
                 if spooled:
                     return
             finally:
                 write.cancel()
         await self._spool_for_replay(batch)
 
-    def _outage(self, why: str) -> None:
+    def _outage(self, why: str | Exception) -> None:
         if self._db_ok:
             self._db_ok = False
-            log.warning("usage write failed (%s); spooling until the database is back", why)
+            if isinstance(why, Exception):
+                self._log_failure("usage write failed (%s); spooling until the database is back", why)
+            else:
+                log.warning("usage write failed (%s); spooling until the database is back", why)
 
     async def _spool_for_replay(self, batch: Batch) -> None:
         await self._spool_batch(batch)
@@ -309,6 +316,8 @@ class Recorder:
             # Not `+= await write_batch(...)`, which reads the counter before the await and so loses
             # what the other task (writer or replay) added meanwhile.
             self.events_written += inserted
+            # Written: should the schema fall behind again, that is news again.
+            self._schema_logged = False
 
     async def _reject(self, batch: Batch, exc: Exception) -> None:
         log.error(
@@ -360,13 +369,22 @@ class Recorder:
                 self.write_errors += 1
                 # Jitter so that the workers of a restarted deployment do not retry in lockstep.
                 pause = delay * random.uniform(0.5, 1.0)
-                log.warning("usage spool replay failed (%s); retrying in %.1fs", _describe(exc), pause)
+                self._log_failure(f"usage spool replay failed (%s); retrying in {pause:.1f}s", exc)
                 self._replay_wanted.set()
                 await asyncio.sleep(pause)
                 delay = min(delay * 2, self._retry_max_s)
             else:
                 self._db_ok = True
                 delay = self._retry_initial_s
+
+    def _log_failure(self, message: str, exc: Exception) -> None:
+        """A write that failed for want of a table or column fails the same way on every retry until
+        someone migrates: that is said once, not at every retry."""
+        if not is_schema_error(exc):
+            log.warning(message, _describe(exc))
+        elif not self._schema_logged:
+            self._schema_logged = True
+            log.error("usage not written: database %s; usage is kept in the spool until then", BEHIND)
 
     async def _replay_all(self) -> None:
         await self._replay_sealed()

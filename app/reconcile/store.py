@@ -16,6 +16,7 @@ from sqlalchemy import delete, func, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db.models import provider_usage_daily, provider_usage_days
+from app.money import usd
 from app.reconcile.provider import ProviderRow
 from app.reporting import to_plain_table
 
@@ -135,7 +136,7 @@ def to_table(rows: list[dict[str, Any]]) -> str:
 def _shown(row: dict[str, Any]) -> dict[str, Any]:
     shown = dict(row)
     for name in MONEY:
-        shown[name] = row[name].quantize(_SHOWN)
+        shown[name] = usd(row[name].quantize(_SHOWN))
     ratio = row["cost_relative_difference"]
     shown["cost_relative_difference"] = None if ratio is None else f"{float(ratio):+.2%}"
     return shown

@@ -22,6 +22,7 @@ from app.keys import ApiKey, KeyStore
 from app.limits.budgets import resets_at
 from app.limits.guard import Guard
 from app.limits.redis_guard import RedisUnavailable
+from app.money import usd
 
 router = APIRouter(prefix="/admin")
 
@@ -163,10 +164,10 @@ async def budgets(request: Request, _: MasterDep) -> Response:
                 {
                     "scope": scope,
                     "period": period,
-                    "cap_usd": str(cap),
-                    "spent_usd": str(spent.normalize()),
-                    "reserved_usd": str(reserved.normalize()),
-                    "remaining_usd": str(max(cap - spent - reserved, Decimal(0)).normalize()),
+                    "cap_usd": usd(cap),
+                    "spent_usd": usd(spent),
+                    "reserved_usd": usd(reserved),
+                    "remaining_usd": usd(max(cap - spent - reserved, Decimal(0))),
                     "resets_at": resets_at(period, now).isoformat().replace("+00:00", "Z"),
                 }
             )

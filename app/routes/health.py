@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from app.db.engine import ping
+from app.db.migrate import BEHIND, SchemaCheck
 from app.deps import SettingsDep
 
 router = APIRouter()
@@ -24,11 +25,19 @@ async def healthz() -> Response:
 @router.get("/readyz")
 async def readyz(request: Request, settings: SettingsDep) -> Response:
     checks: dict[str, str] = {}
+    engine = request.app.state.engine
     try:
-        await asyncio.wait_for(ping(request.app.state.engine), _READY_TIMEOUT_S)
+        await asyncio.wait_for(ping(engine), _READY_TIMEOUT_S)
         checks["database"] = "ok"
     except Exception as exc:  # any failure to reach the database means not ready, whatever its kind
         checks["database"] = f"unreachable: {type(exc).__name__}"
+    schema: SchemaCheck | None = request.app.state.schema
+    if checks["database"] == "ok" and schema is not None:
+        try:
+            behind = await asyncio.wait_for(schema.behind(engine), _READY_TIMEOUT_S)
+            checks["schema"] = BEHIND if behind else "ok"
+        except Exception as exc:  # as above: not ready
+            checks["schema"] = f"unknown: {type(exc).__name__}"
     checks["upstream"] = "ok" if settings.upstream_configured else "OPENAI_API_KEY is not set"
     ready = all(value == "ok" for value in checks.values())
     return Response(

@@ -4,7 +4,7 @@ the cost dashboard's data. Both for the master key or a key with the `reports` s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date
 from typing import Annotated, Literal
 
 import orjson
@@ -15,7 +15,7 @@ from starlette.responses import Response
 from app.dashboard import MAX_RANGE_DAYS, usage_summary
 from app.deps import ReportsDep
 from app.errors import GatewayError, bad_request
-from app.reporting import UsageQuery, parse_group_by, to_csv, usage_report
+from app.reporting import UsageQuery, default_range, parse_group_by, to_csv, usage_report
 
 router = APIRouter()
 
@@ -53,9 +53,9 @@ def report_range(
     user: Filter = None,
     model: Filter = None,
 ) -> ReportRange:
-    today = datetime.now(UTC).date()
-    query_start = _day(start, "start", today.replace(day=1))
-    query_end = _day(end, "end", today + timedelta(days=1))
+    first, tomorrow = default_range()
+    query_start = _day(start, "start", first)
+    query_end = _day(end, "end", tomorrow)
     if query_end <= query_start:
         raise bad_request("'end' must be after 'start'.", param="end")
     filters = {
@@ -91,7 +91,7 @@ async def usage(
         "start": span.start.isoformat(),
         "end": span.end.isoformat(),
         "group_by": list(groups),
-        "data": [{**row, "cost_usd": float(row["cost_usd"])} for row in rows],
+        "data": rows,
     }
     return Response(orjson.dumps(body), media_type="application/json")
 

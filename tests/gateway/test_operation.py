@@ -30,7 +30,7 @@ def test_healthz(gateway: ThreadedGateway) -> None:
 def test_readyz_when_ready(gateway: ThreadedGateway) -> None:
     response = httpx.get(gateway.url + "/readyz")
     assert response.status_code == 200
-    assert response.json()["checks"] == {"database": "ok", "upstream": "ok"}
+    assert response.json()["checks"] == {"database": "ok", "schema": "ok", "upstream": "ok"}
 
 
 def test_readyz_reports_an_unreachable_database(start_gateway: Callable[..., ThreadedGateway]) -> None:
@@ -95,6 +95,17 @@ def test_make_demo_runs_end_to_end() -> None:
     assert result.returncode == 0, result.stderr
     assert "chat:    Hello! I answered through the gateway." in result.stdout
     assert "stream: |Streams| arrive|" in result.stdout
+    # Then what the gateway made of the two calls: their rows, attributed and priced, and the report.
+    recorded = result.stdout.split("What the gateway recorded")[1].split("The usage report")[0]
+    rows = [line.split() for line in recorded.splitlines() if line.startswith("/v1/chat/completions")]
+    assert [row[1:5] for row in rows] == [
+        ["False", "demo", "newcomer", "gpt-4o-mini"],
+        ["True", "demo", "newcomer", "gpt-4o-mini"],
+    ]
+    assert all(int(row[5]) > 0 and int(row[6]) > 0 and row[7].startswith("0.0000") for row in rows)
+    report = result.stdout.split("The usage report")[1].split("Where to look next")[0]
+    assert [line for line in report.splitlines() if line.strip()][-1].split()[:3] == ["demo", "newcomer", "2"]
+    assert "llm-gateway keys create" in result.stdout.split("Where to look next")[1]
     assert '"level":"warning"' not in result.stderr and '"level":"error"' not in result.stderr
 
 

@@ -142,3 +142,20 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 5.
     while not await check():
         assert time.monotonic() < deadline, "condition not reached before the deadline"
         await asyncio.sleep(0.01)
+
+
+def redis_problem(url: str) -> str | None:
+    """Why the test Redis cannot be used, in a few words; None when it can."""
+
+    async def probe() -> None:
+        client = Redis.from_url(url, socket_connect_timeout=5)
+        try:
+            await client.ping()
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(probe())
+    except (RedisError, OSError) as exc:
+        return f"cannot be reached ({type(exc).__name__})"
+    return None
