@@ -40,6 +40,7 @@ class DatabaseSettings(BaseSettings):
     readonly_role_password: SecretStr | None = Field(
         default=None, validation_alias="GATEWAY_READONLY_ROLE_PASSWORD"
     )
+
     @field_validator("database_url")
     @classmethod
     def _readable(cls, value: str | None) -> str | None:
@@ -137,6 +138,7 @@ class Settings(DatabaseSettings):
         if len(ids) > 100 or any(not _OPENAI_ID.fullmatch(part) for part in ids):
             raise ValueError("must be up to 100 comma-separated ids of A-Za-z0-9_- (1-128 characters)")
         return ",".join(ids)
+
     # Budgets: how long a call's reservation holds its worst-case cost when nothing settles it (its
     # process died). Past the request timeout, with room for retries and fallbacks; a longer call is
     # still charged when it ends, its hold just lapses before.
