@@ -93,6 +93,13 @@ class Settings(DatabaseSettings):
     shutdown_timeout_s: float = Field(default=30.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # Scale-out: replicas sharing one Redis share its counters under this key prefix; deployments (or
+    # test runs) sharing one Redis keep theirs apart with prefixes of their own.
+    redis_key_prefix: str = Field(default="gw:", min_length=1, max_length=64)
+    # Scale-out: whole months of usage_events older than this many days are dropped (usage_daily keeps
+    # their sums); None keeps every event.
+    usage_retention_days: int | None = Field(default=None, ge=1)
+
     @field_validator("openai_base_url")
     @classmethod
     def _base_url(cls, value: str) -> str:

@@ -110,8 +110,9 @@ async def _make_guard(settings: Settings, config: GatewayConfig, engine: AsyncEn
     if settings.redis_url:
         client = redis_client(settings.redis_url, timeout_s=config.limits.redis_timeout_s)
         fail_open, timeout_s = config.limits.fail_open, config.limits.redis_timeout_s
-        limiter = RedisRateLimiter(client, fail_open=fail_open, timeout_s=timeout_s)
-        ledger = RedisBudgetLedger(client, fail_open=fail_open, timeout_s=timeout_s)
+        prefix = settings.redis_key_prefix
+        limiter = RedisRateLimiter(client, fail_open=fail_open, timeout_s=timeout_s, prefix=prefix)
+        ledger = RedisBudgetLedger(client, fail_open=fail_open, timeout_s=timeout_s, prefix=prefix)
     else:
         limiter, ledger = InProcessRateLimiter(), InProcessBudgetLedger()
     guard = Guard(limiter, ledger)
