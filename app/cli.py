@@ -16,6 +16,7 @@ from app.config import ConfigError, Settings, load_database_settings, load_setti
 from app.config_file import load_config_file
 from app.db.engine import create_engine
 from app.db.migrate import upgrade
+from app.db.partitions import prune
 from app.endpoint_classes import DEFAULT_SCOPES
 from app.keys import ApiKey, KeyStore
 from app.logs import configure_logging
@@ -99,6 +100,28 @@ def _usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune(args: argparse.Namespace) -> int:
+    settings = load_database_settings()
+    try:
+        before = date.fromisoformat(args.before)
+    except ValueError:
+        print(f"llm-gateway usage prune: --before {args.before!r} is not YYYY-MM-DD", file=sys.stderr)
+        return 2
+
+    async def run() -> list[str]:
+        engine = create_engine(settings.database_url, settings.data_dir)
+        try:
+            async with engine.begin() as conn:
+                return await conn.run_sync(prune, before)
+        finally:
+            await engine.dispose()
+
+    dropped = asyncio.run(run())
+    first_kept = before.replace(day=1).isoformat()
+    print(f"dropped usage events before {first_kept}: {', '.join(dropped) or 'none'} (usage_daily kept)")
+    return 0
+
+
 def _keys(args: argparse.Namespace) -> int:
     settings = load_database_settings()
 
@@ -175,6 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     usage.add_argument("--model", help="only this model")
     usage.add_argument("--format", choices=["table", "csv", "json"], default="table")
     usage.set_defaults(handler=_usage)
+    usage_commands = usage.add_subparsers(dest="usage_command")
+    prune_parser = usage_commands.add_parser(
+        "prune", help="drop the usage events of whole months ending on or before a date (usage_daily kept)"
+    )
+    prune_parser.add_argument("--before", required=True, help="YYYY-MM-DD")
+    prune_parser.set_defaults(handler=_prune)
     keys = commands.add_parser("keys", help="create, list and revoke gateway keys")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_commands.add_parser("create", help="create a key; its secret is printed once")

@@ -24,6 +24,7 @@ from app.client_watch import ClientWatch
 from app.config import ConfigError, Settings, load_settings
 from app.config_file import GatewayConfig, load_config_file
 from app.db.engine import create_engine
+from app.db.partitions import PartitionKeeper
 from app.errors import install_error_handlers
 from app.hot_routes import HotRoutes
 from app.keys import KeyStore
@@ -161,6 +162,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await keys.start()
         app.state.keys = keys
         app.state.owners = OwnerStore(engine)
+        partitions = PartitionKeeper(engine, settings.usage_retention_days)
+        partitions.start()
         guard = await _make_guard(settings, config, engine)
         app.state.guard = guard
         app_metrics.watch_limits(guard.stats)
@@ -202,6 +205,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if recorder is not None:
                 await recorder.close(timeout_s=settings.shutdown_timeout_s)
             await guard.close()
+            await partitions.close()
             await keys.close()
             await upstream.close()
             await engine.dispose()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from datetime import UTC, datetime
 from logging.config import fileConfig
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from sqlalchemy.engine import Connection
 
 from app.db.engine import async_url, create_engine
 from app.db.models import metadata
+from app.db.partitions import alembic_include_object, ensure_partitions
 
 # Any constant shared by all gateway processes; "llmg" in ASCII.
 _MIGRATION_LOCK_KEY = 0x6C6C6D67
@@ -44,6 +46,7 @@ def do_run_migrations(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=metadata,
+        include_object=alembic_include_object,
         # SQLite cannot ALTER most things in place; batch mode recreates the table instead.
         render_as_batch=connection.dialect.name == "sqlite",
     )
@@ -53,6 +56,8 @@ def do_run_migrations(connection: Connection) -> None:
             # find them applied. Held until this transaction ends.
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
         context.run_migrations()
+        # Every `llm-gateway migrate` makes the coming months' partitions of usage_events (if it has any).
+        ensure_partitions(connection, datetime.now(UTC).date())
 
 
 async def run_async_migrations() -> None:
