@@ -265,6 +265,31 @@ def test_a_key_revoked_through_one_replica_is_refused_by_the_others_at_once(clus
     assert set(answered_by(cluster, ids).values()) == set(cluster.addresses)
 
 
+def test_a_background_response_seen_finished_by_every_replica_has_one_row(cluster: Cluster) -> None:
+    cluster.fake.reset()
+    cluster.fake.reply("done in the background", usage={"input_tokens": 50, "output_tokens": 20})
+    with cluster.sdk() as sdk:
+        created = sdk.responses.create(model="gpt-4o-mini", input="long job", background=True)
+    direct = [sdk_client(replica.url + "/v1") for replica in cluster.replicas]
+    try:
+        wait_until(lambda: direct[0].responses.retrieve(created.id).status == "completed", timeout=10)
+        # Each replica meters the response the first time it sees it finished, under its id and its own
+        # created_at: three events, one row.
+        for sdk in direct:
+            assert sdk.responses.retrieve(created.id).status == "completed"
+        markers = new_ids("after-background", len(direct))
+        for sdk, request_id in zip(direct, markers, strict=True):
+            chat(sdk, request_id, stream=False)
+    finally:
+        for sdk in direct:
+            sdk.close()
+    # Each replica's later call is written, so its earlier event is too.
+    one_row_each(cluster, markers)
+    rows = usage_rows(cluster.database_url, created.id)
+    assert len(rows) == 1
+    assert (rows[0]["prompt_tokens"], rows[0]["completion_tokens"]) == (50, 20)
+
+
 def test_a_replica_stopped_mid_traffic_drains_its_streams_while_nginx_sends_new_calls_elsewhere(
     cluster: Cluster,
 ) -> None:
