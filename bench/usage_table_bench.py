@@ -2,8 +2,9 @@
 SQL with generate_series, not through the gateway), then measured:
 
 - the recorder's insert rate (write_batch: COPY into the staging table, INSERT ... ON CONFLICT and the
-  usage_daily upsert, batches of 2,000) into the current month's partition, and the WAL it writes per
-  event (pg_current_wal_lsn before and after);
+  usage_daily upsert, batches of 2,000) into the current month's partition, beside the same into the
+  empty table at the start of the run, and the WAL it writes per event (pg_current_wal_lsn before and
+  after);
 - the README's dashboard queries (usage_daily, and today's events per feature), median and slowest of 5;
 - size on disk per million events: heap, indexes, and usage_daily.
 
@@ -205,6 +206,9 @@ async def main() -> None:
                 for month in _months_back(now.date(), MONTHS):
                     await sa_conn.run_sync(ensure_partitions, month, 0)
             await engine.dispose()
+            # The same writes into the empty table first, for a reference taken under the same load.
+            empty_rate, _, _ = await insert_rate(url, args.batches, 2000)
+            await conn.execute("TRUNCATE usage_events, usage_daily")
             print(f"database {name}: generating {args.rows:,} events over {MONTHS} months", flush=True)
             t0 = time.perf_counter()
             await fill(conn, args.rows, now)
@@ -233,7 +237,8 @@ async def main() -> None:
             f" usage_daily {size['daily'] / 2**20:.0f} MiB"
         )
         print(
-            f"recorder insert rate: {rate:,.0f} events/s ({args.batches} batches of 2,000, with the rollup)"
+            f"recorder insert rate: {rate:,.0f} events/s ({args.batches} batches of 2,000, rollup included);"
+            f" into the empty table, same run: {empty_rate:,.0f} events/s"
         )
         print(
             f"WAL per event written: {wal_first:,.0f} bytes just after a CHECKPOINT (full-page images),"
