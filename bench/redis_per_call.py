@@ -1,7 +1,8 @@
-"""What Redis does for each gateway call when limits and budgets live there: commands, Redis CPU time
-(INFO commandstats) and keys, on a private redis-server, for calls through the gateway (in this process,
-in front of the tests' fake upstream, embedded SQLite) by a key with an RPM, a TPM and a daily budget and a
-feature with a daily budget: every kind of check at once, the most a call can cost Redis.
+"""What Redis does for each gateway call when limits and budgets live there: commands, Redis CPU time (INFO
+commandstats, and the redis-server process's own CPU time) and keys, on a private redis-server, for calls
+through the gateway (in this process, in front of the tests' fake upstream, embedded SQLite) by a key
+with an RPM, a TPM and a daily budget and a feature with a daily budget: every kind of check at once,
+the most a call can cost Redis.
 
     .venv/bin/python bench/redis_per_call.py [--calls 2000]
 """
@@ -9,6 +10,7 @@ feature with a daily budget: every kind of check at once, the most a call can co
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -79,10 +81,12 @@ def main() -> None:
                     http.post("/chat/completions", json=body).raise_for_status()  # scripts loaded
                     time.sleep(0.5)  # the settle of that call, off the request path
                     before = commandstats(client)
+                    cpu_before = process_cpu_s(server.pid)
                     for _ in range(args.calls):
                         http.post("/chat/completions", json=body).raise_for_status()
                     wait_until(lambda: _settled(client, before, args.calls), timeout=30)
                     after = commandstats(client)
+                    cpu = process_cpu_s(server.pid) - cpu_before
                 keys = client.dbsize()
                 memory = client.info("memory")["used_memory_dataset"]
             finally:
@@ -105,7 +109,16 @@ def main() -> None:
         where = "sent by the gateway" if sent else "inside the scripts"
         print(f"  {name}: {calls / args.calls:.2f} a call ({where}), {usec / calls:.1f} us each in Redis")
     print(f"per call: {trips / args.calls:.2f} round trips, {usec_total / args.calls:.1f} us of Redis CPU")
+    print(
+        f"redis-server process CPU (all of it: sockets, parsing, scripts): {cpu / args.calls * 1e6:.0f} us a call"
+    )
     print(f"keys held: {keys} ({memory / 1024:.0f} KiB of data) for one key, one feature, one user")
+
+
+def process_cpu_s(pid: int) -> float:
+    """User and system CPU seconds of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pings(client: redis.Redis) -> bool:
