@@ -109,9 +109,8 @@ def main() -> None:
         where = "sent by the gateway" if sent else "inside the scripts"
         print(f"  {name}: {calls / args.calls:.2f} a call ({where}), {usec / calls:.1f} us each in Redis")
     print(f"per call: {trips / args.calls:.2f} round trips, {usec_total / args.calls:.1f} us of Redis CPU")
-    print(
-        f"redis-server process CPU (all of it: sockets, parsing, scripts): {cpu / args.calls * 1e6:.0f} us a call"
-    )
+    per_call = cpu / args.calls * 1e6
+    print(f"redis-server process CPU (all of it: sockets, parsing, scripts): {per_call:.0f} us a call")
     print(f"keys held: {keys} ({memory / 1024:.0f} KiB of data) for one key, one feature, one user")
 
 
