@@ -103,6 +103,9 @@ def add_partition(conn: Connection, month: date) -> str:
     name = partition_name(month)
     end = next_month(month)
     conn.execute(text(f"CREATE TABLE {name} (LIKE {TABLE} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"))
+    # ATTACH takes this lock anyway; taken first, no event for the month can reach the default partition
+    # between the move and the attach (only inserts routed to the default partition wait).
+    conn.execute(text(f"LOCK TABLE {DEFAULT_PARTITION} IN ACCESS EXCLUSIVE MODE"))
     conn.execute(
         text(
             f"WITH moved AS (DELETE FROM {DEFAULT_PARTITION}"
