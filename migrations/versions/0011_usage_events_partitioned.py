@@ -6,7 +6,8 @@ Create Date: 2026-12-04
 
 The table is rebuilt from its own definition as it stands (every column earlier migrations gave it, with
 its type, default, NOT NULL and identity), its rows copied month by month into the partitions, and its
-indexes made again on the partitioned table, which makes them on every partition. A unique key of a
+indexes made again on the partitioned table, which makes them on every partition; views reading the
+table are made again from their definitions (their grants and comments are not). A unique key of a
 partitioned table must hold the partition key: the primary key becomes (id, created_at) and the
 recorder's idempotence key (request_id, created_at); an event keeps its created_at when it is replayed,
 so a replay still conflicts with the row it wrote. Runs under an exclusive lock on the table: the
@@ -50,6 +51,39 @@ def _secondary_indexes(table: str) -> list[str]:
     return [row[0].replace(" ON ONLY ", " ON ", 1) for row in rows]
 
 
+def _dependent_views() -> list[tuple[str, str, str]]:
+    """(name, relkind, definition) of every view reading usage_events, directly or through another view,
+    those it reads first. Taken before the table is renamed, so the definitions name usage_events."""
+    rows = op.get_bind().execute(
+        sa.text(
+            """
+            WITH RECURSIVE deps(oid, depth) AS (
+                SELECT r.ev_class, 1 FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid
+                WHERE d.refobjid = 'usage_events'::regclass AND r.ev_class <> 'usage_events'::regclass
+                UNION
+                SELECT r.ev_class, deps.depth + 1 FROM deps
+                JOIN pg_depend d ON d.refobjid = deps.oid JOIN pg_rewrite r ON r.oid = d.objid
+                WHERE r.ev_class <> deps.oid AND deps.depth < 20
+            )
+            SELECT c.oid::regclass::text AS name, c.relkind::text AS kind, pg_get_viewdef(c.oid) AS definition
+            FROM deps JOIN pg_class c ON c.oid = deps.oid
+            GROUP BY c.oid, c.relkind ORDER BY max(deps.depth), 1
+            """
+        )
+    )
+    return [(row.name, row.kind, row.definition) for row in rows]
+
+
+def _drop_views(views: list[tuple[str, str, str]]) -> None:
+    for name, kind, _ in reversed(views):
+        op.execute(f"DROP {'MATERIALIZED VIEW' if kind == 'm' else 'VIEW'} {name}")
+
+
+def _create_views(views: list[tuple[str, str, str]]) -> None:
+    for name, kind, definition in views:
+        op.execute(f"CREATE {'MATERIALIZED VIEW' if kind == 'm' else 'VIEW'} {name} AS {definition}")
+
+
 def _rename_sequence() -> None:
     # The identity's sequence of a table made by LIKE gets a suffixed name while the old one exists.
     op.execute(
@@ -76,6 +110,9 @@ def upgrade() -> None:
         return
     op.execute("LOCK TABLE usage_events IN ACCESS EXCLUSIVE MODE")
     indexes = _secondary_indexes("usage_events")
+    views = _dependent_views()
+    # Views follow a renamed table: they are made again on the new one.
+    _drop_views(views)
     op.execute(f"ALTER TABLE usage_events RENAME TO {_OLD}")
     op.execute(
         f"CREATE TABLE usage_events (LIKE {_OLD} INCLUDING DEFAULTS INCLUDING IDENTITY INCLUDING GENERATED"
@@ -104,6 +141,7 @@ def upgrade() -> None:
     op.execute(f"ALTER TABLE usage_events ADD CONSTRAINT {_UNIQUE} UNIQUE (request_id, created_at)")
     for statement in indexes:
         op.execute(statement)
+    _create_views(views)
 
 
 def downgrade() -> None:
@@ -115,6 +153,8 @@ def downgrade() -> None:
         return
     op.execute("LOCK TABLE usage_events IN ACCESS EXCLUSIVE MODE")
     indexes = _secondary_indexes("usage_events")
+    views = _dependent_views()
+    _drop_views(views)
     op.execute(f"ALTER TABLE usage_events RENAME TO {_OLD}")
     op.execute(
         f"CREATE TABLE usage_events (LIKE {_OLD} INCLUDING DEFAULTS INCLUDING IDENTITY INCLUDING GENERATED"
@@ -128,3 +168,4 @@ def downgrade() -> None:
     op.execute(f"ALTER TABLE usage_events ADD CONSTRAINT {_OLD_UNIQUE} UNIQUE (request_id)")
     for statement in indexes:
         op.execute(statement)
+    _create_views(views)

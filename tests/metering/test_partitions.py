@@ -36,6 +36,8 @@ ROWS = 3000
 # A checksum of every row, every column as it prints: the same before and after, or a row was changed.
 CHECKSUM = "SELECT count(*) AS n, md5(string_agg(t::text, ',' ORDER BY id)) AS sum FROM usage_events t"
 KIND = "SELECT relkind::text AS kind FROM pg_class WHERE relname = 'usage_events'"
+KIND = "SELECT relkind::text AS kind FROM pg_class WHERE relname = 'usage_events'"
+BY_MONTH = "SELECT md5(string_agg(v::text, ',' ORDER BY month)) AS sum FROM events_by_month v"
 DAILY = "SELECT count(*) AS n, sum(requests) AS requests, sum(cost_usd) AS cost FROM usage_daily"
 
 
@@ -98,15 +100,25 @@ async def test_the_migration_partitions_a_table_with_rows_over_several_months_an
                     f" FROM generate_series(0, {ROWS - 1}) g"
                 )
             )
+        # Views on the table (a later migration's, or an operator's), one reading another, survive.
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "CREATE VIEW events_by_month AS SELECT date_trunc('month', created_at) AS month,"
+                    " count(*) AS n, sum(cost_usd) AS cost FROM usage_events GROUP BY 1"
+                )
+            )
+            await conn.execute(text("CREATE VIEW busiest_month AS SELECT max(n) AS n FROM events_by_month"))
         before = await _one(engine, CHECKSUM)
         assert before["n"] == ROWS
+        by_month = await _one(engine, BY_MONTH)
 
         await asyncio.to_thread(command.upgrade, config, "head")
 
         assert await _one(engine, CHECKSUM) == before
-        assert await _one(
-            engine, "SELECT relkind::text AS kind FROM pg_class WHERE relname = 'usage_events'"
-        ) == {"kind": "p"}
+        assert await _one(engine, KIND) == {"kind": "p"}
+        assert await _one(engine, BY_MONTH) == by_month
+        assert (await _one(engine, "SELECT n FROM busiest_month"))["n"] > 0
         made = await _partitions(engine)
         today = datetime.now(UTC).date().replace(day=1)
         ahead = [today]
@@ -153,9 +165,8 @@ async def test_the_migration_partitions_a_table_with_rows_over_several_months_an
         after = await _one(engine, CHECKSUM)
         await asyncio.to_thread(command.downgrade, config, _before_partitioning())
         assert await _one(engine, CHECKSUM) == after
-        assert await _one(
-            engine, "SELECT relkind::text AS kind FROM pg_class WHERE relname = 'usage_events'"
-        ) == {"kind": "r"}
+        assert await _one(engine, KIND) == {"kind": "r"}
+        assert (await _one(engine, "SELECT n FROM busiest_month"))["n"] > 0
     finally:
         await engine.dispose()
 
