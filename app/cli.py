@@ -107,6 +107,10 @@ def _prune(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"llm-gateway usage prune: --before {args.before!r} is not YYYY-MM-DD", file=sys.stderr)
         return 2
+    if before > datetime.now(UTC).date():
+        # The months being written now are never dropped by hand.
+        print(f"llm-gateway usage prune: --before {before} is in the future", file=sys.stderr)
+        return 2
 
     async def run() -> list[str]:
         engine = create_engine(settings.database_url, settings.data_dir)

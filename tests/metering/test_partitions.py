@@ -213,12 +213,12 @@ async def test_prune_drops_whole_months_and_usage_daily_keeps_their_sums(
     engine = create_engine(bare_db, tmp_path)
     try:
         async with engine.begin() as conn:
-            await conn.run_sync(ensure_partitions, date(2031, 11, 1))
+            await conn.run_sync(ensure_partitions, date(2024, 11, 1))
         events = [
-            make_event(created_at=datetime(2031, 11, 30, 23, 59, tzinfo=UTC)),
-            make_event(created_at=datetime(2031, 12, 15, tzinfo=UTC)),
-            make_event(created_at=datetime(2032, 1, 1, tzinfo=UTC)),
-            make_event(created_at=datetime(2032, 1, 20, tzinfo=UTC)),
+            make_event(created_at=datetime(2024, 11, 30, 23, 59, tzinfo=UTC)),
+            make_event(created_at=datetime(2024, 12, 15, tzinfo=UTC)),
+            make_event(created_at=datetime(2025, 1, 1, tzinfo=UTC)),
+            make_event(created_at=datetime(2025, 1, 20, tzinfo=UTC)),
         ]
         assert await write_batch(engine, Batch.of(events)) == 4
         daily = await _one(engine, DAILY)
@@ -226,14 +226,17 @@ async def test_prune_drops_whole_months_and_usage_daily_keeps_their_sums(
         refused = _cli("usage", "prune", "--before", "next month", database_url=bare_db)
         assert refused.returncode == 2
         assert "is not YYYY-MM-DD" in refused.stderr
+        refused = _cli("usage", "prune", "--before", "2999-01-01", database_url=bare_db)
+        assert refused.returncode == 2
+        assert "is in the future" in refused.stderr
 
         # Mid-January: December ends before it, January does not.
-        done = _cli("usage", "prune", "--before", "2032-01-15", database_url=bare_db)
+        done = _cli("usage", "prune", "--before", "2025-01-15", database_url=bare_db)
         assert done.returncode == 0, done.stderr
-        assert "usage_events_p203111" in done.stdout and "usage_events_p203112" in done.stdout
+        assert "usage_events_p202411" in done.stdout and "usage_events_p202412" in done.stdout
         left = await _partitions(engine)
-        assert "usage_events_p203111" not in left and "usage_events_p203112" not in left
-        assert {"usage_events_p203201", "usage_events_p203202", "usage_events_default"} <= set(left)
+        assert "usage_events_p202411" not in left and "usage_events_p202412" not in left
+        assert {"usage_events_p202501", "usage_events_p202502", "usage_events_default"} <= set(left)
         async with engine.connect() as conn:
             kept = set((await conn.execute(text("SELECT request_id FROM usage_events"))).scalars())
         assert kept == {events[2].request_id, events[3].request_id}
