@@ -100,13 +100,22 @@ def _restart_identity() -> None:
     )
 
 
+def _sqlite_unique(old: str, new: str, columns: list[str]) -> None:
+    """SQLite changes a constraint by copying the table under a new name and renaming it back. Its
+    legacy rename leaves views alone: they name usage_events, which exists again once the copy is renamed
+    (the modern one checks every view while the table is away, and fails on any that reads it)."""
+    op.execute("PRAGMA legacy_alter_table = ON")
+    with op.batch_alter_table("usage_events") as batch:
+        batch.drop_constraint(old, type_="unique")
+        batch.create_unique_constraint(new, columns)
+    op.execute("PRAGMA legacy_alter_table = OFF")
+
+
 def upgrade() -> None:
     bind = op.get_bind()
     if bind.dialect.name != "postgresql":
         # No partitions in the embedded database; the same idempotence key as Postgres.
-        with op.batch_alter_table("usage_events") as batch:
-            batch.drop_constraint(_OLD_UNIQUE, type_="unique")
-            batch.create_unique_constraint(_UNIQUE, ["request_id", "created_at"])
+        _sqlite_unique(_OLD_UNIQUE, _UNIQUE, ["request_id", "created_at"])
         return
     op.execute("LOCK TABLE usage_events IN ACCESS EXCLUSIVE MODE")
     indexes = _secondary_indexes("usage_events")
@@ -147,9 +156,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     bind = op.get_bind()
     if bind.dialect.name != "postgresql":
-        with op.batch_alter_table("usage_events") as batch:
-            batch.drop_constraint(_UNIQUE, type_="unique")
-            batch.create_unique_constraint(_OLD_UNIQUE, ["request_id"])
+        _sqlite_unique(_UNIQUE, _OLD_UNIQUE, ["request_id"])
         return
     op.execute("LOCK TABLE usage_events IN ACCESS EXCLUSIVE MODE")
     indexes = _secondary_indexes("usage_events")

@@ -245,6 +245,36 @@ async def test_prune_drops_whole_months_and_usage_daily_keeps_their_sums(
         await engine.dispose()
 
 
+async def test_the_migration_on_sqlite_keeps_rows_and_views(tmp_path: Path) -> None:
+    config = alembic_config(None, tmp_path)
+    await asyncio.to_thread(command.upgrade, config, _before_partitioning())
+    engine = create_engine(None, tmp_path)
+    try:
+        event = make_event(created_at=datetime(2025, 12, 24, tzinfo=UTC))
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO usage_events (created_at, request_id, endpoint, stream, status_code,"
+                    " attempts, usage_source, latency_ms)"
+                    " VALUES ('2025-12-24 00:00:00.000000', :r, '/v1/chat/completions', 0, 200, 1,"
+                    " 'upstream', 10)"
+                ),
+                {"r": event.request_id},
+            )
+            await conn.execute(text("CREATE VIEW events_per_day AS SELECT count(*) AS n FROM usage_events"))
+        await engine.dispose()  # migrated while no connection is open, as `make run` does
+        await asyncio.to_thread(command.upgrade, config, "head")
+        # The old row and the recorder's replay of the same event are one row.
+        assert await write_batch(engine, Batch.of([event])) == 0
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SELECT n FROM events_per_day"))).scalar() == 1
+        await asyncio.to_thread(command.downgrade, config, _before_partitioning())
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SELECT n FROM events_per_day"))).scalar() == 1
+    finally:
+        await engine.dispose()
+
+
 async def test_prune_on_the_embedded_sqlite_database_deletes_the_rows(tmp_path: Path) -> None:
     await asyncio.to_thread(command.upgrade, alembic_config(None, tmp_path), "head")
     engine = create_engine(None, tmp_path)
