@@ -194,6 +194,25 @@ async def test_partitions_are_made_ahead_and_take_over_what_the_default_one_held
         await engine.dispose()
 
 
+async def test_replicas_making_partitions_at_once_take_turns(bare_db: str, tmp_path: Path) -> None:
+    await asyncio.to_thread(command.upgrade, alembic_config(bare_db, tmp_path), "head")
+    engines = [create_engine(bare_db, tmp_path) for _ in range(3)]
+
+    async def make(engine: AsyncEngine) -> list[str]:
+        async with engine.begin() as conn:
+            made: list[str] = await conn.run_sync(ensure_partitions, date(2041, 3, 1))
+            return made
+
+    try:
+        made = await asyncio.gather(*(make(engine) for engine in engines))
+    finally:
+        for engine in engines:
+            await engine.dispose()
+    assert sorted(name for names in made for name in names) == [
+        partition_name(date(2041, m, 1)) for m in (3, 4, 5, 6)
+    ]
+
+
 def _cli(*args: str, database_url: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DATABASE_URL": database_url}
     return subprocess.run(
