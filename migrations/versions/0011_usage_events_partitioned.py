@@ -7,7 +7,7 @@ Create Date: 2026-12-04
 The table is rebuilt from its own definition as it stands (every column earlier migrations gave it, with
 its type, default, NOT NULL and identity), its rows copied month by month into the partitions, and its
 indexes made again on the partitioned table, which makes them on every partition; views reading the
-table are made again from their definitions (their grants and comments are not). A unique key of a
+table are made again from their definitions, and the grants on both given again. A unique key of a
 partitioned table must hold the partition key: the primary key becomes (id, created_at) and the
 recorder's idempotence key (request_id, created_at); an event keeps its created_at when it is replayed,
 so a replay still conflicts with the row it wrote. Runs under an exclusive lock on the table: the
@@ -84,6 +84,25 @@ def _create_views(views: list[tuple[str, str, str]]) -> None:
         op.execute(f"CREATE {'MATERIALIZED VIEW' if kind == 'm' else 'VIEW'} {name} AS {definition}")
 
 
+def _grants(names: list[str]) -> list[str]:
+    """GRANT statements giving back what others than the owner were granted on these tables and views
+    (a dashboards' read-only role, say): a table or view made anew starts with none."""
+    rows = op.get_bind().execute(
+        sa.text(
+            "SELECT c.oid::regclass::text AS name, a.privilege_type AS privilege, a.is_grantable AS again,"
+            " CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END AS grantee"
+            " FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a"
+            " LEFT JOIN pg_roles r ON r.oid = a.grantee"
+            " WHERE c.oid = ANY(CAST(:names AS regclass[])) AND a.grantee <> c.relowner"
+        ),
+        {"names": names},
+    )
+    return [
+        f"GRANT {row.privilege} ON {row.name} TO {row.grantee}{' WITH GRANT OPTION' if row.again else ''}"
+        for row in rows
+    ]
+
+
 def _rename_sequence() -> None:
     # The identity's sequence of a table made by LIKE gets a suffixed name while the old one exists.
     op.execute(
@@ -120,6 +139,7 @@ def upgrade() -> None:
     op.execute("LOCK TABLE usage_events IN ACCESS EXCLUSIVE MODE")
     indexes = _secondary_indexes("usage_events")
     views = _dependent_views()
+    grants = _grants(["usage_events", *(name for name, _, _ in views)])
     # Views follow a renamed table: they are made again on the new one.
     _drop_views(views)
     op.execute(f"ALTER TABLE usage_events RENAME TO {_OLD}")
@@ -151,6 +171,8 @@ def upgrade() -> None:
     for statement in indexes:
         op.execute(statement)
     _create_views(views)
+    for statement in grants:
+        op.execute(statement)
 
 
 def downgrade() -> None:
@@ -161,6 +183,7 @@ def downgrade() -> None:
     op.execute("LOCK TABLE usage_events IN ACCESS EXCLUSIVE MODE")
     indexes = _secondary_indexes("usage_events")
     views = _dependent_views()
+    grants = _grants(["usage_events", *(name for name, _, _ in views)])
     _drop_views(views)
     op.execute(f"ALTER TABLE usage_events RENAME TO {_OLD}")
     op.execute(
@@ -176,3 +199,5 @@ def downgrade() -> None:
     for statement in indexes:
         op.execute(statement)
     _create_views(views)
+    for statement in grants:
+        op.execute(statement)

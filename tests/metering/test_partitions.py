@@ -38,6 +38,12 @@ CHECKSUM = "SELECT count(*) AS n, md5(string_agg(t::text, ',' ORDER BY id)) AS s
 KIND = "SELECT relkind::text AS kind FROM pg_class WHERE relname = 'usage_events'"
 KIND = "SELECT relkind::text AS kind FROM pg_class WHERE relname = 'usage_events'"
 BY_MONTH = "SELECT md5(string_agg(v::text, ',' ORDER BY month)) AS sum FROM events_by_month v"
+READER = f"reader_{os.urandom(4).hex()}"
+GRANTED = (
+    f"SELECT has_table_privilege('{READER}', 'usage_events', 'SELECT') AS events,"
+    f" has_table_privilege('{READER}', 'busiest_month', 'SELECT') AS view,"
+    f" has_table_privilege('{READER}', 'usage_events', 'INSERT') AS other"
+)
 DAILY = "SELECT count(*) AS n, sum(requests) AS requests, sum(cost_usd) AS cost FROM usage_daily"
 
 
@@ -53,7 +59,9 @@ async def bare_db(tmp_path: Path) -> AsyncIterator[str]:
     try:
         yield _url(name)
     finally:
-        await asyncio.to_thread(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await asyncio.to_thread(
+            admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f"DROP ROLE IF EXISTS {READER}"
+        )
 
 
 async def _one(engine: AsyncEngine, sql: str) -> dict[str, Any]:
@@ -109,6 +117,9 @@ async def test_the_migration_partitions_a_table_with_rows_over_several_months_an
                 )
             )
             await conn.execute(text("CREATE VIEW busiest_month AS SELECT max(n) AS n FROM events_by_month"))
+            # And what was granted on them, to a dashboards' role.
+            await conn.execute(text(f"CREATE ROLE {READER}"))
+            await conn.execute(text(f"GRANT SELECT ON usage_events, busiest_month TO {READER}"))
         before = await _one(engine, CHECKSUM)
         assert before["n"] == ROWS
         by_month = await _one(engine, BY_MONTH)
@@ -119,6 +130,7 @@ async def test_the_migration_partitions_a_table_with_rows_over_several_months_an
         assert await _one(engine, KIND) == {"kind": "p"}
         assert await _one(engine, BY_MONTH) == by_month
         assert (await _one(engine, "SELECT n FROM busiest_month"))["n"] > 0
+        assert await _one(engine, GRANTED) == {"events": True, "view": True, "other": False}
         made = await _partitions(engine)
         today = datetime.now(UTC).date().replace(day=1)
         ahead = [today]
@@ -167,6 +179,7 @@ async def test_the_migration_partitions_a_table_with_rows_over_several_months_an
         assert await _one(engine, CHECKSUM) == after
         assert await _one(engine, KIND) == {"kind": "r"}
         assert (await _one(engine, "SELECT n FROM busiest_month"))["n"] > 0
+        assert await _one(engine, GRANTED) == {"events": True, "view": True, "other": False}
     finally:
         await engine.dispose()
 
