@@ -12,7 +12,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
@@ -28,6 +28,7 @@ from app.db.engine import create_engine, display_url
 from app.db.migrate import BEHIND, SCHEMA_SQLSTATES, upgrade_reporting
 from app.db.models import api_keys
 from app.db.readonly_role import PASSWORD_ENV, REPORTING_TABLES, create_readonly_role
+from app.db.partitions import prune
 from app.endpoint_classes import DEFAULT_SCOPES
 from app.errors import GatewayError
 from app.keys import ApiKey, KeyStore
@@ -206,6 +207,32 @@ def _usage(args: argparse.Namespace) -> int:
         sys.stdout.write(orjson.dumps(rows).decode() + "\n")
     else:
         print(to_table(rows, groups))
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    settings = load_database_settings()
+    try:
+        before = date.fromisoformat(args.before)
+    except ValueError:
+        print(f"llm-gateway usage prune: --before {args.before!r} is not YYYY-MM-DD", file=sys.stderr)
+        return 2
+    if before > datetime.now(UTC).date():
+        # The months being written now are never dropped by hand.
+        print(f"llm-gateway usage prune: --before {before} is in the future", file=sys.stderr)
+        return 2
+
+    async def run() -> list[str]:
+        engine = create_engine(settings.database_url, settings.data_dir)
+        try:
+            async with engine.begin() as conn:
+                return await conn.run_sync(prune, before)
+        finally:
+            await engine.dispose()
+
+    dropped = asyncio.run(run())
+    first_kept = before.replace(day=1).isoformat()
+    print(f"dropped usage events before {first_kept}: {', '.join(dropped) or 'none'} (usage_daily kept)")
     return 0
 
 
@@ -427,6 +454,12 @@ def main(argv: list[str] | None = None) -> int:
     usage.add_argument("--model", help="only this model")
     usage.add_argument("--format", choices=["table", "csv", "json"], default="table")
     usage.set_defaults(handler=_usage)
+    usage_commands = usage.add_subparsers(dest="usage_command")
+    prune_parser = usage_commands.add_parser(
+        "prune", help="drop the usage events of whole months ending on or before a date (usage_daily kept)"
+    )
+    prune_parser.add_argument("--before", required=True, help="YYYY-MM-DD")
+    prune_parser.set_defaults(handler=_prune)
     recon = commands.add_parser(
         "reconcile", help="read OpenAI's usage and costs; print them beside the gateway's, per day and model"
     )

@@ -144,6 +144,13 @@ class Settings(DatabaseSettings):
     # still charged when it ends, its hold just lapses before.
     budget_reservation_ttl_s: float = Field(default=1200.0, gt=0)
 
+    # Scale-out: replicas sharing one Redis share its counters under this key prefix; deployments (or
+    # test runs) sharing one Redis keep theirs apart with prefixes of their own.
+    redis_key_prefix: str = Field(default="gw:", min_length=1, max_length=64)
+    # Scale-out: whole months of usage_events older than this many days are dropped (usage_daily keeps
+    # their sums); None keeps every event.
+    usage_retention_days: int | None = Field(default=None, ge=1)
+
     @field_validator("openai_base_url")
     @classmethod
     def _base_url(cls, value: str) -> str:

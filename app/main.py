@@ -27,6 +27,7 @@ from app.config import ConfigError, Settings, load_settings
 from app.config_file import GatewayConfig, load_config_file
 from app.db.engine import create_engine
 from app.db.migrate import BEHIND, SchemaCheck, database_revisions, is_behind
+from app.db.partitions import PartitionKeeper
 from app.errors import install_error_handlers
 from app.hot_routes import HotRoutes
 from app.keys import KeyStore
@@ -165,8 +166,9 @@ async def _make_guard(settings: Settings, config: GatewayConfig, engine: AsyncEn
     if settings.redis_url:
         client = redis_client(settings.redis_url, timeout_s=config.limits.redis_timeout_s)
         fail_open, timeout_s = config.limits.fail_open, config.limits.redis_timeout_s
-        limiter = RedisRateLimiter(client, fail_open=fail_open, timeout_s=timeout_s)
-        ledger = RedisBudgetLedger(client, fail_open=fail_open, timeout_s=timeout_s)
+        prefix = settings.redis_key_prefix
+        limiter = RedisRateLimiter(client, fail_open=fail_open, timeout_s=timeout_s, prefix=prefix)
+        ledger = RedisBudgetLedger(client, fail_open=fail_open, timeout_s=timeout_s, prefix=prefix)
     else:
         limiter, ledger = InProcessRateLimiter(), InProcessBudgetLedger()
     guard = Guard(limiter, ledger, reservation_ttl_s=settings.budget_reservation_ttl_s, shared_redis=client)
@@ -221,6 +223,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.owners = OwnerStore(engine)
         schema = app.state.schema = _schema_check()
         behind = await _schema_behind(schema, engine)
+        partitions = PartitionKeeper(engine, settings.usage_retention_days)
+        partitions.start()
         # Without the tables there is no spend to load, only one more failure to log.
         guard = await _make_guard(settings, config, engine, seed=not behind)
         app.state.guard = guard
@@ -278,6 +282,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await publishing
             await guard.close()
+            await partitions.close()
             await keys.close()
             await upstream.close()
             await engine.dispose()

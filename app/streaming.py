@@ -403,6 +403,11 @@ def learn_response(call: CallRecord, response: dict[str, Any]) -> None:
         call.usage = Usage.from_openai(response["usage"])
     if response.get("background") is True and isinstance(response.get("id"), str):
         call.usage_key = response["id"]
+        created = response.get("created_at")
+        if isinstance(created, int | float) and not isinstance(created, bool) and created > 0:
+            # The row's created_at is the response's own, whichever poll meters it: with the id, the key
+            # that keeps a response to one row however many processes see it finished.
+            call.created_at = float(created)
 
 
 class EventRelayResponse(Response):

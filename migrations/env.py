@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+from datetime import UTC, datetime
 from logging.config import fileConfig
 from pathlib import Path
 
 from alembic import context
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
 from app.db.engine import async_url, create_engine
 from app.db.models import metadata
+from app.db.partitions import alembic_include_object, ensure_partitions
 
 # Any constant shared by all gateway processes; "llmg" in ASCII.
 _MIGRATION_LOCK_KEY = 0x6C6C6D67
@@ -44,6 +47,7 @@ def do_run_migrations(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=metadata,
+        include_object=alembic_include_object,
         # SQLite cannot ALTER most things in place; batch mode recreates the table instead.
         render_as_batch=connection.dialect.name == "sqlite",
     )
@@ -53,6 +57,14 @@ def do_run_migrations(connection: Connection) -> None:
             # find them applied. Held until this transaction ends.
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
         context.run_migrations()
+        # Every `llm-gateway migrate` makes the coming months' partitions of usage_events (if it has any).
+        # In a savepoint: a lock busy past its timeout must not undo the migrations; the gateway's
+        # processes make the partitions in the background as well.
+        try:
+            with connection.begin_nested():
+                ensure_partitions(connection, datetime.now(UTC).date())
+        except DBAPIError as exc:
+            print(f"llm-gateway: usage_events partitions not made now ({type(exc.orig).__name__})")
 
 
 async def run_async_migrations() -> None:

@@ -125,10 +125,10 @@ class GatewayProcess:
                 stderr=subprocess.STDOUT,
             )
         if wait:
-            wait_until(self._ready, timeout=30)
+            wait_until(self.ready, timeout=30)
         return self
 
-    def _ready(self) -> bool:
+    def ready(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise RuntimeError(f"gateway exited with {self.proc.returncode}: {self.log_path.read_text()}")

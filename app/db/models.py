@@ -85,8 +85,11 @@ usage_events = Table(
     # What the budgets held for the call before it was made (NULL: no budget was asked).
     Column("reserved_usd", _MONEY),
     PrimaryKeyConstraint("id", name="pk_usage_events"),
-    # The recorder's idempotence rests on this: a replayed event conflicts and is skipped.
-    UniqueConstraint("request_id", name="uq_usage_events_request_id"),
+    # The recorder's idempotence rests on this: a replayed event (its created_at fixed when it was made)
+    # conflicts and is skipped. created_at is in it because on Postgres the table is partitioned by month
+    # (migration 0011), and a unique key of a partitioned table must hold the partition key; so is the
+    # primary key there, (id, created_at).
+    UniqueConstraint("request_id", "created_at", name="uq_usage_events_request_id_created_at"),
     Index("ix_usage_events_created_at", "created_at"),
     Index("ix_usage_events_feature_created_at", "feature", "created_at"),
     Index("ix_usage_events_user_id_created_at", "user_id", "created_at"),

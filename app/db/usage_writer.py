@@ -1,7 +1,10 @@
 """Write a batch of usage events and their usage_daily increments in one transaction.
 
-Only the events actually inserted (ON CONFLICT (request_id) DO NOTHING ... RETURNING) are added to
-usage_daily, so a replayed batch neither duplicates a row nor double counts a total.
+Only the events actually inserted (ON CONFLICT ... DO NOTHING ... RETURNING) are added to usage_daily, so
+a replayed batch neither duplicates a row nor double counts a total. The conflict key is (request_id,
+created_at), as usage_events is partitioned by created_at on Postgres (a unique key there must hold the
+partition key): an event's created_at is fixed when it is made and travels with it through the spool,
+so its replay conflicts with the row it wrote.
 
 Postgres: the batch's lines (events.py) go as they are, by COPY, into a session temp table with one jsonb
 column; then one statement takes the fields out of each line, inserts the events and adds the rows it
@@ -67,7 +70,7 @@ _PG_WRITE = f"""
 WITH inserted AS (
     INSERT INTO usage_events ({", ".join(TABLE_COLUMNS)})
     SELECT DISTINCT ON (line->>0) {_FIELDS} FROM {_STAGE} ORDER BY line->>0
-    ON CONFLICT (request_id) DO NOTHING
+    ON CONFLICT (request_id, created_at) DO NOTHING
     RETURNING created_at, feature, user_id, model, prompt_tokens, completion_tokens, total_tokens, cost_usd
 ), rollup AS (
     INSERT INTO usage_daily AS d ({", ".join(_DAILY_KEY + _DAILY_SUMS)})
@@ -144,7 +147,7 @@ async def _write_postgres(conn: AsyncConnection, batch: Batch) -> int:
 async def _write_sqlite(conn: AsyncConnection, events: list[UsageEvent]) -> int:
     insert_events = (
         sqlite.insert(usage_events)
-        .on_conflict_do_nothing(index_elements=[usage_events.c.request_id])
+        .on_conflict_do_nothing(index_elements=[usage_events.c.request_id, usage_events.c.created_at])
         .returning(usage_events.c.request_id)
     )
     upsert = sqlite.insert(usage_daily)

@@ -26,6 +26,7 @@ from app.call import CallRecord, Usage
 from app.db.engine import async_url, create_engine
 from app.db.migrate import upgrade
 from app.db.models import metadata, usage_daily, usage_events
+from app.db.partitions import alembic_include_object
 from app.db.usage_writer import TABLE_COLUMNS
 from app.metering import recorder as recorder_module
 from app.metering.events import Batch, UsageEvent, epoch_us, usd_to_cost
@@ -622,7 +623,8 @@ async def test_an_event_the_database_refuses_is_set_aside(
 
 
 def _schema_diff(conn: Connection) -> list[Any]:
-    return list(compare_metadata(MigrationContext.configure(conn), metadata))
+    context = MigrationContext.configure(conn, opts={"include_object": alembic_include_object})
+    return list(compare_metadata(context, metadata))
 
 
 async def test_migrations_create_what_the_models_describe(engine: AsyncEngine, tmp_path: Path) -> None:

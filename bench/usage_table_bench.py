@@ -1,0 +1,256 @@
+"""usage_events at size: the partitioned table filled with --rows events over twelve months (generated in
+SQL with generate_series, not through the gateway), then measured:
+
+- the recorder's insert rate (write_batch: COPY into the staging table, INSERT ... ON CONFLICT and the
+  usage_daily upsert, batches of 2,000) into the current month's partition, beside the same into the
+  empty table at the start of the run, and the WAL it writes per event (pg_current_wal_lsn before and
+  after);
+- the README's dashboard queries (usage_daily, and today's events per feature), median and slowest of 5;
+- size on disk per million events: heap, indexes, and usage_daily.
+
+    nice -n 19 .venv/bin/python bench/usage_table_bench.py [--rows 10000000] [--admin-url postgresql://...]
+
+It makes a database of its own and drops it at the end. Generation takes most of the time (10 M rows:
+about ten minutes on a shared 2-core VM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import time
+import uuid
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import asyncpg  # type: ignore[import-untyped]
+from recorder_bench import synthetic_events
+from sqlalchemy.engine import make_url
+
+from app.db.engine import create_engine
+from app.db.migrate import upgrade
+from app.db.partitions import ensure_partitions, next_month
+from app.db.usage_writer import write_batch
+from app.metering.events import Batch
+
+DEFAULT_ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+MONTHS = 12
+
+# One month of events: `n` calls spread evenly over [start, end), time-ordered request ids as the gateway
+# makes them, 50 features, 2,000 users, 30 keys, 5 models, 1% errors.
+GENERATE = """
+INSERT INTO usage_events (created_at, request_id, api_key_id, feature, user_id, endpoint, model,
+    upstream_model, stream, status_code, attempts, prompt_tokens, completion_tokens, total_tokens,
+    cached_tokens, reasoning_tokens, usage_source, cost_usd, latency_ms, ttfb_ms, error_type)
+SELECT ts, 'req_' || lpad(to_hex((extract(epoch FROM ts) * 1000)::bigint), 12, '0')
+           || left(md5(($3::bigint + g)::text), 20),
+       'key_' || (g % 30), 'feature-' || (g % 50), 'user-' || ((g * 7919) % 2000),
+       CASE WHEN g % 10 = 0 THEN '/v1/embeddings' ELSE '/v1/chat/completions' END,
+       (ARRAY['gpt-4o-mini', 'gpt-4o', 'gpt-4.1', 'o3-mini', 'text-embedding-3-small'])[1 + g % 5],
+       (ARRAY['gpt-4o-mini-2024-07-18', 'gpt-4o-2024-08-06', 'gpt-4.1', 'o3-mini', 'text-embedding-3-small'])
+           [1 + g % 5],
+       g % 3 = 0, CASE WHEN g % 100 = 0 THEN 504 ELSE 200 END, 1 + (g % 100 = 0)::int,
+       p, c, p + c, CASE WHEN g % 4 = 0 THEN p / 2 ELSE 0 END, 0, 'upstream',
+       (p * 2.5 + c * 10) / 1e6, 200 + g % 3000, 80 + g % 400,
+       CASE WHEN g % 100 = 0 THEN 'upstream_timeout' END
+FROM (SELECT g, $1::timestamptz + (($2::timestamptz - $1::timestamptz) * g / $4) AS ts,
+             100 + (g * 31) % 4000 AS p, (g * 17) % 900 AS c
+      FROM generate_series(0::bigint, $4::bigint - 1) AS g) AS s
+"""
+
+ROLLUP = """
+INSERT INTO usage_daily (day, feature, user_id, model, requests, prompt_tokens, completion_tokens,
+    total_tokens, cost_usd)
+SELECT (created_at AT TIME ZONE 'UTC')::date, coalesce(feature, ''), coalesce(user_id, ''),
+       coalesce(model, ''), count(*), sum(prompt_tokens), sum(completion_tokens), sum(total_tokens),
+       coalesce(sum(cost_usd), 0)
+FROM usage_events GROUP BY 1, 2, 3, 4
+"""
+
+# The README's dashboard queries, as it prints them.
+DASHBOARD = {
+    "cost per feature per day, 30 days (usage_daily)": """
+        SELECT day, NULLIF(feature, '') AS feature, SUM(requests) AS requests, SUM(cost_usd) AS cost_usd
+        FROM usage_daily WHERE day >= CURRENT_DATE - 29 GROUP BY day, feature ORDER BY day, cost_usd DESC""",
+    "top users this month (usage_daily)": """
+        SELECT NULLIF(user_id, '') AS user_id, SUM(requests) AS requests, SUM(total_tokens) AS tokens,
+               SUM(cost_usd) AS cost_usd
+        FROM usage_daily WHERE day >= date_trunc('month', CURRENT_DATE)::date
+        GROUP BY user_id ORDER BY cost_usd DESC LIMIT 20""",
+    "tokens and cost by model, 30 days (usage_daily)": """
+        SELECT model, SUM(requests) AS requests, SUM(prompt_tokens) AS prompt_tokens,
+               SUM(completion_tokens) AS completion_tokens, SUM(total_tokens) AS total_tokens,
+               SUM(cost_usd) AS cost_usd
+        FROM usage_daily WHERE day >= CURRENT_DATE - 29 GROUP BY model ORDER BY cost_usd DESC""",
+    "errors, latency, cache per feature today (usage_events)": """
+        SELECT feature, COUNT(*) AS requests,
+               COUNT(*) FILTER (WHERE status_code >= 400 OR error_type IS NOT NULL) AS failed,
+               percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms) AS p95_latency_ms,
+               SUM(cached_tokens)::float / NULLIF(SUM(prompt_tokens), 0) AS cached_share
+        FROM usage_events WHERE created_at >= date_trunc('day', now())
+        GROUP BY feature ORDER BY requests DESC""",
+}
+
+
+def _months_back(today: date, n: int) -> list[date]:
+    first = today.replace(day=1)
+    months = []
+    for back in range(n - 1, -1, -1):
+        year, month = first.year, first.month - back
+        while month < 1:
+            year, month = year - 1, month + 12
+        months.append(date(year, month, 1))
+    return months
+
+
+async def fill(conn: asyncpg.Connection, rows: int, now: datetime) -> None:
+    months = _months_back(now.date(), MONTHS)
+    per_month = rows // MONTHS
+    done = 0
+    for month in months:
+        start = datetime(month.year, month.month, 1, tzinfo=UTC)
+        end = min(datetime(*next_month(month).timetuple()[:3], tzinfo=UTC), now)
+        n = per_month if month != months[-1] else rows - done
+        t0 = time.perf_counter()
+        await conn.execute(GENERATE, start, end, done, n)
+        done += n
+        print(
+            f"  {month:%Y-%m}: {n:,} rows in {time.perf_counter() - t0:.0f} s ({done:,} so far)", flush=True
+        )
+
+
+async def sizes(conn: asyncpg.Connection) -> dict[str, int]:
+    row = await conn.fetchrow(
+        """
+        SELECT sum(pg_relation_size(c.oid)) AS heap, sum(pg_indexes_size(c.oid)) AS indexes,
+               sum(pg_total_relation_size(c.oid)) AS total
+        FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+        WHERE i.inhparent = 'usage_events'::regclass
+        """
+    )
+    daily = await conn.fetchval("SELECT pg_total_relation_size('usage_daily')")
+    return {
+        "heap": int(row["heap"]),
+        "indexes": int(row["indexes"]),
+        "total": int(row["total"]),
+        "daily": daily,
+    }
+
+
+async def insert_rate(url: str, batches: int, batch_size: int) -> tuple[float, float, float]:
+    """(events a second, WAL bytes an event in the first half after a CHECKPOINT, in the second half)
+    through the recorder's write path. The first write of a page after a checkpoint puts its whole image in
+    the WAL; the second half shows the steady state between checkpoints."""
+    engine = create_engine(url, Path())
+    events = synthetic_events(batches * batch_size, seed=11)
+    prepared = [Batch.of(events[i : i + batch_size]) for i in range(0, len(events), batch_size)]
+    plain = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    conn = await asyncpg.connect(plain)
+    try:
+        await write_batch(engine, prepared[0])  # warm: the staging table, the prepared statements
+        await conn.execute("CHECKPOINT")
+        halves = [prepared[1 : len(prepared) // 2], prepared[len(prepared) // 2 :]]
+        wal: list[float] = []
+        written = 0
+        elapsed = 0.0
+        for half in halves:
+            lsn = await conn.fetchval("SELECT pg_current_wal_lsn()")
+            t0 = time.perf_counter()
+            n = 0
+            for batch in half:
+                n += await write_batch(engine, batch)
+            elapsed += time.perf_counter() - t0
+            wal_bytes = await conn.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1)", lsn)
+            wal.append(float(wal_bytes) / n)
+            written += n
+    finally:
+        await conn.close()
+        await engine.dispose()
+    return written / elapsed, wal[0], wal[1]
+
+
+async def dashboard(conn: asyncpg.Connection, runs: int = 5) -> dict[str, tuple[float, float, int]]:
+    results = {}
+    for name, sql in DASHBOARD.items():
+        await conn.fetch(sql)  # warm the cache, as a dashboard refreshing does
+        times, rows = [], 0
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            rows = len(await conn.fetch(sql))
+            times.append((time.perf_counter() - t0) * 1000)
+        results[name] = (statistics.median(times), max(times), rows)
+    return results
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--batches", type=int, default=50, help="recorder batches timed (of 2,000 events)")
+    parser.add_argument("--admin-url", default=DEFAULT_ADMIN_URL)
+    args = parser.parse_args()
+
+    name = f"bench_usage_{uuid.uuid4().hex[:8]}"
+    admin_url = make_url(args.admin_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    admin = await asyncpg.connect(admin_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        await asyncio.to_thread(upgrade, url, Path())
+        conn = await asyncpg.connect(url)
+        try:
+            now = datetime.now(UTC)
+            engine = create_engine(url, Path())
+            async with engine.begin() as sa_conn:
+                for month in _months_back(now.date(), MONTHS):
+                    await sa_conn.run_sync(ensure_partitions, month, 0)
+            await engine.dispose()
+            # The same writes into the empty table first, for a reference taken under the same load.
+            empty_rate, _, _ = await insert_rate(url, args.batches, 2000)
+            await conn.execute("TRUNCATE usage_events, usage_daily")
+            print(f"database {name}: generating {args.rows:,} events over {MONTHS} months", flush=True)
+            t0 = time.perf_counter()
+            await fill(conn, args.rows, now)
+            print(f"  generated in {time.perf_counter() - t0:.0f} s; rolling up usage_daily", flush=True)
+            t0 = time.perf_counter()
+            await conn.execute(ROLLUP)
+            await conn.execute("VACUUM ANALYZE usage_events")
+            await conn.execute("VACUUM ANALYZE usage_daily")
+            print(f"  rolled up and analysed in {time.perf_counter() - t0:.0f} s", flush=True)
+            size = await sizes(conn)
+            daily_rows = await conn.fetchval("SELECT count(*) FROM usage_daily")
+            current = await conn.fetchval(
+                "SELECT count(*) FROM usage_events WHERE created_at >= date_trunc('month', now())"
+            )
+            rate, wal_first, wal_steady = await insert_rate(url, args.batches, 2000)
+            queries = await dashboard(conn)
+        finally:
+            await conn.close()
+        million = args.rows / 1e6
+        print(f"\nusage_events: {args.rows:,} events; this month's partition {current:,}")
+        print(f"usage_daily: {daily_rows:,} rows")
+        per = {name: size[name] / million / 2**20 for name in ("total", "heap", "indexes")}
+        print(
+            f"on disk per million events: {per['total']:.0f} MiB (heap {per['heap']:.0f} MiB,"
+            f" indexes {per['indexes']:.0f} MiB); all events {size['total'] / 2**30:.2f} GiB;"
+            f" usage_daily {size['daily'] / 2**20:.0f} MiB"
+        )
+        print(
+            f"recorder insert rate: {rate:,.0f} events/s ({args.batches} batches of 2,000, rollup included);"
+            f" into the empty table, same run: {empty_rate:,.0f} events/s"
+        )
+        print(
+            f"WAL per event written: {wal_first:,.0f} bytes just after a CHECKPOINT (full-page images),"
+            f" {wal_steady:,.0f} bytes after that"
+        )
+        for query, (median, slowest, rows) in queries.items():
+            print(f"  {query}: median {median:.1f} ms, slowest {slowest:.1f} ms ({rows} rows)")
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+        print(f"dropped database {name}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
