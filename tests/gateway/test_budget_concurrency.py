@@ -90,7 +90,7 @@ def _check(url: str, database_url: str, key_id: str, statuses: list[int]) -> Non
     budgets = httpx.get(url + "/admin/budgets", headers=MASTER).json()["data"]
     (row,) = [r for r in budgets if r["scope"] == f"key:{key_id}" and r["period"] == "day"]
     # Every call has ended, so nothing is held any more: spent is what the rows say.
-    wait_until(lambda: _budget_row(url, key_id)["reserved_usd"] == "0")
+    wait_until(lambda: Decimal(_budget_row(url, key_id)["reserved_usd"]) == 0)
     assert Decimal(_budget_row(url, key_id)["spent_usd"]) == spent
     assert Decimal(row["cap_usd"]) == CAP
 
