@@ -97,7 +97,7 @@ class Rates(BaseModel):
 
     def halved(self) -> Rates:
         return Rates.model_validate(
-            {name: None if rate is None else rate / 2 for name, rate in self.model_dump().items()}
+            {name: None if (rate := getattr(self, name)) is None else rate / 2 for name in Rates.model_fields}
         )
 
 
