@@ -384,12 +384,8 @@ def test_audio_and_image_tokens_at_their_own_rates(table: PriceTable) -> None:
     assert _usd(table, "gpt-4o-audio-preview", counts, "standard") == expected
     # gpt-image-1: text $5 in, image $10 in, output (image) $40.
     image = TokenCounts.split(1_000, 4_000, image_prompt=600)
-    assert (
-        _usd(table, "gpt-image-1", image, "standard")
-        == Decimal("0.000400") * 5 / Decimal("0.4") * Decimal("0.4")
-        + Decimal("0.0006") * 10
-        + Decimal("0.004") * 40
-    )
+    # 400 text tokens at $5, 600 image tokens at $10, 4,000 output tokens at $40.
+    assert _usd(table, "gpt-image-1", image, "standard") == Decimal("0.168")
     # A model without audio rates prices audio tokens at its text rates.
     assert _usd(table, "gpt-4o-mini", counts, "standard") == _usd(table, "gpt-4o-mini", MILLION, "standard")
 
