@@ -260,6 +260,9 @@ class PriceTable:
         hit = self._resolve(model)
         return None if hit is None else hit[1]
 
+    def version(self, entry: str) -> str:
+        return self._versions[entry]
+
     def entries(self) -> list[tuple[str, ModelPrice, str]]:
         """Every entry with its version, by name."""
         return [(name, self._prices[name], self._versions[name]) for name in sorted(self._prices)]
