@@ -64,7 +64,7 @@ async def unpriced(engine: AsyncEngine, since: date) -> list[dict[str, Any]]:
     async with engine.connect() as conn:
         result = await conn.execute(statement)
         # Plain str keys: the column names SQLAlchemy hands back are a str subclass.
-        names = [str(name) for name in result.keys()]
+        names = list(map(str, result.keys()))
         return [dict(zip(names, row, strict=True)) for row in result]
 
 

@@ -131,11 +131,11 @@ def test_reprice_model_filter_and_bad_since(
     wait_for_rows(url, first, second)
     monkeypatch.setenv("DATABASE_URL", url)
     config = tmp_path / "gateway.yaml"
-    config.write_text(
-        "prices:\n  acme-one: {input_per_1m: 1, output_per_1m: 1}\n  acme-two: {input_per_1m: 1, output_per_1m: 1}\n"
-    )
+    rates = "{input_per_1m: 1, output_per_1m: 1}"
+    config.write_text(f"prices:\n  acme-one: {rates}\n  acme-two: {rates}\n")
     monkeypatch.setenv("GATEWAY_CONFIG", str(config))
     code, out = _cli(capsys, "reprice", "--since", "1d", "--model", "acme-one", "--format", "json")
+    assert code == 0
     assert [d["model"] for d in orjson.loads(out)] == ["acme-one"]
     (one,) = wait_for_rows(url, first)
     (two,) = wait_for_rows(url, second)
