@@ -39,6 +39,7 @@ from app.limits import (
 from app.limits.guard import Guard, seed_spend
 from app.logs import configure_logging
 from app.metering import tokens
+from app.metering.batches import BatchMeter, BatchSettings
 from app.metering.metrics import Metrics
 from app.metering.middleware import Meter, meter_call
 from app.metering.pricing import PriceTable
@@ -182,6 +183,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await recorder.start()
             app_metrics.watch_recorder(recorder.stats)
         app.state.meter = Meter(recorder, app.state.prices, app_metrics, guard)
+        batch_meter: BatchMeter | None = None
+        if settings.metering and settings.batch_metering:
+            batch_meter = BatchMeter(
+                engine,
+                upstream,
+                lambda: app.state.policy.default_target,
+                lambda: app.state.prices,
+                BatchSettings(
+                    poll_initial_s=settings.batch_poll_initial_s,
+                    poll_max_s=max(settings.batch_poll_max_s, settings.batch_poll_initial_s),
+                    lease_s=settings.batch_lease_s,
+                    max_file_bytes=settings.batch_max_file_bytes,
+                ),
+            )
+            await batch_meter.start()
+        app.state.batch_meter = batch_meter
         # Everything made at start-up (modules, tokenizer tables, settings) lives as long as the process:
         # out of the collector's sight, and fewer collections of the short-lived objects each request
         # makes (a request allocates hundreds of objects; the default threshold collects every 700).
@@ -198,6 +215,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # uvicorn has let in-flight requests finish by now, so every event is queued, or is about
             # to be once a tokenizer is built.
             await app.state.meter.drain(settings.shutdown_timeout_s)
+            if batch_meter is not None:
+                await batch_meter.close()
             if recorder is not None:
                 await recorder.close(timeout_s=settings.shutdown_timeout_s)
             await guard.close()

@@ -1,0 +1,219 @@
+"""Batches created through the gateway are metered once they end: one row per request line, attributed
+to the creating key, feature and user, priced at the batch rate, exactly once across polls, retrievals,
+restarts and replicas. The official SDK is the client; the fake upstream runs the batch."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from app.metering.pricing import PriceTable, TokenCounts
+from tests.conftest import sdk_client
+from tests.db import fetch
+from tests.fakes.openai_upstream import FakeOpenAI
+from tests.harness import MASTER_KEY, ThreadedGateway, wait_until
+
+FAST = {"batch_poll_initial_s": 0.05, "batch_poll_max_s": 0.2}
+# The poller will not come round within a test: only a client's retrieval can get the batch metered.
+NEVER = {"batch_poll_initial_s": 3600.0, "batch_poll_max_s": 3600.0}
+
+
+def _input(*models: str) -> bytes:
+    lines = [
+        {
+            "custom_id": f"req-{index}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": model,
+                "messages": [{"role": "user", "content": f"Question {index} " * (index + 1)}],
+            },
+        }
+        for index, model in enumerate(models)
+    ]
+    return b"".join(orjson.dumps(line) + b"\n" for line in lines)
+
+
+def _make_key(gateway: ThreadedGateway, feature: str) -> str:
+    body = {"name": f"batch-{uuid.uuid4().hex[:6]}", "scopes": ["*"], "default_feature": feature}
+    answer = httpx.post(
+        gateway.url + "/admin/keys", json=body, headers={"authorization": f"Bearer {MASTER_KEY}"}, timeout=10
+    )
+    assert answer.status_code == 201, answer.text
+    secret: str = answer.json()["secret"]
+    return secret
+
+
+def _create(client: openai.OpenAI, content: bytes, user: str) -> str:
+    headers = {"X-User-Id": user}
+    uploaded = client.files.create(file=("in.jsonl", content), purpose="batch", extra_headers=headers)
+    batch = client.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        extra_headers=headers,
+    )
+    assert batch.status == "validating"
+    return batch.id
+
+
+def _rows(url: str, batch_id: str) -> list[dict[str, Any]]:
+    return fetch(
+        url, "SELECT * FROM usage_events WHERE request_id LIKE $1 ORDER BY request_id", batch_id + ":%"
+    )
+
+
+def _job(url: str, batch_id: str) -> dict[str, Any]:
+    (row,) = fetch(url, "SELECT * FROM batch_jobs WHERE batch_id = $1", batch_id)
+    return row
+
+
+def _output_lines(client: openai.OpenAI, file_id: str | None) -> dict[str, dict[str, Any]]:
+    if file_id is None:
+        return {}
+    content = client.files.content(file_id).read()
+    return {line["custom_id"]: line for line in map(orjson.loads, content.splitlines())}
+
+
+def _daily_requests(url: str, feature: str) -> int:
+    rows = fetch(url, "SELECT coalesce(sum(requests), 0) AS n FROM usage_daily WHERE feature = $1", feature)
+    return int(rows[0]["n"])
+
+
+@pytest.fixture
+def quick_batches(fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> FakeOpenAI:
+    monkeypatch.setattr(fake, "job_delay_s", 0.3)
+    return fake
+
+
+def test_a_batch_is_metered_by_the_poller_once_per_line(
+    quick_batches: FakeOpenAI,
+    start_gateway: Callable[..., ThreadedGateway],
+    database_url: str,
+) -> None:
+    gateway = start_gateway(**FAST)
+    feature = f"nightly-{uuid.uuid4().hex[:6]}"
+    with sdk_client(gateway.base_url, api_key=_make_key(gateway, feature)) as client:
+        batch_id = _create(client, _input("gpt-4o-mini", "gpt-5-mini", "fail-model"), user="u-batch")
+        # Nobody retrieves the batch: the poller finds it has ended.
+        rows = wait_until(lambda: len(_rows(database_url, batch_id)) == 3 and _rows(database_url, batch_id))
+        batch = client.batches.retrieve(batch_id)
+        answered = _output_lines(client, batch.output_file_id)
+        failed = _output_lines(client, batch.error_file_id)
+    assert batch.status == "completed"
+    assert batch.request_counts is not None
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (2, 1)
+    assert set(answered) == {"req-0", "req-1"} and set(failed) == {"req-2"}
+    by_id = {row["request_id"]: row for row in rows}
+    assert set(by_id) == {f"{batch_id}:req-0", f"{batch_id}:req-1", f"{batch_id}:req-2"}
+    prices = PriceTable()
+    for custom_id, line in answered.items():
+        row = by_id[f"{batch_id}:{custom_id}"]
+        body = line["response"]["body"]
+        usage = body["usage"]
+        assert (row["prompt_tokens"], row["completion_tokens"]) == (
+            usage["prompt_tokens"],
+            usage["completion_tokens"],
+        )
+        assert row["prompt_tokens"] > 0 and row["completion_tokens"] > 0
+        assert (row["endpoint"], row["status_code"], row["model"]) == ("/v1/batches", 200, body["model"])
+        assert (row["feature"], row["user_id"]) == (feature, "u-batch")
+        assert row["api_key_id"] is not None
+        assert row["service_tier"] == "batch"
+        counts = TokenCounts.split(usage["prompt_tokens"], usage["completion_tokens"])
+        standard = prices.price(body["model"], counts, "standard").cost_units
+        assert standard is not None and row["cost_usd"] == Decimal(standard) / 2 / Decimal(10) ** 10
+        assert row["price_key"].endswith("@batch")
+    error_row = by_id[f"{batch_id}:req-2"]
+    assert (error_row["status_code"], error_row["error_type"], error_row["prompt_tokens"]) == (
+        404,
+        "model_not_found",
+        0,
+    )
+    job = _job(database_url, batch_id)
+    assert (job["status"], job["metered_lines"], job["truncated"]) == ("completed", 3, False)
+    assert (job["feature"], job["user_id"]) == (feature, "u-batch")
+    assert _daily_requests(database_url, feature) == 3
+
+
+def test_retrieval_meters_it_and_nothing_counts_twice(
+    quick_batches: FakeOpenAI,
+    start_gateway: Callable[..., ThreadedGateway],
+    database_url: str,
+) -> None:
+    gateway = start_gateway(**NEVER)
+    replica = start_gateway(**FAST)
+    feature = f"adhoc-{uuid.uuid4().hex[:6]}"
+    with sdk_client(gateway.base_url, api_key=_make_key(gateway, feature)) as client:
+        batch_id = _create(client, _input("gpt-4o-mini", "gpt-4o-mini"), user="u-2")
+        wait_until(lambda: client.batches.retrieve(batch_id).status == "completed", timeout=10)
+        rows = wait_until(lambda: len(_rows(database_url, batch_id)) == 2 and _rows(database_url, batch_id))
+        # Retrieved again and again, here and through a replica polling the same database.
+        for _ in range(3):
+            client.batches.retrieve(batch_id)
+    with sdk_client(replica.base_url, api_key=MASTER_KEY) as master:
+        master.batches.retrieve(batch_id)
+    wait_until(lambda: _job(database_url, batch_id)["metered_at"] is not None)
+    assert len(_rows(database_url, batch_id)) == 2
+    assert _daily_requests(database_url, feature) == 2
+    assert {row["user_id"] for row in rows} == {"u-2"}
+
+
+def test_a_restarted_gateway_meters_what_the_last_one_created(
+    fake: FakeOpenAI,
+    start_gateway: Callable[..., ThreadedGateway],
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Long enough for the first gateway to be gone well before the batch ends.
+    monkeypatch.setattr(fake, "job_delay_s", 2.0)
+    first = start_gateway(**FAST)
+    with sdk_client(first.base_url) as client:
+        batch_id = _create(client, _input("gpt-4o-mini"), user="u-3")
+    wait_until(lambda: fetch(database_url, "SELECT 1 FROM batch_jobs WHERE batch_id = $1", batch_id))
+    first.stop()
+    assert _rows(database_url, batch_id) == []
+    # Its successor finds the batch in the database and polls it to its end.
+    start_gateway(**FAST)
+    (row,) = wait_until(lambda: _rows(database_url, batch_id))
+    assert (row["request_id"], row["user_id"], row["feature"]) == (f"{batch_id}:req-0", "u-3", None)
+
+
+def test_the_output_read_is_bounded(
+    quick_batches: FakeOpenAI,
+    start_gateway: Callable[..., ThreadedGateway],
+    database_url: str,
+) -> None:
+    gateway = start_gateway(batch_max_file_bytes=2048, **FAST)
+    with sdk_client(gateway.base_url) as client:
+        batch_id = _create(client, _input(*["gpt-4o-mini"] * 20), user="u-4")
+        job = wait_until(lambda: (j := _job(database_url, batch_id))["metered_at"] is not None and j)
+        output = client.files.content(client.batches.retrieve(batch_id).output_file_id or "").read()
+    assert len(output) > 4 * 2048
+    assert job["truncated"] is True
+    assert 0 < job["metered_lines"] < 20
+    assert len(_rows(database_url, batch_id)) == job["metered_lines"]
+
+
+def test_a_failed_batch_is_metered_with_no_rows(
+    quick_batches: FakeOpenAI,
+    start_gateway: Callable[..., ThreadedGateway],
+    database_url: str,
+) -> None:
+    gateway = start_gateway(**FAST)
+    with sdk_client(gateway.base_url) as client:
+        uploaded = client.files.create(file=("empty.jsonl", b"\n"), purpose="batch")
+        batch = client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        job = wait_until(lambda: (j := _job(database_url, batch.id))["metered_at"] is not None and j)
+        assert client.batches.retrieve(batch.id).status == "failed"
+    assert (job["status"], job["metered_lines"]) == ("failed", 0)
+    assert _rows(database_url, batch.id) == []
