@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -14,9 +15,10 @@ import openai
 import orjson
 import pytest
 
+from app.metering.batches import _Owner, line_event, line_key
 from app.metering.pricing import PriceTable, TokenCounts
 from tests.conftest import sdk_client
-from tests.db import fetch
+from tests.db import database_down, database_up, fetch
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import MASTER_KEY, ThreadedGateway, wait_until
 
@@ -70,9 +72,10 @@ def _rows(url: str, batch_id: str) -> list[dict[str, Any]]:
     )
 
 
-def _job(url: str, batch_id: str) -> dict[str, Any]:
-    (row,) = fetch(url, "SELECT * FROM batch_jobs WHERE batch_id = $1", batch_id)
-    return row
+def _metered(url: str, batch_id: str) -> dict[str, Any] | None:
+    """The batch's batch_jobs row once it has been metered (the row itself is written in the background)."""
+    rows = fetch(url, "SELECT * FROM batch_jobs WHERE batch_id = $1 AND metered_at IS NOT NULL", batch_id)
+    return rows[0] if rows else None
 
 
 def _output_lines(client: openai.OpenAI, file_id: str | None) -> dict[str, dict[str, Any]]:
@@ -137,7 +140,7 @@ def test_a_batch_is_metered_by_the_poller_once_per_line(
         "model_not_found",
         0,
     )
-    job = _job(database_url, batch_id)
+    job = wait_until(lambda: _metered(database_url, batch_id))
     assert (job["status"], job["metered_lines"], job["truncated"]) == ("completed", 3, False)
     assert (job["feature"], job["user_id"]) == (feature, "u-batch")
     assert _daily_requests(database_url, feature) == 3
@@ -160,7 +163,7 @@ def test_retrieval_meters_it_and_nothing_counts_twice(
             client.batches.retrieve(batch_id)
     with sdk_client(replica.base_url, api_key=MASTER_KEY) as master:
         master.batches.retrieve(batch_id)
-    wait_until(lambda: _job(database_url, batch_id)["metered_at"] is not None)
+    wait_until(lambda: _metered(database_url, batch_id))
     assert len(_rows(database_url, batch_id)) == 2
     assert _daily_requests(database_url, feature) == 2
     assert {row["user_id"] for row in rows} == {"u-2"}
@@ -194,7 +197,7 @@ def test_the_output_read_is_bounded(
     gateway = start_gateway(batch_max_file_bytes=2048, **FAST)
     with sdk_client(gateway.base_url) as client:
         batch_id = _create(client, _input(*["gpt-4o-mini"] * 20), user="u-4")
-        job = wait_until(lambda: (j := _job(database_url, batch_id))["metered_at"] is not None and j)
+        job = wait_until(lambda: _metered(database_url, batch_id))
         output = client.files.content(client.batches.retrieve(batch_id).output_file_id or "").read()
     assert len(output) > 4 * 2048
     assert job["truncated"] is True
@@ -213,7 +216,55 @@ def test_a_failed_batch_is_metered_with_no_rows(
         batch = client.batches.create(
             input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
         )
-        job = wait_until(lambda: (j := _job(database_url, batch.id))["metered_at"] is not None and j)
+        job = wait_until(lambda: _metered(database_url, batch.id))
         assert client.batches.retrieve(batch.id).status == "failed"
     assert (job["status"], job["metered_lines"]) == ("failed", 0)
     assert _rows(database_url, batch.id) == []
+
+
+def test_creating_a_batch_does_not_wait_for_the_database(
+    quick_batches: FakeOpenAI,
+    start_gateway: Callable[..., ThreadedGateway],
+    scratch_db: tuple[str, str],
+) -> None:
+    name, url = scratch_db
+    gateway = start_gateway(database_url=url, **FAST)
+    database_down(name)
+    try:
+        with sdk_client(gateway.base_url, timeout=5) as client:
+            batch_id = _create(client, _input("gpt-4o-mini"), user="u-5")
+    finally:
+        database_up(name)
+    # Kept in memory while the database was away, written and metered once it is back.
+    (row,) = wait_until(lambda: _rows(url, batch_id))
+    assert (row["request_id"], row["user_id"]) == (f"{batch_id}:req-0", "u-5")
+
+
+@pytest.mark.parametrize(
+    "custom_id",
+    ["x" * 257, "a\x00b", "line\nbreak", 42, None, ["a"]],
+)
+def test_hostile_custom_ids_make_bounded_printable_keys(custom_id: object) -> None:
+    key = line_key("batch_abc", custom_id)
+    assert key.startswith("batch_abc:#") and len(key) == len("batch_abc:#") + 32
+    assert key.isprintable()
+    assert line_key("batch_abc", custom_id) == key
+    assert line_key("batch_abc", "req-1") == "batch_abc:req-1"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        {"custom_id": "a", "response": None, "error": {"code": "batch_expired", "message": "expired"}},
+        {"custom_id": "a", "response": {"status_code": "200", "body": "not an object"}},
+        {"custom_id": "a", "response": {"status_code": 200, "body": {"model": "m\x00", "usage": [1]}}},
+        {"custom_id": "a", "response": {"status_code": 10**12, "body": {"usage": {"prompt_tokens": -5}}}},
+    ],
+)
+def test_malformed_lines_become_rows_without_tokens(line: dict[str, Any]) -> None:
+    owner = _Owner("key_1", "f", "u")
+    event = line_event("batch_abc", line, owner, datetime.now(UTC), PriceTable())
+    assert event is not None
+    assert (event.prompt_tokens, event.completion_tokens, event.cost_units) == (0, 0, None)
+    assert event.model is None and event.status_code in (0, 200)
+    assert line_event("batch_abc", {"id": "no custom id"}, owner, datetime.now(UTC), PriceTable()) is None
