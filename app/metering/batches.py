@@ -44,7 +44,7 @@ from app.db.usage_writer import write_batch
 from app.errors import GatewayError
 from app.metering.events import Batch, UsageEvent
 from app.metering.pricing import PriceTable
-from app.metering.usage import token_counts
+from app.metering.usage import price_usage
 from app.policy import MAX_MODEL_CHARS, UpstreamTarget, is_model_name
 from app.upstream import UpstreamClient, UpstreamUnavailable
 
@@ -414,7 +414,7 @@ def line_event(
     usage = Usage.from_openai(reported) if isinstance(reported, dict) else Usage()
     model = body.get("model")
     model = model if isinstance(model, str) and model and is_model_name(model) else None
-    priced = prices.price(model, token_counts(usage), "batch")
+    priced = price_usage(prices, model, "batch", usage)
     return UsageEvent(
         request_id=line_key(batch_id, line.get("custom_id")),
         created_at=ended,

@@ -25,7 +25,7 @@ from app.metering import tokens
 from app.metering.events import cost_to_usd
 from app.metering.metrics import Metrics
 from app.metering.pricing import PriceTable, rate_tier
-from app.metering.usage import estimated_with, event_line, token_counts, usage_of
+from app.metering.usage import estimated_with, event_line, price_usage, usage_of
 
 log = logging.getLogger("gateway.metering")
 
@@ -91,7 +91,7 @@ class Meter:
         # Priced by the model that answered (a dated snapshot resolves to its family), at the rates of the
         # service tier its answer reported.
         model = call.upstream_model or call.routed_model or call.model
-        priced = self.prices.price(model, token_counts(usage), rate_tier(call.service_tier))
+        priced = price_usage(self.prices, model, rate_tier(call.service_tier), usage)
         cost = priced.cost_units
         if call.admission is not None:
             self.guard.settle(call.admission, usage.total_tokens, cost_to_usd(cost))

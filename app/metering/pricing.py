@@ -192,11 +192,25 @@ def _units_per_token(rates: Rates) -> tuple[int, ...]:
 def _cost_units(rates: Rates, units: tuple[int, ...], counts: TokenCounts) -> int:
     if units:
         # Integer arithmetic in units of QUANTUM: exact, and about 10x cheaper than Decimal's.
-        return sum(count * unit for count, unit in zip(counts, units, strict=True))
+        t, c, o, ai, ao, ii, io = counts
+        return (
+            t * units[0]
+            + c * units[1]
+            + o * units[2]
+            + ai * units[3]
+            + ao * units[4]
+            + ii * units[5]
+            + io * units[6]
+        )
     per_1m = Decimal(0)
     for count, rate in zip(counts, rates.per_token(), strict=True):
         per_1m = _CTX.add(per_1m, _CTX.multiply(Decimal(count), rate))
     return int(_CTX.divide(per_1m, _PER).quantize(QUANTUM, context=_CTX).scaleb(-_QUANTUM_EXPONENT))
+
+
+# A NamedTuple's own constructor is a Python-level call; tuple.__new__ makes the same object in a third
+# of the time, and price() runs on every metered request.
+_new_priced = tuple.__new__
 
 
 class _PriceFile(BaseModel):
@@ -291,11 +305,22 @@ class PriceTable:
         cached_tokens: int = 0,
     ) -> int | None:
         """cost_usd() in units of QUANTUM (1e-10 USD), as usage events carry it."""
-        counts = TokenCounts.split(prompt_tokens, completion_tokens, cached_tokens)
-        return self.price(model, counts, "standard").cost_units
+        return self.price(model, "standard", prompt_tokens, completion_tokens, cached_tokens).cost_units
 
-    def price(self, model: str | None, counts: TokenCounts, tier: str) -> Priced:
-        """The cost of one call at the rates of `tier` (see rate_tier), and the entry that priced it."""
+    def price(
+        self,
+        model: str | None,
+        tier: str,
+        prompt: int,
+        completion: int,
+        cached: int = 0,
+        audio_prompt: int = 0,
+        audio_completion: int = 0,
+        image_prompt: int = 0,
+        image_completion: int = 0,
+    ) -> Priced:
+        """The cost of one call at the rates of `tier` (see rate_tier), and the entry that priced it. The
+        tokens as the usage object reports them: totals, and the subsets of each (TokenCounts.split)."""
         if not isinstance(model, str) or not model:
             return _UNPRICED
         # Every metered call comes here: a model priced before goes straight to its rates, without
@@ -316,7 +341,21 @@ class PriceTable:
                 # an unknown model.
                 self._warn(f"{model}@{tier}")
             return _UNPRICED
-        return Priced(_cost_units(hit.rates, hit.units, counts), hit.price_key, hit.version)
+        units = hit.units
+        if units and not (audio_prompt or audio_completion or image_prompt or image_completion):
+            # The common call, text only, without building TokenCounts: this runs on every request.
+            prompt = prompt if prompt > 0 else 0
+            cached = cached if cached > 0 else 0
+            if cached > prompt:
+                cached = prompt
+            completion = completion if completion > 0 else 0
+            cost = (prompt - cached) * units[0] + cached * units[1] + completion * units[2]
+        else:
+            counts = TokenCounts.split(
+                prompt, completion, cached, audio_prompt, audio_completion, image_prompt, image_completion
+            )
+            cost = _cost_units(hit.rates, units, counts)
+        return _new_priced(Priced, (cost, hit.price_key, hit.version))
 
     def lookup(self, model: str | None, tier: str) -> tuple[str, str] | None:
         """(price_key, price_version) a call of `model` at `tier` is priced by now; None: no price."""

@@ -22,7 +22,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from app.db.models import usage_daily, usage_events
 from app.metering.events import cost_to_usd, usd_to_cost
-from app.metering.pricing import PriceTable, TokenCounts, family_of, rate_tier
+from app.metering.pricing import PriceTable, family_of, rate_tier
 
 _PRICED_MODEL = func.coalesce(usage_events.c.upstream_model, usage_events.c.model)
 _TOKENS = (
@@ -174,7 +174,7 @@ async def _reprice(
         )
         updates: list[dict[str, Any]] = []
         for row in rows:
-            priced = prices.price(group.priced_model, TokenCounts.split(*row[5:]), tier)
+            priced = prices.price(group.priced_model, tier, *row[5:])
             old_units = usd_to_cost(row.cost_usd) or 0
             day = row.created_at.astimezone(UTC).date()
             key = (day, group.model or "")

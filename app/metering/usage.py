@@ -8,7 +8,7 @@ from typing import Any
 from app.call import CallRecord, Usage
 from app.metering import tokens
 from app.metering.events import UsageSource, line
-from app.metering.pricing import Priced, TokenCounts
+from app.metering.pricing import Priced, PriceTable
 
 log = logging.getLogger("gateway.metering")
 
@@ -106,8 +106,10 @@ def event_line(
     )
 
 
-def token_counts(usage: Usage) -> TokenCounts:
-    return TokenCounts.split(
+def price_usage(prices: PriceTable, model: str | None, tier: str, usage: Usage) -> Priced:
+    return prices.price(
+        model,
+        tier,
         usage.prompt_tokens,
         usage.completion_tokens,
         usage.cached_tokens,

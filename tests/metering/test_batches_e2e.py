@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from app.metering.batches import _Owner, line_event, line_key
-from app.metering.pricing import PriceTable, TokenCounts
+from app.metering.pricing import PriceTable
 from tests.conftest import sdk_client
 from tests.db import database_down, database_up, fetch
 from tests.fakes.openai_upstream import FakeOpenAI
@@ -130,8 +130,9 @@ def test_a_batch_is_metered_by_the_poller_once_per_line(
         assert (row["feature"], row["user_id"]) == (feature, "u-batch")
         assert row["api_key_id"] is not None
         assert row["service_tier"] == "batch"
-        counts = TokenCounts.split(usage["prompt_tokens"], usage["completion_tokens"])
-        standard = prices.price(body["model"], counts, "standard").cost_units
+        standard = prices.price(
+            body["model"], "standard", usage["prompt_tokens"], usage["completion_tokens"]
+        ).cost_units
         assert standard is not None and row["cost_usd"] == Decimal(standard) / 2 / Decimal(10) ** 10
         assert row["price_key"].endswith("@batch")
     error_row = by_id[f"{batch_id}:req-2"]

@@ -312,12 +312,12 @@ def test_model_price_is_immutable() -> None:
         price.input_per_1m = Decimal(0)  # type: ignore[misc]
 
 
-def _usd(table: PriceTable, model: str, counts: TokenCounts, tier: str) -> Decimal | None:
-    units = table.price(model, counts, tier).cost_units
+def _usd(table: PriceTable, model: str, tokens: tuple[int, ...], tier: str) -> Decimal | None:
+    units = table.price(model, tier, *tokens).cost_units
     return None if units is None else Decimal(units).scaleb(-10)
 
 
-MILLION = TokenCounts.split(1_000_000, 1_000_000)
+MILLION = (1_000_000, 1_000_000)
 
 
 @pytest.mark.parametrize(
@@ -343,7 +343,7 @@ def test_tiers_price_at_their_own_rates(table: PriceTable) -> None:
     assert _usd(table, "gpt-5-mini", MILLION, "priority") == Decimal("4.05")
     assert _usd(table, "gpt-5-mini", MILLION, "batch") == Decimal("1.125")
     assert _usd(table, "gpt-5-mini-2025-08-07", MILLION, "flex") == Decimal("1.125")
-    cached = TokenCounts.split(1_000_000, 0, cached=1_000_000)
+    cached = (1_000_000, 0, 1_000_000)
     assert _usd(table, "gpt-5-mini", cached, "batch") == Decimal("0.0125")
 
 
@@ -353,14 +353,14 @@ def test_a_tier_without_published_rates_is_unpriced_not_standard(
     seen: list[str] = []
     hooked = PriceTable(on_unknown=seen.append)
     with caplog.at_level(logging.WARNING, logger="app.metering.pricing"):
-        assert hooked.price("gpt-5-nano", MILLION, "priority") == (None, None, None)
+        assert hooked.price("gpt-5-nano", "priority", *MILLION) == (None, None, None)
     # A known model: not counted as an unknown one, but warned about.
     assert seen == []
     assert "gpt-5-nano@priority" in caplog.text
 
 
 def test_provenance_names_entry_tier_and_version(table: PriceTable) -> None:
-    priced = table.price("gpt-4o-mini-2024-07-18", MILLION, "flex")
+    priced = table.price("gpt-4o-mini-2024-07-18", "flex", *MILLION)
     assert priced.price_key == "gpt-4o-mini@flex"
     assert priced.price_version == shipped_prices().as_of
     assert table.lookup("gpt-4o-mini-2024-07-18", "flex") == ("gpt-4o-mini@flex", shipped_prices().as_of)
@@ -377,13 +377,13 @@ def test_provenance_names_entry_tier_and_version(table: PriceTable) -> None:
 
 def test_audio_and_image_tokens_at_their_own_rates(table: PriceTable) -> None:
     # gpt-4o-audio-preview: text $2.50 in / $10 out, audio $40 in / $80 out.
-    counts = TokenCounts.split(1_000_000, 1_000_000, audio_prompt=400_000, audio_completion=250_000)
+    counts = (1_000_000, 1_000_000, 0, 400_000, 250_000)
     expected = (
         Decimal("0.6") * Decimal("2.5") + Decimal("0.4") * 40 + Decimal("0.75") * 10 + Decimal("0.25") * 80
     )
     assert _usd(table, "gpt-4o-audio-preview", counts, "standard") == expected
     # gpt-image-1: text $5 in, image $10 in, output (image) $40.
-    image = TokenCounts.split(1_000, 4_000, image_prompt=600)
+    image = (1_000, 4_000, 0, 0, 0, 600)
     # 400 text tokens at $5, 600 image tokens at $10, 4,000 output tokens at $40.
     assert _usd(table, "gpt-image-1", image, "standard") == Decimal("0.168")
     # A model without audio rates prices audio tokens at its text rates.
