@@ -226,9 +226,13 @@ class BatchMeter:
 
     async def _poll(self, batch_id: str) -> None:
         try:
-            answer = await self._get(upstream_path("batches", batch_id))
+            code, answer = await self._get(upstream_path("batches", batch_id))
         except (UpstreamUnavailable, GatewayError) as exc:
             log.warning("batch poll failed (%s)", type(exc).__name__)
+            return
+        if code == 404:
+            # The upstream does not know it (any more): nothing will ever be read, so stop polling it.
+            await self._close_job(batch_id, status="not_found", lines=0, truncated=False)
             return
         if answer is None:
             return
@@ -241,16 +245,16 @@ class BatchMeter:
                     update(batch_jobs).where(batch_jobs.c.batch_id == batch_id).values(status=status[:64])
                 )
 
-    async def _get(self, path: str) -> dict[str, Any] | None:
+    async def _get(self, path: str) -> tuple[int, dict[str, Any] | None]:
         call = CallRecord(request_id=f"batch-meter-{uuid.uuid4().hex}", method="GET", path=path)
         answer = await self._upstream.send(self._target(), "GET", path, body=b"", headers={}, call=call)
         if answer.status >= 300:
-            return None
+            return answer.status, None
         try:
             parsed: Any = orjson.loads(answer.body)
         except orjson.JSONDecodeError:
-            return None
-        return parsed if isinstance(parsed, dict) else None
+            return answer.status, None
+        return answer.status, parsed if isinstance(parsed, dict) else None
 
     # -- metering one batch ---------------------------------------------------------------------------
 
@@ -270,6 +274,13 @@ class BatchMeter:
                         .values(metering_until=None)
                     )
             raise
+        await self._close_job(
+            batch_id, status=str(batch.get("status"))[:64], lines=lines, truncated=truncated
+        )
+        if truncated:
+            log.warning("batch output larger than GATEWAY_BATCH_MAX_FILE_BYTES: later lines not metered")
+
+    async def _close_job(self, batch_id: str, *, status: str, lines: int, truncated: bool) -> None:
         async with self._engine.begin() as conn:
             await conn.execute(
                 update(batch_jobs)
@@ -279,11 +290,9 @@ class BatchMeter:
                     metering_until=None,
                     metered_lines=lines,
                     truncated=truncated,
-                    status=str(batch.get("status"))[:64],
+                    status=status,
                 )
             )
-        if truncated:
-            log.warning("batch output larger than GATEWAY_BATCH_MAX_FILE_BYTES: later lines not metered")
 
     async def _lease(self, batch_id: str) -> _Owner | None:
         now = _now()

@@ -269,3 +269,20 @@ def test_malformed_lines_become_rows_without_tokens(line: dict[str, Any]) -> Non
     assert (event.prompt_tokens, event.completion_tokens, event.cost_units) == (0, 0, None)
     assert event.model is None and event.status_code in (0, 200)
     assert line_event("batch_abc", {"id": "no custom id"}, owner, datetime.now(UTC), PriceTable()) is None
+
+
+def test_a_batch_the_upstream_forgot_is_no_longer_polled(
+    fake: FakeOpenAI,
+    start_gateway: Callable[..., ThreadedGateway],
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fake, "job_delay_s", 60.0)
+    gateway = start_gateway(**FAST)
+    with sdk_client(gateway.base_url) as client:
+        batch_id = _create(client, _input("gpt-4o-mini"), user="u-6")
+    with fake.store.lock:
+        del fake.store.batches[batch_id]
+    job = wait_until(lambda: _metered(database_url, batch_id))
+    assert (job["status"], job["metered_lines"]) == ("not_found", 0)
+    assert _rows(database_url, batch_id) == []
