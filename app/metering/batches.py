@@ -40,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.call import CallRecord, Usage
 from app.canonical_path import upstream_path
 from app.db.models import batch_jobs
-from app.db.usage_writer import write_batch
+from app.db.usage_writer import is_rejected_data, write_batch
 from app.errors import GatewayError
 from app.metering.events import Batch, UsageEvent
 from app.metering.pricing import PriceTable
@@ -326,13 +326,25 @@ class BatchMeter:
                 if event is not None:
                     events.append(event)
                 if len(events) >= _ROWS_PER_WRITE:
-                    await write_batch(self._engine, Batch.of(events))
-                    written, events = written + len(events), []
+                    written, events = written + await self._write(events), []
             if events:
-                await write_batch(self._engine, Batch.of(events))
-                written += len(events)
+                written += await self._write(events)
             truncated = truncated or reader.truncated
         return written, truncated
+
+    async def _write(self, events: list[UsageEvent]) -> int:
+        """The lines' rows; those the database refuses (a token count out of range, say) are left out,
+        one by one, rather than failing every attempt at the batch. Returns how many were written."""
+        try:
+            await write_batch(self._engine, Batch.of(events))
+            return len(events)
+        except Exception as exc:
+            if not is_rejected_data(exc):
+                raise
+        if len(events) > 1:
+            return sum([await self._write([event]) for event in events])
+        log.error("the database refused a batch line's usage row; left out")
+        return 0
 
 
 class _FileLines:

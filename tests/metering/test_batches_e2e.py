@@ -4,19 +4,24 @@ restarts and replicas. The official SDK is the client; the fake upstream runs th
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import openai
 import orjson
 import pytest
 
-from app.metering.batches import _Owner, line_event, line_key
+from app.db.engine import create_engine
+from app.metering.batches import BatchMeter, BatchSettings, _Owner, line_event, line_key
 from app.metering.pricing import PriceTable
+from app.policy import UpstreamTarget
+from app.upstream import UpstreamClient
 from tests.conftest import sdk_client
 from tests.db import database_down, database_up, fetch
 from tests.fakes.openai_upstream import FakeOpenAI
@@ -286,3 +291,42 @@ def test_a_batch_the_upstream_forgot_is_no_longer_polled(
     job = wait_until(lambda: _metered(database_url, batch_id))
     assert (job["status"], job["metered_lines"]) == ("not_found", 0)
     assert _rows(database_url, batch_id) == []
+
+
+def test_a_line_the_database_refuses_is_left_out_alone(database_url: str) -> None:
+    async def run() -> int:
+        engine = create_engine(database_url, Path("unused"))
+        meter = BatchMeter(
+            engine,
+            cast(UpstreamClient, None),
+            lambda: UpstreamTarget("openai", "http://127.0.0.1:9", None),
+            PriceTable,
+            BatchSettings(poll_initial_s=1, poll_max_s=1, lease_s=1, max_file_bytes=1024),
+        )
+        owner = _Owner(None, "refused", None)
+        now = datetime.now(UTC)
+        usage = {"prompt_tokens": 1, "completion_tokens": 1}
+        lines = [
+            {
+                "custom_id": "a",
+                "response": {"status_code": 200, "body": {"model": "gpt-4o-mini", "usage": usage}},
+            },
+            # More tokens than a bigint holds: the database refuses this row, and only this one.
+            {
+                "custom_id": "b",
+                "response": {"status_code": 200, "body": {"usage": {"prompt_tokens": 10**20}}},
+            },
+            {
+                "custom_id": "c",
+                "response": {"status_code": 200, "body": {"model": "gpt-4o-mini", "usage": usage}},
+            },
+        ]
+        events = [line_event(batch_id, line, owner, now, PriceTable()) for line in lines]
+        try:
+            return await meter._write([event for event in events if event is not None])
+        finally:
+            await engine.dispose()
+
+    batch_id = f"batch_{uuid.uuid4().hex}"
+    assert asyncio.run(run()) == 2
+    assert [row["request_id"] for row in _rows(database_url, batch_id)] == [f"{batch_id}:a", f"{batch_id}:c"]
