@@ -5,6 +5,8 @@ restarts and replicas. The official SDK is the client; the fake upstream runs th
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -18,6 +20,7 @@ import orjson
 import pytest
 
 from app.db.engine import create_engine
+from app.db.migrate import upgrade
 from app.metering.batches import BatchMeter, BatchSettings, _Owner, line_event, line_key
 from app.metering.pricing import PriceTable
 from app.policy import UpstreamTarget
@@ -330,3 +333,25 @@ def test_a_line_the_database_refuses_is_left_out_alone(database_url: str) -> Non
     batch_id = f"batch_{uuid.uuid4().hex}"
     assert asyncio.run(run()) == 2
     assert [row["request_id"] for row in _rows(database_url, batch_id)] == [f"{batch_id}:a", f"{batch_id}:c"]
+
+
+def test_batches_are_metered_on_the_embedded_sqlite_too(
+    quick_batches: FakeOpenAI,
+    start_gateway: Callable[..., ThreadedGateway],
+    tmp_path: Path,
+) -> None:
+    upgrade(None, tmp_path)
+    gateway = start_gateway(database_url="", data_dir=tmp_path, **FAST)
+
+    def rows() -> list[tuple[Any, ...]]:
+        with contextlib.closing(sqlite3.connect(tmp_path / "gateway.db")) as db:
+            return db.execute(
+                "SELECT request_id, endpoint, service_tier, cost_usd FROM usage_events"
+                " WHERE endpoint = '/v1/batches' ORDER BY request_id"
+            ).fetchall()
+
+    with sdk_client(gateway.base_url) as client:
+        batch_id = _create(client, _input("gpt-4o-mini", "gpt-4o-mini"), user="u-7")
+        found = wait_until(lambda: len(rows()) == 2 and rows())
+    assert [row[0] for row in found] == [f"{batch_id}:req-0", f"{batch_id}:req-1"]
+    assert all(row[1:3] == ("/v1/batches", "batch") and row[3] > 0 for row in found)
