@@ -141,3 +141,30 @@ def test_reprice_model_filter_and_bad_since(
     (two,) = wait_for_rows(url, second)
     assert (one["cost_usd"], two["cost_usd"]) == (Decimal("0.001"), None)
     assert main(["reprice", "--since", "yesterday"]) == 2
+
+
+def test_prices_list_and_show(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("GATEWAY_CONFIG", raising=False)
+    code, out = _cli(capsys, "prices", "list", "--format", "json")
+    listed = {row["model"]: row for row in orjson.loads(out)}
+    assert code == 0 and {"gpt-6-sol", "gpt-5-mini", "gpt-realtime", "text-embedding-3-small"} <= set(listed)
+    assert listed["gpt-5-mini"]["priority"] == "yes" and listed["gpt-realtime"]["media"] == "yes"
+
+    code, out = _cli(capsys, "prices", "show", "gpt-5-mini-2025-08-07")
+    assert code == 0
+    assert "priced by the entry 'gpt-5-mini'" in out
+    tiers = {line.split()[0]: line.split()[1:] for line in out.splitlines()[3:]}
+    assert tiers["standard"] == ["0.25", "0.025", "2.00"]
+    assert tiers["batch"] == tiers["flex"] == ["0.125", "0.0125", "1.00"]
+    assert tiers["priority"] == ["0.45", "0.045", "3.6"]
+
+    code, out = _cli(capsys, "prices", "show", "acme-unknown")
+    assert code == 1 and "no price" in out
+
+    config = tmp_path / "gateway.yaml"
+    config.write_text("prices:\n  acme-unknown: {input_per_1m: 1, output_per_1m: 2}\n")
+    monkeypatch.setenv("GATEWAY_CONFIG", str(config))
+    code, out = _cli(capsys, "prices", "show", "acme-unknown")
+    assert code == 0 and "version config:" in out
