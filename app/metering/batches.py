@@ -27,6 +27,7 @@ import hashlib
 import logging
 import random
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -100,6 +101,9 @@ class BatchMeter:
         self._settings = settings
         self._tracked: list[dict[str, Any]] = []
         self._found: dict[str, dict[str, Any]] = {}
+        # Batches this process metered: a client retrieving one again and again costs no query. Only a
+        # hint, bounded; the database decides.
+        self._metered: OrderedDict[str, None] = OrderedDict()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -128,7 +132,12 @@ class BatchMeter:
     def found(self, batch: dict[str, Any]) -> None:
         """A batch a client retrieved: metered now if it has ended (and was created through the gateway)."""
         batch_id = batch.get("id")
-        if batch.get("status") in TERMINAL and isinstance(batch_id, str) and len(self._found) < _MAX_PENDING:
+        if (
+            batch.get("status") in TERMINAL
+            and isinstance(batch_id, str)
+            and batch_id not in self._metered
+            and len(self._found) < _MAX_PENDING
+        ):
             self._found[batch_id] = batch
             self._wake.set()
 
@@ -260,6 +269,11 @@ class BatchMeter:
 
     async def _meter(self, batch_id: str, batch: dict[str, Any]) -> None:
         owner = await self._lease(batch_id)
+        # Whatever the lease says, retrievals need not ask again: should this process fail to meter
+        # it, or the one holding the lease die, the polls come back to it.
+        self._metered[batch_id] = None
+        if len(self._metered) > _MAX_PENDING:
+            self._metered.popitem(last=False)
         if owner is None:
             return  # metered already, being metered elsewhere, or not created through the gateway
         try:
