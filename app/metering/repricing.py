@@ -24,6 +24,8 @@ from app.db.models import usage_daily, usage_events
 from app.metering.events import cost_to_usd, usd_to_cost
 from app.metering.pricing import PriceTable, family_of, rate_tier
 
+# Rows read and updated at a time.
+_PAGE = 5000
 _PRICED_MODEL = func.coalesce(usage_events.c.upstream_model, usage_events.c.model)
 _TOKENS = (
     "prompt_tokens",
@@ -158,42 +160,52 @@ async def _reprice(
         stored = None if group.price_key is None else (group.price_key, group.price_version)
         if prices.lookup(group.priced_model, tier) == stored:
             continue
-        rows = await conn.execute(
-            select(
-                usage_events.c.id,
-                usage_events.c.created_at,
-                usage_events.c.feature,
-                usage_events.c.user_id,
-                usage_events.c.cost_usd,
-                *(usage_events.c[name] for name in _TOKENS),
-            )
-            .where(usage_events.c.created_at >= start, group.where())
-            .order_by(usage_events.c.id)
-            # Two re-pricings at once wait for each other instead of both adding the same difference.
-            .with_for_update()
-        )
-        updates: list[dict[str, Any]] = []
-        for row in rows:
-            priced = prices.price(group.priced_model, tier, *row[5:])
-            old_units = usd_to_cost(row.cost_usd) or 0
-            day = row.created_at.astimezone(UTC).date()
-            key = (day, group.model or "")
-            entry = deltas.get(key) or deltas.setdefault(key, DayDelta(day, group.model or ""))
-            entry.rows += 1
-            entry.old_cost += cost_to_usd(old_units) or 0
-            entry.new_cost += cost_to_usd(priced.cost_units or 0) or 0
-            rollup = (day, row.feature or "", row.user_id or "", group.model or "")
-            daily[rollup] = daily.get(rollup, 0) + (priced.cost_units or 0) - old_units
-            updates.append(
-                {
-                    "row_id": row.id,
-                    "new_cost": cost_to_usd(priced.cost_units),
-                    "new_key": priced.price_key,
-                    "new_version": priced.price_version,
-                }
-            )
-        if write and updates:
-            await _update_rows(conn, updates)
+        last_id = -1
+        while True:
+            # Keyset pages: memory stays bounded however many rows the group has. The rows stay locked
+            # to the end of the transaction: two re-pricings at once wait for each other instead of both
+            # adding the same difference.
+            rows = (
+                await conn.execute(
+                    select(
+                        usage_events.c.id,
+                        usage_events.c.created_at,
+                        usage_events.c.feature,
+                        usage_events.c.user_id,
+                        usage_events.c.cost_usd,
+                        *(usage_events.c[name] for name in _TOKENS),
+                    )
+                    .where(usage_events.c.created_at >= start, usage_events.c.id > last_id, group.where())
+                    .order_by(usage_events.c.id)
+                    .limit(_PAGE)
+                    .with_for_update()
+                )
+            ).all()
+            if not rows:
+                break
+            last_id = rows[-1].id
+            updates: list[dict[str, Any]] = []
+            for row in rows:
+                priced = prices.price(group.priced_model, tier, *row[5:])
+                old_units = usd_to_cost(row.cost_usd) or 0
+                day = row.created_at.astimezone(UTC).date()
+                key = (day, group.model or "")
+                entry = deltas.get(key) or deltas.setdefault(key, DayDelta(day, group.model or ""))
+                entry.rows += 1
+                entry.old_cost += cost_to_usd(old_units) or 0
+                entry.new_cost += cost_to_usd(priced.cost_units or 0) or 0
+                rollup = (day, row.feature or "", row.user_id or "", group.model or "")
+                daily[rollup] = daily.get(rollup, 0) + (priced.cost_units or 0) - old_units
+                updates.append(
+                    {
+                        "row_id": row.id,
+                        "new_cost": cost_to_usd(priced.cost_units),
+                        "new_key": priced.price_key,
+                        "new_version": priced.price_version,
+                    }
+                )
+            if write:
+                await _update_rows(conn, updates)
     if write:
         await _update_daily(conn, [(key, units) for key, units in sorted(daily.items()) if units])
     return deltas

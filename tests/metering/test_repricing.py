@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from app.cli import main
+from app.metering import repricing
 from tests.conftest import sdk_client
 from tests.db import fetch, wait_for_rows
 from tests.fakes.openai_upstream import FakeOpenAI
@@ -55,6 +56,8 @@ def test_unpriced_then_repriced_once(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     _, url = scratch_db
+    # Pages of two rows: the three standard-tier rows take two.
+    monkeypatch.setattr(repricing, "_PAGE", 2)
     gateway = start_gateway(database_url=url)
     with sdk_client(gateway.base_url) as client:
         new = [_call(client, fake, "acme-new-model", 1000, 100) for _ in range(3)]
