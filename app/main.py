@@ -198,6 +198,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 ),
             )
             await batch_meter.start()
+            app_metrics.watch_batches(batch_meter.stats)
         app.state.batch_meter = batch_meter
         # Everything made at start-up (modules, tokenizer tables, settings) lives as long as the process:
         # out of the collector's sight, and fewer collections of the short-lived objects each request

@@ -106,6 +106,16 @@ class BatchMeter:
         self._metered: OrderedDict[str, None] = OrderedDict()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # For /metrics.
+        self.lines_metered = 0
+        self.errors = 0
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "pending": len(self._tracked) + len(self._found),
+            "lines_metered": self.lines_metered,
+            "errors": self.errors,
+        }
 
     # -- the request path: never awaits -------------------------------------------------------------
 
@@ -167,6 +177,7 @@ class BatchMeter:
                 pause = self._settings.poll_initial_s
             except Exception as exc:
                 # Database or upstream unavailable: try again later, backing off.
+                self.errors += 1
                 log.warning("batch metering round failed (%s)", type(exc).__name__)
                 wait = pause = min(pause * 2, self._settings.poll_max_s)
             with contextlib.suppress(TimeoutError):
@@ -351,6 +362,7 @@ class BatchMeter:
         one by one, rather than failing every attempt at the batch. Returns how many were written."""
         try:
             await write_batch(self._engine, Batch.of(events))
+            self.lines_metered += len(events)
             return len(events)
         except Exception as exc:
             if not is_rejected_data(exc):

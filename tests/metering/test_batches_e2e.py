@@ -153,6 +153,9 @@ def test_a_batch_is_metered_by_the_poller_once_per_line(
     assert (job["status"], job["metered_lines"], job["truncated"]) == ("completed", 3, False)
     assert (job["feature"], job["user_id"]) == (feature, "u-batch")
     assert _daily_requests(database_url, feature) == 3
+    scrape = httpx.get(gateway.url + "/metrics", timeout=5).text
+    assert "gateway_batch_lines_metered_total 3.0" in scrape
+    assert "gateway_batches_pending 0.0" in scrape
 
 
 def test_retrieval_meters_it_and_nothing_counts_twice(
