@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 export GATEWAY_MASTER_KEY ?= sk-gateway-dev-master-key
 
-.PHONY: install run test demo lint bench clean
+.PHONY: install run test demo lint bench clean dashboard-browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,12 +21,16 @@ NODE_STAMP := tests/node/node_modules/.package-lock.json
 $(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
 	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
 
+# The dashboard's browser tests (tests/dashboard) drive Debian's chromium; installed once, as root.
+dashboard-browser:
+	tests/dashboard/install.sh
+
 run: install
 	@echo "llm-gateway on http://$${GATEWAY_HOST:-127.0.0.1}:$${GATEWAY_PORT:-8080}/v1 (database: $${DATABASE_URL:-embedded SQLite in ./var})"
 	$(VENV)/bin/llm-gateway migrate
 	$(VENV)/bin/llm-gateway serve
 
-test: install $(NODE_STAMP)
+test: install $(NODE_STAMP) dashboard-browser
 	$(PY) -m pytest -q
 
 demo: install

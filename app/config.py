@@ -6,6 +6,7 @@ the OpenAI SDKs and most deployments already use, so they are read as they are.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -13,6 +14,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_UPSTREAM = "https://api.openai.com/v1"
+_OPENAI_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 class DatabaseSettings(BaseSettings):
@@ -30,6 +32,11 @@ class DatabaseSettings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    # Dashboards: the password of the read-only role `migrate --create-readonly-role NAME` creates.
+    readonly_role_password: SecretStr | None = Field(
+        default=None, validation_alias="GATEWAY_READONLY_ROLE_PASSWORD"
+    )
 
 
 class Settings(DatabaseSettings):
@@ -101,6 +108,31 @@ class Settings(DatabaseSettings):
     batch_poll_max_s: float = Field(default=1800.0, gt=0)
     batch_lease_s: float = Field(default=300.0, gt=0)
     batch_max_file_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+
+    # Reconciliation with OpenAI's own usage and costs (its organization Usage and Costs APIs). The admin
+    # key (sk-admin-…) is sent only to OPENAI_BASE_URL's /organization/ endpoints; unset, the background
+    # job is off. The id lists (comma-separated) narrow OpenAI's numbers to the projects or API keys the
+    # gateway calls with, so traffic that bypassed the gateway is left out.
+    openai_admin_key: SecretStr | None = Field(default=None, validation_alias="OPENAI_ADMIN_KEY")
+    reconcile_project_ids: str = ""
+    reconcile_api_key_ids: str = ""
+    reconcile_interval_s: float = Field(default=3600.0, gt=0)
+    # OpenAI fills in and revises the last days for a while: each run of the job reads these days again.
+    reconcile_days: int = Field(default=3, ge=1, le=31)
+    reconcile_timeout_s: float = Field(default=120.0, gt=0)
+
+    @field_validator("openai_admin_key", mode="before")
+    @classmethod
+    def _blank_admin_key(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("reconcile_project_ids", "reconcile_api_key_ids")
+    @classmethod
+    def _id_list(cls, value: str) -> str:
+        ids = [part.strip() for part in value.split(",") if part.strip()]
+        if len(ids) > 100 or any(not _OPENAI_ID.fullmatch(part) for part in ids):
+            raise ValueError("must be up to 100 comma-separated ids of A-Za-z0-9_- (1-128 characters)")
+        return ",".join(ids)
 
     @field_validator("openai_base_url")
     @classmethod

@@ -46,8 +46,10 @@ from app.metering.pricing import PriceTable
 from app.metering.recorder import Recorder
 from app.ownership import OwnerStore
 from app.policy import Policy
+from app.reconcile.job import Reconciler
 from app.request_context import RequestContextMiddleware
 from app.routes import admin, chat, embeddings, health, metrics, models, passthrough, responses, usage
+from app.routes.dashboard import router as dashboard_router
 from app.upstream import UpstreamClient
 
 log = logging.getLogger("gateway")
@@ -200,6 +202,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await batch_meter.start()
             app_metrics.watch_batches(batch_meter.stats)
         app.state.batch_meter = batch_meter
+        reconciler: Reconciler | None = None
+        if settings.openai_admin_key is not None:
+            reconciler = Reconciler(settings, upstream, engine, app_metrics.registry)
+            reconciler.start()
         # Everything made at start-up (modules, tokenizer tables, settings) lives as long as the process:
         # out of the collector's sight, and fewer collections of the short-lived objects each request
         # makes (a request allocates hundreds of objects; the default threshold collects every 700).
@@ -215,6 +221,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             # uvicorn has let in-flight requests finish by now, so every event is queued, or is about
             # to be once a tokenizer is built.
+            if reconciler is not None:
+                await reconciler.close()
             await app.state.meter.drain(settings.shutdown_timeout_s)
             if batch_meter is not None:
                 await batch_meter.close()
@@ -247,6 +255,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(responses.router)
     app.include_router(models.router)
     app.include_router(usage.router)
+    app.state.summaries_in_flight = 0
+    app.include_router(dashboard_router)
     app.include_router(admin.router)
     # Last: it takes every /v1/* path the routers above do not.
     app.include_router(passthrough.router)
