@@ -21,12 +21,14 @@ _TOKENS = ("audio_prompt_tokens", "audio_completion_tokens", "image_prompt_token
 
 
 def upgrade() -> None:
-    # Nullable, or with a constant default: Postgres adds either without rewriting the table.
-    with op.batch_alter_table("usage_events") as batch:
-        for name in ("service_tier", "price_key", "price_version"):
-            batch.add_column(sa.Column(name, sa.Text(), nullable=True))
-        for name in _TOKENS:
-            batch.add_column(sa.Column(name, sa.BigInteger(), nullable=False, server_default=sa.text("0")))
+    # Nullable, or with a constant default: Postgres adds either without rewriting the table, and SQLite
+    # with its own ALTER TABLE (a batch operation would copy the table, which a view over it forbids).
+    for name in ("service_tier", "price_key", "price_version"):
+        op.add_column("usage_events", sa.Column(name, sa.Text(), nullable=True))
+    for name in _TOKENS:
+        op.add_column(
+            "usage_events", sa.Column(name, sa.BigInteger(), nullable=False, server_default=sa.text("0"))
+        )
     op.create_table(
         "batch_jobs",
         sa.Column("batch_id", sa.Text(), nullable=False),
@@ -48,6 +50,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("batch_jobs")
-    with op.batch_alter_table("usage_events") as batch:
-        for name in ("service_tier", "price_key", "price_version", *_TOKENS):
-            batch.drop_column(name)
+    for name in ("service_tier", "price_key", "price_version", *_TOKENS):
+        op.drop_column("usage_events", name)
