@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from app.limits.guard import Admission
 
 STATE_KEY = "gateway_call"
+_MAX_TIER_CHARS = 32
 
 
 @dataclass(slots=True)
@@ -30,6 +31,11 @@ class Usage:
     # Subsets of prompt_tokens / completion_tokens, never added on top (priced at their own rate).
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    # Subsets too: audio and image tokens, where the usage object reports them apart from text.
+    audio_prompt_tokens: int = 0
+    audio_completion_tokens: int = 0
+    image_prompt_tokens: int = 0
+    image_completion_tokens: int = 0
 
     @classmethod
     def from_openai(cls, usage: dict[str, Any]) -> Usage:
@@ -37,16 +43,32 @@ class Usage:
         get = usage.get
         prompt = _int(get("prompt_tokens") if "prompt_tokens" in usage else get("input_tokens"))
         completion = _int(get("completion_tokens") if "completion_tokens" in usage else get("output_tokens"))
-        prompt_details = get("prompt_tokens_details") or get("input_tokens_details")
-        completion_details = get("completion_tokens_details") or get("output_tokens_details")
+        # Realtime and transcription usage spell it `input_token_details`.
+        prompt_details = _details(
+            get("prompt_tokens_details") or get("input_tokens_details") or get("input_token_details")
+        )
+        completion_details = _details(
+            get("completion_tokens_details") or get("output_tokens_details") or get("output_token_details")
+        )
         total = get("total_tokens")
         return cls(
             prompt,
             completion,
             prompt + completion if total is None else _int(total),
-            _int(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0,
-            _int(completion_details.get("reasoning_tokens")) if isinstance(completion_details, dict) else 0,
+            _int(prompt_details.get("cached_tokens")),
+            _int(completion_details.get("reasoning_tokens")),
+            _int(prompt_details.get("audio_tokens")),
+            _int(completion_details.get("audio_tokens")),
+            _int(prompt_details.get("image_tokens")),
+            _int(completion_details.get("image_tokens")),
         )
+
+
+_NO_DETAILS: dict[str, Any] = {}
+
+
+def _details(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else _NO_DETAILS
 
 
 def _int(value: object) -> int:
@@ -85,6 +107,8 @@ class CallRecord:
     upstream_deadline: float | None = None
     status_code: int = 0
     usage: Usage | None = None
+    # The service tier the answer says served it (`default`, `flex`, `priority`, `scale`), which prices it.
+    service_tier: str | None = None
     ttfb_s: float | None = None
     error_type: str | None = None
     client_disconnected: bool = False
@@ -106,6 +130,12 @@ class CallRecord:
     cost_units: int | None = None
     # Set when metering waits for a tokenizer to be built: done once the call is counted.
     pending_metering: asyncio.Task[None] | None = None
+
+    def learn_tier(self, answer: dict[str, Any]) -> None:
+        """The service tier an answer (a completion, a chunk, a response) reports. Bounded: it is stored."""
+        tier = answer.get("service_tier")
+        if isinstance(tier, str) and 0 < len(tier) <= _MAX_TIER_CHARS:
+            self.service_tier = tier
 
     def mark_first_byte(self) -> None:
         if self.ttfb_s is None:

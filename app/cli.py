@@ -12,7 +12,9 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
@@ -35,6 +37,8 @@ from app.keys import ApiKey, KeyStore
 from app.logs import configure_logging
 from app.metering.metrics import WORKER_METRICS_DIR
 from app.money import usd
+from app.metering.pricing import TIERS, PriceTable, Rates
+from app.metering.repricing import DayDelta, reprice, unpriced
 from app.reconcile import store as reconciliation
 from app.reconcile.job import organization_reader, reconcile
 from app.reconcile.provider import MAX_DAYS, ProviderError
@@ -366,6 +370,124 @@ def _minute(moment: datetime | None) -> str | None:
     return None if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%MZ")
 
 
+def _price_table() -> PriceTable:
+    """The shipped prices with GATEWAY_CONFIG's overrides, as the gateway prices calls."""
+    path = os.environ.get("GATEWAY_CONFIG") or None
+    return PriceTable(load_config_file(Path(path) if path else None).prices)
+
+
+_RATE_COLUMNS = ("input_per_1m", "cached_input_per_1m", "output_per_1m")
+_MEDIA_COLUMNS = ("audio_input_per_1m", "audio_output_per_1m", "image_input_per_1m", "image_output_per_1m")
+
+
+def _rates_row(tier: str, rates: Rates | None) -> dict[str, object]:
+    row: dict[str, object] = {"tier": tier}
+    for name in _RATE_COLUMNS + _MEDIA_COLUMNS:
+        row[name] = None if rates is None else getattr(rates, name)
+    if rates is not None and rates.cached_input_per_1m is None:
+        row["cached_input_per_1m"] = rates.cached_rate_per_1m
+    return row
+
+
+def _prices(args: argparse.Namespace) -> int:
+    table = _price_table()
+    if args.prices_command == "list":
+        rows = [
+            {
+                "model": name,
+                **{column: getattr(price, column) for column in _RATE_COLUMNS},
+                "priority": "yes" if price.priority is not None else "-",
+                "media": "yes" if any(getattr(price, c) is not None for c in _MEDIA_COLUMNS) else "-",
+                "version": version,
+            }
+            for name, price, version in table.entries()
+        ]
+        if args.format == "json":
+            sys.stdout.write(orjson.dumps(rows, default=str).decode() + "\n")
+        else:
+            print(
+                f"prices as of {table.as_of} (USD per 1M tokens); `llm-gateway prices show MODEL` for tiers"
+            )
+            columns = ("model", *_RATE_COLUMNS, "priority", "media", "version")
+            print(to_plain_table(rows, columns, frozenset(_RATE_COLUMNS)))
+        return 0
+    if args.prices_command == "show":
+        entry = table.resolve(args.model)
+        price = table.price_for(args.model)
+        if entry is None or price is None:
+            print(f"llm-gateway prices: no price for {args.model!r}: its calls are recorded without cost")
+            return 1
+        version = table.version(entry)
+        print(f"{args.model}: priced by the entry {entry!r}, version {version} (USD per 1M tokens)")
+        rows = [_rates_row(tier, price.rates_for(tier)) for tier in TIERS]
+        shown: tuple[str, ...] = (
+            "tier",
+            *_RATE_COLUMNS,
+            *(c for c in _MEDIA_COLUMNS if any(r[c] is not None for r in rows)),
+        )
+        print(to_plain_table(rows, shown, frozenset(shown[1:])))
+        if price.priority is None:
+            print("priority: OpenAI publishes no Priority rates for it; such calls are recorded without cost")
+        return 0
+    settings = load_database_settings()
+    try:
+        since = parse_since(args.since)
+    except ValueError as exc:
+        print(f"llm-gateway prices: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> list[dict[str, object]]:
+        engine = create_engine(settings.database_url, settings.data_dir)
+        try:
+            return await unpriced(engine, since)
+        finally:
+            await engine.dispose()
+
+    found = asyncio.run(run())
+    if args.format == "json":
+        sys.stdout.write(orjson.dumps(found, default=str).decode() + "\n")
+    elif not found:
+        print(f"every call since {since} has a price")
+    else:
+        listed = ("model", "service_tier", "calls", "prompt_tokens", "completion_tokens", "last_seen")
+        print(to_plain_table(found, listed, frozenset(("calls", "prompt_tokens", "completion_tokens"))))
+    return 0
+
+
+def _reprice(args: argparse.Namespace) -> int:
+    settings = load_database_settings()
+    try:
+        since = parse_since(args.since)
+    except ValueError as exc:
+        print(f"llm-gateway reprice: {exc}", file=sys.stderr)
+        return 2
+    table = _price_table()
+
+    async def run() -> list[DayDelta]:
+        engine = create_engine(settings.database_url, settings.data_dir)
+        try:
+            return await reprice(engine, table, since, model=args.model, dry_run=args.dry_run)
+        finally:
+            await engine.dispose()
+
+    deltas = asyncio.run(run())
+    rows = [d.as_row() for d in deltas]
+    if args.format == "json":
+        sys.stdout.write(orjson.dumps(rows, default=str).decode() + "\n")
+        return 0
+    verb = "would change" if args.dry_run else "changed"
+    if not rows:
+        print(f"no row since {since} needs re-pricing")
+        return 0
+    numeric = frozenset(("rows", "old_cost_usd", "new_cost_usd", "delta_usd"))
+    print(
+        to_plain_table(rows, ("day", "model", "rows", "old_cost_usd", "new_cost_usd", "delta_usd"), numeric)
+    )
+    total = sum((d.delta for d in deltas), start=Decimal(0))
+    print(f"{sum(d.rows for d in deltas)} rows {verb}; cost {verb.split()[-1]} by {total:+} USD")
+    return 0
+
+
 def _scopes(key: ApiKey) -> str:
     return ",".join(key.public()["scopes"])
 
@@ -485,6 +607,26 @@ def main(argv: list[str] | None = None) -> int:
     revoke = keys_commands.add_parser("revoke", help="revoke a key at once, on every replica")
     revoke.add_argument("id")
     keys.set_defaults(handler=_keys)
+    prices = commands.add_parser("prices", help="the price table, and the models seen without a price")
+    prices_commands = prices.add_subparsers(dest="prices_command", required=True)
+    prices_list = prices_commands.add_parser("list", help="every entry (GATEWAY_CONFIG overrides included)")
+    prices_list.add_argument("--format", choices=["table", "json"], default="table")
+    show = prices_commands.add_parser("show", help="the entry a model is priced by, at every tier")
+    show.add_argument("model")
+    missing = prices_commands.add_parser(
+        "unpriced", help="models seen without a price, with calls and tokens"
+    )
+    missing.add_argument("--since", default="30d", help="30d, 4w, 3m or YYYY-MM-DD (default: 30d)")
+    missing.add_argument("--format", choices=["table", "json"], default="table")
+    prices.set_defaults(handler=_prices)
+    repricing = commands.add_parser(
+        "reprice", help="re-price the rows whose price entry has changed, usage_daily with them"
+    )
+    repricing.add_argument("--since", required=True, help="7d, 4w, 3m or YYYY-MM-DD")
+    repricing.add_argument("--model", help="only this model (and its dated snapshots)")
+    repricing.add_argument("--dry-run", dest="dry_run", action="store_true", help="print the change only")
+    repricing.add_argument("--format", choices=["table", "json"], default="table")
+    repricing.set_defaults(handler=_reprice)
     args = parser.parse_args(argv)
     try:
         code: int = args.handler(args)

@@ -114,6 +114,15 @@ class Settings(DatabaseSettings):
     shutdown_timeout_s: float = Field(default=30.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # Batch metering: batches created through the gateway are polled (backoff from the first to the
+    # longest interval) until they end, then their output and error files are read (at most this many
+    # bytes each) and each line metered. The lease keeps two replicas from reading the same batch at once.
+    batch_metering: bool = True
+    batch_poll_initial_s: float = Field(default=30.0, gt=0)
+    batch_poll_max_s: float = Field(default=1800.0, gt=0)
+    batch_lease_s: float = Field(default=300.0, gt=0)
+    batch_max_file_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+
     # Reconciliation with OpenAI's own usage and costs (its organization Usage and Costs APIs). The admin
     # key (sk-admin-…) is sent only to OPENAI_BASE_URL's /organization/ endpoints; unset, the background
     # job is off. The id lists (comma-separated) narrow OpenAI's numbers to the projects or API keys the

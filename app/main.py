@@ -43,6 +43,7 @@ from app.limits import (
 from app.limits.guard import Guard, seed_spend
 from app.logs import configure_logging
 from app.metering import tokens
+from app.metering.batches import BatchMeter, BatchSettings
 from app.metering.metrics import WORKER_METRICS_DIR, Metrics
 from app.metering.middleware import Meter, meter_call
 from app.metering.pricing import PriceTable
@@ -249,6 +250,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await recorder.start()
             app_metrics.watch_recorder(recorder.stats)
         app.state.meter = Meter(recorder, app.state.prices, app_metrics, guard)
+        batch_meter: BatchMeter | None = None
+        if settings.metering and settings.batch_metering:
+            batch_meter = BatchMeter(
+                engine,
+                upstream,
+                lambda: app.state.policy.default_target,
+                lambda: app.state.prices,
+                BatchSettings(
+                    poll_initial_s=settings.batch_poll_initial_s,
+                    poll_max_s=max(settings.batch_poll_max_s, settings.batch_poll_initial_s),
+                    lease_s=settings.batch_lease_s,
+                    max_file_bytes=settings.batch_max_file_bytes,
+                ),
+            )
+            await batch_meter.start()
+            app_metrics.watch_batches(batch_meter.stats)
+        app.state.batch_meter = batch_meter
         reconciler: Reconciler | None = None
         if settings.openai_admin_key is not None:
             reconciler = Reconciler(settings, upstream, engine, app_metrics.registry)
@@ -275,6 +293,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if reconciler is not None:
                 await reconciler.close()
             await app.state.meter.drain(settings.shutdown_timeout_s)
+            if batch_meter is not None:
+                await batch_meter.close()
             if recorder is not None:
                 await recorder.close(timeout_s=settings.shutdown_timeout_s)
             # After the recorder: its last counts are in the worker's final figures.

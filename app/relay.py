@@ -145,6 +145,7 @@ def read_json_usage(call: CallRecord, body: bytes) -> dict[str, Any] | None:
         call.upstream_model = parsed["model"]
     if isinstance(parsed.get("usage"), dict):
         call.usage = Usage.from_openai(parsed["usage"])
+        call.learn_tier(parsed)
         return parsed
     choices = parsed.get("choices")
     for choice in choices if isinstance(choices, list) else ():

@@ -235,6 +235,7 @@ class ChatChunkInspector:
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             call.usage = Usage.from_openai(usage)
+            call.learn_tier(chunk)
             # The usage counts the whole completion: the text kept for counting it is not needed.
             self._pending.clear()
             self._large = None
@@ -401,6 +402,7 @@ def learn_response(call: CallRecord, response: dict[str, Any]) -> None:
         call.upstream_model = response["model"]
     if isinstance(response.get("usage"), dict):
         call.usage = Usage.from_openai(response["usage"])
+        call.learn_tier(response)
     if response.get("background") is True and isinstance(response.get("id"), str):
         call.usage_key = response["id"]
         created = response.get("created_at")

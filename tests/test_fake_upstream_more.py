@@ -432,3 +432,65 @@ def test_models_list_can_be_filtered(client: openai.OpenAI) -> None:
         assert name in ids
     assert [i for i in ids if i.startswith("gpt-")] and "other-model" not in [i for i in ids if "gpt" in i]
     assert client.models.retrieve("other-model").id == "other-model"
+
+
+# -- batches --------------------------------------------------------------------------------------------
+
+
+def test_batch_runs_its_input_lines_into_output_and_error_files(
+    client: openai.OpenAI, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fake, "job_delay_s", 0.4)
+    lines = [
+        {
+            "custom_id": "ok-1",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "gpt-4o-mini"},
+        },
+        {"custom_id": "bad", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "fail-x"}},
+        {
+            "custom_id": "ok-2",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "gpt-4o-mini"},
+        },
+    ]
+    content = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    uploaded = client.files.create(file=("in.jsonl", content), purpose="batch")
+    assert client.files.content(uploaded.id).read() == content
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    seen = poll(lambda: client.batches.retrieve(batch.id), lambda b: b.status == "completed")
+    statuses = [b.status for b in seen]
+    assert statuses[0] == "validating"
+    order = ["validating", "in_progress", "finalizing", "completed"]
+    assert sorted(set(statuses), key=order.index) == [s for s in order if s in statuses]
+    done = seen[-1]
+    assert done.request_counts is not None
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (3, 2, 1)
+    assert done.output_file_id and done.error_file_id and done.completed_at
+    output = [json.loads(x) for x in client.files.content(done.output_file_id).read().splitlines()]
+    errors = [json.loads(x) for x in client.files.content(done.error_file_id).read().splitlines()]
+    assert [line["custom_id"] for line in output] == ["ok-1", "ok-2"]
+    for line in output:
+        assert line["id"].startswith("batch_req_") and line["error"] is None
+        assert line["response"]["status_code"] == 200
+        body = line["response"]["body"]
+        assert body["object"] == "chat.completion" and body["usage"]["total_tokens"] > 0
+    (error,) = errors
+    assert error["custom_id"] == "bad"
+    assert error["response"]["status_code"] == 404
+    assert error["response"]["body"]["error"]["code"] == "model_not_found"
+
+
+def test_batch_without_request_lines_fails(client: openai.OpenAI) -> None:
+    uploaded = client.files.create(file=("in.jsonl", b"not json\n"), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    assert batch.status == "failed" and batch.failed_at
+    assert batch.errors is not None and batch.errors.data
+    assert batch.errors.data[0].code == "empty_file"
+    assert batch.output_file_id is None

@@ -84,6 +84,14 @@ usage_events = Table(
     Column("client_request_id", Text),
     # What the budgets held for the call before it was made (NULL: no budget was asked).
     Column("reserved_usd", _MONEY),
+    # Pricing provenance (migration 0006): the tier priced at, the price entry and its version.
+    Column("service_tier", Text),
+    Column("price_key", Text),
+    Column("price_version", Text),
+    Column("audio_prompt_tokens", BigInteger, nullable=False, server_default=text("0")),
+    Column("audio_completion_tokens", BigInteger, nullable=False, server_default=text("0")),
+    Column("image_prompt_tokens", BigInteger, nullable=False, server_default=text("0")),
+    Column("image_completion_tokens", BigInteger, nullable=False, server_default=text("0")),
     PrimaryKeyConstraint("id", name="pk_usage_events"),
     # The recorder's idempotence rests on this: a replayed event (its created_at fixed when it was made)
     # conflicts and is skipped. created_at is in it because on Postgres the table is partitioned by month
@@ -152,6 +160,30 @@ resource_owners = Table(
     Column("created_at", UtcDateTime(), nullable=False),
     PrimaryKeyConstraint("resource_id", name="pk_resource_owners"),
     Index("ix_resource_owners_api_key_id_kind", "api_key_id", "kind"),
+)
+
+# Batches created through the gateway: who pays for them, and whether their lines have been metered.
+# The poller claims a row by moving next_poll_at forward (compare-and-set), and the metering of its output
+# by taking the lease (metering_until); each line's row is keyed by batch id + custom_id, so whichever
+# process or replica gets there, a line is counted once.
+batch_jobs = Table(
+    "batch_jobs",
+    metadata,
+    Column("batch_id", Text, nullable=False),
+    Column("api_key_id", Text),
+    Column("feature", Text),
+    Column("user_id", Text),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("status", Text, nullable=False),
+    Column("polls", Integer, nullable=False, server_default=text("0")),
+    Column("next_poll_at", UtcDateTime(), nullable=False),
+    Column("metering_until", UtcDateTime()),
+    Column("metered_at", UtcDateTime()),
+    Column("metered_lines", Integer),
+    # The output or error file was larger than the gateway reads: lines past the cap are not metered.
+    Column("truncated", Boolean, nullable=False, server_default=text("false")),
+    PrimaryKeyConstraint("batch_id", name="pk_batch_jobs"),
+    Index("ix_batch_jobs_next_poll_at", "next_poll_at"),
 )
 
 # OpenAI's own numbers, read from its organization Usage API (`source` completions, embeddings: requests

@@ -58,7 +58,12 @@ def _field(index: int, name: str) -> str:
         # Microseconds since the Unix epoch: exact (below 2**53 until the year 2255).
         return f"timestamptz 'epoch' + {value}::bigint * interval '1 microsecond'"
     sql_type = usage_events.c[name].type.compile(dialect=PGDialect())  # type: ignore[no-untyped-call]
-    return value if sql_type == "TEXT" else f"{value}::{sql_type}"
+    typed = value if sql_type == "TEXT" else f"{value}::{sql_type}"
+    default = UsageEvent._field_defaults.get(name)
+    if isinstance(default, int):
+        # A line spooled by an older version lacks the newer fields: their default, not NULL.
+        return f"coalesce({typed}, {str(default).lower()})"
+    return typed
 
 
 _FIELDS = ", ".join(_field(i, name) for i, name in enumerate(EVENT_COLUMNS))

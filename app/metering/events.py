@@ -79,6 +79,17 @@ class UsageEvent(NamedTuple):
     # 1e-10 USD the budgets held for the call before it was made; None when no budget was asked. A cost
     # above it is spend the budgets did not see coming.
     reserved_units: int | None = None
+    # The service tier the call was priced at: the one its answer reported (default, flex, priority,
+    # scale), or batch for a Batch API line.
+    service_tier: str | None = None
+    # Which price entry priced it (`gpt-5-mini@flex`) and that entry's version; None when unpriced.
+    price_key: str | None = None
+    price_version: str | None = None
+    # Subsets of prompt_tokens / completion_tokens, priced at their own rates.
+    audio_prompt_tokens: int = 0
+    audio_completion_tokens: int = 0
+    image_prompt_tokens: int = 0
+    image_completion_tokens: int = 0
 
     @property
     def cost_usd(self) -> Decimal | None:

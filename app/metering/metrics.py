@@ -214,6 +214,29 @@ class Metrics:
 
         self.registry.register(_Collected(families))
 
+    def watch_batches(self, read: Callable[[], dict[str, float]]) -> None:
+        """Batch metering (app/metering/batches.py), read at scrape time."""
+
+        def families() -> Iterator[Metric]:
+            stats = read()
+            yield GaugeMetricFamily(
+                "gateway_batches_pending",
+                "Batches created or found ended, waiting in memory for the batch metering task",
+                value=stats.get("pending", 0),
+            )
+            yield CounterMetricFamily(
+                "gateway_batch_lines_metered",
+                "Batch output and error lines this process wrote usage rows for",
+                value=stats.get("lines_metered", 0),
+            )
+            yield CounterMetricFamily(
+                "gateway_batch_metering_errors",
+                "Batch metering rounds that failed (database or upstream unavailable)",
+                value=stats.get("errors", 0),
+            )
+
+        self.registry.register(_Collected(families))
+
     def observe_request(self, route: str, call: CallRecord, seconds: float) -> None:
         route = self.labels.route(route)
         key = (route,)

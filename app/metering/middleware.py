@@ -24,8 +24,8 @@ from app.limits.guard import Guard
 from app.metering import tokens
 from app.metering.events import cost_to_usd
 from app.metering.metrics import Metrics
-from app.metering.pricing import PriceTable
-from app.metering.usage import estimated_with, event_line, usage_of
+from app.metering.pricing import PriceTable, rate_tier
+from app.metering.usage import estimated_with, event_line, price_usage, usage_of
 
 log = logging.getLogger("gateway.metering")
 
@@ -91,17 +91,17 @@ class Meter:
 
     def _record(self, call: CallRecord, elapsed: float) -> None:
         usage, source = usage_of(call)
-        # Priced by the model that answered (a dated snapshot resolves to its family).
+        # Priced by the model that answered (a dated snapshot resolves to its family), at the rates of the
+        # service tier its answer reported.
         model = call.upstream_model or call.routed_model or call.model
-        cost = self.prices.cost_units(
-            model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
-        )
+        priced = price_usage(self.prices, model, rate_tier(call.service_tier), usage)
+        cost = priced.cost_units
         call.metered_usage, call.cost_units = usage, cost
         if call.admission is not None:
             self.guard.settle(call.admission, usage.total_tokens, cost_to_usd(cost))
         if self.recorder is not None:
             self.metrics.observe_usage(call.model or "", model or "", call.feature or "", usage, cost)
-            self.recorder.submit(event_line(call, usage, source, cost, elapsed))
+            self.recorder.submit(event_line(call, usage, source, priced, call.service_tier, elapsed))
 
 
 def meter_call(scope: Scope, call: CallRecord) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 from app.call import CallRecord, Usage
 from app.metering import tokens
 from app.metering.events import UsageSource, line
+from app.metering.pricing import Priced, PriceTable
 
 log = logging.getLogger("gateway.metering")
 
@@ -65,7 +66,7 @@ def usage_of(call: CallRecord) -> tuple[Usage, UsageSource]:
 
 
 def event_line(
-    call: CallRecord, usage: Usage, source: UsageSource, cost_units: int | None, elapsed_s: float
+    call: CallRecord, usage: Usage, source: UsageSource, priced: Priced, tier: str | None, elapsed_s: float
 ) -> bytes:
     """The call's usage event as the recorder's line (events.py), built straight from the call: the
     fields positionally, in UsageEvent's order. `elapsed_s`: from the call's start to its end."""
@@ -88,12 +89,33 @@ def event_line(
             usage.cached_tokens,
             usage.reasoning_tokens,
             source,
-            cost_units,
+            priced.cost_units,
             round(elapsed_s * 1000),
             None if call.ttfb_s is None else round(call.ttfb_s * 1000),
             call.error_type,
             call.prompt_truncated,
             call.client_request_id,
             None if call.admission is None else call.admission.reserved_units,
+            tier,
+            priced.price_key,
+            priced.price_version,
+            usage.audio_prompt_tokens,
+            usage.audio_completion_tokens,
+            usage.image_prompt_tokens,
+            usage.image_completion_tokens,
         )
+    )
+
+
+def price_usage(prices: PriceTable, model: str | None, tier: str, usage: Usage) -> Priced:
+    return prices.price(
+        model,
+        tier,
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        usage.cached_tokens,
+        usage.audio_prompt_tokens,
+        usage.audio_completion_tokens,
+        usage.image_prompt_tokens,
+        usage.image_completion_tokens,
     )

@@ -19,6 +19,7 @@ from app.call import CallRecord
 from app.canonical_path import upstream_path
 from app.deps import Gateway, GatewayDep
 from app.errors import GatewayError
+from app.metering import batches
 from app.ownership import admit, caller
 from app.policy import MAX_MODEL_CHARS, is_model_name
 from app.relay import answer_headers, read_json_usage, send_checked
@@ -162,6 +163,14 @@ async def passthrough(request: Request, path: str, gw: GatewayDep) -> Response:
     media_type = answer.headers.get("content-type")
     if answer.stream is None:
         _meter_json(call, path, buffered, answer.body)
+        batches.observe(
+            getattr(request.app.state, "batch_meter", None),
+            request.method,
+            path,
+            answer.status,
+            answer.body,
+            call,
+        )
         return Response(answer.body, status_code=answer.status, headers=headers, media_type=media_type)
     return StreamingResponse(
         _download(answer), status_code=answer.status, headers=headers, media_type=media_type

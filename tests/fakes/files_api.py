@@ -3,7 +3,8 @@ POST/GET /v1/vector_stores, GET/DELETE /v1/vector_stores/{id}, POST/GET /v1/vect
 GET/DELETE /v1/vector_stores/{id}/files/{file_id}.
 
 An upload is read part by part off the socket, never as a whole body: the fake counts the file's bytes and
-hashes them, keeps that and the metadata, and drops the content. ``GET /v1/files/{id}/content`` answers
+hashes them, keeps that and the metadata, and drops the content, except for a `batch` file of at most
+``KEPT_BYTES`` (the Batch API reads it). ``GET /v1/files/{id}/content`` answers a kept file's bytes, else
 as many deterministic bytes (``file_content``), streamed.
 
 A file attached to a vector store is ``in_progress`` when attached and ``completed`` once the fake's
@@ -26,6 +27,7 @@ from tests.fakes.store import STATIC_CHUNKING, FakeStore, StoredFile, VectorStor
 
 FILE_PURPOSES = ["assistants", "batch", "fine-tune", "vision", "user_data", "evals"]
 READ_CHUNK = 256 * 1024
+KEPT_BYTES = 8 * 1024 * 1024
 POLL_AFTER_MS = "10"
 
 
@@ -77,7 +79,8 @@ class FilesAPI:
         if request.content_type != "multipart/form-data":
             message = f"Invalid Content-Type header ({request.content_type}), expected multipart/form-data."
             return error_body(400, message)
-        fields, filename, size, digest = await read_form(request)
+        kept = bytearray()
+        fields, filename, size, digest = await read_form(request, keep=kept)
         record = {
             "body_size": request.content.total_bytes,
             "upload_filename": filename,
@@ -110,6 +113,7 @@ class FilesAPI:
             sha256=digest,
             created_at=created,
             expires_at=created + int(seconds) if seconds and seconds.isdigit() else None,
+            content=bytes(kept) if purpose == "batch" and size <= KEPT_BYTES else None,
         )
         with self._store.lock:
             self._store.files[stored.id] = stored
@@ -131,6 +135,8 @@ class FilesAPI:
         stored = self._file(incoming.params["id"])
         if stored is None:
             return no_file(incoming.params["id"])
+        if stored.content is not None:
+            return Download(len(stored.content), [stored.content])
         return Download(stored.bytes, file_content(stored.sha256, stored.bytes))
 
     async def delete_file(self, incoming: Incoming) -> Answer:
@@ -252,9 +258,10 @@ class FilesAPI:
 
 
 async def read_form(
-    request: web.Request, file_field: str = "file"
+    request: web.Request, file_field: str = "file", keep: bytearray | None = None
 ) -> tuple[dict[str, str], str | None, int, str | None]:
-    """The text fields, and the file part's name, size and sha256, reading the body chunk by chunk."""
+    """The text fields, and the file part's name, size and sha256, reading the body chunk by chunk; its
+    first KEPT_BYTES in `keep`, when given."""
     fields: dict[str, str] = {}
     filename: str | None = None
     size, digest = 0, None
@@ -268,6 +275,8 @@ async def read_form(
             while chunk := await part.read_chunk(READ_CHUNK):
                 size += len(chunk)
                 hasher.update(chunk)
+                if keep is not None and len(keep) < KEPT_BYTES:
+                    keep += chunk[: KEPT_BYTES - len(keep)]
             digest = hasher.hexdigest()
         elif part.name is not None:
             fields[part.name] = await part.text()

@@ -5,16 +5,25 @@ Both run on the clock, as background responses do (``store``): a batch completes
 once the fake's ``job_delay_s`` has passed; the output or result file it yields is put in the fake's files
 when the finished object is first read. Lists page like OpenAI's (``after``, ``limit``, newest first).
 
-Deliberate divergences from OpenAI: a batch's input file is not read (every batch has one request, which
-succeeds); a job trains on nothing and its events are the two the fake makes up.
+A batch reads its input file's request lines (``custom_id``, ``method``, ``url``, ``body``) when created;
+when it completes, each line gets a line in its output file, ``{"id", "custom_id", "response":
+{"status_code", "request_id", "body"}, "error": null}``, the body being what the endpoint would answer
+(with its usage), or, for a request whose model starts with ``fail``, a line in its error file with a 404
+error body. An input file without a request line fails the batch (``errors``), as OpenAI's validation does.
+
+Deliberate divergences from OpenAI: a batch of any endpoint other than embeddings is answered with chat
+completions; a job trains on nothing and its events are the two the fake makes up.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
+
+import orjson
 
 from tests.fakes import openai_payloads as p
 from tests.fakes.answers import Answer, Incoming, Router, error_body, json_body
@@ -57,8 +66,10 @@ class JobsAPI:
         if body["endpoint"] not in BATCH_ENDPOINTS:
             return error_body(400, f"Invalid value for 'endpoint': {body['endpoint']}.", param="endpoint")
         with self._store.lock:
-            if body["input_file_id"] not in self._store.files:
+            input_file = self._store.files.get(body["input_file_id"])
+            if input_file is None:
                 return no_file(body["input_file_id"], "input_file_id")
+            requests = _request_lines(input_file.content or b"")
             batch = Batch(
                 id=p.hex_id("batch_", 32),
                 endpoint=body["endpoint"],
@@ -66,6 +77,8 @@ class JobsAPI:
                 completion_window=body["completion_window"],
                 metadata=body.get("metadata"),
                 delay_s=self._delay(),
+                requests=requests,
+                errors=None if requests else _empty_input(),
             )
             self._store.batches[batch.id] = batch
             payload = batch.as_json()
@@ -94,9 +107,32 @@ class JobsAPI:
 
     def _batch_view(self, batch: Batch) -> dict[str, Any]:
         """Under the store's lock."""
-        if batch.status() == "completed" and batch.output_file_id is None:
-            batch.output_file_id = self._new_file(f"batch_{batch.id}_output.jsonl", "batch_output", batch.id)
+        if batch.status() == "completed" and batch.output_file_id is None and batch.error_file_id is None:
+            self._finish(batch)
         return batch.as_json()
+
+    def _finish(self, batch: Batch) -> None:
+        """Under the store's lock: answer every request line, into the output or the error file."""
+        answered: list[bytes] = []
+        failed: list[bytes] = []
+        for request in batch.requests:
+            status, answer = _answer(batch.endpoint, request.get("body"))
+            line = {
+                "id": p.hex_id("batch_req_", 32),
+                "custom_id": request.get("custom_id"),
+                "response": {"status_code": status, "request_id": uuid.uuid4().hex, "body": answer},
+                "error": None,
+            }
+            (answered if status == 200 else failed).append(orjson.dumps(line) + b"\n")
+        batch.completed, batch.failed = len(answered), len(failed)
+        if answered:
+            batch.output_file_id = self._new_file(
+                f"batch_{batch.id}_output.jsonl", "batch_output", batch.id, b"".join(answered)
+            )
+        if failed:
+            batch.error_file_id = self._new_file(
+                f"batch_{batch.id}_error.jsonl", "batch_output", batch.id, b"".join(failed)
+            )
 
     # -- fine-tuning -----------------------------------------------------------------------------------
 
@@ -172,18 +208,49 @@ class JobsAPI:
             job.result_files.append(self._new_file("step_metrics.csv", "fine-tune-results", job.id))
         return job.as_json()
 
-    def _new_file(self, filename: str, purpose: str, seed: str) -> str:
+    def _new_file(self, filename: str, purpose: str, seed: str, content: bytes | None = None) -> str:
         """Under the store's lock."""
         stored = StoredFile(
             id=p.random_id("file-", 22),
             filename=filename,
             purpose=purpose,
-            bytes=128,
+            bytes=128 if content is None else len(content),
             sha256=hashlib.sha256(seed.encode()).hexdigest(),
             created_at=int(time.time()),
+            content=content,
         )
         self._store.files[stored.id] = stored
         return stored.id
+
+
+def _request_lines(content: bytes) -> list[dict[str, Any]]:
+    requests: list[dict[str, Any]] = []
+    for line in content.splitlines():
+        try:
+            request = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(request, dict) and isinstance(request.get("custom_id"), str):
+            requests.append(request)
+    return requests
+
+
+def _empty_input() -> dict[str, Any]:
+    error = {"code": "empty_file", "message": "The batch input file is empty.", "param": None, "line": None}
+    return {"object": "list", "data": [error]}
+
+
+def _answer(endpoint: str, body: object) -> tuple[int, dict[str, Any]]:
+    """What the endpoint answers a batch request: (status, body)."""
+    sent: dict[str, Any] = body if isinstance(body, dict) else {}
+    model = sent.get("model")
+    if isinstance(model, str) and model.startswith("fail"):
+        message = f"The model `{model}` does not exist or you do not have access to it."
+        return 404, p.error(message, "invalid_request_error", "model_not_found")
+    if endpoint == "/v1/embeddings":
+        return 200, p.embeddings_body(sent)
+    plan = p.plan_reply(sent, None)
+    return 200, p.completion_body(plan, p.random_id("chatcmpl-", 29), int(time.time()))
 
 
 def _no_batch(batch_id: str) -> Answer:

@@ -124,6 +124,7 @@ class Reply:
     finish_reason: str | None = None
     chunks: Sequence[str] | None = None  # exact content pieces to stream
     stream_usage: bool | None = None  # False: ignore include_usage, like some OpenAI-compatible servers
+    service_tier: str | None = None  # the tier the answer reports; else as OpenAI answers the request's
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ class Plan:
     finish_reason: str
     usage: JSON
     stream_usage: bool | None
+    service_tier: str = "default"
 
     @property
     def content(self) -> str | None:
@@ -371,7 +373,14 @@ def plan_reply(body: Mapping[str, Any], reply: Reply | None) -> Plan:
         finish_reason=finish_reason,
         usage=merge_usage(base_usage(prompt_tokens(body), completion), reply.usage),
         stream_usage=reply.stream_usage,
+        service_tier=reply.service_tier or answered_tier(body),
     )
+
+
+def answered_tier(body: Mapping[str, Any]) -> str:
+    """The tier OpenAI reports serving a request with: the one it asked for, `auto` being `default`."""
+    asked = body.get("service_tier")
+    return asked if asked in ("flex", "priority", "scale") else "default"
 
 
 def completion_body(plan: Plan, completion_id: str, created: int) -> JSON:
@@ -386,7 +395,7 @@ def completion_body(plan: Plan, completion_id: str, created: int) -> JSON:
         "model": plan.model,
         "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": plan.finish_reason}],
         "usage": plan.usage,
-        "service_tier": "default",
+        "service_tier": plan.service_tier,
         "system_fingerprint": SYSTEM_FINGERPRINT,
     }
 
@@ -423,7 +432,7 @@ def stream_chunks(
         "object": "chat.completion.chunk",
         "created": created,
         "model": plan.model,
-        "service_tier": "default",
+        "service_tier": plan.service_tier,
         "system_fingerprint": SYSTEM_FINGERPRINT,
     }
     chunks: list[JSON] = []

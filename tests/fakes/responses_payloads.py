@@ -304,7 +304,7 @@ def response_body(
         "prompt_cache_retention": body.get("prompt_cache_retention"),
         "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")},
         "safety_identifier": body.get("safety_identifier"),
-        "service_tier": "default",
+        "service_tier": p.answered_tier(body),
         "store": body.get("store") is not False,
         "temperature": body.get("temperature", 1.0),
         "text": text,

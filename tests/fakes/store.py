@@ -53,6 +53,7 @@ class StoredFile:
     sha256: str
     created_at: int
     expires_at: int | None = None
+    content: bytes | None = None  # kept for batch input and output files; others serve made-up bytes
 
     def as_json(self) -> JSON:
         return {
@@ -170,8 +171,9 @@ class FakeStore:
 
 @dataclass
 class Batch:
-    """A batch: ``validating`` for the first half of its delay, ``in_progress`` for the second, then
-    ``completed`` with an output file (made when first seen complete, as OpenAI makes it at the end)."""
+    """A batch: ``validating`` for the first quarter of its delay, ``in_progress`` to three quarters,
+    ``finalizing``, then ``completed`` with its output and error files (made when first seen complete, as
+    OpenAI makes them at the end); ``failed`` at once when its input file has no request line."""
 
     id: str
     endpoint: str
@@ -179,42 +181,58 @@ class Batch:
     completion_window: str
     metadata: JSON | None
     delay_s: float
+    requests: list[JSON] = field(default_factory=list)
     created_at: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.monotonic)
     cancelled_at: int | None = None
     output_file_id: str | None = None
+    error_file_id: str | None = None
+    completed: int = 0
+    failed: int = 0
+    errors: JSON | None = None
 
     def status(self) -> str:
         elapsed = time.monotonic() - self.started
+        if self.errors is not None:
+            return "failed"
         if self.cancelled_at is not None:
             return "cancelled"
         if elapsed >= self.delay_s:
             return "completed"
-        return "validating" if elapsed < self.delay_s / 2 else "in_progress"
+        if elapsed < self.delay_s / 4:
+            return "validating"
+        return "in_progress" if elapsed < self.delay_s * 3 / 4 else "finalizing"
 
     def as_json(self) -> JSON:
         status = self.status()
         done = status == "completed"
+        ended = self.created_at if done or status == "failed" else None
         return {
             "id": self.id,
             "object": "batch",
             "endpoint": self.endpoint,
-            "errors": None,
+            "errors": self.errors,
             "input_file_id": self.input_file_id,
             "completion_window": self.completion_window,
             "status": status,
             "output_file_id": self.output_file_id,
-            "error_file_id": None,
+            "error_file_id": self.error_file_id,
             "created_at": self.created_at,
-            "in_progress_at": self.created_at if status != "validating" else None,
+            "in_progress_at": self.created_at
+            if status in ("in_progress", "finalizing", "completed")
+            else None,
             "expires_at": self.created_at + 86400,
-            "finalizing_at": self.created_at if done else None,
-            "completed_at": self.created_at if done else None,
-            "failed_at": None,
+            "finalizing_at": self.created_at if status in ("finalizing", "completed") else None,
+            "completed_at": ended if done else None,
+            "failed_at": ended if status == "failed" else None,
             "expired_at": None,
             "cancelling_at": self.cancelled_at,
             "cancelled_at": self.cancelled_at,
-            "request_counts": {"total": 1, "completed": 1 if done else 0, "failed": 0},
+            "request_counts": {
+                "total": len(self.requests),
+                "completed": self.completed,
+                "failed": self.failed,
+            },
             "metadata": self.metadata,
         }
 

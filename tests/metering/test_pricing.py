@@ -7,7 +7,15 @@ from typing import Any
 import pytest
 import yaml
 
-from app.metering.pricing import ModelPrice, PriceTable, family_of, shipped_prices
+from app.metering.pricing import (
+    ModelPrice,
+    PriceTable,
+    TokenCounts,
+    family_of,
+    override_version,
+    rate_tier,
+    shipped_prices,
+)
 
 REQUIRED_MODELS = [
     "gpt-5",
@@ -129,7 +137,7 @@ def test_snapshot_resolution(table: PriceTable, model: str, entry: str) -> None:
 @pytest.mark.parametrize(
     "model",
     [
-        "gpt-4o-realtime-preview",  # priced differently from gpt-4o: no prefix guessing
+        "gpt-4o-search-preview",  # priced differently from gpt-4o: no prefix guessing
         "gpt-4o-mini-tts",
         "ft:gpt-4o-mini-2024-07-18:acme::abc123",
         "gpt-4o-2024-13-01",  # not a date, so not a snapshot suffix
@@ -302,3 +310,87 @@ def test_model_price_is_immutable() -> None:
     price = ModelPrice(input_per_1m=Decimal(1), output_per_1m=Decimal(2))
     with pytest.raises(ValueError, match="frozen"):
         price.input_per_1m = Decimal(0)  # type: ignore[misc]
+
+
+def _usd(table: PriceTable, model: str, tokens: tuple[int, ...], tier: str) -> Decimal | None:
+    units = table.price(model, tier, *tokens).cost_units
+    return None if units is None else Decimal(units).scaleb(-10)
+
+
+MILLION = (1_000_000, 1_000_000)
+
+
+@pytest.mark.parametrize(
+    ("service_tier", "tier"),
+    [
+        (None, "standard"),
+        ("default", "standard"),
+        ("auto", "standard"),
+        ("scale", "standard"),
+        ("flex", "flex"),
+        ("priority", "priority"),
+        ("batch", "batch"),
+        ("made-up", "standard"),
+    ],
+)
+def test_rate_tier(service_tier: str | None, tier: str) -> None:
+    assert rate_tier(service_tier) == tier
+
+
+def test_tiers_price_at_their_own_rates(table: PriceTable) -> None:
+    # gpt-5-mini: $0.25 in / $2 out standard; priority $0.45 / $3.60; batch and flex half of standard.
+    assert _usd(table, "gpt-5-mini", MILLION, "standard") == Decimal("2.25")
+    assert _usd(table, "gpt-5-mini", MILLION, "priority") == Decimal("4.05")
+    assert _usd(table, "gpt-5-mini", MILLION, "batch") == Decimal("1.125")
+    assert _usd(table, "gpt-5-mini-2025-08-07", MILLION, "flex") == Decimal("1.125")
+    cached = (1_000_000, 0, 1_000_000)
+    assert _usd(table, "gpt-5-mini", cached, "batch") == Decimal("0.0125")
+
+
+def test_a_tier_without_published_rates_is_unpriced_not_standard(
+    table: PriceTable, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[str] = []
+    hooked = PriceTable(on_unknown=seen.append)
+    with caplog.at_level(logging.WARNING, logger="app.metering.pricing"):
+        assert hooked.price("gpt-5-nano", "priority", *MILLION) == (None, None, None)
+    # A known model: not counted as an unknown one, but warned about.
+    assert seen == []
+    assert "gpt-5-nano@priority" in caplog.text
+
+
+def test_provenance_names_entry_tier_and_version(table: PriceTable) -> None:
+    priced = table.price("gpt-4o-mini-2024-07-18", "flex", *MILLION)
+    assert priced.price_key == "gpt-4o-mini@flex"
+    assert priced.price_version == shipped_prices().as_of
+    assert table.lookup("gpt-4o-mini-2024-07-18", "flex") == ("gpt-4o-mini@flex", shipped_prices().as_of)
+    assert table.lookup("no-such-model", "standard") is None
+    override = {"gpt-4o-mini": {"input_per_1m": 1, "output_per_1m": 2}}
+    mine = PriceTable(override)
+    key, version = mine.lookup("gpt-4o-mini", "standard") or ("", "")
+    assert key == "gpt-4o-mini@standard"
+    assert version == override_version(ModelPrice.model_validate(override["gpt-4o-mini"]))
+    assert version.startswith("config:")
+    changed = PriceTable({"gpt-4o-mini": {"input_per_1m": 1, "output_per_1m": 3}})
+    assert changed.lookup("gpt-4o-mini", "standard") != (key, version)
+
+
+def test_audio_and_image_tokens_at_their_own_rates(table: PriceTable) -> None:
+    # gpt-4o-audio-preview: text $2.50 in / $10 out, audio $40 in / $80 out.
+    counts = (1_000_000, 1_000_000, 0, 400_000, 250_000)
+    expected = (
+        Decimal("0.6") * Decimal("2.5") + Decimal("0.4") * 40 + Decimal("0.75") * 10 + Decimal("0.25") * 80
+    )
+    assert _usd(table, "gpt-4o-audio-preview", counts, "standard") == expected
+    # gpt-image-1: text $5 in, image $10 in, output (image) $40.
+    image = (1_000, 4_000, 0, 0, 0, 600)
+    # 400 text tokens at $5, 600 image tokens at $10, 4,000 output tokens at $40.
+    assert _usd(table, "gpt-image-1", image, "standard") == Decimal("0.168")
+    # A model without audio rates prices audio tokens at its text rates.
+    assert _usd(table, "gpt-4o-mini", counts, "standard") == _usd(table, "gpt-4o-mini", MILLION, "standard")
+
+
+def test_subsets_never_bill_more_than_their_total() -> None:
+    counts = TokenCounts.split(100, 10, cached=500, audio_prompt=80, image_prompt=80, audio_completion=50)
+    assert counts == TokenCounts(0, 0, 0, 80, 10, 20, 0)
+    assert sum(counts) == 110

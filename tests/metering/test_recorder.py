@@ -30,6 +30,7 @@ from app.db.partitions import alembic_include_object
 from app.db.usage_writer import TABLE_COLUMNS
 from app.metering import recorder as recorder_module
 from app.metering.events import Batch, UsageEvent, epoch_us, usd_to_cost
+from app.metering.pricing import Priced
 from app.metering.recorder import Recorder
 from app.metering.spool import REJECTED_FILE, Spool
 from app.metering.usage import event_line
@@ -732,10 +733,9 @@ def test_the_request_paths_line_holds_each_field_where_usage_event_has_it() -> N
     call.endpoint, call.model, call.upstream_model, call.stream = "/v1/chat/completions", "m", "um", True
     call.status_code, call.attempts, call.ttfb_s, call.error_type = 206, 3, 0.0421, "e"
     call.prompt_truncated = True
-    usage = Usage(
-        prompt_tokens=11, completion_tokens=22, total_tokens=33, cached_tokens=4, reasoning_tokens=5
-    )
-    event = UsageEvent.from_line(event_line(call, usage, "estimated", 777, 1.5))
+    usage = Usage(33, 22, 55, 4, 5, 6, 7, 8, 9)
+    priced = Priced(777, "m@flex", "2026-11-05")
+    event = UsageEvent.from_line(event_line(call, usage, "estimated", priced, "flex", 1.5))
     assert event == UsageEvent(
         request_id="req_1",
         created_at=datetime(2026, 5, 4, 3, 2, 1, 123456, tzinfo=UTC),
@@ -748,9 +748,9 @@ def test_the_request_paths_line_holds_each_field_where_usage_event_has_it() -> N
         stream=True,
         status_code=206,
         attempts=3,
-        prompt_tokens=11,
+        prompt_tokens=33,
         completion_tokens=22,
-        total_tokens=33,
+        total_tokens=55,
         cached_tokens=4,
         reasoning_tokens=5,
         usage_source="estimated",
@@ -760,6 +760,13 @@ def test_the_request_paths_line_holds_each_field_where_usage_event_has_it() -> N
         error_type="e",
         prompt_truncated=True,
         client_request_id="mine",
+        service_tier="flex",
+        price_key="m@flex",
+        price_version="2026-11-05",
+        audio_prompt_tokens=6,
+        audio_completion_tokens=7,
+        image_prompt_tokens=8,
+        image_completion_tokens=9,
     )
 
 

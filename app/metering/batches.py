@@ -1,0 +1,526 @@
+"""Batch jobs are metered: one usage row per request line of a batch created through the gateway.
+
+`POST /v1/batches` answered, the passthrough hands the new batch to `track()` with the creating call's
+key, feature and user; a background task writes it to `batch_jobs`. The same task polls the batches not
+metered yet, with backoff (GATEWAY_BATCH_POLL_INITIAL_S doubling up to GATEWAY_BATCH_POLL_MAX_S), and a
+client retrieving a batch that has ended (`found()`) has it metered at once. Neither `track()` nor
+`found()` awaits anything: the request path never waits on the database or on this task.
+
+Metering a batch that has ended reads its output and error files (streamed, at most
+GATEWAY_BATCH_MAX_FILE_BYTES of each) and writes a row per line: `endpoint='/v1/batches'`, `request_id`
+the batch id and the line's `custom_id`, tokens from the line's `response.body.usage`, cost at the model's
+batch rate. Exactly once across restarts and replicas: the rows go through the recorder's own writer,
+whose `ON CONFLICT (request_id) DO NOTHING` adds to `usage_daily` only the rows it inserted, so a batch
+metered twice (a lease expired, two replicas) counts each line once. The lease (`metering_until`) and the
+poll claim (a compare-and-set on `next_poll_at`) only keep replicas from doing the same work twice.
+
+Not guaranteed: a process killed between answering `POST /v1/batches` and writing its `batch_jobs` row
+(within one flush, normally milliseconds) leaves that batch unmetered; lines past the file cap are not
+metered (the row says `truncated`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import random
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+import orjson
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.call import CallRecord, Usage
+from app.canonical_path import upstream_path
+from app.db.models import batch_jobs
+from app.db.usage_writer import is_rejected_data, write_batch
+from app.errors import GatewayError
+from app.metering.events import Batch, UsageEvent
+from app.metering.pricing import PriceTable
+from app.metering.usage import price_usage
+from app.policy import MAX_MODEL_CHARS, UpstreamTarget, is_model_name
+from app.upstream import UpstreamClient, UpstreamUnavailable
+
+log = logging.getLogger("gateway.metering.batches")
+
+ENDPOINT: Final = "/v1/batches"
+TERMINAL: Final = frozenset({"completed", "failed", "expired", "cancelled"})
+# Bounds on what waits in memory for the background task; past them a batch is dropped with a warning.
+_MAX_PENDING: Final = 10_000
+# Batches polled per round, and usage rows per write.
+_CLAIM: Final = 20
+_ROWS_PER_WRITE: Final = 1000
+# A custom_id longer than this, or not printable, is keyed by its hash.
+_MAX_CUSTOM_ID: Final = 256
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSettings:
+    poll_initial_s: float
+    poll_max_s: float
+    lease_s: float
+    max_file_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Owner:
+    api_key_id: str | None
+    feature: str | None
+    user_id: str | None
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _dialect_insert(engine: AsyncEngine) -> Any:
+    return postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+
+
+class BatchMeter:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        upstream: UpstreamClient,
+        target: Callable[[], UpstreamTarget],
+        prices: Callable[[], PriceTable],
+        settings: BatchSettings,
+    ) -> None:
+        self._engine = engine
+        self._upstream = upstream
+        self._target = target
+        self._prices = prices
+        self._settings = settings
+        self._tracked: list[dict[str, Any]] = []
+        self._found: dict[str, dict[str, Any]] = {}
+        # Batches this process metered: a client retrieving one again and again costs no query. Only a
+        # hint, bounded; the database decides.
+        self._metered: OrderedDict[str, None] = OrderedDict()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        # For /metrics.
+        self.lines_metered = 0
+        self.errors = 0
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "pending": len(self._tracked) + len(self._found),
+            "lines_metered": self.lines_metered,
+            "errors": self.errors,
+        }
+
+    # -- the request path: never awaits -------------------------------------------------------------
+
+    def track(self, batch: dict[str, Any], call: CallRecord) -> None:
+        """A batch the gateway just created, and who pays for it."""
+        batch_id = batch.get("id")
+        if not isinstance(batch_id, str) or len(self._tracked) >= _MAX_PENDING:
+            log.warning("batch not tracked for metering (queue full or no id)")
+            return
+        status = batch.get("status")
+        self._tracked.append(
+            {
+                "batch_id": batch_id,
+                "api_key_id": call.api_key_id,
+                "feature": call.feature,
+                "user_id": call.user_id,
+                "created_at": _now(),
+                "status": status if isinstance(status, str) else "validating",
+                "next_poll_at": _now() + timedelta(seconds=self._settings.poll_initial_s),
+            }
+        )
+        self._wake.set()
+
+    def found(self, batch: dict[str, Any]) -> None:
+        """A batch a client retrieved: metered now if it has ended (and was created through the gateway)."""
+        batch_id = batch.get("id")
+        if (
+            batch.get("status") in TERMINAL
+            and isinstance(batch_id, str)
+            and batch_id not in self._metered
+            and len(self._found) < _MAX_PENDING
+        ):
+            self._found[batch_id] = batch
+            self._wake.set()
+
+    # -- the background task ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="batch-metering")
+
+    async def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.wait({self._task})
+        # What was created but not yet written is written now, if the database takes it.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5):
+                await self._write_tracked()
+
+    async def _loop(self) -> None:
+        pause = self._settings.poll_initial_s
+        while True:
+            self._wake.clear()
+            try:
+                await self._write_tracked()
+                await self._meter_found()
+                await self._poll_due()
+                wait = await self._until_next_poll()
+                pause = self._settings.poll_initial_s
+            except Exception as exc:
+                # Database or upstream unavailable: try again later, backing off.
+                self.errors += 1
+                log.warning("batch metering round failed (%s)", type(exc).__name__)
+                wait = pause = min(pause * 2, self._settings.poll_max_s)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+
+    async def _write_tracked(self) -> None:
+        if not self._tracked:
+            return
+        rows, self._tracked = self._tracked, []
+        insert = _dialect_insert(self._engine)(batch_jobs).on_conflict_do_nothing(
+            index_elements=[batch_jobs.c.batch_id]
+        )
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(insert, rows)
+        except BaseException:
+            self._tracked[:0] = rows[: _MAX_PENDING - len(self._tracked)]
+            raise
+
+    async def _meter_found(self) -> None:
+        found, self._found = self._found, {}
+        for batch_id, batch in found.items():
+            await self._meter(batch_id, batch)
+
+    async def _until_next_poll(self) -> float:
+        async with self._engine.connect() as conn:
+            earliest = await conn.scalar(
+                select(func.min(batch_jobs.c.next_poll_at)).where(batch_jobs.c.metered_at.is_(None))
+            )
+        if earliest is None:
+            return self._settings.poll_max_s
+        seconds: float = (earliest - _now()).total_seconds()
+        return min(max(seconds, 0.01), self._settings.poll_max_s)
+
+    async def _poll_due(self) -> None:
+        now = _now()
+        async with self._engine.connect() as conn:
+            due = (
+                await conn.execute(
+                    select(batch_jobs.c.batch_id, batch_jobs.c.polls, batch_jobs.c.next_poll_at)
+                    .where(batch_jobs.c.metered_at.is_(None), batch_jobs.c.next_poll_at <= now)
+                    .order_by(batch_jobs.c.next_poll_at)
+                    .limit(_CLAIM)
+                )
+            ).all()
+        for batch_id, polls, next_poll_at in due:
+            if await self._claim_poll(batch_id, polls, next_poll_at):
+                await self._poll(batch_id)
+
+    async def _claim_poll(self, batch_id: str, polls: int, next_poll_at: datetime) -> bool:
+        """Move the batch's next poll forward, unless another process or replica did first."""
+        backoff = min(self._settings.poll_initial_s * 2 ** min(polls + 1, 30), self._settings.poll_max_s)
+        later = _now() + timedelta(seconds=backoff * random.uniform(0.8, 1.0))
+        async with self._engine.begin() as conn:
+            claimed = await conn.execute(
+                update(batch_jobs)
+                .where(
+                    batch_jobs.c.batch_id == batch_id,
+                    batch_jobs.c.next_poll_at == next_poll_at,
+                    batch_jobs.c.metered_at.is_(None),
+                )
+                .values(next_poll_at=later, polls=batch_jobs.c.polls + 1)
+            )
+        return claimed.rowcount == 1
+
+    async def _poll(self, batch_id: str) -> None:
+        try:
+            code, answer = await self._get(upstream_path("batches", batch_id))
+        except (UpstreamUnavailable, GatewayError) as exc:
+            log.warning("batch poll failed (%s)", type(exc).__name__)
+            return
+        if code == 404:
+            # The upstream does not know it (any more): nothing will ever be read, so stop polling it.
+            await self._close_job(batch_id, status="not_found", lines=0, truncated=False)
+            return
+        if answer is None:
+            return
+        status = answer.get("status")
+        if status in TERMINAL:
+            await self._meter(batch_id, answer)
+        elif isinstance(status, str):
+            async with self._engine.begin() as conn:
+                await conn.execute(
+                    update(batch_jobs).where(batch_jobs.c.batch_id == batch_id).values(status=status[:64])
+                )
+
+    async def _get(self, path: str) -> tuple[int, dict[str, Any] | None]:
+        call = CallRecord(request_id=f"batch-meter-{uuid.uuid4().hex}", method="GET", path=path)
+        answer = await self._upstream.send(self._target(), "GET", path, body=b"", headers={}, call=call)
+        if answer.status >= 300:
+            return answer.status, None
+        try:
+            parsed: Any = orjson.loads(answer.body)
+        except orjson.JSONDecodeError:
+            return answer.status, None
+        return answer.status, parsed if isinstance(parsed, dict) else None
+
+    # -- metering one batch ---------------------------------------------------------------------------
+
+    async def _meter(self, batch_id: str, batch: dict[str, Any]) -> None:
+        owner = await self._lease(batch_id)
+        # Whatever the lease says, retrievals need not ask again: should this process fail to meter
+        # it, or the one holding the lease die, the polls come back to it.
+        self._metered[batch_id] = None
+        if len(self._metered) > _MAX_PENDING:
+            self._metered.popitem(last=False)
+        if owner is None:
+            return  # metered already, being metered elsewhere, or not created through the gateway
+        try:
+            lines, truncated = await self._meter_files(batch_id, batch, owner)
+        except BaseException:
+            # Let the next poll try again soon rather than when the lease runs out.
+            with contextlib.suppress(Exception):
+                async with self._engine.begin() as conn:
+                    await conn.execute(
+                        update(batch_jobs)
+                        .where(batch_jobs.c.batch_id == batch_id)
+                        .values(metering_until=None)
+                    )
+            raise
+        await self._close_job(
+            batch_id, status=str(batch.get("status"))[:64], lines=lines, truncated=truncated
+        )
+        if truncated:
+            log.warning("batch output larger than GATEWAY_BATCH_MAX_FILE_BYTES: later lines not metered")
+
+    async def _close_job(self, batch_id: str, *, status: str, lines: int, truncated: bool) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                update(batch_jobs)
+                .where(batch_jobs.c.batch_id == batch_id)
+                .values(
+                    metered_at=_now(),
+                    metering_until=None,
+                    metered_lines=lines,
+                    truncated=truncated,
+                    status=status,
+                )
+            )
+
+    async def _lease(self, batch_id: str) -> _Owner | None:
+        now = _now()
+        async with self._engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    update(batch_jobs)
+                    .where(
+                        batch_jobs.c.batch_id == batch_id,
+                        batch_jobs.c.metered_at.is_(None),
+                        (batch_jobs.c.metering_until.is_(None)) | (batch_jobs.c.metering_until < now),
+                    )
+                    .values(metering_until=now + timedelta(seconds=self._settings.lease_s))
+                    .returning(batch_jobs.c.api_key_id, batch_jobs.c.feature, batch_jobs.c.user_id)
+                )
+            ).first()
+        return None if row is None else _Owner(*row)
+
+    async def _meter_files(self, batch_id: str, batch: dict[str, Any], owner: _Owner) -> tuple[int, bool]:
+        ended = _ended_at(batch)
+        prices = self._prices()
+        written, truncated = 0, False
+        for name in ("output_file_id", "error_file_id"):
+            file_id = batch.get(name)
+            if not isinstance(file_id, str) or not file_id:
+                continue
+            events: list[UsageEvent] = []
+            reader = _FileLines(self._settings.max_file_bytes)
+            async for line in reader.read(self._upstream, self._target(), file_id):
+                event = line_event(batch_id, line, owner, ended, prices)
+                if event is not None:
+                    events.append(event)
+                if len(events) >= _ROWS_PER_WRITE:
+                    written, events = written + await self._write(events), []
+            if events:
+                written += await self._write(events)
+            truncated = truncated or reader.truncated
+        return written, truncated
+
+    async def _write(self, events: list[UsageEvent]) -> int:
+        """The lines' rows; those the database refuses (a token count out of range, say) are left out,
+        one by one, rather than failing every attempt at the batch. Returns how many were written."""
+        try:
+            await write_batch(self._engine, Batch.of(events))
+            self.lines_metered += len(events)
+            return len(events)
+        except Exception as exc:
+            if not is_rejected_data(exc):
+                raise
+        if len(events) > 1:
+            return sum([await self._write([event]) for event in events])
+        log.error("the database refused a batch line's usage row; left out")
+        return 0
+
+
+class _FileLines:
+    """The JSON lines of a file's content, streamed, at most `limit` bytes of it."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self.truncated = False
+
+    async def read(
+        self, upstream: UpstreamClient, target: UpstreamTarget, file_id: str
+    ) -> AsyncIterator[dict[str, Any]]:
+        path = upstream_path("files", file_id, "content")
+        call = CallRecord(request_id=f"batch-meter-{uuid.uuid4().hex}", method="GET", path=path)
+        answer = await upstream.send(
+            target, "GET", path, body=b"", headers={}, call=call, keep_open=lambda _: True
+        )
+        stream = answer.stream
+        try:
+            if answer.status >= 300:
+                raise UpstreamUnavailable("status", f"batch file answered {answer.status}")
+            pending = bytearray()
+            seen = 0
+            chunk: bytes | None = answer.body
+            while chunk is not None:
+                seen += len(chunk)
+                if seen > self._limit:
+                    self.truncated = True
+                    chunk = chunk[: len(chunk) - (seen - self._limit)]
+                pending += chunk
+                *complete, rest = pending.split(b"\n")
+                pending = bytearray(rest)
+                for raw in complete:
+                    parsed = _parse(raw)
+                    if parsed is not None:
+                        yield parsed
+                if self.truncated:
+                    return
+                chunk = await stream.read() if stream is not None else None
+            parsed = _parse(pending)
+            if parsed is not None:
+                yield parsed
+        finally:
+            if stream is not None:
+                await stream.close()
+
+
+def _parse(raw: bytes | bytearray) -> dict[str, Any] | None:
+    if not raw.strip():
+        return None
+    try:
+        parsed: Any = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _ended_at(batch: dict[str, Any]) -> datetime:
+    for name in ("completed_at", "failed_at", "expired_at", "cancelled_at"):
+        moment = batch.get(name)
+        if type(moment) is int and moment > 0:
+            with contextlib.suppress(OverflowError, OSError, ValueError):
+                return datetime.fromtimestamp(moment, UTC)
+    return _now()
+
+
+def line_key(batch_id: str, custom_id: object) -> str:
+    """The usage row's unique key for one line: the batch id and the line's custom_id (unique in a batch,
+    by OpenAI's rules), or its hash when it is no short printable string."""
+    if isinstance(custom_id, str) and 0 < len(custom_id) <= _MAX_CUSTOM_ID and custom_id.isprintable():
+        return f"{batch_id}:{custom_id}"
+    digest = hashlib.sha256(orjson.dumps(custom_id)).hexdigest()[:32]
+    return f"{batch_id}:#{digest}"
+
+
+def line_event(
+    batch_id: str, line: dict[str, Any], owner: _Owner, ended: datetime, prices: PriceTable
+) -> UsageEvent | None:
+    """One output or error line as its usage row, priced at the batch rate."""
+    if "custom_id" not in line:
+        return None
+    response = line.get("response")
+    response = response if isinstance(response, dict) else {}
+    body = response.get("body")
+    body = body if isinstance(body, dict) else {}
+    status = response.get("status_code")
+    reported = body.get("usage")
+    usage = Usage.from_openai(reported) if isinstance(reported, dict) else Usage()
+    model = body.get("model")
+    model = model if isinstance(model, str) and model and is_model_name(model) else None
+    priced = price_usage(prices, model, "batch", usage)
+    return UsageEvent(
+        request_id=line_key(batch_id, line.get("custom_id")),
+        created_at=ended,
+        api_key_id=owner.api_key_id,
+        feature=owner.feature,
+        user_id=owner.user_id,
+        endpoint=ENDPOINT,
+        model=model,
+        upstream_model=model,
+        stream=False,
+        # 0: the line has no response at all (a request the batch never ran, e.g. when it expired).
+        status_code=status if type(status) is int and 0 <= status < 1000 else 0,
+        attempts=1,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+        cached_tokens=usage.cached_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
+        usage_source="upstream",
+        cost_units=priced.cost_units,
+        latency_ms=0,
+        ttfb_ms=None,
+        error_type=_error_type(body, line.get("error")),
+        service_tier="batch",
+        price_key=priced.price_key,
+        price_version=priced.price_version,
+        audio_prompt_tokens=usage.audio_prompt_tokens,
+        audio_completion_tokens=usage.audio_completion_tokens,
+        image_prompt_tokens=usage.image_prompt_tokens,
+        image_completion_tokens=usage.image_completion_tokens,
+    )
+
+
+def _error_type(body: dict[str, Any], line_error: object) -> str | None:
+    for error in (body.get("error"), line_error):
+        if isinstance(error, dict):
+            value = error.get("code") or error.get("type")
+            if isinstance(value, str) and value.isprintable():
+                return value[:MAX_MODEL_CHARS]
+    return None
+
+
+def observe(
+    meter: BatchMeter | None, method: str, path: str, status: int, body: bytes, call: CallRecord
+) -> None:
+    """From the passthrough, after a JSON answer: a batch created, or one retrieved."""
+    if meter is None or status >= 300 or not path.startswith("batches"):
+        return
+    creates = method == "POST" and path == "batches"
+    retrieves = method == "GET" and path.count("/") == 1
+    if not (creates or retrieves):
+        return
+    try:
+        batch: Any = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return
+    if not isinstance(batch, dict) or batch.get("object") != "batch":
+        return
+    if creates:
+        meter.track(batch, call)
+    else:
+        meter.found(batch)
