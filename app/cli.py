@@ -12,7 +12,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -29,16 +29,16 @@ from app.config_file import Caps, GatewayConfig, load_config_file
 from app.db.engine import create_engine, display_url
 from app.db.migrate import BEHIND, SCHEMA_SQLSTATES, upgrade_reporting
 from app.db.models import api_keys
-from app.db.readonly_role import PASSWORD_ENV, REPORTING_TABLES, create_readonly_role
 from app.db.partitions import prune
+from app.db.readonly_role import PASSWORD_ENV, REPORTING_TABLES, create_readonly_role
 from app.endpoint_classes import DEFAULT_SCOPES
 from app.errors import GatewayError
 from app.keys import ApiKey, KeyStore
 from app.logs import configure_logging
 from app.metering.metrics import WORKER_METRICS_DIR
-from app.money import usd
 from app.metering.pricing import TIERS, PriceTable, Rates
 from app.metering.repricing import DayDelta, reprice, unpriced
+from app.money import usd
 from app.reconcile import store as reconciliation
 from app.reconcile.job import organization_reader, reconcile
 from app.reconcile.provider import MAX_DAYS, ProviderError
