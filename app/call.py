@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import Scope
 
-from app.keys import ApiKey
+from app.access.keys import ApiKey
 
 if TYPE_CHECKING:
     from app.limits.guard import Admission
@@ -86,7 +86,7 @@ class CallRecord:
     started: float = field(default_factory=time.perf_counter)
     created_at: float = field(default_factory=time.time)
     client_request_id: str | None = None
-    # The route the metrics label it with, when known before routing (app/hot_routes.py).
+    # The route the metrics label it with, when known before routing (app/proxy/hot_routes.py).
     route: str | None = None
     # Set by auth and attribution.
     key: ApiKey | None = None

@@ -24,6 +24,8 @@ from pydantic import ValidationError
 from sqlalchemy import func, or_, select
 from sqlalchemy.exc import DBAPIError
 
+from app.access.endpoint_classes import DEFAULT_SCOPES
+from app.access.keys import ApiKey, KeyStore
 from app.config import ConfigError, DatabaseSettings, Settings, load_database_settings, load_settings
 from app.config_file import Caps, GatewayConfig, load_config_file
 from app.db.engine import create_engine, display_url
@@ -31,18 +33,17 @@ from app.db.migrate import BEHIND, SCHEMA_SQLSTATES, upgrade_reporting
 from app.db.models import api_keys
 from app.db.partitions import prune
 from app.db.readonly_role import PASSWORD_ENV, REPORTING_TABLES, create_readonly_role
-from app.endpoint_classes import DEFAULT_SCOPES
 from app.errors import GatewayError
-from app.keys import ApiKey, KeyStore
 from app.logs import configure_logging
 from app.metering.metrics import WORKER_METRICS_DIR
 from app.metering.pricing import TIERS, PriceTable, Rates
 from app.metering.repricing import DayDelta, reprice, unpriced
 from app.money import usd
+from app.proxy.upstream import UpstreamClient
 from app.reconcile import store as reconciliation
 from app.reconcile.job import organization_reader, reconcile
 from app.reconcile.provider import MAX_DAYS, ProviderError
-from app.reporting import (
+from app.reports.usage import (
     DEFAULT_GROUP_BY,
     UsageQuery,
     default_range,
@@ -54,7 +55,6 @@ from app.reporting import (
     usage_report,
 )
 from app.routes.admin import KeyCreate, KeyUpdate
-from app.upstream import UpstreamClient
 
 log = logging.getLogger("gateway")
 
@@ -145,7 +145,7 @@ _KEY_CAPS = ("rpm_limit", "tpm_limit", "budget_daily_usd", "budget_monthly_usd")
 def _http_protocol(settings: Settings) -> type[asyncio.Protocol] | str:
     if importlib.util.find_spec("httptools") is None:
         return "h11"
-    from app.http_head import head_limited_protocol
+    from app.edge.http_head import head_limited_protocol
 
     return head_limited_protocol(settings)
 

@@ -20,17 +20,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.datastructures import State
 from starlette.types import ASGIApp
 
-from app.background import BackgroundResponses
-from app.canonical_path import CanonicalPath
-from app.client_watch import ClientWatch
+from app.access.keys import KeyStore
 from app.config import ConfigError, Settings, load_settings
 from app.config_file import GatewayConfig, load_config_file
 from app.db.engine import create_engine
 from app.db.migrate import BEHIND, SchemaCheck, database_revisions, is_behind
 from app.db.partitions import PartitionKeeper
+from app.edge.canonical_path import CanonicalPath
+from app.edge.request_context import RequestContextMiddleware
 from app.errors import install_error_handlers
-from app.hot_routes import HotRoutes
-from app.keys import KeyStore
 from app.limits import (
     BudgetLedger,
     InProcessBudgetLedger,
@@ -41,6 +39,7 @@ from app.limits import (
     redis_client,
 )
 from app.limits.guard import Guard, seed_spend
+from app.limits.policy import Policy
 from app.logs import configure_logging
 from app.metering import tokens
 from app.metering.batches import BatchMeter, BatchSettings
@@ -49,12 +48,13 @@ from app.metering.middleware import Meter, meter_call
 from app.metering.pricing import PriceTable
 from app.metering.recorder import Recorder
 from app.ownership import OwnerStore
-from app.policy import Policy
+from app.proxy.background import BackgroundResponses
+from app.proxy.client_watch import ClientWatch
+from app.proxy.hot_routes import HotRoutes
+from app.proxy.upstream import UpstreamClient
 from app.reconcile.job import Reconciler
-from app.request_context import RequestContextMiddleware
 from app.routes import admin, chat, embeddings, health, metrics, models, passthrough, responses, usage
 from app.routes.dashboard import router as dashboard_router
-from app.upstream import UpstreamClient
 
 if TYPE_CHECKING:
     from app.tracing import Tracing

@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.call import STATE_KEY, CallRecord
 from app.metering.events import COST_EXPONENT
-from app.upstream import UpstreamResponse
+from app.proxy.upstream import UpstreamResponse
 
 # gen_ai.operation.name by route; the Responses API is a chat turn in the conventions' terms.
 _OPERATIONS = {

@@ -127,7 +127,7 @@ def _serve(protocol: str, port: int) -> None:
     import uvicorn
 
     from app.config import load_settings
-    from app.http_head import head_limited_protocol
+    from app.edge.http_head import head_limited_protocol
 
     settings = load_settings()
     uvicorn.run(

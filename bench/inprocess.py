@@ -28,7 +28,7 @@ from harness import BENCH, JSON_BODY, STREAM_BODY, bench_db_url, create_db, drop
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from app.main import create_app
-from app.upstream import UpstreamResponse
+from app.proxy.upstream import UpstreamResponse
 
 MASTER_KEY = "sk-bench-master-key-0001"
 _SSE = BENCH / "upstream" / "stream.sse"

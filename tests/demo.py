@@ -21,7 +21,7 @@ from app.db.engine import create_engine
 from app.db.migrate import upgrade
 from app.db.models import usage_events
 from app.money import usd
-from app.reporting import to_plain_table, to_table
+from app.reports.usage import to_plain_table, to_table
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import MASTER_KEY, ThreadedGateway, wait_until
 

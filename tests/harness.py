@@ -16,7 +16,7 @@ import httpx
 import uvicorn
 
 from app.config import Settings
-from app.http_head import head_limited_protocol
+from app.edge.http_head import head_limited_protocol
 from app.main import create_app
 from tests.fakes.openai_upstream import FakeOpenAI
 

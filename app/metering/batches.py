@@ -39,15 +39,15 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.call import CallRecord, Usage
-from app.canonical_path import upstream_path
 from app.db.models import batch_jobs
 from app.db.usage_writer import is_rejected_data, write_batch
+from app.edge.canonical_path import upstream_path
 from app.errors import GatewayError
+from app.limits.policy import MAX_MODEL_CHARS, UpstreamTarget, is_model_name
 from app.metering.events import Batch, UsageEvent
 from app.metering.pricing import PriceTable
 from app.metering.usage import price_usage
-from app.policy import MAX_MODEL_CHARS, UpstreamTarget, is_model_name
-from app.upstream import UpstreamClient, UpstreamUnavailable
+from app.proxy.upstream import UpstreamClient, UpstreamUnavailable
 
 log = logging.getLogger("gateway.metering.batches")
 

@@ -19,11 +19,11 @@ from urllib.parse import parse_qsl, urlencode
 import orjson
 from fastapi import Request
 
+from app.access.deps import Gateway
 from app.call import CallRecord
-from app.deps import Gateway
 from app.errors import GatewayError
 from app.ownership.store import OwnerStore
-from app.upstream import UpstreamResponse
+from app.proxy.upstream import UpstreamResponse
 
 # Collection path -> the kind recorded for what it creates.
 _COLLECTIONS = {

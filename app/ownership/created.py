@@ -15,8 +15,8 @@ from starlette.responses import Response
 
 from app.errors import GatewayError
 from app.ownership.access import Caller
-from app.streaming import EventRelayResponse, sse_data
-from app.upstream import UpstreamResponse
+from app.proxy.streaming import EventRelayResponse, sse_data
+from app.proxy.upstream import UpstreamResponse
 
 # How much of a stream is read to find its first event; it echoes the request's instructions and tools.
 _FIRST_EVENT_LIMIT = 16 * 1024 * 1024

@@ -22,9 +22,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings
+from app.proxy.upstream import UpstreamClient
 from app.reconcile.provider import Filters, OrganizationReader, ProviderError
 from app.reconcile.store import last_fetch, latest_complete_day, relative, replace_days
-from app.upstream import UpstreamClient
 
 log = logging.getLogger("gateway.reconcile")
 

@@ -23,8 +23,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.call import CallRecord
-from app.policy import UpstreamTarget
-from app.upstream import UpstreamClient, UpstreamUnavailable, never_open
+from app.limits.policy import UpstreamTarget
+from app.proxy.upstream import UpstreamClient, UpstreamUnavailable, never_open
 
 USAGE_SOURCES = ("completions", "embeddings")
 MAX_DAYS = 366

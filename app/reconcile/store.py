@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.db.models import provider_usage_daily, provider_usage_days
 from app.money import usd
 from app.reconcile.provider import ProviderRow
-from app.reporting import to_plain_table
+from app.reports.usage import to_plain_table
 
 # reconciliation_daily's columns, in the order reports print them.
 COUNTS = (

@@ -13,12 +13,12 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.responses import Response
 
+from app.access.deps import MasterDep
+from app.access.endpoint_classes import DEFAULT_SCOPES, parse_scopes
+from app.access.keys import ApiKey, KeyStore
 from app.config_file import Caps, GatewayConfig
 from app.db.models import usage_daily
-from app.deps import MasterDep
-from app.endpoint_classes import DEFAULT_SCOPES, parse_scopes
 from app.errors import GatewayError
-from app.keys import ApiKey, KeyStore
 from app.limits.budgets import resets_at
 from app.limits.guard import Guard
 from app.limits.redis_guard import RedisUnavailable

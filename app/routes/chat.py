@@ -7,13 +7,13 @@ from typing import Any
 from fastapi import Request
 from starlette.responses import Response
 
-from app.deps import GatewayDep
+from app.access.deps import GatewayDep
 from app.errors import bad_request
 from app.ownership import body_check, caller
 from app.ownership.created import record_created, stored_completion
-from app.relay import Payload, forward
+from app.proxy.relay import Payload, forward
+from app.proxy.streaming import ChatChunkInspector
 from app.routes.metered import MeteredRequest, read_metered
-from app.streaming import ChatChunkInspector
 
 PATH = "/chat/completions"
 

@@ -7,9 +7,9 @@ from typing import Any
 from fastapi import Request
 from starlette.responses import Response
 
-from app.deps import GatewayDep
+from app.access.deps import GatewayDep
 from app.errors import bad_request
-from app.relay import Payload, forward
+from app.proxy.relay import Payload, forward
 from app.routes.metered import read_metered
 
 

@@ -10,12 +10,12 @@ from typing import Any
 
 from fastapi import Request
 
-from app.attribution import attribute
-from app.body import parse_object, read_body
-from app.deps import Gateway
+from app.access.attribution import attribute
+from app.access.deps import Gateway
 from app.limits.guard import completion_allowance, worst_case_output
+from app.limits.policy import Candidate
 from app.limits.prompt_budget import fit_prompt
-from app.policy import Candidate
+from app.proxy.body import parse_object, read_body
 
 
 @dataclass(slots=True)

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
-from app.auth import bearer_key
+from app.access.auth import bearer_key
 from app.config import Settings
 from app.errors import GatewayError
 

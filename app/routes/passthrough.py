@@ -14,16 +14,16 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
-from app.body import BodyDecoder, body_decoder, read_body
+from app.access.deps import Gateway, GatewayDep
 from app.call import CallRecord
-from app.canonical_path import upstream_path
-from app.deps import Gateway, GatewayDep
+from app.edge.canonical_path import upstream_path
 from app.errors import GatewayError
+from app.limits.policy import MAX_MODEL_CHARS, is_model_name
 from app.metering import batches
 from app.ownership import admit, caller
-from app.policy import MAX_MODEL_CHARS, is_model_name
-from app.relay import answer_headers, read_json_usage, send_checked
-from app.upstream import ResponseHead, UpstreamResponse
+from app.proxy.body import BodyDecoder, body_decoder, read_body
+from app.proxy.relay import answer_headers, read_json_usage, send_checked
+from app.proxy.upstream import ResponseHead, UpstreamResponse
 
 router = APIRouter()
 

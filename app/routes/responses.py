@@ -9,16 +9,16 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from app.background import BackgroundResponses
-from app.canonical_path import upstream_path
-from app.deps import Gateway, GatewayDep
+from app.access.deps import Gateway, GatewayDep
+from app.edge.canonical_path import upstream_path
 from app.limits.guard import Guard
 from app.ownership import admit, body_check, caller
 from app.ownership.created import record_created, stored_response
-from app.relay import Payload, answer_headers, forward, send_checked
+from app.proxy.background import BackgroundResponses
+from app.proxy.relay import Payload, answer_headers, forward, send_checked
+from app.proxy.streaming import EventRelayResponse, ResponsesEventInspector, learn_response
+from app.proxy.upstream import is_sse, never_open
 from app.routes.metered import read_metered
-from app.streaming import EventRelayResponse, ResponsesEventInspector, learn_response
-from app.upstream import is_sse, never_open
 
 router = APIRouter()
 

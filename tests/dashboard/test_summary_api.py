@@ -14,8 +14,8 @@ import httpx
 import openai
 import pytest
 
+from app.access.endpoint_classes import parse_scopes
 from app.db.migrate import upgrade
-from app.endpoint_classes import parse_scopes
 from tests.dashboard.conftest import Seeded, make_key, sql
 from tests.dashboard.seed import events as seed_events
 from tests.dashboard.seed import write

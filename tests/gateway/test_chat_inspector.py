@@ -7,7 +7,7 @@ import orjson
 import pytest
 
 from app.call import CallRecord, Usage
-from app.streaming import ChatChunkInspector
+from app.proxy.streaming import ChatChunkInspector
 
 MODEL = "gpt-4o-mini-2024-07-18"
 

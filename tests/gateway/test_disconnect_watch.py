@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 
-from app.streaming import DisconnectWatch
+from app.proxy.streaming import DisconnectWatch
 
 
 async def test_a_stopped_watch_leaves_no_reference_cycle() -> None:

@@ -9,7 +9,7 @@ from email.utils import format_datetime
 import openai
 import pytest
 
-from app.retry_policy import retry_after_s
+from app.proxy.retry_policy import retry_after_s
 from tests.conftest import sdk_client
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import ThreadedGateway, free_port

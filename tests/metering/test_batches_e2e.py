@@ -21,10 +21,10 @@ import pytest
 
 from app.db.engine import create_engine
 from app.db.migrate import upgrade
+from app.limits.policy import UpstreamTarget
 from app.metering.batches import BatchMeter, BatchSettings, _Owner, line_event, line_key
 from app.metering.pricing import PriceTable
-from app.policy import UpstreamTarget
-from app.upstream import UpstreamClient
+from app.proxy.upstream import UpstreamClient
 from tests.conftest import sdk_client
 from tests.db import database_down, database_up, fetch
 from tests.fakes.openai_upstream import FakeOpenAI

@@ -31,10 +31,10 @@ from app.db.engine import create_engine
 from app.db.migrate import upgrade
 from app.db.models import usage_events
 from app.logs import JsonFormatter
+from app.proxy.upstream import UpstreamClient
 from app.reconcile import store
 from app.reconcile.job import Reconciler, organization_reader, reconcile
 from app.reconcile.provider import MAX_PAGES, ProviderError, line_item_model
-from app.upstream import UpstreamClient
 from tests.db import fetch, wait_for_rows
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import MASTER_KEY, ThreadedGateway, wait_until

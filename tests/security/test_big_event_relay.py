@@ -12,8 +12,8 @@ import openai
 import orjson
 import pytest
 
-from app.event_framing import EventFramer
 from app.metering import tokens
+from app.proxy.event_framing import EventFramer
 from tests.db import wait_for_rows
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import MASTER_KEY, ThreadedGateway

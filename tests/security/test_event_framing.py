@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from app.event_framing import EventFramer
+from app.proxy.event_framing import EventFramer
 
 # LF, CRLF and CR line ends (WHATWG HTML, "Parsing an event stream"), and a CR whose LF comes later.
 STREAM = b"data: a\n\ndata: b\r\n\r\n: note\r\rdata: c\ndata: d\r\n\ndata: e\r\r\n"

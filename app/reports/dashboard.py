@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.db.models import usage_events
 from app.money import usd
-from app.reporting import UsageQuery, usage_report
+from app.reports.usage import UsageQuery, usage_report
 
 MAX_RANGE_DAYS = 92
 EVENT_WINDOW_DAYS = 7

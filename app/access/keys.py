@@ -25,8 +25,8 @@ import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.access.endpoint_classes import ALL, REPORTS
 from app.db.models import api_keys, usage_events
-from app.endpoint_classes import ALL, REPORTS
 from app.money import usd
 
 log = logging.getLogger("gateway.keys")
@@ -53,7 +53,7 @@ class ApiKey:
     default_feature: str | None
     pin_feature: bool
     allowed_models: tuple[str, ...] | None
-    # The endpoint classes it may call (app/endpoint_classes.py); None for every class.
+    # The endpoint classes it may call (app/access/endpoint_classes.py); None for every class.
     scopes: frozenset[str] | None
     rpm_limit: int | None
     tpm_limit: int | None

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from app.access.keys import SECRET_PREFIX, ApiKey, KeyLookupUnavailable, KeyStore
 from app.call import STATE_KEY, CallRecord
 from app.errors import GatewayError
-from app.keys import SECRET_PREFIX, ApiKey, KeyLookupUnavailable, KeyStore
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,8 +32,8 @@ from pyreqwest.response import Response
 from app.call import CallRecord
 from app.config import Settings
 from app.config_file import DEFAULT_UPSTREAM
-from app.policy import UpstreamTarget
-from app.retry_policy import RetryPolicy, UpstreamClosedEarly, is_retryable_status
+from app.limits.policy import UpstreamTarget
+from app.proxy.retry_policy import RetryPolicy, UpstreamClosedEarly, is_retryable_status
 
 if TYPE_CHECKING:
     from app.tracing import Tracing
@@ -43,7 +43,7 @@ log = logging.getLogger("gateway.upstream")
 # Headers of the client's request that never go upstream: the client's gateway key, the gateway's
 # own attribution headers, hop-by-hop headers (RFC 9110 §7.6.1, with Proxy-Authorization, meant for a
 # proxy, and those Connection names), identity headers that belong to the client's OpenAI account rather
-# than the gateway's key, and Content-Encoding: the gateway decodes a compressed body (app/body.py).
+# than the gateway's key, and Content-Encoding: the gateway decodes a compressed body (app/proxy/body.py).
 _DROP_REQUEST = frozenset(
     {
         "authorization",

@@ -7,15 +7,15 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.attribution import attribute
-from app.auth import Principal, require_master, require_principal, require_reports
+from app.access.attribution import attribute
+from app.access.auth import Principal, require_master, require_principal, require_reports
+from app.access.endpoint_classes import endpoint_class, spends
 from app.call import STATE_KEY, CallRecord
 from app.config import Settings
-from app.endpoint_classes import endpoint_class, spends
 from app.errors import GatewayError
 from app.limits.guard import Guard
-from app.policy import Policy
-from app.upstream import UpstreamClient
+from app.limits.policy import Policy
+from app.proxy.upstream import UpstreamClient
 
 
 def _settings(request: Request) -> Settings:

@@ -13,8 +13,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.access.deps import Gateway, gateway
 from app.call import get_call
-from app.deps import Gateway, gateway
 from app.errors import error_response
 
 Handler = Callable[[Request, Gateway], Awaitable[Response]]

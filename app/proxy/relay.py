@@ -11,13 +11,13 @@ import orjson
 from starlette.responses import Response
 from starlette.types import Receive
 
-from app.answers import RelayedResponse
 from app.call import CallRecord, Usage
-from app.client_watch import ClientWatch
 from app.errors import GatewayError, RelayedError
-from app.policy import Candidate, UpstreamTarget
-from app.streaming import EventInspector, EventRelayResponse, collect_text
-from app.upstream import (
+from app.limits.policy import Candidate, UpstreamTarget
+from app.proxy.answers import RelayedResponse
+from app.proxy.client_watch import ClientWatch
+from app.proxy.streaming import EventInspector, EventRelayResponse, collect_text
+from app.proxy.upstream import (
     ResponseHead,
     UpstreamClient,
     UpstreamResponse,
@@ -174,7 +174,7 @@ async def forward(
     """POST `payload` to `path` for each candidate model in turn until one answers; relay JSON whole, or
     an SSE stream event by event when `inspector` is given (made once the upstream answered a stream).
 
-    A client that leaves while the upstream works on its call is noticed (app/client_watch.py); the call
+    A client that leaves while the upstream works on its call is noticed (app/proxy/client_watch.py); the call
     still waits for the answer, which the upstream bills, so that its row has the real usage, then answers
     nobody: 499, `client_disconnected`, and no fallback or further model is tried for it."""
     headers = {**upstream_request_headers(client_headers), "content-type": "application/json"}

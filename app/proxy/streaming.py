@@ -27,11 +27,11 @@ from pyreqwest.exceptions import PyreqwestError
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from app.answers import encoded, raw_headers
 from app.call import CallRecord, Usage
 from app.errors import error_body
-from app.event_framing import EventFramer
-from app.upstream import UpstreamResponse
+from app.proxy.answers import encoded, raw_headers
+from app.proxy.event_framing import EventFramer
+from app.proxy.upstream import UpstreamResponse
 
 DONE = b"[DONE]"
 _DONE_EVENT = b"data: [DONE]\n\n"
