@@ -17,7 +17,7 @@ from starlette.types import Scope
 from app.access.keys import ApiKey
 
 if TYPE_CHECKING:
-    from app.limits.guard import Admission
+    from app.limits.admission import Admission
 
 STATE_KEY = "gateway_call"
 _MAX_TIER_CHARS = 32

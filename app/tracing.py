@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry import context as otel_context
@@ -36,7 +36,17 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.call import STATE_KEY, CallRecord
 from app.metering.events import COST_EXPONENT
-from app.proxy.upstream import UpstreamResponse
+
+
+class _Answered(Protocol):
+    """What a span reads of an upstream attempt's answer: its status. Named here rather than imported, so
+    the upstream client, which calls the tracer, is the only one of the two that knows the other."""
+
+    @property
+    def status(self) -> int: ...
+
+
+_Answer = TypeVar("_Answer", bound=_Answered)
 
 # gen_ai.operation.name by route; the Responses API is a chat turn in the conventions' terms.
 _OPERATIONS = {
@@ -83,17 +93,17 @@ class Tracing:
 
     def attempts(
         self,
-        attempt: Callable[[], Awaitable[UpstreamResponse]],
+        attempt: Callable[[], Awaitable[_Answer]],
         headers: MutableMapping[str, str],
         method: str,
         url: str,
         call: CallRecord,
-    ) -> Callable[[], Awaitable[UpstreamResponse]]:
+    ) -> Callable[[], Awaitable[_Answer]]:
         """`attempt`, each run of it a CLIENT span; `headers`, the ones it sends, carry that span's
         traceparent."""
         tracer = self._tracer
 
-        async def traced() -> UpstreamResponse:
+        async def traced() -> _Answer:
             span = tracer.start_span(
                 f"{method} upstream",
                 kind=SpanKind.CLIENT,

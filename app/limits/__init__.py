@@ -1,4 +1,5 @@
-"""Per-key, per-feature and per-user limits: requests and tokens per minute, USD per day and month."""
+"""Policy and limits: which model and upstream serve a call (policy), and per-key, per-feature and per-user
+limits: requests and tokens per minute, USD per day and month."""
 
 from app.limits.budgets import (
     Budget,

@@ -18,7 +18,6 @@ import asyncio
 import logging
 import math
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -31,26 +30,13 @@ from app.call import CallRecord
 from app.config_file import Caps, GatewayConfig
 from app.db.models import api_keys, usage_daily, usage_events
 from app.errors import GatewayError
+from app.limits.admission import Admission
 from app.limits.budgets import Budget, BudgetLedger, OverBudget, Period, Reservation, period_key
 from app.limits.ratelimit import Denied, Limit, RateLimiter
 from app.metering.pricing import PriceTable
 from app.money import usd
 
 log = logging.getLogger("gateway.limits")
-
-
-@dataclass(frozen=True, slots=True)
-class Admission:
-    limits: tuple[Limit, ...]
-    scopes: tuple[str, ...]
-    token_estimate: int
-    # What the budgets hold for the call until it is settled; None when no budget was asked (none
-    # applies, or the ledger failed open).
-    reservation: Reservation | None = None
-
-    @property
-    def reserved_units(self) -> int | None:
-        return None if self.reservation is None else self.reservation.units
 
 
 def completion_allowance(body: dict[str, Any]) -> int:
