@@ -21,7 +21,7 @@ ROOT = BENCH.parent
 GATEWAY_PY = ROOT / ".venv" / "bin" / "python"
 GATEWAY_BIN = ROOT / ".venv" / "bin" / "llm-gateway"
 LITELLM_VENV = BENCH / ".litellm-venv"
-# 1.107.0 was a compromised release (pulled from PyPI); the reference figures are for 1.108.
+# 1.107.0 was a compromised release (pulled from PyPI); the LiteLLM figures compared against are for 1.108.
 LITELLM_SPEC = "litellm[proxy]>=1.108,<1.109"
 TOOLS_VENV = BENCH / ".tools-venv"
 BUILD = BENCH / ".build"

@@ -27,8 +27,8 @@ def new_request_id() -> str:
     milliseconds since the epoch first, then 80 random bits (os.urandom: a process forked from another
     shares no state with it). Time-ordered, so each usage row's key lands at the right-hand end of the
     request_id index rather than anywhere in it: Postgres wrote a batch of events with a quarter less CPU
-    than with 128 random bits (bench/README.md), and the index stays cache-friendly as the table grows
-    to hundreds of millions of rows."""
+    than with 128 random bits (docs/performance-log.md, optimisation log), and the index stays
+    cache-friendly as the table grows to hundreds of millions of rows."""
     return "req_" + (time.time_ns() // 1_000_000).to_bytes(6, "big").hex() + os.urandom(10).hex()
 
 

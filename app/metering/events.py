@@ -6,9 +6,10 @@ time as integer microseconds since the Unix epoch (exact both ways), queued one 
 buffer. The request path writes its line straight from the call (`usage.event_line`), without an event
 object: on a saturated core every object a request builds field by field, or leaves alive, costs several
 times its own run time in what it does to the caches, where one small bytes object appended to a buffer
-and dropped costs about nothing (bench/README.md, "The metering gap"). Postgres takes the lines as they
-are (COPY into a jsonb column). Spool files written before lines existed hold one JSON object per event
-(`to_json`, still written for the rejected file an operator reads); `from_line` reads both.
+and dropped costs about nothing (docs/performance-log.md, "What was left", metering). Postgres takes the
+lines as they are (COPY into a jsonb column). Spool files written before lines existed hold one JSON
+object per event (`to_json`, still written for the rejected file an operator reads); `from_line` reads
+both.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def usd_to_cost(usd: Decimal | None) -> int | None:
 
 class UsageEvent(NamedTuple):
     request_id: str
-    # Timezone-aware: the daily rollup buckets by UTC date (build_event and from_json make it so).
+    # Timezone-aware: the daily rollup buckets by UTC date (from_line reads UTC, from_json refuses a
+    # naive time, the batch meter builds UTC times).
     created_at: datetime
     api_key_id: str | None
     feature: str | None

@@ -2,8 +2,9 @@
 
 The per-request counters and histograms are plain Python numbers behind a collector that turns them into
 Prometheus families at scrape time: prometheus_client's own metrics take a lock per update and walk the
-buckets in Python, ~7 µs a request for the nine updates metering makes (bench/README.md). The event loop
-is one thread, and /metrics is served on it, so the numbers need no lock.
+buckets in Python, ~7 µs a request for the nine updates metering makes (docs/performance-log.md,
+optimisation log). The event loop is one thread, and /metrics is served on it, so the numbers need no
+lock.
 
 Several workers (`llm-gateway serve --workers N`): a scrape reaches one of them, and must answer for the
 whole server. prometheus_client's multiprocess mode would do it by making every update a write into a

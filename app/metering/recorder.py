@@ -241,8 +241,8 @@ class Recorder:
         left.
 
         The batch fills while the writer sleeps: waking it for every event (a queue get under a timeout
-        per event) cost more than the rest of the metering together (bench/README.md). submit() and
-        close() wake it early when a full batch is waiting, or to finish."""
+        per event) cost more than the rest of the metering together (docs/performance-log.md, optimisation
+        log). submit() and close() wake it early when a full batch is waiting, or to finish."""
         while not self._queued and not self._closed:
             self._has_events.clear()
             await self._has_events.wait()

@@ -2,7 +2,7 @@
 
 Starlette's Response constructor lower-cases, encodes and scans every header again and looks for the
 content type among them; on the metered routes that was a couple of microseconds a call for headers the
-gateway built itself (bench/README.md).
+gateway built itself (docs/performance-log.md, optimisation log).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The metered POST endpoints, served straight from ASGI ahead of FastAPI.
 
-In the benchmark's profile (bench/README.md) FastAPI's route matching and dependency solving took about
-40% of the event loop per request, and these endpoints carry nearly all of a gateway's traffic. Every
-other path goes on to FastAPI; the handlers are the same functions either way.
+In the benchmark's profile (docs/performance-log.md, optimisation log) FastAPI's route matching and
+dependency solving took about 40% of the event loop per request, and these endpoints carry nearly all of
+a gateway's traffic. Every other path goes on to FastAPI; the handlers are the same functions either way.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """SSE relay: upstream events go to the client as they arrive, byte for byte. The complete events of one
 upstream read go out in one write, so a burst of small events costs one send instead of one each
-(bench/README.md, optimisation log); nothing is ever held back waiting for more.
+(docs/performance-log.md, optimisation log); nothing is ever held back waiting for more.
 
 Divergences from a plain byte pipe, each deliberate:
 1. The gateway always asks the upstream for usage (`stream_options.include_usage`). When the client did
@@ -75,7 +75,7 @@ class ChatChunkInspector:
     unparsed chunks reached _PENDING_MAX_BYTES (one block longer than that waits alone, until the next
     such block or the end of the stream). A stream that ends with its usage chunk, as OpenAI's do
     when asked, is parsed twice, not once per event, and an ordinary chunk costs a few byte searches
-    (streams/s in bench/README.md)."""
+    (streams/s in docs/performance-log.md, optimisation log)."""
 
     def __init__(self, call: CallRecord, client_wants_usage: bool) -> None:
         self.call = call
@@ -340,7 +340,7 @@ class DisconnectWatch:
         # The cancelled task keeps its CancelledError, whose traceback holds the watcher's frame and so
         # this object: were it still to hold the task (and the relay's task), each stream would leave a
         # reference cycle of ~40 objects, its whole request among them, for the collector. With 1,000
-        # streams open those collections took 60-90 ms, a stall of every stream (bench/README.md).
+        # streams open those collections took 60-90 ms, a stall of every stream (docs/performance-log.md).
         self._watcher = self._relay = self._receive = None
 
     async def _watch(self, receive: Receive) -> None:
@@ -417,7 +417,7 @@ class EventRelayResponse(Response):
     and a DisconnectWatch that cancels the relay on `http.disconnect` (the relay's `finally` then closes
     the upstream response). sse-starlette was used here first; its constructor alone (an anyio lock
     found through sniffio, a MutableHeaders) took a tenth of the event loop relaying streams, and its
-    per-stream task group another quarter (bench/README.md), while the gateway needs none of its event
+    per-stream task group another quarter (docs/performance-log.md), while the gateway needs none of its event
     formatting or pings: OpenAI sends none, and the bytes are relayed as they are. The relay is a loop in
     the response itself rather than an async generator the response iterates (a generator's every step
     and its closing cost a stream a few microseconds). No cancellation on SIGTERM: open streams finish

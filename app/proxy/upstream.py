@@ -1,10 +1,10 @@
 """The one upstream HTTP client per process, and the retrying call through it.
 
 pyreqwest (Rust's reqwest and hyper, awaited from the event loop) rather than aiohttp or httpx: the
-upstream client decides a Python gateway's throughput. Measured on this
-2-core machine kind, a bare pass-through on one core relaying nginx's canned answers did ~10,000 JSON
-requests/s and ~10,300 streams/s with aiohttp, ~16,000 and ~17,700 with pyreqwest (bench/README.md, "The
-upstream client"); with httpx ~350 req/s. The gateway relays bytes, so it needs no SDK models here.
+upstream client decides a Python gateway's throughput. Measured on this 2-core machine kind, a bare
+pass-through on one core relaying nginx's canned answers did ~10,000 JSON requests/s and ~10,300
+streams/s with aiohttp, ~16,000 and ~17,700 with pyreqwest (docs/performance-log.md, "The upstream
+client"); with httpx ~350 req/s. The gateway relays bytes, so it needs no SDK models here.
 
 Deliberate divergences from a browser-like client: redirects are never followed (a 3xx other than 304 is
 refused with a 502), since following one re-sends the prompt, and the upstream key, to a host nobody
@@ -238,7 +238,7 @@ def io_threads_yield_to_the_loop() -> None:
     context switches a request, and the I/O thread took a quarter of the process's CPU. A SCHED_BATCH
     thread does not preempt on wakeup: it runs when the loop waits for events or its time slice ends,
     then handles every socket that became ready meanwhile (0.09 switches a request; one worker did ~30%
-    more requests/s, bench/README.md). With a core to itself it runs at once, as before. Linux only;
+    more requests/s, docs/performance-log.md). With a core to itself it runs at once, as before. Linux only;
     unprivileged; where refused (a seccomp profile), the thread stays as it was."""
     if not hasattr(os, "sched_setscheduler"):
         return

@@ -13,7 +13,7 @@ async def test_a_stopped_watch_leaves_no_reference_cycle() -> None:
     """A stream's watcher task is cancelled when the stream ends, and a cancelled task keeps its
     CancelledError, whose traceback holds the watcher's frame. Were the watch to keep hold of that task,
     every stream would leave its request in a reference cycle: with 1,000 streams open, the collections
-    that freed them stalled every stream for 60-90 ms (bench/README.md)."""
+    that freed them stalled every stream for 60-90 ms (docs/performance-log.md)."""
     client_stays = asyncio.Event()
 
     async def receive() -> dict[str, str]:

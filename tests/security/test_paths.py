@@ -52,7 +52,7 @@ def spellings(path: str) -> list[str]:
     return variants
 
 
-# Paths outside the upstream's /v1, as the reproductions spelled them.
+# Paths outside the upstream's /v1, spelled as attackers spell them: encoded dots and slashes, mixed case.
 ESCAPES = [
     "/v1/%2e%2e/_control",
     "/v1/%2E%2E/%2E%2E/etc/passwd",
