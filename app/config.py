@@ -7,10 +7,11 @@ the OpenAI SDKs and most deployments already use, so they are read as they are.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_UPSTREAM = "https://api.openai.com/v1"
 
@@ -93,6 +94,19 @@ class Settings(DatabaseSettings):
     shutdown_timeout_s: float = Field(default=30.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # Browsers: CORS, browser tokens, SSE keep-alives.
+    # Origins whose pages may call /v1/* (comma-separated `scheme://host[:port]`, or `*` alone for any);
+    # empty: no CORS headers at all. The gateway uses no cookies and never allows credentials.
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(), validation_alias="GATEWAY_CORS_ORIGINS"
+    )
+    # Signs browser tokens; unset: derived from the master key (tokens then die when it changes). Every
+    # worker and replica must share it.
+    browser_token_secret: SecretStr | None = Field(default=None, min_length=32)
+    # An SSE comment every this many seconds while a stream waits (for the upstream's first byte, or
+    # between events), so proxies do not cut it as idle; 0 turns it off.
+    sse_keepalive_s: float = Field(default=15.0, ge=0, le=3600)
+
     @field_validator("openai_base_url")
     @classmethod
     def _base_url(cls, value: str) -> str:
@@ -100,7 +114,22 @@ class Settings(DatabaseSettings):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
-    @field_validator("openai_api_key", "redis_url", "config_file", "metrics_key", mode="before")
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        origins = tuple(part.strip().rstrip("/").lower() for part in value.split(",") if part.strip())
+        if "*" in origins and len(origins) > 1:
+            raise ValueError("'*' stands for every origin and must be alone")
+        for origin in origins:
+            if origin != "*" and not is_origin(origin):
+                raise ValueError(f"'{origin}' is not an origin (scheme://host[:port], nothing after it)")
+        return origins
+
+    @field_validator(
+        "openai_api_key", "redis_url", "config_file", "metrics_key", "browser_token_secret", mode="before"
+    )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if value == "" else value
@@ -115,6 +144,20 @@ class Settings(DatabaseSettings):
     def upstream_configured(self) -> bool:
         # A self-hosted OpenAI-compatible server often needs no key; OpenAI itself always does.
         return self.openai_api_key is not None or self.openai_base_url != DEFAULT_UPSTREAM
+
+
+def is_origin(value: str) -> bool:
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        return False
+    return (
+        parts.scheme in ("http", "https")
+        and bool(parts.hostname)
+        and f"{parts.scheme}://{parts.netloc}" == value
+        and "@" not in parts.netloc
+    )
 
 
 _S = TypeVar("_S", bound=DatabaseSettings)

@@ -19,10 +19,12 @@ from starlette.datastructures import State
 from starlette.types import ASGIApp
 
 from app.background import BackgroundResponses
+from app.browser_tokens import signing_key
 from app.canonical_path import CanonicalPath
 from app.client_watch import ClientWatch
 from app.config import ConfigError, Settings, load_settings
 from app.config_file import GatewayConfig, load_config_file
+from app.cors import Cors
 from app.db.engine import create_engine
 from app.errors import install_error_handlers
 from app.hot_routes import HotRoutes
@@ -46,7 +48,18 @@ from app.metering.recorder import Recorder
 from app.ownership import OwnerStore
 from app.policy import Policy
 from app.request_context import RequestContextMiddleware
-from app.routes import admin, chat, embeddings, health, metrics, models, passthrough, responses, usage
+from app.routes import (
+    admin,
+    browser_tokens,
+    chat,
+    embeddings,
+    health,
+    metrics,
+    models,
+    passthrough,
+    responses,
+    usage,
+)
 from app.upstream import UpstreamClient
 
 log = logging.getLogger("gateway")
@@ -84,9 +97,12 @@ class GatewayApp(FastAPI):
         # Outside Starlette's ServerErrorMiddleware, so even an unexpected 500 carries its X-Request-Id
         # and gets its access-log line; it meters the hot routes and FastAPI's alike when they end. The
         # path is checked before any route (hot or not) or auth sees it.
-        return RequestContextMiddleware(
+        stack: ASGIApp = RequestContextMiddleware(
             CanonicalPath(HotRoutes(super().build_middleware_stack(), HOT_ROUTES)), meter_call
         )
+        # Outside even that: a preflight is no call, and every answer, whoever made it, needs the headers.
+        origins: tuple[str, ...] = self.state.settings.cors_origins
+        return Cors(stack, origins) if origins else stack
 
 
 def _configuration(settings: Settings | None) -> tuple[Settings, GatewayConfig]:
@@ -216,6 +232,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     app.state.settings = settings
+    app.state.token_secret = signing_key(settings)
     app.state.metrics = app_metrics
     app.state.policy = Policy(settings, config)
     app.state.reload_config = reload_config
@@ -228,6 +245,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(usage.router)
     app.include_router(admin.router)
+    app.include_router(browser_tokens.router)
     # Last: it takes every /v1/* path the routers above do not.
     app.include_router(passthrough.router)
     return app

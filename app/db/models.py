@@ -82,6 +82,8 @@ usage_events = Table(
     Column("prompt_truncated", Boolean, nullable=False, server_default=text("false")),
     # The caller's X-Request-Id when it sent one; request_id is the gateway's own and unique.
     Column("client_request_id", Text),
+    # The browser token the call was made with; api_key_id is the key that minted it.
+    Column("browser_token_id", Text),
     PrimaryKeyConstraint("id", name="pk_usage_events"),
     # The recorder's idempotence rests on this: a replayed event conflicts and is skipped.
     UniqueConstraint("request_id", name="uq_usage_events_request_id"),

@@ -76,6 +76,8 @@ class UsageEvent(NamedTuple):
     prompt_truncated: bool = False
     # The caller's X-Request-Id, when it sent one (request_id is always the gateway's own).
     client_request_id: str | None = None
+    # The browser token the call was made with (api_key_id is the key that minted it).
+    browser_token_id: str | None = None
 
     @property
     def cost_usd(self) -> Decimal | None:

@@ -94,5 +94,6 @@ def event_line(
             call.error_type,
             call.prompt_truncated,
             call.client_request_id,
+            None if call.browser_token is None else call.browser_token.id,
         )
     )
