@@ -60,6 +60,7 @@ from app.routes import (
     responses,
     usage,
 )
+from app.streaming import KeepAlives
 from app.upstream import UpstreamClient
 
 log = logging.getLogger("gateway")
@@ -198,6 +199,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await recorder.start()
             app_metrics.watch_recorder(recorder.stats)
         app.state.meter = Meter(recorder, app.state.prices, app_metrics, guard)
+        keepalives = KeepAlives(settings.sse_keepalive_s)
+        keepalives.start()
+        app.state.keepalives = keepalives
         # Everything made at start-up (modules, tokenizer tables, settings) lives as long as the process:
         # out of the collector's sight, and fewer collections of the short-lived objects each request
         # makes (a request allocates hundreds of objects; the default threshold collects every 700).
@@ -216,6 +220,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.meter.drain(settings.shutdown_timeout_s)
             if recorder is not None:
                 await recorder.close(timeout_s=settings.shutdown_timeout_s)
+            await keepalives.close()
             await guard.close()
             await keys.close()
             await upstream.close()
