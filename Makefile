@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 export GATEWAY_MASTER_KEY ?= sk-gateway-dev-master-key
 
-.PHONY: install run test demo lint bench clean
+.PHONY: install run test demo lint bench clean browser-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,12 +21,24 @@ NODE_STAMP := tests/node/node_modules/.package-lock.json
 $(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
 	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
 
+# The browser tests (tests/browser): Debian's chromium, driven by Playwright (pip, in the test extras; no
+# browser download), and the page's npm packages (the openai SDK, esbuild to bundle it). Quick when present.
+BROWSER_STAMP := tests/browser/node_modules/.package-lock.json
+$(BROWSER_STAMP): tests/browser/package.json tests/browser/package-lock.json
+	cd tests/browser && npm ci --no-audit --no-fund --loglevel=error
+
+browser-deps: $(BROWSER_STAMP)
+	@command -v chromium >/dev/null || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || { \
+			$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }; }
+
 run: install
 	@echo "llm-gateway on http://$${GATEWAY_HOST:-127.0.0.1}:$${GATEWAY_PORT:-8080}/v1 (database: $${DATABASE_URL:-embedded SQLite in ./var})"
 	$(VENV)/bin/llm-gateway migrate
 	$(VENV)/bin/llm-gateway serve
 
-test: install $(NODE_STAMP)
+test: install $(NODE_STAMP) browser-deps
 	$(PY) -m pytest -q
 
 demo: install
