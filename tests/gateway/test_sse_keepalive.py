@@ -61,8 +61,8 @@ def test_comments_while_the_upstream_thinks_before_its_first_token(
     assert answer.headers["cache-control"] == "no-cache"
     assert answer.headers["x-accel-buffering"] == "no"
     assert answer.body.startswith(COMMENT)
-    # Every interval (to a quarter more): at least half the ones the silence allows, given a busy machine.
-    assert answer.body.count(COMMENT) >= SILENCE / INTERVAL / 2
+    # One every interval (to a quarter more): more than one, whatever the load on the machine.
+    assert answer.body.count(COMMENT) >= 2
     assert answer.body.endswith(b"data: [DONE]\n\n")
     # The Python SDK skips them.
     assert sdk_text(kept_alive)
@@ -80,7 +80,8 @@ def test_comments_before_the_upstream_answers_at_all(kept_alive: ThreadedGateway
 
 
 def test_comments_between_events(kept_alive: ThreadedGateway, fake: FakeOpenAI) -> None:
-    fake.inter_token_delay_s = SILENCE / 2
+    fake.reply(chunks=["Hello", " there"])
+    fake.inter_token_delay_s = SILENCE
     answer = raw_stream(kept_alive)
     first_event = answer.body.index(b"data: ")
     # The first event came at once; comments went between the later ones, never inside one.
