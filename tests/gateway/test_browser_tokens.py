@@ -187,3 +187,15 @@ def test_minting_checks_the_cors_list(start_gateway: Callable[..., ThreadedGatew
         == "origins"
     )
     assert mint(gateway, key["secret"])["origins"] == [PAGE]
+
+
+def test_token_spend_cap(gateway: ThreadedGateway) -> None:
+    key = browser_key(gateway)
+    with page_client(gateway, mint(gateway, key["secret"], budget_usd="0")["token"]) as sdk:
+        with pytest.raises(openai.RateLimitError) as caught:
+            sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        assert caught.value.code == "budget_exceeded"
+        assert "browser token" in str(caught.value)
+    # The key itself, and its other tokens, are not held back by one token's cap.
+    with page_client(gateway, mint(gateway, key["secret"])["token"]) as sdk:
+        sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)

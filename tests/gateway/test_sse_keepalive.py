@@ -9,7 +9,7 @@ import re
 import shutil
 import subprocess
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import openai
@@ -45,6 +45,13 @@ def sdk_text(gateway: ThreadedGateway) -> str:
     with sdk_client(gateway.base_url) as sdk:
         stream = sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
         return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+
+
+@pytest.fixture(autouse=True)
+def _prompt_fake_afterwards(fake: FakeOpenAI) -> Iterator[None]:
+    # The fake is shared by the session and its reset() keeps the delays: later tests need none.
+    yield
+    fake.first_token_delay_s = fake.inter_token_delay_s = 0.0
 
 
 @pytest.fixture
