@@ -96,3 +96,17 @@ async def require_master(request: Request) -> Principal:
     if not principal.is_master:
         raise GatewayError(403, "This endpoint needs the gateway's master key.", code="master_key_required")
     return principal
+
+
+async def require_reports(request: Request) -> Principal:
+    """The usage reports show every feature's and user's spend: the master key, or a key given the
+    `reports` scope by name."""
+    principal = await require_principal(request)
+    if not principal.is_master and not (principal.key is not None and principal.key.reports):
+        raise GatewayError(
+            403,
+            "Reading usage reports needs the master key or a key with the 'reports' scope; the gateway's "
+            "admin can grant it.",
+            code="scope_not_allowed",
+        )
+    return principal

@@ -7,6 +7,7 @@ stays one-directional.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -102,6 +103,12 @@ class CallRecord:
     # What the metering needs to count tokens itself when the upstream reports no usage.
     request_body: dict[str, Any] | None = None
     completion_parts: list[str] = field(default_factory=list)
+    # Set by metering once the call is counted: the usage recorded (the upstream's or the gateway's own
+    # count) and its cost, for what reports on the call after it (the trace).
+    metered_usage: Usage | None = None
+    cost_units: int | None = None
+    # Set when metering waits for a tokenizer to be built: done once the call is counted.
+    pending_metering: asyncio.Task[None] | None = None
 
     def mark_first_byte(self) -> None:
         if self.ttfb_s is None:

@@ -4,21 +4,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import importlib.util
+import os
+import shutil
 import sys
+import tempfile
 from datetime import UTC, date, datetime, timedelta
 
 import orjson
 import uvicorn
 from pydantic import ValidationError
 
-from app.config import ConfigError, Settings, load_database_settings, load_settings
+from app.config import ConfigError, DatabaseSettings, Settings, load_database_settings, load_settings
 from app.config_file import load_config_file
 from app.db.engine import create_engine
 from app.db.migrate import upgrade
+from app.db.readonly_role import PASSWORD_ENV, REPORTING_TABLES, create_readonly_role
 from app.endpoint_classes import DEFAULT_SCOPES
 from app.keys import ApiKey, KeyStore
 from app.logs import configure_logging
+from app.metering.metrics import WORKER_METRICS_DIR
+from app.reconcile import store as reconciliation
+from app.reconcile.job import organization_reader, reconcile
+from app.reconcile.provider import MAX_DAYS, ProviderError
 from app.reporting import (
     UsageQuery,
     parse_group_by,
@@ -29,18 +38,22 @@ from app.reporting import (
     usage_report,
 )
 from app.routes.admin import KeyCreate
+from app.upstream import UpstreamClient
 
 
 def _serve(args: argparse.Namespace) -> int:
     settings = load_settings()
     load_config_file(settings.config_file)
     configure_logging(settings.log_level)
+    workers = args.workers or settings.workers
+    if workers > 1:
+        _share_worker_metrics()
     uvicorn.run(
         "app.main:create_app",
         factory=True,
         host=args.host or settings.host,
         port=args.port if args.port is not None else settings.port,
-        workers=args.workers or settings.workers,
+        workers=workers,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         http=_http_protocol(settings),
         # h11 (where httptools is not installed) bounds its head itself, though not the time it takes.
@@ -55,6 +68,15 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _share_worker_metrics() -> None:
+    """The workers publish their metrics here, so that a scrape of any of them answers for all of them
+    (app/metering/metrics.py). Made fresh for this server, removed when it exits (the workers are spawned,
+    not forked: the exit handler is the server's alone)."""
+    directory = tempfile.mkdtemp(prefix="llm-gateway-metrics-")
+    os.environ[WORKER_METRICS_DIR] = directory
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+
+
 def _http_protocol(settings: Settings) -> type[asyncio.Protocol] | str:
     if importlib.util.find_spec("httptools") is None:
         return "h11"
@@ -63,10 +85,31 @@ def _http_protocol(settings: Settings) -> type[asyncio.Protocol] | str:
     return head_limited_protocol(settings)
 
 
-def _migrate(_: argparse.Namespace) -> int:
+def _migrate(args: argparse.Namespace) -> int:
     settings = load_database_settings()
     upgrade(settings.database_url, settings.data_dir)
     print("llm-gateway: database is at the latest schema")
+    if args.create_readonly_role:
+        return _readonly_role(settings, args.create_readonly_role)
+    return 0
+
+
+def _readonly_role(settings: DatabaseSettings, name: str) -> int:
+    password = settings.readonly_role_password
+
+    async def run() -> None:
+        engine = create_engine(settings.database_url, settings.data_dir)
+        try:
+            await create_readonly_role(engine, name, password.get_secret_value() if password else "")
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(run())
+    except ValueError as exc:
+        print(f"llm-gateway migrate: {exc}", file=sys.stderr)
+        return 2
+    print(f"llm-gateway: role {name} can read {', '.join(REPORTING_TABLES)} and nothing else")
     return 0
 
 
@@ -148,6 +191,47 @@ def _keys(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def _reconcile(args: argparse.Namespace) -> int:
+    try:
+        start = parse_since(args.since)
+        end = parse_since(args.until) if args.until else _tomorrow()
+    except ValueError as exc:
+        print(f"llm-gateway reconcile: {exc}", file=sys.stderr)
+        return 2
+    if not 0 < (end - start).days <= MAX_DAYS:
+        print(f"llm-gateway reconcile: 1 to {MAX_DAYS} days, --since before --until", file=sys.stderr)
+        return 2
+    settings = load_database_settings() if args.no_fetch else load_settings()
+
+    async def run() -> list[dict[str, object]]:
+        engine = create_engine(settings.database_url, settings.data_dir)
+        try:
+            if isinstance(settings, Settings):
+                upstream = UpstreamClient(settings)
+                await upstream.start()
+                try:
+                    reader = organization_reader(settings, upstream)
+                    await reconcile(engine, reader, start, end, settings.reconcile_timeout_s)
+                finally:
+                    await upstream.close()
+            return await reconciliation.report(engine, start, end)
+        finally:
+            await engine.dispose()
+
+    try:
+        rows = asyncio.run(run())
+    except ProviderError as exc:
+        print(f"llm-gateway reconcile: {exc}", file=sys.stderr)
+        return 1
+    if args.format == "csv":
+        sys.stdout.write(to_csv(rows, ("day", "model"), reconciliation.COLUMNS[2:]))
+    elif args.format == "json":
+        sys.stdout.write(orjson.dumps(rows, default=str).decode() + "\n")
+    else:
+        print(reconciliation.to_table(rows))
+    return 0
+
+
 def _scopes(key: ApiKey) -> str:
     return ",".join(key.public()["scopes"])
 
@@ -165,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--workers", type=int, help="worker processes (GATEWAY_WORKERS, default 1)")
     serve.set_defaults(handler=_serve)
     migrate = commands.add_parser("migrate", help="apply the database migrations (DATABASE_URL)")
+    migrate.add_argument(
+        "--create-readonly-role",
+        metavar="NAME",
+        help=f"then create (or update) a login role that can only read the usage tables, for dashboards; "
+        f"its password comes from {PASSWORD_ENV}",
+    )
     migrate.set_defaults(handler=_migrate)
     usage = commands.add_parser("usage", help="print tokens and cost from usage_daily")
     usage.add_argument("--by", default="feature", help="any of day,feature,user,model (default: feature)")
@@ -175,6 +265,19 @@ def main(argv: list[str] | None = None) -> int:
     usage.add_argument("--model", help="only this model")
     usage.add_argument("--format", choices=["table", "csv", "json"], default="table")
     usage.set_defaults(handler=_usage)
+    recon = commands.add_parser(
+        "reconcile", help="read OpenAI's usage and costs; print them beside the gateway's, per day and model"
+    )
+    recon.add_argument("--since", default="7d", help="7d, 4w, 3m or YYYY-MM-DD (default: 7d)")
+    recon.add_argument("--until", help="end day, exclusive (default: tomorrow)")
+    recon.add_argument(
+        "--no-fetch",
+        dest="no_fetch",
+        action="store_true",
+        help="report from what was read before, asking OpenAI nothing",
+    )
+    recon.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    recon.set_defaults(handler=_reconcile)
     keys = commands.add_parser("keys", help="create, list and revoke gateway keys")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_commands.add_parser("create", help="create a key; its secret is printed once")
@@ -186,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument(
         "--scopes",
         type=lambda v: v.split(","),
-        help=f"endpoint classes it may call, or '*' for all (default: {','.join(DEFAULT_SCOPES)})",
+        help=f"endpoint classes it may call, or '*' for all, and 'reports' to read the usage reports "
+        f"(default: {','.join(DEFAULT_SCOPES)})",
     )
     create.add_argument("--rpm-limit", dest="rpm_limit", type=int)
     create.add_argument("--tpm-limit", dest="tpm_limit", type=int)

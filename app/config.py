@@ -6,6 +6,7 @@ the OpenAI SDKs and most deployments already use, so they are read as they are.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -14,6 +15,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_UPSTREAM = "https://api.openai.com/v1"
+_OPENAI_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 class DatabaseSettings(BaseSettings):
@@ -31,6 +33,11 @@ class DatabaseSettings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    # Dashboards: the password of the read-only role `migrate --create-readonly-role NAME` creates.
+    readonly_role_password: SecretStr | None = Field(
+        default=None, validation_alias="GATEWAY_READONLY_ROLE_PASSWORD"
+    )
 
 
 class Settings(DatabaseSettings):
@@ -107,6 +114,31 @@ class Settings(DatabaseSettings):
     # between events), so proxies do not cut it as idle; 0 turns it off.
     sse_keepalive_s: float = Field(default=15.0, ge=0, le=3600)
 
+    # Reconciliation with OpenAI's own usage and costs (its organization Usage and Costs APIs). The admin
+    # key (sk-admin-…) is sent only to OPENAI_BASE_URL's /organization/ endpoints; unset, the background
+    # job is off. The id lists (comma-separated) narrow OpenAI's numbers to the projects or API keys the
+    # gateway calls with, so traffic that bypassed the gateway is left out.
+    openai_admin_key: SecretStr | None = Field(default=None, validation_alias="OPENAI_ADMIN_KEY")
+    reconcile_project_ids: str = ""
+    reconcile_api_key_ids: str = ""
+    reconcile_interval_s: float = Field(default=3600.0, gt=0)
+    # OpenAI fills in and revises the last days for a while: each run of the job reads these days again.
+    reconcile_days: int = Field(default=3, ge=1, le=31)
+    reconcile_timeout_s: float = Field(default=120.0, gt=0)
+
+    @field_validator("openai_admin_key", mode="before")
+    @classmethod
+    def _blank_admin_key(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("reconcile_project_ids", "reconcile_api_key_ids")
+    @classmethod
+    def _id_list(cls, value: str) -> str:
+        ids = [part.strip() for part in value.split(",") if part.strip()]
+        if len(ids) > 100 or any(not _OPENAI_ID.fullmatch(part) for part in ids):
+            raise ValueError("must be up to 100 comma-separated ids of A-Za-z0-9_- (1-128 characters)")
+        return ",".join(ids)
+
     @field_validator("openai_base_url")
     @classmethod
     def _base_url(cls, value: str) -> str:
@@ -144,6 +176,18 @@ class Settings(DatabaseSettings):
     def upstream_configured(self) -> bool:
         # A self-hosted OpenAI-compatible server often needs no key; OpenAI itself always does.
         return self.openai_api_key is not None or self.openai_base_url != DEFAULT_UPSTREAM
+
+    # Tracing (OpenTelemetry, app/tracing.py): spans go to this OTLP/HTTP collector when set; off when unset.
+    otel_endpoint: str | None = Field(default=None, validation_alias="OTEL_EXPORTER_OTLP_ENDPOINT")
+
+    @field_validator("otel_endpoint", mode="before")
+    @classmethod
+    def _otel_endpoint(cls, value: object) -> object:
+        if value == "" or value is None:
+            return None
+        if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https:// (OTLP over HTTP)")
+        return value
 
 
 def is_origin(value: str) -> bool:

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.attribution import attribute
-from app.auth import Principal, require_master, require_principal
+from app.auth import Principal, require_master, require_principal, require_reports
 from app.call import STATE_KEY, CallRecord
 from app.config import Settings
 from app.endpoint_classes import endpoint_class, spends
@@ -83,3 +83,4 @@ async def admitted_gateway(request: Request) -> Gateway:
 
 GatewayDep = Annotated[Gateway, Depends(admitted_gateway)]
 MasterDep = Annotated[Principal, Depends(require_master)]
+ReportsDep = Annotated[Principal, Depends(require_reports)]

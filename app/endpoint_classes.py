@@ -54,6 +54,11 @@ DEFAULT_SCOPES: tuple[str, ...] = (
 )
 # The stand-in for "every class, and any added later" in the admin API and the CLI.
 ALL = "*"
+# Not a class of /v1 calls but a grant to read the gateway's usage reports (GET /v1/usage and the
+# dashboard's data), which show every feature's and every user's spend. Never implied, neither by `*`
+# nor by a key made before scopes existed: a key that calls the API must not read everyone's usage
+# unless it was given this scope by name.
+REPORTS = "reports"
 
 _WRITES = frozenset({"POST", "PUT", "PATCH"})
 # Writes that only stop something already paid for.
@@ -76,15 +81,15 @@ def spends(method: str, path: str) -> bool:
 
 
 def parse_scopes(names: Iterable[str]) -> list[str]:
-    """Class names as an operator gives them, in the one spelling a key stores: sorted, or [ALL] alone.
-    Raises ValueError naming the unknown ones."""
+    """Class names as an operator gives them, in the one spelling a key stores: sorted, or [ALL] alone
+    (with REPORTS when given, since `*` does not imply it). Raises ValueError naming the unknown ones."""
     given = set(names)
     if ALL in given:
-        return [ALL]
-    unknown = sorted(given - CLASSES)
+        return sorted({ALL} | (given & {REPORTS}))
+    unknown = sorted(given - CLASSES - {REPORTS})
     if unknown:
         raise ValueError(
             f"unknown endpoint class(es): {', '.join(unknown)}; known: {', '.join(sorted(CLASSES))}, "
-            f"or '{ALL}' for every class"
+            f"'{REPORTS}' to read the usage reports, or '{ALL}' for every class"
         )
     return sorted(given)

@@ -26,7 +26,7 @@ from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db.models import api_keys
-from app.endpoint_classes import ALL
+from app.endpoint_classes import ALL, REPORTS
 
 log = logging.getLogger("gateway.keys")
 
@@ -61,6 +61,8 @@ class ApiKey:
     expires_at: datetime | None
     created_at: datetime
     revoked_at: datetime | None
+    # It may read the usage reports (the `reports` scope, which no other scope implies).
+    reports: bool = False
 
     def usable(self, now: datetime) -> bool:
         return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
@@ -76,7 +78,7 @@ class ApiKey:
             "default_feature": self.default_feature,
             "pin_feature": self.pin_feature,
             "allowed_models": list(self.allowed_models) if self.allowed_models is not None else None,
-            "scopes": sorted(self.scopes) if self.scopes is not None else [ALL],
+            "scopes": sorted(self.scopes) if self.scopes is not None else _all_scopes(self.reports),
             "rpm_limit": self.rpm_limit,
             "tpm_limit": self.tpm_limit,
             "budget_daily_usd": _money(self.budget_daily_usd),
@@ -85,6 +87,10 @@ class ApiKey:
             "created_at": self.created_at.isoformat(),
             "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
         }
+
+
+def _all_scopes(reports: bool) -> list[str]:
+    return [ALL, REPORTS] if reports else [ALL]
 
 
 def _money(value: Decimal | None) -> str | None:
@@ -110,6 +116,7 @@ def _row_to_key(row: Any) -> ApiKey:
         expires_at=row.expires_at,
         created_at=row.created_at,
         revoked_at=row.revoked_at,
+        reports=row.scopes is not None and REPORTS in row.scopes,
     )
 
 

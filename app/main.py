@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import sys
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -41,12 +43,13 @@ from app.limits import (
 from app.limits.guard import Guard, seed_spend
 from app.logs import configure_logging
 from app.metering import tokens
-from app.metering.metrics import Metrics
+from app.metering.metrics import WORKER_METRICS_DIR, Metrics
 from app.metering.middleware import Meter, meter_call
 from app.metering.pricing import PriceTable
 from app.metering.recorder import Recorder
 from app.ownership import OwnerStore
 from app.policy import Policy
+from app.reconcile.job import Reconciler
 from app.request_context import RequestContextMiddleware
 from app.routes import (
     admin,
@@ -60,8 +63,12 @@ from app.routes import (
     responses,
     usage,
 )
+from app.routes.dashboard import router as dashboard_router
 from app.streaming import KeepAlives
 from app.upstream import UpstreamClient
+
+if TYPE_CHECKING:
+    from app.tracing import Tracing
 
 log = logging.getLogger("gateway")
 
@@ -93,6 +100,7 @@ class GatewayApp(FastAPI):
         for name, value in self.state._state.items():
             setattr(state, name, value)
         self.state = state
+        self.tracing: Tracing | None = None
 
     def build_middleware_stack(self) -> ASGIApp:
         # Outside Starlette's ServerErrorMiddleware, so even an unexpected 500 carries its X-Request-Id
@@ -101,19 +109,38 @@ class GatewayApp(FastAPI):
         stack: ASGIApp = RequestContextMiddleware(
             CanonicalPath(HotRoutes(super().build_middleware_stack(), HOT_ROUTES)), meter_call
         )
-        # Outside even that: a preflight is no call, and every answer, whoever made it, needs the headers.
+        # Outside that: a preflight is no call, and every answer, whoever made it, needs the headers.
         origins: tuple[str, ...] = self.state.settings.cors_origins
-        return Cors(stack, origins) if origins else stack
+        if origins:
+            stack = Cors(stack, origins)
+        # Traced, the span wraps all of it; untraced, there is no layer at all.
+        return stack if self.tracing is None else self.tracing.middleware(stack)
 
 
 def _configuration(settings: Settings | None) -> tuple[Settings, GatewayConfig]:
     try:
         settings = settings or load_settings()
+        tokens.verify_vocabularies()
         return settings, load_config_file(settings.config_file)
-    except ConfigError as exc:
+    except (ConfigError, tokens.VocabularyError) as exc:
         # One clear line for the operator, not a traceback.
         print(f"llm-gateway: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _tracing(settings: Settings) -> Tracing | None:
+    if settings.otel_endpoint is None:
+        return None
+    try:
+        from app.tracing import Tracing
+    except ImportError:
+        print(
+            "llm-gateway: OTEL_EXPORTER_OTLP_ENDPOINT is set but OpenTelemetry is not installed: "
+            "pip install 'llm-gateway[otel]'",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
+    return Tracing(settings.otel_endpoint)
 
 
 def _has_prompt_budgets(config: GatewayConfig) -> bool:
@@ -142,6 +169,7 @@ async def _make_guard(settings: Settings, config: GatewayConfig, engine: AsyncEn
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings, config = _configuration(settings)
     configure_logging(settings.log_level)
+    tracing = _tracing(settings)
     app_metrics = Metrics(settings.metrics_max_features)
 
     def price_table(config: GatewayConfig) -> PriceTable:
@@ -169,6 +197,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         upstream = UpstreamClient(settings)
+        upstream.tracing = tracing
         await upstream.start()
         engine = create_engine(settings.database_url, settings.data_dir)
         app.state.upstream = upstream
@@ -202,6 +231,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         keepalives = KeepAlives(settings.sse_keepalive_s)
         keepalives.start()
         app.state.keepalives = keepalives
+        reconciler: Reconciler | None = None
+        if settings.openai_admin_key is not None:
+            reconciler = Reconciler(settings, upstream, engine, app_metrics.registry)
+            reconciler.start()
+        shared_metrics = os.environ.get(WORKER_METRICS_DIR)
+        if shared_metrics:
+            app_metrics.share(Path(shared_metrics))
+        publishing = asyncio.get_running_loop().create_task(app_metrics.publish_every())
         # Everything made at start-up (modules, tokenizer tables, settings) lives as long as the process:
         # out of the collector's sight, and fewer collections of the short-lived objects each request
         # makes (a request allocates hundreds of objects; the default threshold collects every 700).
@@ -217,14 +254,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             # uvicorn has let in-flight requests finish by now, so every event is queued, or is about
             # to be once a tokenizer is built.
+            if reconciler is not None:
+                await reconciler.close()
             await app.state.meter.drain(settings.shutdown_timeout_s)
             if recorder is not None:
                 await recorder.close(timeout_s=settings.shutdown_timeout_s)
             await keepalives.close()
+            # After the recorder: its last counts are in the worker's final figures.
+            publishing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publishing
             await guard.close()
             await keys.close()
             await upstream.close()
             await engine.dispose()
+            if tracing is not None:
+                # Exports the last spans: up to the exporter's timeout when the collector is away.
+                await asyncio.to_thread(tracing.shutdown)
 
     app = GatewayApp(
         title="llm-gateway",
@@ -236,6 +282,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # in the benchmark's profile); the gateway's own metrics are at /metrics.
         telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
+    app.tracing = tracing
     app.state.settings = settings
     app.state.token_secret = signing_key(settings)
     app.state.metrics = app_metrics
@@ -249,6 +296,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(responses.router)
     app.include_router(models.router)
     app.include_router(usage.router)
+    app.state.summaries_in_flight = 0
+    app.include_router(dashboard_router)
     app.include_router(admin.router)
     app.include_router(browser_tokens.router)
     # Last: it takes every /v1/* path the routers above do not.

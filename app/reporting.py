@@ -35,6 +35,8 @@ class UsageQuery:
     end: date  # exclusive
     group_by: tuple[str, ...] = ("day",)
     filters: dict[str, str] = field(default_factory=dict)
+    # The costliest groups only (the dashboard's top users, models and features); None for every group.
+    limit: int | None = None
 
 
 def parse_since(value: str, today: date | None = None) -> date:
@@ -67,7 +69,12 @@ async def usage_report(engine: AsyncEngine, query: UsageQuery) -> list[dict[str,
         # '' is how the rollup stores "not attributed"; filtering on "" finds those rows.
         statement = statement.where(GROUPS[name] == value)
     order = [GROUPS[name] for name in query.group_by if name == "day"]
-    statement = statement.order_by(*order, func.sum(usage_daily.c.cost_usd).desc())
+    # The group itself breaks ties, so a top-N cut is the same on every call.
+    statement = statement.order_by(
+        *order, func.sum(usage_daily.c.cost_usd).desc(), *[GROUPS[name] for name in query.group_by]
+    )
+    if query.limit is not None:
+        statement = statement.limit(query.limit)
     async with engine.connect() as conn:
         rows = (await conn.execute(statement)).mappings().all()
     return [_row(dict(row), query.group_by) for row in rows]
@@ -101,12 +108,12 @@ def _csv_cell(value: object) -> object:
     return value
 
 
-def to_csv(rows: list[dict[str, Any]], group_by: tuple[str, ...]) -> str:
+def to_csv(rows: list[dict[str, Any]], group_by: tuple[str, ...], sums: tuple[str, ...] = SUMS) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([*group_by, *SUMS])
+    writer.writerow([*group_by, *sums])
     for row in rows:
-        writer.writerow([_csv_cell(row[name]) for name in (*group_by, *SUMS)])
+        writer.writerow([_csv_cell(row[name]) for name in (*group_by, *sums)])
     return out.getvalue()
 
 

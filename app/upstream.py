@@ -18,10 +18,10 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterable, Callable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pyreqwest.client import Client, ClientBuilder
 from pyreqwest.exceptions import PyreqwestError
@@ -32,6 +32,9 @@ from app.call import CallRecord
 from app.config import Settings
 from app.policy import UpstreamTarget
 from app.retry_policy import RetryPolicy, UpstreamClosedEarly, is_retryable_status
+
+if TYPE_CHECKING:
+    from app.tracing import Tracing
 
 log = logging.getLogger("gateway.upstream")
 
@@ -242,6 +245,8 @@ class UpstreamClient:
         self._open_bound_s = 3 * settings.stream_read_timeout_s
         self._whole: Client | None = None
         self._open: Client | None = None
+        # Set when traces are exported: each attempt a span, its traceparent sent upstream.
+        self.tracing: Tracing | None = None
 
     def _client(self, read_timeout_s: float | None) -> Client:
         settings = self._settings
@@ -342,8 +347,11 @@ class UpstreamClient:
             async with asyncio.timeout(budget):
                 return await self._exchange(request, keep_open)
 
+        run: Callable[[], Awaitable[UpstreamResponse]] = attempt
+        if self.tracing is not None:
+            run = self.tracing.attempts(attempt, headers, method, url, call)
         try:
-            result = await self.policy.run(attempt, deadline=deadline, replayable=replayable)
+            result = await self.policy.run(run, deadline=deadline, replayable=replayable)
         except TimeoutError as exc:  # pyreqwest's timeouts are TimeoutErrors
             raise UpstreamUnavailable(
                 "timeout", f"upstream timed out after {call.attempts} attempt(s)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from alembic import command
@@ -10,14 +11,17 @@ from alembic.config import Config
 import app
 
 # migrations/ sits next to the app package in the repository, which is also where an editable install
-# (how the gateway is installed) imports the package from.
-MIGRATIONS_DIR = Path(app.__file__).resolve().parent.parent / "migrations"
+# imports the package from. An installed package (the Docker image) names the folder instead.
+MIGRATIONS_DIR = Path(
+    os.environ.get("GATEWAY_MIGRATIONS_DIR") or Path(app.__file__).resolve().parent.parent / "migrations"
+)
 
 
 def alembic_config(database_url: str | None, data_dir: Path) -> Config:
     if not (MIGRATIONS_DIR / "env.py").is_file():
         raise RuntimeError(
-            f"migrations not found at {MIGRATIONS_DIR}; install the gateway with `pip install -e .`"
+            f"migrations not found at {MIGRATIONS_DIR}: install the gateway with `pip install -e .` "
+            "or set GATEWAY_MIGRATIONS_DIR to the repository's migrations/ folder"
         )
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))

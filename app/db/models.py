@@ -150,3 +150,33 @@ resource_owners = Table(
     PrimaryKeyConstraint("resource_id", name="pk_resource_owners"),
     Index("ix_resource_owners_api_key_id_kind", "api_key_id", "kind"),
 )
+
+# OpenAI's own numbers, read from its organization Usage API (`source` completions, embeddings: requests
+# and tokens) and Costs API (`source` costs: USD per line item), per UTC day and model. A run replaces the
+# days it read, so reading a day again never counts it twice.
+provider_usage_daily = Table(
+    "provider_usage_daily",
+    metadata,
+    Column("day", Date, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("model", Text, nullable=False),
+    Column("line_item", Text, nullable=False, server_default=text("''")),
+    Column("requests", BigInteger, nullable=False, server_default=text("0")),
+    Column("input_tokens", BigInteger, nullable=False, server_default=text("0")),
+    Column("cached_tokens", BigInteger, nullable=False, server_default=text("0")),
+    Column("output_tokens", BigInteger, nullable=False, server_default=text("0")),
+    Column("cost_usd", _MONEY, nullable=False, server_default=text("0")),
+    Column("fetched_at", UtcDateTime(), nullable=False),
+    PrimaryKeyConstraint("day", "source", "model", "line_item", name="pk_provider_usage_daily"),
+)
+
+# The days OpenAI's numbers were read for, even those it reported nothing on: the reconciliation_daily
+# view compares only these days, so a day the gateway metered and OpenAI billed nothing still shows.
+provider_usage_days = Table(
+    "provider_usage_days",
+    metadata,
+    Column("day", Date, nullable=False),
+    Column("fetched_at", UtcDateTime(), nullable=False),
+    Column("complete", Boolean, nullable=False),
+    PrimaryKeyConstraint("day", name="pk_provider_usage_days"),
+)

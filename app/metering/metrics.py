@@ -4,13 +4,27 @@ The per-request counters and histograms are plain Python numbers behind a collec
 Prometheus families at scrape time: prometheus_client's own metrics take a lock per update and walk the
 buckets in Python, ~7 µs a request for the nine updates metering makes (bench/README.md). The event loop
 is one thread, and /metrics is served on it, so the numbers need no lock.
+
+Several workers (`llm-gateway serve --workers N`): a scrape reaches one of them, and must answer for the
+whole server. prometheus_client's multiprocess mode would do it by making every update a write into a
+memory-mapped file under a lock; here the request path stays as it is, and each worker publishes its
+families to a file of its own in a directory `serve` makes (WORKER_METRICS_DIR) once a second and when
+it stops. A scrape publishes its own worker's first, then sums every worker's file: the other workers'
+numbers are at most a second old. A worker that has exited keeps its counters in the sums (they must
+never go down); its gauges drop out.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Literal
 
+import orjson
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -20,6 +34,21 @@ from app.metering.events import COST_EXPONENT
 from app.metering.labels import MetricLabels
 
 COST_UNIT_USD = 10.0**COST_EXPONENT
+
+log = logging.getLogger("gateway.metrics")
+
+# Set by `llm-gateway serve` for its workers when there are several; made and removed by it.
+WORKER_METRICS_DIR = "LLM_GATEWAY_WORKER_METRICS_DIR"
+PUBLISH_INTERVAL_S = 1.0
+# Gauges are summed over the live workers, except these. "max": the server's value is the largest (a
+# flag, a moment). "one": every worker reads the same stored numbers, so any one worker's value is the
+# server's (a sum would count it once per worker).
+_GAUGE_MERGE: dict[str, Literal["max", "one"]] = {
+    "gateway_limits_degraded": "max",
+    "gateway_reconciliation_last_success_timestamp_seconds": "max",
+    "gateway_reconciliation_day_timestamp_seconds": "max",
+    "gateway_reconciliation_relative_difference": "one",
+}
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -64,16 +93,17 @@ class _LabelledHistogram:
 
 
 class _UsageTotals:
-    """Tokens by kind and cost, per (model, feature): one dict lookup a call, expanded into the
-    gateway_tokens and gateway_cost_usd families at scrape time."""
+    """Tokens by kind and cost, per (model, upstream_model, feature): one dict lookup a call, expanded
+    into the gateway_tokens and gateway_cost_usd families at scrape time."""
 
     _KINDS = ("prompt", "completion", "cached", "reasoning")
 
     def __init__(self) -> None:
-        # per (model, feature): [prompt, completion, cached, reasoning tokens], cost in USD or None
-        self.values: dict[tuple[str, str], tuple[list[int], list[float | None]]] = {}
+        # per (model, upstream_model, feature): [prompt, completion, cached, reasoning tokens], cost in USD
+        # or None
+        self.values: dict[tuple[str, str, str], tuple[list[int], list[float | None]]] = {}
 
-    def add(self, key: tuple[str, str], usage: Usage, cost_units: int | None) -> None:
+    def add(self, key: tuple[str, str, str], usage: Usage, cost_units: int | None) -> None:
         entry = self.values.get(key)
         if entry is None:
             entry = self.values[key] = ([0, 0, 0, 0], [None])
@@ -87,17 +117,21 @@ class _UsageTotals:
 
     def families(self) -> Iterator[Metric]:
         tokens = CounterMetricFamily(
-            "gateway_tokens", "Tokens by model, feature and kind", labels=("model", "feature", "kind")
+            "gateway_tokens",
+            "Tokens by requested model, answering model, feature and kind",
+            labels=("model", "upstream_model", "feature", "kind"),
         )
         cost = CounterMetricFamily(
-            "gateway_cost_usd", "Cost in USD by model and feature", labels=("model", "feature")
+            "gateway_cost_usd",
+            "Cost in USD by requested model, answering model and feature",
+            labels=("model", "upstream_model", "feature"),
         )
-        for (model, feature), (counts, (usd,)) in self.values.items():
+        for (model, upstream_model, feature), (counts, (usd,)) in self.values.items():
             for kind, count in zip(self._KINDS, counts, strict=True):
                 if count:
-                    tokens.add_metric((model, feature, kind), count)
+                    tokens.add_metric((model, upstream_model, feature, kind), count)
             if usd is not None:
-                cost.add_metric((model, feature), usd)
+                cost.add_metric((model, upstream_model, feature), usd)
         yield tokens
         yield cost
 
@@ -138,6 +172,7 @@ class Metrics:
         )
         self.registry.register(_Collected(lambda: (metric.family() for metric in metrics)))
         self.registry.register(_Collected(self.usage.families))
+        self._shared: _SharedFamilies | None = None
 
     def watch_recorder(self, read: Callable[[], dict[str, float]]) -> None:
         """Read at scrape time, so the request path never updates these."""
@@ -189,12 +224,111 @@ class Metrics:
         if call.attempts:
             self.attempts.inc(key, call.attempts)
 
-    def observe_usage(self, model: str, feature: str, usage: Usage, cost_units: int | None) -> None:
+    def observe_usage(
+        self, model: str, upstream_model: str, feature: str, usage: Usage, cost_units: int | None
+    ) -> None:
+        """`model` as the client asked for it, as the usage rows have it; `upstream_model` the one that
+        answered (after aliases and fallbacks; a dated snapshot counts under its model)."""
         labels = self.labels
-        self.usage.add((labels.model(model), labels.feature(feature)), usage, cost_units)
+        key = (labels.model(model), labels.model(upstream_model), labels.feature(feature))
+        self.usage.add(key, usage, cost_units)
 
     def observe_unknown_model(self, model: str) -> None:
         self.unknown_models.inc((self.labels.model(model),))
 
+    def share(self, directory: Path) -> None:
+        """This worker is one of several: publish to, and scrape from, `directory`."""
+        self._shared = _SharedFamilies(directory, self.registry)
+
+    async def publish_every(self, interval_s: float = PUBLISH_INTERVAL_S) -> None:
+        """Run in the lifespan while the worker serves; publishes once more when cancelled."""
+        shared = self._shared
+        if shared is None:
+            return
+        try:
+            while True:
+                await asyncio.sleep(interval_s)
+                shared.publish()
+        finally:
+            shared.publish()
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self._shared is None:
+            return generate_latest(self.registry)
+        self._shared.publish()
+        return generate_latest(self._shared.merged)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _SharedFamilies:
+    """This worker's families written to `<pid>.json` in the shared directory; all workers' summed."""
+
+    def __init__(self, directory: Path, registry: CollectorRegistry) -> None:
+        self._registry = registry
+        self._path = directory / f"{os.getpid()}.json"
+        self._directory = directory
+        self._written = b""
+        self._failing = False
+        self.merged = CollectorRegistry(auto_describe=False)
+        self.merged.register(_Collected(self._merge))
+
+    def publish(self) -> None:
+        families = [
+            (family.name, family.type, family.documentation, [list(sample[:3]) for sample in family.samples])
+            for family in self._registry.collect()
+        ]
+        data = orjson.dumps(families)
+        if data == self._written:
+            return
+        partial = self._path.with_suffix(".partial")
+        try:
+            partial.write_bytes(data)
+            # Readers see the old file or the new one, never half of one.
+            partial.replace(self._path)
+        except OSError as exc:  # a full disk, a directory cleaned away: the scrape still answers
+            if not self._failing:  # once until it works again, not every second
+                log.warning("worker metrics not published", extra={"error": str(exc)})
+            self._failing = True
+            return
+        self._failing = False
+        self._written = data
+
+    def _merge(self) -> Iterator[Metric]:
+        merged: dict[str, tuple[str, str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
+        me = os.getpid()
+        for path in sorted(self._directory.glob("*.json")):
+            try:
+                pid = int(path.stem)
+                families = orjson.loads(path.read_bytes())
+            except (ValueError, OSError) as exc:
+                log.warning("worker metrics file skipped", extra={"file": path.name, "error": str(exc)})
+                continue
+            live = pid == me or _alive(pid)
+            for name, kind, documentation, samples in families:
+                if kind == "gauge" and not live:
+                    continue
+                values = merged.setdefault(name, (kind, documentation, {}))[2]
+                merge = _GAUGE_MERGE.get(name) if kind == "gauge" else None
+                for sample_name, labels, value in samples:
+                    key = (sample_name, tuple(labels.items()))
+                    before = values.get(key)
+                    if before is None:
+                        values[key] = value
+                    elif merge is None:
+                        values[key] = before + value
+                    elif merge == "max":
+                        values[key] = max(before, value)
+        for name, (kind, documentation, values) in merged.items():
+            family = Metric(name, documentation, kind)
+            for (sample_name, labels), value in values.items():
+                family.add_sample(sample_name, dict(labels), value)
+            yield family

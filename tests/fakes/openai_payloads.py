@@ -193,6 +193,12 @@ NO_KEY_MESSAGE = (
     "you're accessing the API from your browser and are prompted for a username and password. You can "
     "obtain an API key from https://platform.openai.com/account/api-keys."
 )
+# A project key on an organization endpoint (they take an admin key).
+ADMIN_ONLY_MESSAGE = (
+    "You have insufficient permissions for this operation. Missing scopes: api.usage.read. Check that you "
+    "have the correct role in your organization (Owner), and if you're using a restricted API key, that it "
+    "has the necessary scopes."
+)
 _BAD_JSON = (
     "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
     "HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON. "

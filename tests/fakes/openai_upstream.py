@@ -10,7 +10,8 @@
 Serves POST /v1/chat/completions, POST /v1/embeddings, POST /v1/moderations, GET /v1/models[/{id}]; the
 Responses API and conversations (``responses_api``); files and vector stores (``files_api``); uploads
 (``uploads_api``); batches and fine-tuning jobs (``jobs_api``); stored chat completions
-(``chat_store_api``); anything else gets OpenAI's 404 "Invalid URL" body. Bodies, chunk framing and
+(``chat_store_api``); the organization's Usage and Costs APIs, behind an admin key
+(``organization_api``); anything else gets OpenAI's 404 "Invalid URL" body. Bodies, chunk framing and
 default usage are described in ``openai_payloads`` and ``responses_payloads``; the objects the fake keeps
 live in ``store``.
 
@@ -59,6 +60,7 @@ from tests.fakes.chat_store_api import ChatStoreAPI
 from tests.fakes.faults import Cut, Drop, Fail, Fault, Flood, RawStream, SlowFirstByte, Stall
 from tests.fakes.files_api import FilesAPI
 from tests.fakes.jobs_api import JobsAPI
+from tests.fakes.organization_api import OrganizationAPI
 from tests.fakes.responses_api import ResponsesAPI
 from tests.fakes.store import FakeStore
 from tests.fakes.uploads_api import UploadsAPI
@@ -103,6 +105,7 @@ class FakeOpenAI:
         host: str = "127.0.0.1",
         port: int = 0,
         api_key: str = "sk-upstream-test",
+        admin_key: str = "sk-admin-upstream-test",
         first_token_delay_s: float = 0.0,
         inter_token_delay_s: float = 0.0,
         stream_usage: bool = True,
@@ -142,6 +145,9 @@ class FakeOpenAI:
         self._chat_store.register(self._router)
         JobsAPI(self.store, lambda: self.job_delay_s).register(self._router)
         stateless_api.register(self._router)
+        # The organization's Usage and Costs APIs answer to the admin key only.
+        self.organization = OrganizationAPI(admin_key)
+        self.organization.register(self._router)
         self.client_disconnected = threading.Event()  # set when any client leaves mid-answer
         self._cond = threading.Condition()
         self._requests: list[RecordedRequest] = []
@@ -292,6 +298,7 @@ class FakeOpenAI:
             self._faults.clear()
             self.client_disconnected.clear()
         self.store.clear()
+        self.organization.clear()
 
     # -- request log -----------------------------------------------------------------------------------
 
@@ -338,6 +345,9 @@ class FakeOpenAI:
         return await asyncio.to_thread(self.wait_for, predicate, timeout)
 
     def _update(self, record: RecordedRequest, **changes: Any) -> None:
+        usage = changes.get("usage")
+        if usage and changes.get("status") == 200:
+            self.organization.served(record.path, record.json, usage)
         with self._cond:
             for name, value in changes.items():
                 setattr(record, name, value)
@@ -383,7 +393,10 @@ class FakeOpenAI:
     async def _answer(self, call: _Call) -> web.StreamResponse:
         request = call.request
         auth = request.headers.get("Authorization")
-        if auth != f"Bearer {self.api_key}":
+        admin = request.path.startswith("/v1/organization/")
+        if auth == f"Bearer {self.api_key}" and admin:
+            return await self._error(call, 403, p.error(p.ADMIN_ONLY_MESSAGE, "invalid_request_error"))
+        if auth != f"Bearer {self.organization.admin_key if admin else self.api_key}":
             if auth is None:
                 return await self._error(call, 401, p.error(p.NO_KEY_MESSAGE, "invalid_request_error"))
             given = p.mask_key(auth.removeprefix("Bearer "))

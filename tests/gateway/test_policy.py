@@ -54,6 +54,11 @@ def test_alias_resolves_and_the_row_keeps_what_was_asked(
     assert row["model"] == "fast"
     assert row["upstream_model"] == "gpt-4o-mini-2024-07-18"
     assert row["cost_usd"] is not None
+    # The metrics name the model as the row does, with the one that answered beside it.
+    metrics = httpx.get(policy_gateway.url + "/metrics").text
+    tokens = 'gateway_tokens_total{feature="",kind="prompt",model="fast",upstream_model="gpt-4o-mini"}'
+    assert tokens in metrics
+    assert 'gateway_cost_usd_total{feature="",model="fast",upstream_model="gpt-4o-mini"}' in metrics
 
 
 def test_feature_default_model(policy_gateway: ThreadedGateway, fake: FakeOpenAI) -> None:

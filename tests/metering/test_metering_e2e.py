@@ -281,9 +281,11 @@ def test_metrics_expose_requests_tokens_cost_and_recorder(
         "gateway_time_to_first_byte_seconds_bucket",
         "gateway_upstream_attempts_total",
         # The dated snapshot that answered counts under the price table's entry for it.
-        'gateway_tokens_total{feature="metrics-f",kind="prompt",model="gpt-4o-mini"} 31.0',
-        'gateway_tokens_total{feature="metrics-f",kind="cached",model="gpt-4o-mini"} 12.0',
-        'gateway_cost_usd_total{feature="metrics-f",model="gpt-4o-mini"}',
+        'gateway_tokens_total{feature="metrics-f",kind="prompt",model="gpt-4o-mini",'
+        'upstream_model="gpt-4o-mini"} 31.0',
+        'gateway_tokens_total{feature="metrics-f",kind="cached",model="gpt-4o-mini",'
+        'upstream_model="gpt-4o-mini"} 12.0',
+        'gateway_cost_usd_total{feature="metrics-f",model="gpt-4o-mini",upstream_model="gpt-4o-mini"}',
         "gateway_recorder_queue_depth",
         "gateway_recorder_spool_events",
         "gateway_recorder_spool_bytes",

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.call import CallRecord
@@ -39,3 +46,60 @@ def test_histogram_buckets_are_cumulative_and_inclusive() -> None:
     assert samples[("gateway_requests_total", (route, ("status", "200")))] == 4
     assert samples[("gateway_upstream_attempts_total", (route,))] == 8
     assert ("gateway_time_to_first_byte_seconds_count", (route,)) not in samples
+
+
+def test_workers_merge_counters_by_sum_and_shared_gauges_once(tmp_path: Path) -> None:
+    """A scrape of one worker answers for all: counters add up, a flag takes the largest, and a gauge every
+    worker reads from the same stored numbers (the reconciliation's) counts once, not once per worker."""
+    metrics = Metrics()
+    metrics.share(tmp_path)
+    call = CallRecord(request_id="r", method="POST", path="/v1/chat/completions")
+    call.status_code, call.attempts = 200, 1
+    metrics.observe_request("/v1/chat/completions", call, 0.01)
+    other = [
+        [
+            "gateway_requests",
+            "counter",
+            "",
+            [["gateway_requests_total", {"route": "/v1/chat/completions", "status": "200"}, 2.0]],
+        ],
+        ["gateway_limits_degraded", "gauge", "", [["gateway_limits_degraded", {}, 1.0]]],
+        [
+            "gateway_reconciliation_relative_difference",
+            "gauge",
+            "",
+            [["gateway_reconciliation_relative_difference", {"measure": "cost"}, 0.25]],
+        ],
+        [
+            "gateway_reconciliation_day_timestamp_seconds",
+            "gauge",
+            "",
+            [["gateway_reconciliation_day_timestamp_seconds", {}, 86400.0]],
+        ],
+    ]
+    relative, day = other[2:]
+    # This worker: not degraded, and the same stored reconciliation numbers as the other.
+    mine = [["gateway_limits_degraded", "gauge", "", [["gateway_limits_degraded", {}, 0.0]]], relative, day]
+    # Another live worker (this test's parent process stands in for it), and this one's own families.
+    (tmp_path / f"{os.getppid()}.json").write_bytes(orjson.dumps(other))
+    metrics.registry.register(_Fixed(mine))
+    samples = _samples(metrics)
+    route = (("route", "/v1/chat/completions"), ("status", "200"))
+    assert samples[("gateway_requests_total", route)] == 3
+    assert samples[("gateway_limits_degraded", ())] == 1
+    assert samples[("gateway_reconciliation_relative_difference", (("measure", "cost"),))] == 0.25
+    assert samples[("gateway_reconciliation_day_timestamp_seconds", ())] == 86400.0
+
+
+class _Fixed:
+    """Families as a worker's registry yields them: [name, kind, documentation, [[sample, labels, value]]]."""
+
+    def __init__(self, families: list[list[Any]]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        for name, kind, documentation, samples in self._families:
+            family = Metric(name, documentation or name, kind)
+            for sample_name, labels, value in samples:
+                family.add_sample(sample_name, labels, value)
+            yield family

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import tiktoken
 
+from app.main import create_app
 from app.metering import tokens
 from app.metering.tokens import count_chat_prompt, count_input, count_text, encoding_for_model
 
@@ -135,7 +136,7 @@ def test_concurrent_first_use_builds_one_encoding() -> None:
 
 def test_a_vocabulary_with_the_wrong_hash_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(tokens._EXPECTED_SHA256, "cl100k_base", "0" * 64)
-    with pytest.raises(RuntimeError, match="SHA-256"):
+    with pytest.raises(tokens.VocabularyError, match="SHA-256"):
         tokens._build_encoding.__wrapped__("cl100k_base")
 
 
@@ -297,3 +298,18 @@ def test_count_input_odd_input() -> None:
     assert count_input(model, None) == 0  # type: ignore[arg-type]
     assert count_input(model, {"input": "x"}) == 0  # type: ignore[arg-type]
     assert count_input(model, [None, 1.5, True, "hello world", 7, [1, "x", None]]) == 4
+
+
+def test_the_shipped_vocabularies_pass_the_start_up_check() -> None:
+    tokens.verify_vocabularies()
+
+
+def test_a_damaged_vocabulary_stops_the_gateway_at_start_up(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(tokens._EXPECTED_SHA256, "o200k_base", "0" * 64)
+    monkeypatch.setenv("GATEWAY_MASTER_KEY", "sk-test-master-key")
+    with pytest.raises(SystemExit) as exited:
+        create_app()
+    assert exited.value.code == 2
+    assert "tokenizer vocabulary o200k_base does not match its pinned SHA-256" in capsys.readouterr().err

@@ -84,8 +84,11 @@ def test_made_up_features_and_models_count_under_other(
     first_three = {feature for feature, _ in calls[:3]}
     assert _label_values(text, "gateway_tokens", "feature") == {*first_three, "other", "support", "search"}
     # Known models by the price table's entry (a dated snapshot counts under its model), configured ones
-    # by name, and every made-up one under `other`.
-    assert _label_values(text, "gateway_tokens", "model") == {"other", "gpt-4o-mini", "gpt-4o", "my-llama"}
+    # (the alias asked for) by name, and every made-up one under `other`; the same for the model that
+    # answered (the alias's target).
+    assert _label_values(text, "gateway_tokens", "model") == {"other", "fast", "gpt-4o", "my-llama"}
+    answered = _label_values(text, "gateway_tokens", "upstream_model")
+    assert answered == {"other", "gpt-4o-mini", "gpt-4o", "my-llama"}
     assert _label_values(text, "gateway_unknown_model_calls", "model") == {"other", "my-llama"}
     assert [line for line in text.splitlines() if any(value in line for value in junk[3:])] == []
     assert 'model="model-' not in text

@@ -1,0 +1,1 @@
+"""Reconciliation of the gateway's metering with OpenAI's own usage and costs (README, Reconciliation)."""
