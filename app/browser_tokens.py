@@ -8,8 +8,9 @@ itself does.
 
 What a token may do is the minting key's power narrowed, never widened: the key's own scopes less every
 class that stores objects or starts work (only DEFAULT_SCOPES, the pay-per-call classes, remain; minting
-tokens is not among them), the key's models narrowed to the token's, one feature and one user fixed
-whatever the page's headers say, and the key's limits and budgets still counted with the token's own.
+tokens is not among them, nor reading the usage reports), the key's models narrowed to the token's, one
+feature and one user fixed whatever the page's headers say, and the key's limits and budgets still
+counted with the token's own.
 """
 
 from __future__ import annotations
@@ -166,4 +167,6 @@ def token_key(key: ApiKey, token: BrowserToken) -> ApiKey:
         pin_feature=True,
         allowed_models=models,
         scopes=TOKEN_CLASSES if key.scopes is None else key.scopes & TOKEN_CLASSES,
+        # The usage reports show every user's spend: never a page's business.
+        reports=False,
     )

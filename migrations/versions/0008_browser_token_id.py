@@ -1,7 +1,7 @@
 """usage_events.browser_token_id: the browser token a call was made with
 
 Revision ID: 0008
-Revises: 0005
+Revises: 0007
 Create Date: 2026-12-04
 """
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0008"
-down_revision: str | Sequence[str] | None = "0005"
+down_revision: str | Sequence[str] | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

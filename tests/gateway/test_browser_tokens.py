@@ -116,7 +116,11 @@ def test_forged_tampered_and_expired_tokens_are_refused(gateway: ThreadedGateway
 
 
 def test_a_token_cannot_exceed_its_key(gateway: ThreadedGateway) -> None:
-    key = browser_key(gateway, allowed_models=["gpt-4o", "gpt-4o-mini"])
+    key = create_key(
+        gateway,
+        scopes=["chat", "models", "files", "browser_tokens", "reports"],
+        allowed_models=["gpt-4o", "gpt-4o-mini"],
+    )
     token = mint(gateway, key["secret"], models=["gpt-4o-mini"])["token"]
     with page_client(gateway, token) as sdk:
         with pytest.raises(openai.PermissionDeniedError) as caught:
@@ -133,10 +137,14 @@ def test_a_token_cannot_exceed_its_key(gateway: ThreadedGateway) -> None:
         headers={"authorization": f"Bearer {token}", "origin": PAGE},
     )
     assert minted.status_code == 403, minted.text
-    admin = httpx.get(
-        gateway.url + "/admin/keys", headers={"authorization": f"Bearer {token}", "origin": PAGE}
-    )
-    assert admin.status_code == 403
+    as_page = {"authorization": f"Bearer {token}", "origin": PAGE}
+    assert httpx.get(gateway.url + "/admin/keys", headers=as_page).status_code == 403
+    # The key may read the usage reports (every user's spend); its tokens may not.
+    as_key = {"authorization": f"Bearer {key['secret']}"}
+    assert httpx.get(gateway.base_url + "/usage", headers=as_key).status_code == 200
+    for path in ("/usage", "/usage/summary"):
+        refused = httpx.get(gateway.base_url + path, headers=as_page)
+        assert refused.status_code == 403, (path, refused.text)
 
 
 def test_token_rpm_limit(gateway: ThreadedGateway) -> None:
