@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 export GATEWAY_MASTER_KEY ?= sk-gateway-dev-master-key
 
-.PHONY: install run test demo lint bench lock clean dashboard-browser
+.PHONY: install run test demo lint bench lock clean dashboard-browser browser-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,13 +25,21 @@ $(NODE_STAMP): tests/node/package.json tests/node/package-lock.json
 dashboard-browser:
 	tests/dashboard/install.sh
 
+# The browser-token page's tests (tests/browser): the same chromium, and the page's npm packages (the
+# openai SDK, esbuild to bundle it). Quick when present.
+BROWSER_STAMP := tests/browser/node_modules/.package-lock.json
+$(BROWSER_STAMP): tests/browser/package.json tests/browser/package-lock.json
+	cd tests/browser && npm ci --no-audit --no-fund --loglevel=error
+
+browser-deps: dashboard-browser $(BROWSER_STAMP)
+
 # The banner's database comes from the gateway's own reading of DATABASE_URL, its password masked.
 run: install
 	@echo "llm-gateway on http://$${GATEWAY_HOST:-127.0.0.1}:$${GATEWAY_PORT:-8080}/v1 (database: $$($(PY) -m app.db.engine))"
 	$(VENV)/bin/llm-gateway migrate
 	$(VENV)/bin/llm-gateway serve
 
-test: install $(NODE_STAMP) dashboard-browser
+test: install $(NODE_STAMP) browser-deps
 	$(PY) -m pytest -q
 
 demo: install

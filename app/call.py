@@ -17,6 +17,7 @@ from starlette.types import Scope
 from app.access.keys import ApiKey
 
 if TYPE_CHECKING:
+    from app.browser_tokens import BrowserToken
     from app.limits.admission import Admission
 
 STATE_KEY = "gateway_call"
@@ -93,6 +94,8 @@ class CallRecord:
     api_key_id: str | None = None
     feature: str | None = None
     user_id: str | None = None
+    # A call made with a browser token: it fixes the feature and the user, and has limits of its own.
+    browser_token: BrowserToken | None = None
     # Set by the route: metered routes set `endpoint`; unmetered ones leave it None.
     endpoint: str | None = None
     model: str | None = None

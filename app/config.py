@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.exc import ArgumentError
 
 from app.db.engine import async_url
@@ -123,6 +124,19 @@ class Settings(DatabaseSettings):
     batch_lease_s: float = Field(default=300.0, gt=0)
     batch_max_file_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
 
+    # Browsers: CORS, browser tokens, SSE keep-alives.
+    # Origins whose pages may call /v1/* (comma-separated `scheme://host[:port]`, or `*` alone for any);
+    # empty: no CORS headers at all. The gateway uses no cookies and never allows credentials.
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(), validation_alias="GATEWAY_CORS_ORIGINS"
+    )
+    # Signs browser tokens; unset: derived from the master key (tokens then die when it changes). Every
+    # worker and replica must share it.
+    browser_token_secret: SecretStr | None = Field(default=None, min_length=32)
+    # An SSE comment every this many seconds while a stream waits (for the upstream's first byte, or
+    # between events), so proxies do not cut it as idle; 0 turns it off.
+    sse_keepalive_s: float = Field(default=15.0, ge=0, le=3600)
+
     # Reconciliation with OpenAI's own usage and costs (its organization Usage and Costs APIs). The admin
     # key (sk-admin-…) is sent only to OPENAI_BASE_URL's /organization/ endpoints; unset, the background
     # job is off. The id lists (comma-separated) narrow OpenAI's numbers to the projects or API keys the
@@ -167,7 +181,22 @@ class Settings(DatabaseSettings):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
-    @field_validator("openai_api_key", "redis_url", "config_file", "metrics_key", mode="before")
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        origins = tuple(part.strip().rstrip("/").lower() for part in value.split(",") if part.strip())
+        if "*" in origins and len(origins) > 1:
+            raise ValueError("'*' stands for every origin and must be alone")
+        for origin in origins:
+            if origin != "*" and not is_origin(origin):
+                raise ValueError(f"'{origin}' is not an origin (scheme://host[:port], nothing after it)")
+        return origins
+
+    @field_validator(
+        "openai_api_key", "redis_url", "config_file", "metrics_key", "browser_token_secret", mode="before"
+    )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if value == "" else value
@@ -194,6 +223,20 @@ class Settings(DatabaseSettings):
         if not isinstance(value, str) or not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https:// (OTLP over HTTP)")
         return value
+
+
+def is_origin(value: str) -> bool:
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        return False
+    return (
+        parts.scheme in ("http", "https")
+        and bool(parts.hostname)
+        and f"{parts.scheme}://{parts.netloc}" == value
+        and "@" not in parts.netloc
+    )
 
 
 _S = TypeVar("_S", bound=DatabaseSettings)

@@ -21,8 +21,10 @@ from starlette.datastructures import State
 from starlette.types import ASGIApp
 
 from app.access.keys import KeyStore
+from app.browser_tokens import signing_key
 from app.config import ConfigError, Settings, load_settings
 from app.config_file import GatewayConfig, load_config_file
+from app.cors import Cors
 from app.db.engine import create_engine
 from app.db.migrate import BEHIND, SchemaCheck, database_revisions, is_behind
 from app.db.partitions import PartitionKeeper
@@ -51,9 +53,21 @@ from app.ownership import OwnerStore
 from app.proxy.background import BackgroundResponses
 from app.proxy.client_watch import ClientWatch
 from app.proxy.hot_routes import HotRoutes
+from app.proxy.streaming import KeepAlives
 from app.proxy.upstream import UpstreamClient
 from app.reconcile.job import Reconciler
-from app.routes import admin, chat, embeddings, health, metrics, models, passthrough, responses, usage
+from app.routes import (
+    admin,
+    browser_tokens,
+    chat,
+    embeddings,
+    health,
+    metrics,
+    models,
+    passthrough,
+    responses,
+    usage,
+)
 from app.routes.dashboard import router as dashboard_router
 
 if TYPE_CHECKING:
@@ -95,9 +109,13 @@ class GatewayApp(FastAPI):
         # Outside Starlette's ServerErrorMiddleware, so even an unexpected 500 carries its X-Request-Id
         # and gets its access-log line; it meters the hot routes and FastAPI's alike when they end. The
         # path is checked before any route (hot or not) or auth sees it.
-        stack = RequestContextMiddleware(
+        stack: ASGIApp = RequestContextMiddleware(
             CanonicalPath(HotRoutes(super().build_middleware_stack(), HOT_ROUTES)), meter_call
         )
+        # Outside that: a preflight is no call, and every answer, whoever made it, needs the headers.
+        origins: tuple[str, ...] = self.state.settings.cors_origins
+        if origins:
+            stack = Cors(stack, origins)
         # Traced, the span wraps all of it; untraced, there is no layer at all.
         return stack if self.tracing is None else self.tracing.middleware(stack)
 
@@ -267,6 +285,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await batch_meter.start()
             app_metrics.watch_batches(batch_meter.stats)
         app.state.batch_meter = batch_meter
+        keepalives = KeepAlives(settings.sse_keepalive_s)
+        keepalives.start()
+        app.state.keepalives = keepalives
         reconciler: Reconciler | None = None
         if settings.openai_admin_key is not None:
             reconciler = Reconciler(settings, upstream, engine, app_metrics.registry)
@@ -297,6 +318,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await batch_meter.close()
             if recorder is not None:
                 await recorder.close(timeout_s=settings.shutdown_timeout_s)
+            await keepalives.close()
             # After the recorder: its last counts are in the worker's final figures.
             publishing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -322,6 +344,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.tracing = tracing
     app.state.settings = settings
+    app.state.token_secret = signing_key(settings)
     app.state.metrics = app_metrics
     app.state.policy = Policy(settings, config)
     app.state.reload_config = reload_config
@@ -336,6 +359,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.summaries_in_flight = 0
     app.include_router(dashboard_router)
     app.include_router(admin.router)
+    app.include_router(browser_tokens.router)
     # Last: it takes every /v1/* path the routers above do not.
     app.include_router(passthrough.router)
     return app

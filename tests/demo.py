@@ -130,7 +130,8 @@ Where to look next:
   - Your own gateway: `make run` (needs OPENAI_API_KEY), then point the SDK at http://127.0.0.1:8080/v1
     and send X-Feature / X-User-Id (README, "Pointing the SDKs at it").
   - A key per calling service: `llm-gateway keys create NAME`, or POST /admin/keys (README, "Gateway keys").
-  - Reports: `llm-gateway usage`, GET /v1/usage, and the SQL in the README's "Dashboards".
+  - Reports: `llm-gateway usage`, GET /v1/usage, the cost dashboard at /dashboard, and the SQL in the
+    README's "Cost queries in SQL".
   - Limits and budgets per feature and user: GATEWAY_CONFIG (README, "Model policy, limits and budgets").
 """
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from app.access.keys import SECRET_PREFIX, ApiKey, KeyLookupUnavailable, KeyStore
+from app.browser_tokens import TOKEN_PREFIX, BrowserToken, check_origin, token_key, verify
 from app.call import STATE_KEY, CallRecord
 from app.errors import GatewayError
 
@@ -16,7 +17,9 @@ from app.errors import GatewayError
 @dataclass(frozen=True, slots=True)
 class Principal:
     is_master: bool
+    # For a browser token: its minting key as the token may use it (app/browser_tokens.py).
     key: ApiKey | None = None
+    token: BrowserToken | None = None
 
     @property
     def key_id(self) -> str | None:
@@ -49,24 +52,42 @@ async def authenticate(presented: str, master_key: str, keys: KeyStore) -> Princ
     try:
         key = await keys.authenticate(presented) if presented.startswith(SECRET_PREFIX) else None
     except KeyLookupUnavailable:
-        raise GatewayError(
-            503, "The gateway cannot check keys right now; try again shortly.", code="key_store_unavailable"
-        ) from None
+        raise _key_unavailable() from None
     if key is None:
         raise _unauthorized("Incorrect API key provided, or the key was revoked or has expired.")
     return Principal(is_master=False, key=key)
 
 
-async def require_principal(request: Request, headers: Mapping[str, str] | None = None) -> Principal:
-    settings = request.app.state.settings
-    principal = await authenticate(
-        bearer_key((headers if headers is not None else request.headers).get("authorization")),
-        settings.master_key.get_secret_value(),
-        request.app.state.keys,
+def _key_unavailable() -> GatewayError:
+    return GatewayError(
+        503, "The gateway cannot check keys right now; try again shortly.", code="key_store_unavailable"
     )
+
+
+async def authenticate_token(presented: str, origin: str | None, secret: bytes, keys: KeyStore) -> Principal:
+    token = verify(presented, secret)
+    check_origin(token, origin)
+    try:
+        key = await keys.usable_by_id(token.key_id)
+    except KeyLookupUnavailable:
+        raise _key_unavailable() from None
+    if key is None:
+        raise _unauthorized("The key that made this browser token was revoked or has expired.")
+    return Principal(is_master=False, key=token_key(key, token), token=token)
+
+
+async def require_principal(request: Request, headers: Mapping[str, str] | None = None) -> Principal:
+    state = request.app.state
+    given = headers if headers is not None else request.headers
+    presented = bearer_key(given.get("authorization"))
+    if presented.startswith(TOKEN_PREFIX):
+        principal = await authenticate_token(presented, given.get("origin"), state.token_secret, state.keys)
+    else:
+        principal = await authenticate(presented, state.settings.master_key.get_secret_value(), state.keys)
     call: CallRecord = request.scope["state"][STATE_KEY]
     call.key = principal.key
     call.api_key_id = principal.key_id
+    call.browser_token = principal.token
     return principal
 
 

@@ -34,12 +34,14 @@ _SEGMENTS: dict[str, str] = {
     "assistants": "assistants",
     "threads": "assistants",
     "videos": "videos",
+    "browser_tokens": "browser_tokens",
 }
 CLASSES: frozenset[str] = frozenset(_SEGMENTS.values()) | {OTHER}
 # A new key's classes unless it is given others: calls answered at once, paid per call and bounded by
 # the budgets. Granted explicitly: the classes that keep what they are sent (files, vector stores,
 # conversations…), that start work billed later, out of the call's sight (batches, fine-tuning, evals,
-# videos, realtime sessions), or that the gateway cannot name yet (`other`).
+# videos, realtime sessions), that mint credentials (browser tokens), or that the gateway cannot name yet
+# (`other`).
 DEFAULT_SCOPES: tuple[str, ...] = (
     "chat",
     "completions",

@@ -153,6 +153,10 @@ class KeyStore:
         self._max_entries = max_entries
         # secret hash -> (key or None for "no such key", expiry on the monotonic clock)
         self._cache: OrderedDict[str, tuple[ApiKey | None, float]] = OrderedDict()
+        # key id -> (key or None, expiry, its secret hash): browser tokens name their key by id. The hash
+        # lets a change notified by hash drop this entry too.
+        self._by_id: OrderedDict[str, tuple[ApiKey | None, float, str | None]] = OrderedDict()
+        self._id_of: dict[str, str] = {}
         self._listener: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -188,6 +192,38 @@ class KeyStore:
                 self._cache.move_to_end(digest)
                 while len(self._cache) > self._max_entries:
                     self._cache.popitem(last=False)
+        return key if key is not None and key.usable(datetime.now(UTC)) else None
+
+    async def usable_by_id(self, key_id: str) -> ApiKey | None:
+        """The usable key with this id, or None: authenticate()'s rules, for a key named by its id."""
+        now = time.monotonic()
+        cached = self._by_id.get(key_id)
+        if cached is not None and cached[1] > now:
+            key = cached[0]
+        else:
+            try:
+                async with self._engine.connect() as conn:
+                    row = (await conn.execute(select(api_keys).where(api_keys.c.id == key_id))).first()
+            except Exception as exc:  # any database failure: fall back to what we knew
+                if cached is None:
+                    raise KeyLookupUnavailable from exc
+                log.warning("key lookup failed; using the cached key", extra={"error": type(exc).__name__})
+                key = cached[0]
+            else:
+                key = _row_to_key(row) if row is not None else None
+                digest = row.secret_hash if row is not None else None
+                self._by_id[key_id] = (
+                    key,
+                    now + (self._ttl_s if key is not None else self._miss_ttl_s),
+                    digest,
+                )
+                self._by_id.move_to_end(key_id)
+                if digest is not None:
+                    self._id_of[digest] = key_id
+                while len(self._by_id) > self._max_entries:
+                    _, (_, _, old) = self._by_id.popitem(last=False)
+                    if old is not None:
+                        self._id_of.pop(old, None)
         return key if key is not None and key.usable(datetime.now(UTC)) else None
 
     async def _load(self, digest: str) -> ApiKey | None:
@@ -249,6 +285,9 @@ class KeyStore:
 
     def forget(self, digest: str) -> None:
         self._cache.pop(digest, None)
+        key_id = self._id_of.pop(digest, None)
+        if key_id is not None:
+            self._by_id.pop(key_id, None)
 
     async def _listen(self) -> None:
         url = self._engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
@@ -263,6 +302,8 @@ class KeyStore:
                 # Changes made while nobody listened are unknown: start again from the database. (While
                 # it is away the cache stays: its entries' lifetime bounds what could be missed.)
                 self._cache.clear()
+                self._by_id.clear()
+                self._id_of.clear()
                 delay = 0.5
                 await lost.wait()
             except asyncio.CancelledError:

@@ -92,6 +92,8 @@ usage_events = Table(
     Column("audio_completion_tokens", BigInteger, nullable=False, server_default=text("0")),
     Column("image_prompt_tokens", BigInteger, nullable=False, server_default=text("0")),
     Column("image_completion_tokens", BigInteger, nullable=False, server_default=text("0")),
+    # The browser token the call was made with; api_key_id is the key that minted it.
+    Column("browser_token_id", Text),
     PrimaryKeyConstraint("id", name="pk_usage_events"),
     # The recorder's idempotence rests on this: a replayed event (its created_at fixed when it was made)
     # conflicts and is skipped. created_at is in it because on Postgres the table is partitioned by month

@@ -130,6 +130,16 @@ class Guard:
                     ),
                 )
             )
+        token = call.browser_token
+        if token is not None and (token.rpm_limit is not None or token.budget_usd is not None):
+            # A token lives an hour at most: its day's budget is its whole budget (unless it spans
+            # midnight UTC).
+            caps.append(
+                (
+                    f"token:{token.id}",
+                    Caps.model_construct(rpm=token.rpm_limit, budget_daily_usd=token.budget_usd),
+                )
+            )
         if call.feature is not None:
             caps.append((f"feature:{call.feature}", config.features.get(call.feature) or _NO_CAPS))
         if call.user_id is not None:
@@ -246,7 +256,12 @@ def _money(value: Decimal) -> str:
 
 def _describe(scope: str) -> str:
     kind, _, name = scope.partition(":")
-    return {"key": f"key '{name}'", "feature": f"feature '{name}'", "user": f"user '{name}'"}.get(kind, scope)
+    return {
+        "key": f"key '{name}'",
+        "feature": f"feature '{name}'",
+        "user": f"user '{name}'",
+        "token": f"browser token '{name}'",
+    }.get(kind, scope)
 
 
 def _over_budget(over: OverBudget, now: datetime) -> GatewayError:

@@ -39,6 +39,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.call import CallRecord, Usage
+from app.db.migrate import is_schema_error
 from app.db.models import batch_jobs
 from app.db.usage_writer import is_rejected_data, write_batch
 from app.edge.canonical_path import upstream_path
@@ -176,9 +177,12 @@ class BatchMeter:
                 wait = await self._until_next_poll()
                 pause = self._settings.poll_initial_s
             except Exception as exc:
-                # Database or upstream unavailable: try again later, backing off.
+                # Database or upstream unavailable: try again later, backing off. A schema that is
+                # behind fails every round the same way until someone migrates; start-up and /readyz
+                # have said so once already.
                 self.errors += 1
-                log.warning("batch metering round failed (%s)", type(exc).__name__)
+                if not is_schema_error(exc):
+                    log.warning("batch metering round failed (%s)", type(exc).__name__)
                 wait = pause = min(pause * 2, self._settings.poll_max_s)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):

@@ -92,6 +92,8 @@ class UsageEvent(NamedTuple):
     audio_completion_tokens: int = 0
     image_prompt_tokens: int = 0
     image_completion_tokens: int = 0
+    # The browser token the call was made with (api_key_id is the key that minted it).
+    browser_token_id: str | None = None
 
     @property
     def cost_usd(self) -> Decimal | None:

@@ -103,6 +103,7 @@ def event_line(
             usage.audio_completion_tokens,
             usage.image_prompt_tokens,
             usage.image_completion_tokens,
+            None if call.browser_token is None else call.browser_token.id,
         )
     )
 

@@ -4,7 +4,7 @@ turn what comes back into the client's response."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterable, Callable, Mapping
+from collections.abc import AsyncIterable, Callable, Coroutine, Mapping
 from typing import Any
 
 import orjson
@@ -16,7 +16,13 @@ from app.errors import GatewayError, RelayedError
 from app.limits.policy import Candidate, UpstreamTarget
 from app.proxy.answers import RelayedResponse
 from app.proxy.client_watch import ClientWatch
-from app.proxy.streaming import EventInspector, EventRelayResponse, collect_text
+from app.proxy.streaming import (
+    EventInspector,
+    EventRelayResponse,
+    KeepAliveResponse,
+    KeepAlives,
+    collect_text,
+)
 from app.proxy.upstream import (
     ResponseHead,
     UpstreamClient,
@@ -213,6 +219,16 @@ async def forward(
         raise AssertionError("forward() needs at least one candidate")
     finally:
         clients.leave(task)
+
+
+async def kept_alive(
+    answer: Coroutine[Any, Any, Response], call: CallRecord, keepalives: KeepAlives
+) -> Response:
+    """A stream's answer sent with keep-alive comments while it is awaited (KeepAliveResponse), unless
+    they are off (GATEWAY_SSE_KEEPALIVE_S=0); any other answer, awaited here."""
+    if call.stream and keepalives.interval_s:
+        return KeepAliveResponse(answer, call, keepalives)
+    return await answer
 
 
 def _abandoned() -> Response:

@@ -19,7 +19,8 @@ Divergences from a plain byte pipe, each deliberate:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Coroutine, Mapping
 from typing import Any, Protocol
 
 import orjson
@@ -28,7 +29,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app.call import CallRecord, Usage
-from app.errors import error_body
+from app.errors import error_body, error_response
 from app.proxy.answers import encoded, raw_headers
 from app.proxy.event_framing import EventFramer
 from app.proxy.upstream import UpstreamResponse
@@ -412,6 +413,109 @@ def learn_response(call: CallRecord, response: dict[str, Any]) -> None:
             call.created_at = float(created)
 
 
+KEEPALIVE = b": keep-alive\n\n"
+
+
+class KeepAlives:
+    """Keep-alive comments (`: keep-alive`) for every open stream that has been silent for `interval_s`:
+    proxies and load balancers cut connections idle for 60-100 s, and a reasoning model can think longer
+    than that before its first token. One ticker per process, every quarter interval, looks at the streams
+    open; a stream costs a set entry and a counter bumped per send, never a timer or a task per event. A
+    comment goes out after `interval_s` to a quarter more of silence."""
+
+    TICKS = 4
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.streams: set[KeepAlive] = set()
+        self._ticker: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.interval_s:
+            self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="sse-keepalive")
+
+    async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+
+    def open(self, send: Send) -> KeepAlive:
+        keepalive = KeepAlive(self, send)
+        self.streams.add(keepalive)
+        return keepalive
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s / self.TICKS)
+            for keepalive in list(self.streams):
+                keepalive.tick()
+
+
+class KeepAlive:
+    """One stream's keep-alive. A comment that is due goes out from a task of its own while the relay
+    waits on the upstream; the relay waits for it (`sending` returns it) before its own next send, so the
+    two never interleave, and never inside an event that went out in part.
+
+    Should a comment go out before the answer itself started, a stream's start goes first, with none of
+    the upstream's headers: the 200 is then committed (see KeepAliveResponse)."""
+
+    __slots__ = ("owner", "partial", "ping", "seen", "send", "sends", "silent", "started")
+
+    def __init__(self, owner: KeepAlives, send: Send) -> None:
+        self.owner = owner
+        self.send = send
+        self.started = False
+        self.sends = self.seen = 0
+        # -1: the tick right after opening does not count, it may come at once.
+        self.silent = -1
+        # An event went out in part (its start, not its end): a comment now would land inside it.
+        self.partial = False
+        self.ping: asyncio.Task[None] | None = None
+
+    def sending(self, partial: bool) -> asyncio.Task[None] | None:
+        """The relay is about to send (`partial`: and the client will then have an event in part); it
+        must first await the comment returned, if one is going out."""
+        self.sends += 1
+        self.partial = partial
+        return self.ping
+
+    def tick(self) -> None:
+        if self.sends != self.seen or self.partial or self.ping is not None:
+            self.seen = self.sends
+            self.silent = 0
+            return
+        self.silent += 1
+        if self.silent >= KeepAlives.TICKS:
+            self.silent = 0
+            self.ping = asyncio.get_running_loop().create_task(self._comment())
+
+    async def _comment(self) -> None:
+        try:
+            if not self.started:
+                self.started = True
+                await self.send(
+                    {"type": "http.response.start", "status": 200, "headers": list(_SSE_RAW_HEADERS)}
+                )
+            await self.send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+        except Exception:  # the client has gone: nobody is left to keep the connection open for
+            self.owner.streams.discard(self)
+        finally:
+            self.ping = None
+
+    async def pause(self) -> None:
+        """No more comments; one going out now is let finish."""
+        self.owner.streams.discard(self)
+        if self.ping is not None:
+            await self.ping
+
+    def close(self) -> None:
+        self.owner.streams.discard(self)
+        if self.ping is not None:
+            self.ping.cancel()
+            self.ping = None
+
+
 class EventRelayResponse(Response):
     """An SSE response relaying an upstream stream: OpenAI's headers for it, the events sent as they come,
     and a DisconnectWatch that cancels the relay on `http.disconnect` (the relay's `finally` then closes
@@ -433,6 +537,7 @@ class EventRelayResponse(Response):
         inspect: EventInspector,
         headers: Mapping[str, str],
         max_event_bytes: int,
+        keepalives: KeepAlives | None = None,
     ) -> None:
         self.status_code = 200
         self.background = None
@@ -441,11 +546,23 @@ class EventRelayResponse(Response):
         self.call = call
         self.inspect = inspect
         self.max_event_bytes = max_event_bytes
+        self.keepalives = keepalives
+        # Set by a KeepAliveResponse whose comments went out while this answer was awaited.
+        self.keepalive: KeepAlive | None = None
         self.watch = DisconnectWatch()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watch = self.watch
         watch.arm(receive)
+        keepalive = self.keepalive
+        keepalives = self.keepalives
+        if (
+            keepalive is None
+            and keepalives is not None
+            and keepalives.interval_s
+            and scope["method"] != "HEAD"
+        ):
+            keepalive = self.keepalive = keepalives.open(send)
         try:
             await self._relay(scope["method"] == "HEAD", send)
         except asyncio.CancelledError:
@@ -457,9 +574,17 @@ class EventRelayResponse(Response):
             task.uncancel()
         finally:
             watch.stop()
+            if keepalive is not None:
+                keepalive.close()
 
     async def _relay(self, head: bool, send: Send) -> None:
-        upstream, call, inspect, watch = self.upstream, self.call, self.inspect, self.watch
+        upstream, call, inspect, watch, keepalive = (
+            self.upstream,
+            self.call,
+            self.inspect,
+            self.watch,
+            self.keepalive,
+        )
         stream = upstream.stream
         assert stream is not None
         framer = EventFramer(self.max_event_bytes)
@@ -467,9 +592,14 @@ class EventRelayResponse(Response):
         failure: tuple[str, str] | None = None
         given = 0  # bytes of the event still arriving that went early: the client has its start, not its end
         try:
-            await send(
-                {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-            )
+            if keepalive is not None and (ping := keepalive.sending(False)) is not None:
+                await ping
+            if keepalive is None or not keepalive.started:
+                if keepalive is not None:
+                    keepalive.started = True
+                await send(
+                    {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+                )
             if head:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
@@ -491,6 +621,8 @@ class EventRelayResponse(Response):
                     if out or inspect.done:
                         # The last bytes end the response: the chunked terminator goes in the same write.
                         watch.ended = inspect.done
+                        if keepalive is not None and (ping := keepalive.sending(given > 0)) is not None:
+                            await ping
                         await send({"type": "http.response.body", "body": out, "more_body": not inspect.done})
                     if framer.overflow and not inspect.done:
                         failure = (
@@ -520,6 +652,8 @@ class EventRelayResponse(Response):
             inspect.finish()
             # Read to its end, the connection goes back to the pool; otherwise the upstream is cut off.
             await stream.close()
+        if keepalive is not None:
+            await keepalive.pause()
         if not watch.ended:
             if failure is not None:
                 call.error_type = failure[1]
@@ -541,8 +675,75 @@ class EventRelayResponse(Response):
         return rest if first is events else rest + self.inspect.relay(events[end:])
 
 
-# What OpenAI and sse-starlette send with a stream: no caching anywhere, and no buffering in a proxy
-# (nginx's X-Accel-Buffering) between the gateway and the client.
-_SSE_HEADERS = {"cache-control": "no-store", "connection": "keep-alive", "x-accel-buffering": "no"}
+# What OpenAI sends with a stream: no caching anywhere (`no-cache`, as OpenAI and the SSE spec's examples
+# have it), and no buffering in a proxy (nginx's X-Accel-Buffering) between the gateway and the client.
+_SSE_HEADERS = {"cache-control": "no-cache", "connection": "keep-alive", "x-accel-buffering": "no"}
 # Encoded once: the headers a relayed answer adds (answer_headers) never include these.
 _SSE_RAW_HEADERS = raw_headers(_SSE_HEADERS, EventRelayResponse.media_type)
+
+
+class KeepAliveResponse(Response):
+    """A streamed call's answer while the upstream has not answered yet: its retries, fallbacks and first
+    bytes can take longer than a proxy waits on a silent connection. For as long as the answer (`answer`,
+    the route's work after admission) is awaited, keep-alive comments go out every `interval_s`.
+
+    The first comment commits the 200 and the stream's headers (without the upstream's: none are known
+    yet). The gateway's retries and fallbacks go on behind it as before; what changes is how a failure
+    that comes after it reaches the client: as an OpenAI error event (`data: {"error": ...}`), which the
+    SDKs raise as an APIError, instead of an HTTP error status. An answer that comes before the first
+    comment is sent exactly as without keep-alives, so a call that fails fast still gets its 4xx/5xx
+    with its headers (Retry-After...) and the SDKs' own retry rules."""
+
+    media_type = EventRelayResponse.media_type
+
+    def __init__(
+        self, answer: Coroutine[Any, Any, Response], call: CallRecord, keepalives: KeepAlives
+    ) -> None:
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = []
+        self.answer = answer
+        self.call = call
+        self.keepalives = keepalives
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        keepalive = self.keepalives.open(send)
+        response: Response | None
+        try:
+            try:
+                response = await self.answer
+            except Exception as exc:
+                response = error_response(exc)
+            if isinstance(response, EventRelayResponse):
+                # Its relay goes on from here, comments between its events included.
+                response.keepalive = keepalive
+                await response(scope, receive, send)
+                return
+            await keepalive.pause()
+            if response is None:
+                self.call.client_disconnected = True
+            elif not keepalive.started:
+                await response(scope, receive, send)
+            else:
+                # The client saw a 200; the row keeps the status the call really ended with.
+                self.call.status_code = response.status_code
+                await send(
+                    {"type": "http.response.body", "body": _failure_event(response), "more_body": False}
+                )
+        finally:
+            keepalive.close()
+
+
+def _failure_event(response: Response) -> bytes:
+    """A failed answer, as the event that ends a stream whose 200 went already."""
+    if response.status_code == 499:  # the client has gone
+        return b""
+    try:
+        parsed = orjson.loads(bytes(response.body))
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        return b"data: " + orjson.dumps(parsed) + b"\n\n"
+    return _error_event(
+        f"The upstream answered the stream with status {response.status_code}.", "upstream_not_a_stream"
+    )

@@ -11,7 +11,7 @@ from app.access.deps import GatewayDep
 from app.errors import bad_request
 from app.ownership import body_check, caller
 from app.ownership.created import record_created, stored_completion
-from app.proxy.relay import Payload, forward
+from app.proxy.relay import Payload, forward, kept_alive
 from app.proxy.streaming import ChatChunkInspector
 from app.routes.metered import MeteredRequest, read_metered
 
@@ -74,16 +74,20 @@ async def chat_completions(request: Request, gw: GatewayDep) -> Response:
     else:
         client_wants_usage = False
         payload = Payload(metered.raw, metered.body, modified=metered.modified)
-    response = await forward(
-        gw.upstream,
-        call,
-        metered.candidates,
-        path=PATH,
-        payload=payload,
-        client_headers=gw.headers,
-        inspector=(lambda: ChatChunkInspector(call, client_wants_usage)) if call.stream else None,
-        receive=request.receive,
-        clients=request.app.state.client_watch,
-    )
-    await record_created(who, "chat.completion", stored_completion(metered.body), response)
-    return response
+
+    async def answer() -> Response:
+        response = await forward(
+            gw.upstream,
+            call,
+            metered.candidates,
+            path=PATH,
+            payload=payload,
+            client_headers=gw.headers,
+            inspector=(lambda: ChatChunkInspector(call, client_wants_usage)) if call.stream else None,
+            receive=request.receive,
+            clients=request.app.state.client_watch,
+        )
+        await record_created(who, "chat.completion", stored_completion(metered.body), response)
+        return response
+
+    return await kept_alive(answer(), call, request.app.state.keepalives)

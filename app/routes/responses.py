@@ -15,7 +15,7 @@ from app.limits.guard import Guard
 from app.ownership import admit, body_check, caller
 from app.ownership.created import record_created, stored_response
 from app.proxy.background import BackgroundResponses
-from app.proxy.relay import Payload, answer_headers, forward, send_checked
+from app.proxy.relay import Payload, answer_headers, forward, kept_alive, send_checked
 from app.proxy.streaming import EventRelayResponse, ResponsesEventInspector, learn_response
 from app.proxy.upstream import is_sse, never_open
 from app.routes.metered import read_metered
@@ -43,18 +43,23 @@ def _parsed(body: bytes) -> dict[str, Any] | None:
 async def create_response(request: Request, gw: GatewayDep) -> Response:
     call, who = gw.call, caller(request, gw)
     metered = await read_metered(request, gw, ENDPOINT, owned=body_check(who, "responses"))
-    response = await forward(
-        gw.upstream,
-        call,
-        metered.candidates,
-        path="/responses",
-        payload=Payload(metered.raw, metered.body),
-        client_headers=gw.headers,
-        inspector=(lambda: ResponsesEventInspector(call)) if call.stream else None,
-        receive=request.receive,
-        clients=request.app.state.client_watch,
-    )
-    await record_created(who, "response", stored_response(metered.body), response)
+
+    async def answer() -> Response:
+        response = await forward(
+            gw.upstream,
+            call,
+            metered.candidates,
+            path="/responses",
+            payload=Payload(metered.raw, metered.body),
+            client_headers=gw.headers,
+            inspector=(lambda: ResponsesEventInspector(call)) if call.stream else None,
+            receive=request.receive,
+            clients=request.app.state.client_watch,
+        )
+        await record_created(who, "response", stored_response(metered.body), response)
+        return response
+
+    response = await kept_alive(answer(), call, request.app.state.keepalives)
     if metered.body.get("background") is True and not call.stream and response.status_code < 300:
         created = _parsed(bytes(response.body))
         if created is not None and isinstance(created.get("id"), str) and created.get("status") not in _FINAL:
@@ -100,7 +105,12 @@ async def _follow(request: Request, response_id: str, method: str, suffix: str, 
         # A resumed background stream: metered only if it reaches the end, under the response id.
         call.endpoint, call.stream, call.metered_only_with_usage = ENDPOINT, True, True
         return EventRelayResponse(
-            answer, call, ResponsesEventInspector(call), headers, upstream.max_event_bytes
+            answer,
+            call,
+            ResponsesEventInspector(call),
+            headers,
+            upstream.max_event_bytes,
+            keepalives=request.app.state.keepalives,
         )
     found = _parsed(answer.body)
     if (

@@ -1,7 +1,7 @@
 """resource_owners: the gateway key that created each upstream object
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-12-04
 """
 

@@ -1,7 +1,7 @@
 """usage_events partitioned by month (Postgres)
 
 Revision ID: 0011
-Revises: 0006
+Revises: 0008
 Create Date: 2026-12-04
 
 The table is rebuilt from its own definition as it stands (every column earlier migrations gave it, with
@@ -26,7 +26,7 @@ from alembic import op
 from app.db.partitions import DEFAULT_PARTITION, add_partition, next_month
 
 revision: str = "0011"
-down_revision: str | Sequence[str] | None = "0006"
+down_revision: str | Sequence[str] | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -100,7 +100,7 @@ def test_every_scrape_counts_every_worker(fake_server: FakeOpenAI, database_url:
         before = _workers(gateway.proc.pid)
         os.kill(before[0], signal.SIGKILL)
         wait_until(lambda: len(set(_workers(gateway.proc.pid)) - set(before)) == 1, timeout=30, interval=0.1)
-        wait_until(gateway._ready, timeout=30)
+        wait_until(gateway.ready, timeout=30)
         for _ in range(8):
             text = httpx.get(gateway.url + "/metrics").text
             assert (_requests(text), _tokens(text)) == (sent, prompt_tokens)

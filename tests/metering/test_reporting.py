@@ -98,7 +98,7 @@ def test_usage_daily_equals_the_sums_of_usage_events(populated: tuple[str, Threa
 
 
 def _readme_queries() -> list[str]:
-    section = README.read_text().split("### Dashboards", 1)[1].split("\n## ", 1)[0]
+    section = README.read_text().split("### Cost queries in SQL", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```sql\n(.*?)```", section, flags=re.S)
 
 
