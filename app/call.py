@@ -17,7 +17,7 @@ from starlette.types import Scope
 from app.access.keys import ApiKey
 
 if TYPE_CHECKING:
-    from app.browser_tokens import BrowserToken
+    from app.access.browser_tokens import BrowserToken
     from app.limits.admission import Admission
 
 STATE_KEY = "gateway_call"

@@ -20,15 +20,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.datastructures import State
 from starlette.types import ASGIApp
 
+from app.access.browser_tokens import signing_key
 from app.access.keys import KeyStore
-from app.browser_tokens import signing_key
 from app.config import ConfigError, Settings, load_settings
 from app.config_file import GatewayConfig, load_config_file
-from app.cors import Cors
 from app.db.engine import create_engine
 from app.db.migrate import BEHIND, SchemaCheck, database_revisions, is_behind
 from app.db.partitions import PartitionKeeper
 from app.edge.canonical_path import CanonicalPath
+from app.edge.cors import Cors
 from app.edge.request_context import RequestContextMiddleware
 from app.errors import install_error_handlers
 from app.limits import (

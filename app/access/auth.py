@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from app.access.browser_tokens import TOKEN_PREFIX, BrowserToken, check_origin, token_key, verify
 from app.access.keys import SECRET_PREFIX, ApiKey, KeyLookupUnavailable, KeyStore
-from app.browser_tokens import TOKEN_PREFIX, BrowserToken, check_origin, token_key, verify
 from app.call import STATE_KEY, CallRecord
 from app.errors import GatewayError
 
@@ -17,7 +17,7 @@ from app.errors import GatewayError
 @dataclass(frozen=True, slots=True)
 class Principal:
     is_master: bool
-    # For a browser token: its minting key as the token may use it (app/browser_tokens.py).
+    # For a browser token: its minting key as the token may use it (app/access/browser_tokens.py).
     key: ApiKey | None = None
     token: BrowserToken | None = None
 

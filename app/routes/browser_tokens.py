@@ -17,8 +17,8 @@ from fastapi import APIRouter, Request
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
+from app.access.browser_tokens import DEFAULT_TTL_S, MAX_TTL_S, BrowserToken, new_token_id, sign
 from app.access.deps import GatewayDep
-from app.browser_tokens import DEFAULT_TTL_S, MAX_TTL_S, BrowserToken, new_token_id, sign
 from app.config import is_origin
 from app.errors import GatewayError, bad_request
 from app.proxy.body import parse_object, read_body

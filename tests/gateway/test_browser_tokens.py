@@ -14,7 +14,7 @@ import openai
 import orjson
 import pytest
 
-from app.browser_tokens import verify
+from app.access.browser_tokens import verify
 from app.errors import GatewayError
 from tests.conftest import sdk_client
 from tests.db import wait_for_rows
