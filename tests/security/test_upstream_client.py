@@ -196,8 +196,10 @@ def test_no_wait_crosses_the_deadline(
         sdk.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert caught.value.status_code == 500
     assert caught.value.response.headers["x-gateway-attempts"] == "1"
-    seen = [(r.received_at, r.body_size, r.status, r.disconnected) for r in elsewhere.requests]
-    assert len(seen) == 1, seen
+    # Only the chat calls: a new gateway's batch poller may ask this upstream about batches that other
+    # tests' gateways created in the shared database.
+    calls = [r for r in elsewhere.requests if r.path == "/v1/chat/completions"]
+    assert len(calls) == 1, [(r.method, r.path, r.status) for r in elsewhere.requests]
 
 
 # -- an answer read whole is bounded ----------------------------------------------------------------------
