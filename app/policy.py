@@ -12,7 +12,7 @@ from app.config import Settings
 from app.config_file import DEFAULT_UPSTREAM, GatewayConfig
 from app.errors import GatewayError, bad_request
 from app.keys import ApiKey
-from app.upstream_auth import auth_headers
+from app.upstream_auth import auth_headers, with_api_version
 
 # A model name lands in usage rows and in usage_daily's primary key: Postgres refuses an index entry
 # past ~2.7 kB and any text holding NUL, and a refused row is a call nobody is billed for.
@@ -32,11 +32,14 @@ class UpstreamTarget:
     api_version: str | None = None
     # Named in GATEWAY_CONFIG, rather than by OPENAI_BASE_URL/OPENAI_API_KEY: what an operator must fix.
     configured: bool = False
-    # What carries the key, made here once (the policy is built at start-up and on SIGHUP), not per call.
+    # What carries the key, and the query a path without one gets: made here once (the policy is built at
+    # start-up and on SIGHUP), not per call.
     headers: Mapping[str, str] = field(init=False, repr=False, compare=False)
+    query: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "headers", auth_headers(self.auth, self.api_key))
+        object.__setattr__(self, "query", with_api_version("", self.api_version))
 
 
 @dataclass(frozen=True, slots=True)

@@ -352,9 +352,10 @@ class UpstreamClient:
         assert self._whole is not None and self._open is not None, "UpstreamClient.start() was not awaited"
         whole = keep_open is never_open
         client = self._whole if whole else self._open
-        url = target.base_url + path
-        if target.api_version is not None or "?" in path:
-            url = with_api_version(url, target.api_version)
+        if "?" in path:  # a client's query (the passthrough's): it may not name the api-version
+            url = with_api_version(target.base_url + path, target.api_version)
+        else:
+            url = target.base_url + path + target.query
         headers = {**headers, **target.headers}
         deadline = call.upstream_deadline
         fresh = deadline is None
