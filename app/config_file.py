@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from app.config import ConfigError
 from app.metering.pricing import PriceTable
+from app.upstream_auth import AuthStyle
 
 DEFAULT_UPSTREAM = "openai"
 
@@ -44,8 +45,7 @@ class UpstreamConfig(_Strict):
     base_url: str
     # The key is read from this environment variable, so the file holds no secret.
     api_key_env: str | None = None
-    # How the key is sent: `Authorization: Bearer <key>`, or an `api-key: <key>` header (Azure OpenAI).
-    auth: Literal["bearer", "api-key"] = "bearer"
+    auth: AuthStyle = "bearer"
     # Sent as the `api-version` query parameter of every request to this upstream. A plain token, so it
     # needs no escaping and cannot smuggle in a parameter of its own.
     api_version: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")

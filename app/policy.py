@@ -12,7 +12,7 @@ from app.config import Settings
 from app.config_file import DEFAULT_UPSTREAM, GatewayConfig
 from app.errors import GatewayError, bad_request
 from app.keys import ApiKey
-from app.upstream_auth import auth_headers, with_api_version
+from app.upstream_auth import AuthStyle, auth_headers, with_api_version
 
 # A model name lands in usage rows and in usage_daily's primary key: Postgres refuses an index entry
 # past ~2.7 kB and any text holding NUL, and a refused row is a call nobody is billed for.
@@ -28,7 +28,7 @@ class UpstreamTarget:
     name: str
     base_url: str
     api_key: str | None
-    auth: str = "bearer"
+    auth: AuthStyle = "bearer"
     api_version: str | None = None
     # Named in GATEWAY_CONFIG, rather than by OPENAI_BASE_URL/OPENAI_API_KEY: what an operator must fix.
     configured: bool = False
@@ -59,7 +59,12 @@ class Policy:
         )
         self.targets = {DEFAULT_UPSTREAM: default} | {
             name: UpstreamTarget(
-                name, upstream.base_url, upstream.api_key(), upstream.auth, upstream.api_version, True
+                name,
+                upstream.base_url,
+                upstream.api_key(),
+                upstream.auth,
+                upstream.api_version,
+                configured=True,
             )
             for name, upstream in config.upstreams.items()
         }

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.upstream")
 
 # Headers of the client's request that never go upstream: the client's gateway key, an `api-key` (Azure
-# OpenAI's key header: an upstream's key is the gateway's to send, app/upstream_auth.py), the gateway's
+# OpenAI's key header: an upstream's key is the gateway's to send, never the client's), the gateway's
 # own attribution headers, hop-by-hop headers (RFC 9110 §7.6.1, with Proxy-Authorization, meant for a
 # proxy, and those Connection names), identity headers that belong to the client's OpenAI account rather
 # than the gateway's key, and Content-Encoding: the gateway decodes a compressed body (app/body.py).

@@ -1,18 +1,22 @@
 """How an upstream learns who is calling: the gateway's key for it, in the header that upstream reads
 (`Authorization: Bearer`, or Azure OpenAI's `api-key`), and the `api-version` query parameter Azure
 OpenAI takes. Both are the operator's to set (GATEWAY_CONFIG), never the client's: the client's own
-`authorization` and `api-key` headers are dropped (app/upstream.py), and so is any `api-version` in its
-query. The headers are made once per upstream when the configuration loads; a request merges them."""
+`authorization` and `api-key` headers are dropped with the other headers that never go upstream, and so
+is any `api-version` in its query. The headers are made once per upstream when the configuration loads;
+a request merges them."""
 
 from __future__ import annotations
 
+from typing import Literal
 from urllib.parse import unquote_plus
 
 API_VERSION = "api-version"
+# `Authorization: Bearer <key>` (OpenAI and most others), or an `api-key: <key>` header (Azure OpenAI).
+AuthStyle = Literal["bearer", "api-key"]
 
 
-def auth_headers(auth: str, api_key: str | None) -> dict[str, str]:
-    """The headers that carry `api_key` to an upstream whose style is `auth` ("bearer" or "api-key")."""
+def auth_headers(auth: AuthStyle, api_key: str | None) -> dict[str, str]:
+    """The headers that carry `api_key` to an upstream whose style is `auth`."""
     if api_key is None:
         return {}
     if auth == "api-key":
