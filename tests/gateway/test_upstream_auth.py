@@ -101,12 +101,16 @@ def test_a_client_cannot_send_its_own_api_key_or_api_version(
     body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
     chat_headers = {**headers, "content-type": "application/json"}
     chat = raw_request(port, "POST", "/v1/chat/completions?api-version=evil", headers=chat_headers, body=body)
-    assert (listed.status, chat.status) == (200, 200)
-    files, completion = azure.requests
-    for request in (files, completion):
+    # A '?' in the path arrives encoded, and stays a part of the path.
+    smuggled = raw_request(port, "GET", "/v1/vector_stores%3Fapi-version=evil", headers=headers)
+    assert (listed.status, chat.status, smuggled.status) == (200, 200, 404)
+    files, completion, stores = azure.requests
+    for request in (files, completion, stores):
         _as_azure_wants(request)
     assert files.query_string == "limit=1&api-version=preview"
     assert completion.query_string == "api-version=preview"
+    assert stores.path == "/v1/vector_stores?api-version=evil"
+    assert stores.query_string == "api-version=preview"
 
 
 def test_a_client_api_key_header_never_reaches_a_bearer_upstream(
