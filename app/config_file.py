@@ -3,6 +3,8 @@ reason. Example:
 
     upstreams:                      # optional; "openai" (OPENAI_BASE_URL / OPENAI_API_KEY) always exists
       vllm: {base_url: "http://vllm:8000/v1", api_key_env: VLLM_API_KEY}
+      azure: {base_url: "https://my-resource.openai.azure.com/openai/v1", api_key_env: AZURE_OPENAI_API_KEY,
+              auth: api-key, api_version: preview}
     models:                         # which upstreams serve a model name, with weights
       llama-3.1-70b: {upstreams: [{upstream: vllm}]}
       gpt-4o-mini: {upstreams: [{upstream: openai, weight: 3}, {upstream: vllm, weight: 1}]}
@@ -30,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from app.config import ConfigError
 from app.metering.pricing import PriceTable
+from app.upstream_auth import AuthStyle
 
 DEFAULT_UPSTREAM = "openai"
 
@@ -42,12 +45,19 @@ class UpstreamConfig(_Strict):
     base_url: str
     # The key is read from this environment variable, so the file holds no secret.
     api_key_env: str | None = None
+    auth: AuthStyle = "bearer"
+    # Sent as the `api-version` query parameter of every request to this upstream. A plain token, so it
+    # needs no escaping and cannot smuggle in a parameter of its own.
+    api_version: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
 
     @field_validator("base_url")
     @classmethod
     def _http(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
+        if "?" in value or "#" in value:
+            # The request's path is appended to it: a query here would end up in the middle of the URL.
+            raise ValueError("must not hold a query or a fragment (an api-version goes in api_version)")
         return value.rstrip("/")
 
     def api_key(self) -> str | None:

@@ -184,6 +184,9 @@ batch_jobs = Table(
     Column("metered_lines", Integer),
     # The output or error file was larger than the gateway reads: lines past the cap are not metered.
     Column("truncated", Boolean, nullable=False, server_default=text("false")),
+    # The base URL of the upstream it was created at: only a gateway sending there can poll it (one
+    # pointed elsewhere would be told 404 and close it unmetered).
+    Column("upstream", Text),
     PrimaryKeyConstraint("batch_id", name="pk_batch_jobs"),
     Index("ix_batch_jobs_next_poll_at", "next_poll_at"),
 )

@@ -5,12 +5,14 @@ the policy it started with."""
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from app.access.keys import ApiKey
 from app.config import Settings
 from app.config_file import DEFAULT_UPSTREAM, GatewayConfig
 from app.errors import GatewayError, bad_request
+from app.upstream_auth import AuthStyle, auth_headers, with_api_version
 
 # A model name lands in usage rows and in usage_daily's primary key: Postgres refuses an index entry
 # past ~2.7 kB and any text holding NUL, and a refused row is a call nobody is billed for.
@@ -26,6 +28,18 @@ class UpstreamTarget:
     name: str
     base_url: str
     api_key: str | None
+    auth: AuthStyle = "bearer"
+    api_version: str | None = None
+    # Named in GATEWAY_CONFIG, rather than by OPENAI_BASE_URL/OPENAI_API_KEY: what an operator must fix.
+    configured: bool = False
+    # What carries the key, and the query a path without one gets: made here once (the policy is built at
+    # start-up and on SIGHUP), not per call.
+    headers: Mapping[str, str] = field(init=False, repr=False, compare=False)
+    query: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "headers", auth_headers(self.auth, self.api_key))
+        object.__setattr__(self, "query", with_api_version("", self.api_version))
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,11 +57,20 @@ class Policy:
             settings.openai_base_url,
             settings.openai_api_key.get_secret_value() if settings.openai_api_key else None,
         )
-        self.default_target = default
         self.targets = {DEFAULT_UPSTREAM: default} | {
-            name: UpstreamTarget(name, upstream.base_url, upstream.api_key())
+            name: UpstreamTarget(
+                name,
+                upstream.base_url,
+                upstream.api_key(),
+                upstream.auth,
+                upstream.api_version,
+                configured=True,
+            )
             for name, upstream in config.upstreams.items()
         }
+        # An `openai` entry in GATEWAY_CONFIG replaces OPENAI_BASE_URL/OPENAI_API_KEY everywhere, not only
+        # for the models routed to it by name (an Azure-only gateway sends its model list there too).
+        self.default_target = self.targets[DEFAULT_UPSTREAM]
         self.aliases = dict(config.aliases)
         self._routes = {
             model: ([self.targets[e.upstream] for e in route.upstreams], [e.weight for e in route.upstreams])

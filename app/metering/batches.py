@@ -34,7 +34,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import orjson
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -136,6 +136,7 @@ class BatchMeter:
                 "created_at": _now(),
                 "status": status if isinstance(status, str) else "validating",
                 "next_poll_at": _now() + timedelta(seconds=self._settings.poll_initial_s),
+                "upstream": self._target().base_url,
             }
         )
         self._wake.set()
@@ -210,7 +211,9 @@ class BatchMeter:
     async def _until_next_poll(self) -> float:
         async with self._engine.connect() as conn:
             earliest = await conn.scalar(
-                select(func.min(batch_jobs.c.next_poll_at)).where(batch_jobs.c.metered_at.is_(None))
+                select(func.min(batch_jobs.c.next_poll_at)).where(
+                    batch_jobs.c.metered_at.is_(None), self._polled_here()
+                )
             )
         if earliest is None:
             return self._settings.poll_max_s
@@ -223,7 +226,11 @@ class BatchMeter:
             due = (
                 await conn.execute(
                     select(batch_jobs.c.batch_id, batch_jobs.c.polls, batch_jobs.c.next_poll_at)
-                    .where(batch_jobs.c.metered_at.is_(None), batch_jobs.c.next_poll_at <= now)
+                    .where(
+                        batch_jobs.c.metered_at.is_(None),
+                        batch_jobs.c.next_poll_at <= now,
+                        self._polled_here(),
+                    )
                     .order_by(batch_jobs.c.next_poll_at)
                     .limit(_CLAIM)
                 )
@@ -231,6 +238,11 @@ class BatchMeter:
         for batch_id, polls, next_poll_at in due:
             if await self._claim_poll(batch_id, polls, next_poll_at):
                 await self._poll(batch_id)
+
+    def _polled_here(self) -> ColumnElement[bool]:
+        """The batches this gateway's upstream holds. One created at another upstream (the setting changed,
+        or another deployment shares the database) waits for a gateway that sends there."""
+        return or_(batch_jobs.c.upstream.is_(None), batch_jobs.c.upstream == self._target().base_url)
 
     async def _claim_poll(self, batch_id: str, polls: int, next_poll_at: datetime) -> bool:
         """Move the batch's next poll forward, unless another process or replica did first."""

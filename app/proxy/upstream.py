@@ -34,19 +34,22 @@ from app.config import Settings
 from app.config_file import DEFAULT_UPSTREAM
 from app.limits.policy import UpstreamTarget
 from app.proxy.retry_policy import RetryPolicy, UpstreamClosedEarly, is_retryable_status
+from app.upstream_auth import with_api_version
 
 if TYPE_CHECKING:
     from app.tracing import Tracing
 
 log = logging.getLogger("gateway.upstream")
 
-# Headers of the client's request that never go upstream: the client's gateway key, the gateway's
+# Headers of the client's request that never go upstream: the client's gateway key, an `api-key` (Azure
+# OpenAI's key header: an upstream's key is the gateway's to send, never the client's), the gateway's
 # own attribution headers, hop-by-hop headers (RFC 9110 §7.6.1, with Proxy-Authorization, meant for a
 # proxy, and those Connection names), identity headers that belong to the client's OpenAI account rather
 # than the gateway's key, and Content-Encoding: the gateway decodes a compressed body (app/proxy/body.py).
 _DROP_REQUEST = frozenset(
     {
         "authorization",
+        "api-key",
         "proxy-authorization",
         "host",
         "content-length",
@@ -107,7 +110,7 @@ def whereabouts(target: UpstreamTarget) -> Whereabouts:
     host = parts.hostname or "the upstream"
     if parts.port:
         host = f"{host}:{parts.port}"
-    if target.name == DEFAULT_UPSTREAM:
+    if target.name == DEFAULT_UPSTREAM and not target.configured:
         return Whereabouts(host, "OPENAI_BASE_URL", "OPENAI_API_KEY", target.api_key is not None)
     config = f"upstream '{target.name}' in GATEWAY_CONFIG"
     return Whereabouts(
@@ -349,10 +352,11 @@ class UpstreamClient:
         assert self._whole is not None and self._open is not None, "UpstreamClient.start() was not awaited"
         whole = keep_open is never_open
         client = self._whole if whole else self._open
-        url = target.base_url + path
-        headers = dict(headers)
-        if target.api_key is not None:
-            headers["authorization"] = f"Bearer {target.api_key}"
+        if "?" in path:  # a client's query (the passthrough's): it may not name the api-version
+            url = with_api_version(target.base_url + path, target.api_version)
+        else:
+            url = target.base_url + path + target.query
+        headers = {**headers, **target.headers}
         deadline = call.upstream_deadline
         fresh = deadline is None
         if deadline is None:

@@ -81,9 +81,12 @@ async def usage(
         groups = parse_group_by(group_by)
     except ValueError as exc:
         raise bad_request(str(exc), param="group_by") from None
-    rows = await usage_report(
-        request.app.state.engine, UsageQuery(span.start, span.end, groups, span.filters)
-    )
+    try:
+        rows = await usage_report(
+            request.app.state.engine, UsageQuery(span.start, span.end, groups, span.filters)
+        )
+    except SQLAlchemyError:
+        raise _unavailable("The usage report") from None
     if format == "csv":
         return Response(to_csv(rows, groups), media_type="text/csv")
     body = {
@@ -114,12 +117,17 @@ async def usage_summary_route(request: Request, _: ReportsDep, span: RangeDep) -
     try:
         body = await usage_summary(state.engine, UsageQuery(span.start, span.end, filters=span.filters))
     except SQLAlchemyError:
-        # The database is unreachable, or the events query ran past its statement timeout.
-        raise GatewayError(
-            503,
-            "The usage summary could not be computed right now; try again, or a shorter range or a filter.",
-            code="reports_unavailable",
-        ) from None
+        raise _unavailable("The usage summary") from None
     finally:
         state.summaries_in_flight -= 1
     return Response(orjson.dumps(body), media_type="application/json")
+
+
+def _unavailable(what: str) -> GatewayError:
+    """The database is unreachable, or a query ran past its statement timeout: a 503 the client may
+    retry, never a 500."""
+    return GatewayError(
+        503,
+        f"{what} could not be computed right now; try again, or a shorter range or a filter.",
+        code="reports_unavailable",
+    )

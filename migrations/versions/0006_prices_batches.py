@@ -43,6 +43,7 @@ def upgrade() -> None:
         sa.Column("metered_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("metered_lines", sa.Integer(), nullable=True),
         sa.Column("truncated", sa.Boolean(), nullable=False, server_default=sa.text("false")),
+        sa.Column("upstream", sa.Text(), nullable=True),
         sa.PrimaryKeyConstraint("batch_id", name="pk_batch_jobs"),
     )
     op.create_index("ix_batch_jobs_next_poll_at", "batch_jobs", ["next_poll_at"])

@@ -248,12 +248,15 @@ def test_the_summary_on_embedded_sqlite(make_settings: Any, tmp_path: Path) -> N
     ]
 
 
-def test_a_database_outage_is_a_503_not_a_500(make_settings: Any, scratch_db: tuple[str, str]) -> None:
+@pytest.mark.parametrize("path", ["/v1/usage/summary", "/v1/usage", "/v1/usage?format=csv"])
+def test_a_database_outage_is_a_503_not_a_500(
+    path: str, make_settings: Any, scratch_db: tuple[str, str]
+) -> None:
     name, url = scratch_db
     gateway = ThreadedGateway(make_settings(database_url=url)).start()
     try:
         database_down(name)
-        response = httpx.get(gateway.url + "/v1/usage/summary", headers=bearer(MASTER_KEY), timeout=30)
+        response = httpx.get(gateway.url + path, headers=bearer(MASTER_KEY), timeout=30)
     finally:
         database_up(name)
         gateway.stop()

@@ -195,6 +195,11 @@ NO_KEY_MESSAGE = (
     "you're accessing the API from your browser and are prompted for a username and password. You can "
     "obtain an API key from https://platform.openai.com/account/api-keys."
 )
+# Azure OpenAI's answer to a missing or wrong `api-key` header.
+AZURE_ACCESS_DENIED = (
+    "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key "
+    "for an active subscription and use a correct regional API endpoint for your resource."
+)
 # A project key on an organization endpoint (they take an admin key).
 ADMIN_ONLY_MESSAGE = (
     "You have insufficient permissions for this operation. Missing scopes: api.usage.read. Check that you "

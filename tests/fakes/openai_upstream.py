@@ -18,7 +18,10 @@ live in ``store``.
 Deliberate divergences from OpenAI:
 - one choice only (``n`` is ignored); no logprobs, audio or refusals;
 - a missing Authorization header gets OpenAI's "You didn't provide an API key" 401, a wrong one the
-  ``invalid_api_key`` 401;
+  ``invalid_api_key`` 401; ``FakeOpenAI(auth="api-key")`` is Azure OpenAI instead: the key goes in an
+  ``api-key`` header (Authorization is ignored), a request without it gets Azure's "Access denied" 401, and
+  with ``api_version=`` every request must carry exactly that ``api-version`` query parameter (400
+  otherwise);
 - scripted faults are consumed by POST requests only, so a gateway's GET /v1/models probe cannot eat
   a fault a test meant for the next completion.
 
@@ -45,7 +48,7 @@ from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import orjson
 import uvloop
@@ -87,6 +90,7 @@ class RecordedRequest:
     upload_size: int | None = None  # its size in bytes
     upload_sha256: str | None = None  # and the hex sha256 of its content,
     form: dict[str, str] | None = None  # and the other (text) fields
+    query_string: str = ""  # the query as it came, undecoded (``query`` keeps one value a name)
 
 
 @dataclass
@@ -117,8 +121,12 @@ class FakeOpenAI:
         gzip: bool = False,
         reply_pieces: int | None = None,
         write_bytes: int | None = None,
+        auth: Literal["bearer", "api-key"] = "bearer",
+        api_version: str | None = None,
     ) -> None:
         self.host, self.port, self.api_key = host, port, api_key
+        # Which header carries the key ("api-key": as Azure OpenAI), and the api-version it insists on.
+        self.auth, self.api_version = auth, api_version
         # Served over TLS when given (a test's private CA), as OpenAI itself is.
         self.ssl_context = ssl_context
         # Answers gzip-compressed for a client that accepts it, streams flushed event by event.
@@ -374,6 +382,7 @@ class FakeOpenAI:
             json=parsed,
             request_id="req_" + secrets.token_hex(16),
             body_size=len(body),
+            query_string=request.query_string,
         )
         if self.record_requests:
             with self._cond:
@@ -392,19 +401,9 @@ class FakeOpenAI:
 
     async def _answer(self, call: _Call) -> web.StreamResponse:
         request = call.request
-        auth = request.headers.get("Authorization")
-        admin = request.path.startswith("/v1/organization/")
-        if auth == f"Bearer {self.api_key}" and admin:
-            return await self._error(call, 403, p.error(p.ADMIN_ONLY_MESSAGE, "invalid_request_error"))
-        if auth != f"Bearer {self.organization.admin_key if admin else self.api_key}":
-            if auth is None:
-                return await self._error(call, 401, p.error(p.NO_KEY_MESSAGE, "invalid_request_error"))
-            given = p.mask_key(auth.removeprefix("Bearer "))
-            message = (
-                f"Incorrect API key provided: {given}. "
-                "You can find your API key at https://platform.openai.com/account/api-keys."
-            )
-            return await self._error(call, 401, p.error(message, "invalid_request_error", "invalid_api_key"))
+        refusal = self._azure_refusal(request) if self.auth == "api-key" else self._openai_refusal(request)
+        if refusal is not None:
+            return await self._error(call, *refusal)
         endpoint = self._route(request.method, request.path)
         if endpoint is None:
             message = f"Invalid URL ({request.method} {request.path})"
@@ -427,6 +426,32 @@ class FakeOpenAI:
         if isinstance(fault, SlowFirstByte):
             await asyncio.sleep(fault.seconds)
         return await endpoint(call, fault if isinstance(fault, Cut) else None)
+
+    def _openai_refusal(self, request: web.Request) -> tuple[int, Mapping[str, Any]] | None:
+        auth = request.headers.get("Authorization")
+        admin = request.path.startswith("/v1/organization/")
+        if auth == f"Bearer {self.api_key}" and admin:
+            return 403, p.error(p.ADMIN_ONLY_MESSAGE, "invalid_request_error")
+        if auth == f"Bearer {self.organization.admin_key if admin else self.api_key}":
+            return None
+        if auth is None:
+            return 401, p.error(p.NO_KEY_MESSAGE, "invalid_request_error")
+        given = p.mask_key(auth.removeprefix("Bearer "))
+        message = (
+            f"Incorrect API key provided: {given}. "
+            "You can find your API key at https://platform.openai.com/account/api-keys."
+        )
+        return 401, p.error(message, "invalid_request_error", "invalid_api_key")
+
+    def _azure_refusal(self, request: web.Request) -> tuple[int, Mapping[str, Any]] | None:
+        """Azure OpenAI's checks, before anything else: the key in `api-key`, then the api-version."""
+        admin = request.path.startswith("/v1/organization/")
+        if request.headers.get("api-key") != (self.organization.admin_key if admin else self.api_key):
+            return 401, p.error(p.AZURE_ACCESS_DENIED, "invalid_request_error", "401")
+        versions = request.query.getall("api-version", [])
+        if self.api_version is not None and versions != [self.api_version]:
+            return 400, p.error("API version not supported", "invalid_request_error", "BadRequest")
+        return None
 
     def _route(
         self, method: str, path: str

@@ -299,6 +299,32 @@ def test_a_batch_the_upstream_forgot_is_no_longer_polled(
     assert _rows(database_url, batch_id) == []
 
 
+def test_a_batch_created_at_another_upstream_is_left_for_a_gateway_that_sends_there(
+    quick_batches: FakeOpenAI,
+    start_gateway: Callable[..., ThreadedGateway],
+    database_url: str,
+) -> None:
+    # A batch some other deployment sharing the database created at its own upstream, due for a poll.
+    foreign = f"batch_elsewhere_{uuid.uuid4().hex[:8]}"
+    fetch(
+        database_url,
+        "INSERT INTO batch_jobs (batch_id, created_at, status, next_poll_at, upstream)"
+        " VALUES ($1, now(), 'in_progress', now(), 'http://127.0.0.1:9/v1')",
+        foreign,
+    )
+    gateway = start_gateway(**FAST)
+    with sdk_client(gateway.base_url) as client:
+        batch_id = _create(client, _input("gpt-4o-mini"), user="u-7")
+    # This gateway's poller has run its rounds: its own batch is metered...
+    wait_until(lambda: _metered(database_url, batch_id))
+    # ...and the other upstream's was neither asked about here nor closed.
+    assert not [r for r in quick_batches.requests if r.path.endswith(foreign)]
+    job = fetch(database_url, "SELECT * FROM batch_jobs WHERE batch_id = $1", foreign)[0]
+    assert (job["metered_at"], job["status"], job["polls"]) == (None, "in_progress", 0)
+    mine = fetch(database_url, "SELECT upstream FROM batch_jobs WHERE batch_id = $1", batch_id)[0]
+    assert mine["upstream"] == quick_batches.base_url
+
+
 def test_a_line_the_database_refuses_is_left_out_alone(database_url: str) -> None:
     async def run() -> int:
         engine = create_engine(database_url, Path("unused"))
