@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from app.config import ConfigError
 from app.metering.pricing import PriceTable
-from app.upstream_auth import AuthStyle
+from app.proxy.upstream_auth import AuthStyle
 
 DEFAULT_UPSTREAM = "openai"
 

@@ -12,7 +12,7 @@ from app.access.keys import ApiKey
 from app.config import Settings
 from app.config_file import DEFAULT_UPSTREAM, GatewayConfig
 from app.errors import GatewayError, bad_request
-from app.upstream_auth import AuthStyle, auth_headers, with_api_version
+from app.proxy.upstream_auth import AuthStyle, auth_headers, with_api_version
 
 # A model name lands in usage rows and in usage_daily's primary key: Postgres refuses an index entry
 # past ~2.7 kB and any text holding NUL, and a refused row is a call nobody is billed for.

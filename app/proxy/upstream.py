@@ -34,7 +34,7 @@ from app.config import Settings
 from app.config_file import DEFAULT_UPSTREAM
 from app.limits.policy import UpstreamTarget
 from app.proxy.retry_policy import RetryPolicy, UpstreamClosedEarly, is_retryable_status
-from app.upstream_auth import with_api_version
+from app.proxy.upstream_auth import with_api_version
 
 if TYPE_CHECKING:
     from app.tracing import Tracing

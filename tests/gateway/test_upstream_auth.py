@@ -12,7 +12,7 @@ import pytest
 
 from app.config import ConfigError
 from app.config_file import load_config_file
-from app.upstream_auth import with_api_version
+from app.proxy.upstream_auth import with_api_version
 from tests.conftest import sdk_client
 from tests.fakes.openai_upstream import FakeOpenAI, RecordedRequest
 from tests.harness import MASTER_KEY, ThreadedGateway
