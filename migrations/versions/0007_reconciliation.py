@@ -1,5 +1,6 @@
-"""provider_usage_daily, provider_usage_days and the reconciliation_daily view: OpenAI's own usage and
-costs per day and model, beside the gateway's
+"""provider_usage_daily, provider_usage_days and the reconciliation_daily view
+
+OpenAI's own usage and costs per day and model, beside the gateway's.
 
 Revision ID: 0007
 Revises: 0005
