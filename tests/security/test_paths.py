@@ -49,7 +49,8 @@ def spellings(path: str) -> list[str]:
     ]
     if "/" in rest:
         variants.append(f"{head}/{rest.replace('/', '/./')}")
-    return variants
+    # A one-segment path has no separator to turn into a backslash: that variant is the path itself.
+    return [variant for variant in variants if variant != path]
 
 
 # Paths outside the upstream's /v1, spelled as attackers spell them: encoded dots and slashes, mixed case.
@@ -77,7 +78,14 @@ ROUTES = [
     ("GET", "/v1/files/file-abc", b""),
     ("POST", "/v1/moderations", orjson.dumps({"input": "hi"})),
     ("GET", "/v1/usage", b""),
+    ("GET", "/v1/usage/summary", b""),
+    ("POST", "/v1/browser_tokens", orjson.dumps({"user_id": "u", "origins": ["https://app.example"]})),
+    ("POST", "/v1/batches", orjson.dumps({"input_file_id": "file-abc", "endpoint": "/v1/chat/completions"})),
+    ("GET", "/v1/batches/batch_abc", b""),
+    ("GET", "/dashboard", b""),
+    ("GET", "/dashboard/dashboard.js", b""),
     ("GET", "/admin/keys", b""),
+    ("GET", "/admin/budgets", b""),
 ]
 
 
