@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from app.limits.admission import Admission
 
 STATE_KEY = "gateway_call"
-_MAX_TIER_CHARS = 32
 
 
 @dataclass(slots=True)
@@ -37,44 +36,6 @@ class Usage:
     audio_completion_tokens: int = 0
     image_prompt_tokens: int = 0
     image_completion_tokens: int = 0
-
-    @classmethod
-    def from_openai(cls, usage: dict[str, Any]) -> Usage:
-        """Chat/embeddings usage (prompt_/completion_tokens) or Responses usage (input_/output_tokens)."""
-        get = usage.get
-        prompt = _int(get("prompt_tokens") if "prompt_tokens" in usage else get("input_tokens"))
-        completion = _int(get("completion_tokens") if "completion_tokens" in usage else get("output_tokens"))
-        # Realtime and transcription usage spell it `input_token_details`.
-        prompt_details = _details(
-            get("prompt_tokens_details") or get("input_tokens_details") or get("input_token_details")
-        )
-        completion_details = _details(
-            get("completion_tokens_details") or get("output_tokens_details") or get("output_token_details")
-        )
-        total = get("total_tokens")
-        return cls(
-            prompt,
-            completion,
-            prompt + completion if total is None else _int(total),
-            _int(prompt_details.get("cached_tokens")),
-            _int(completion_details.get("reasoning_tokens")),
-            _int(prompt_details.get("audio_tokens")),
-            _int(completion_details.get("audio_tokens")),
-            _int(prompt_details.get("image_tokens")),
-            _int(completion_details.get("image_tokens")),
-        )
-
-
-_NO_DETAILS: dict[str, Any] = {}
-
-
-def _details(value: object) -> dict[str, Any]:
-    return value if isinstance(value, dict) else _NO_DETAILS
-
-
-def _int(value: object) -> int:
-    # type() rather than isinstance(): True is an int too, and not a token count.
-    return value if type(value) is int and value >= 0 else 0
 
 
 @dataclass(slots=True)
@@ -133,12 +94,6 @@ class CallRecord:
     cost_units: int | None = None
     # Set when metering waits for a tokenizer to be built: done once the call is counted.
     pending_metering: asyncio.Task[None] | None = None
-
-    def learn_tier(self, answer: dict[str, Any]) -> None:
-        """The service tier an answer (a completion, a chunk, a response) reports. Bounded: it is stored."""
-        tier = answer.get("service_tier")
-        if isinstance(tier, str) and 0 < len(tier) <= _MAX_TIER_CHARS:
-            self.service_tier = tier
 
     def mark_first_byte(self) -> None:
         if self.ttfb_s is None:

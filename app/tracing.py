@@ -36,6 +36,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.call import STATE_KEY, CallRecord
 from app.metering.events import COST_EXPONENT
+from app.wire import endpoints
 
 
 class _Answered(Protocol):
@@ -48,13 +49,6 @@ class _Answered(Protocol):
 
 _Answer = TypeVar("_Answer", bound=_Answered)
 
-# gen_ai.operation.name by route; the Responses API is a chat turn in the conventions' terms.
-_OPERATIONS = {
-    "/v1/chat/completions": "chat",
-    "/v1/responses": "chat",
-    "/v1/completions": "text_completion",
-    "/v1/embeddings": "embeddings",
-}
 _PROPAGATOR = TraceContextTextMapPropagator()
 _COST_UNIT_USD = 10.0**COST_EXPONENT
 
@@ -185,7 +179,7 @@ def _describe(span: Span, call: CallRecord) -> None:
     route = call.route or call.endpoint
     if route is not None:
         attributes["http.route"] = route
-    operation = _OPERATIONS.get(call.endpoint or "")
+    operation = endpoints.operation(call.endpoint)
     if call.endpoint is not None:
         attributes["gen_ai.operation.name"] = operation or call.endpoint
         attributes["gen_ai.system"] = attributes["gen_ai.provider.name"] = "openai"

@@ -49,6 +49,7 @@ from app.metering.events import Batch, UsageEvent
 from app.metering.pricing import PriceTable
 from app.metering.usage import price_usage
 from app.proxy.upstream import UpstreamClient, UpstreamUnavailable
+from app.wire.openai import usage_of
 
 log = logging.getLogger("gateway.metering.batches")
 
@@ -474,7 +475,7 @@ def line_event(
     body = body if isinstance(body, dict) else {}
     status = response.get("status_code")
     reported = body.get("usage")
-    usage = Usage.from_openai(reported) if isinstance(reported, dict) else Usage()
+    usage = usage_of(reported) if isinstance(reported, dict) else Usage()
     model = body.get("model")
     model = model if isinstance(model, str) and model and is_model_name(model) else None
     priced = price_usage(prices, model, "batch", usage)

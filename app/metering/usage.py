@@ -9,6 +9,7 @@ from app.call import CallRecord, Usage
 from app.metering import tokens
 from app.metering.events import UsageSource, line
 from app.metering.pricing import Priced, PriceTable
+from app.wire import endpoints
 
 log = logging.getLogger("gateway.metering")
 
@@ -28,30 +29,17 @@ def _estimate(call: CallRecord, model: str) -> Usage:
     """Count tokens ourselves: the upstream sent no usage, or the client left before it came."""
     body: dict[str, Any] = call.request_body or {}
     try:
-        if call.endpoint == "/v1/chat/completions":
-            prompt = tokens.count_chat_prompt(model, body)
-        elif call.endpoint == "/v1/responses":
-            prompt = tokens.count_chat_prompt(model, {"messages": _responses_messages(body)})
-        else:
-            prompt = tokens.count_input(model, body.get("input", ""))
+        asked = endpoints.metered(call.endpoint or "").dialect.prompt(body)
+        prompt = (
+            tokens.count_chat_prompt(model, asked.chat)
+            if asked.chat is not None
+            else tokens.count_input(model, asked.input)
+        )
         completion = tokens.count_text(model, "".join(call.completion_parts))
     except Exception:  # counting must never lose the event; a row with zero tokens is still a row
         log.warning("token estimation failed", exc_info=True)
         return Usage()
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-
-
-def _responses_messages(body: dict[str, Any]) -> list[Any]:
-    """A Responses API input as chat messages, which is how OpenAI counts it too."""
-    messages: list[Any] = []
-    if isinstance(body.get("instructions"), str):
-        messages.append({"role": "system", "content": body["instructions"]})
-    given = body.get("input")
-    if isinstance(given, str):
-        messages.append({"role": "user", "content": given})
-    elif isinstance(given, list):
-        messages.extend(item for item in given if isinstance(item, dict))
-    return messages
 
 
 def usage_of(call: CallRecord) -> tuple[Usage, UsageSource]:

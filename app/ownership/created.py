@@ -15,7 +15,8 @@ from starlette.responses import Response
 
 from app.errors import GatewayError
 from app.ownership.access import Caller
-from app.proxy.streaming import EventRelayResponse, sse_data
+from app.proxy.event_framing import sse_data
+from app.proxy.streaming import EventRelayResponse
 from app.proxy.upstream import UpstreamResponse
 
 # How much of a stream is read to find its first event; it echoes the request's instructions and tools.

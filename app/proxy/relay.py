@@ -7,22 +7,15 @@ import logging
 from collections.abc import AsyncIterable, Callable, Coroutine, Mapping
 from typing import Any
 
-import orjson
 from starlette.responses import Response
 from starlette.types import Receive
 
-from app.call import CallRecord, Usage
+from app.call import CallRecord
 from app.errors import GatewayError, RelayedError
 from app.limits.policy import Candidate, UpstreamTarget
 from app.proxy.answers import RelayedResponse
 from app.proxy.client_watch import ClientWatch
-from app.proxy.streaming import (
-    EventInspector,
-    EventRelayResponse,
-    KeepAliveResponse,
-    KeepAlives,
-    collect_text,
-)
+from app.proxy.streaming import EventRelayResponse, KeepAliveResponse, KeepAlives
 from app.proxy.upstream import (
     ResponseHead,
     UpstreamClient,
@@ -33,25 +26,13 @@ from app.proxy.upstream import (
     upstream_request_headers,
     whereabouts,
 )
+from app.wire import openai
+from app.wire.dialect import Dialect, EventInspector, Payload
 
 log = logging.getLogger("gateway.relay")
 
 ATTEMPTS_HEADER = "x-gateway-attempts"
 MODEL_HEADER = "x-gateway-model"
-
-
-class Payload:
-    """The request body for each model tried: the client's own bytes whenever nothing had to change."""
-
-    def __init__(self, raw: bytes, body: dict[str, Any], *, modified: bool = False) -> None:
-        self.raw = raw
-        self.body = body
-        self.modified = modified
-
-    def for_model(self, model: str) -> bytes:
-        if not self.modified and self.body.get("model") == model:
-            return self.raw
-        return orjson.dumps({**self.body, "model": model})
 
 
 def answer_headers(upstream: UpstreamClient, response: UpstreamResponse, call: CallRecord) -> dict[str, str]:
@@ -60,9 +41,13 @@ def answer_headers(upstream: UpstreamClient, response: UpstreamResponse, call: C
 
 
 def upstream_error(
-    upstream: UpstreamClient, target: UpstreamTarget, response: UpstreamResponse, call: CallRecord
+    upstream: UpstreamClient,
+    target: UpstreamTarget,
+    response: UpstreamResponse,
+    call: CallRecord,
+    dialect: Dialect = openai.JSON,
 ) -> Response:
-    """The upstream's error, relayed: its status, body and rate-limit headers."""
+    """The upstream's error, relayed: its status, body and rate-limit headers; `dialect` classifies it."""
     attempts = {ATTEMPTS_HEADER: str(call.attempts)}
     if response.status == 401:
         # The caller's key was accepted by the gateway; a 401 would blame it for the gateway's own key.
@@ -76,7 +61,7 @@ def upstream_error(
             code="upstream_auth_failed",
             headers={**attempts, "x-should-retry": "false"},
         )
-    call.error_type = _error_type(response.body) or f"upstream_{response.status}"
+    call.error_type = dialect.error_type(response.status, response.body)
     return RelayedResponse(
         response.body,
         response.status,
@@ -107,9 +92,10 @@ async def send_checked(
     keep_open: Callable[[ResponseHead], bool] = never_open,
     replayable: bool = True,
     extra_headers: Mapping[str, str] | None = None,
+    dialect: Dialect = openai.JSON,
 ) -> UpstreamResponse:
     """One upstream call (with retries) whose failures become the client's answer: an upstream error is
-    relayed (RelayedError), no answer at all is a 502/504 (GatewayError)."""
+    relayed (RelayedError, classified by `dialect`), no answer at all is a 502/504 (GatewayError)."""
     try:
         answer = await upstream.send(
             target,
@@ -124,41 +110,8 @@ async def send_checked(
     except UpstreamUnavailable as exc:
         raise unavailable(upstream, exc, call) from None
     if answer.status >= 400:
-        raise RelayedError(upstream_error(upstream, target, answer, call))
+        raise RelayedError(upstream_error(upstream, target, answer, call, dialect))
     return answer
-
-
-def _error_type(body: bytes) -> str | None:
-    try:
-        error = orjson.loads(body).get("error")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
-    if not isinstance(error, dict):
-        return None
-    value = error.get("code") or error.get("type")
-    return value if isinstance(value, str) else None
-
-
-def read_json_usage(call: CallRecord, body: bytes) -> dict[str, Any] | None:
-    """Learn the model and usage from a JSON answer; keep its text when it carries no usage."""
-    try:
-        parsed: Any = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(parsed, dict):
-        return None
-    if isinstance(parsed.get("model"), str):
-        call.upstream_model = parsed["model"]
-    if isinstance(parsed.get("usage"), dict):
-        call.usage = Usage.from_openai(parsed["usage"])
-        call.learn_tier(parsed)
-        return parsed
-    choices = parsed.get("choices")
-    for choice in choices if isinstance(choices, list) else ():
-        message = choice.get("message") if isinstance(choice, dict) else None
-        if isinstance(message, dict):
-            collect_text(message, call.completion_parts)
-    return parsed
 
 
 def _falls_back(response: UpstreamResponse) -> bool:
@@ -172,6 +125,7 @@ async def forward(
     *,
     path: str,
     payload: Payload,
+    dialect: Dialect,
     client_headers: Mapping[str, str],
     inspector: Callable[[], EventInspector] | None,
     receive: Receive,
@@ -179,6 +133,7 @@ async def forward(
 ) -> Response:
     """POST `payload` to `path` for each candidate model in turn until one answers; relay JSON whole, or
     an SSE stream event by event when `inspector` is given (made once the upstream answered a stream).
+    `dialect` reads the JSON answer and classifies an error.
 
     A client that leaves while the upstream works on its call is noticed (app/proxy/client_watch.py); the call
     still waits for the answer, which the upstream bills, so that its row has the real usage, then answers
@@ -208,14 +163,14 @@ async def forward(
                 continue
             if call.client_disconnected:
                 call.routed_model = candidate.model
-                return await _abandoned_answer(call, response)
+                return await _abandoned_answer(call, response, dialect)
             if response.status >= 400:
                 if last or not _falls_back(response):
-                    return upstream_error(upstream, candidate.target, response, call)
+                    return upstream_error(upstream, candidate.target, response, call, dialect)
                 log.warning("falling back", extra={"from_model": candidate.model, "reason": response.status})
                 continue
             call.routed_model = candidate.model
-            return _answer(upstream, call, response, inspector)
+            return _answer(upstream, call, response, dialect, inspector)
         raise AssertionError("forward() needs at least one candidate")
     finally:
         clients.leave(task)
@@ -236,13 +191,13 @@ def _abandoned() -> Response:
     return Response(status_code=499)
 
 
-async def _abandoned_answer(call: CallRecord, response: UpstreamResponse) -> Response:
+async def _abandoned_answer(call: CallRecord, response: UpstreamResponse, dialect: Dialect) -> Response:
     """The answer to a call whose client has gone: its usage is kept (the upstream billed it); a stream is
     closed at once, so the upstream stops generating."""
     if response.stream is not None:
         await response.stream.close()
     elif response.status < 400:
-        read_json_usage(call, response.body)
+        dialect.read_answer(call, response.body)
     return _abandoned()
 
 
@@ -250,11 +205,12 @@ def _answer(
     upstream: UpstreamClient,
     call: CallRecord,
     response: UpstreamResponse,
+    dialect: Dialect,
     inspector: Callable[[], EventInspector] | None,
 ) -> Response:
     headers = {**answer_headers(upstream, response, call), MODEL_HEADER: call.routed_model or ""}
     if response.stream is None:
-        read_json_usage(call, response.body)
+        dialect.read_answer(call, response.body)
         call.mark_first_byte()
         return RelayedResponse(
             response.body,

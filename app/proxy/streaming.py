@@ -3,9 +3,10 @@ upstream read go out in one write, so a burst of small events costs one send ins
 (docs/performance-log.md, optimisation log); nothing is ever held back waiting for more.
 
 Divergences from a plain byte pipe, each deliberate:
-1. The gateway always asks the upstream for usage (`stream_options.include_usage`). When the client did
-   not ask, the usage-only chunk (`choices: []`) is kept back and `"usage":null` is taken out of the
-   other chunks, so client code doing `chunk.choices[0]` sees exactly what OpenAI would have sent it.
+1. What the endpoint's dialect (app/wire/) takes out: for chat completions, the gateway always asks the
+   upstream for usage (`stream_options.include_usage`); when the client did not ask, the usage-only
+   chunk (`choices: []`) is kept back and `"usage":null` is taken out of the other chunks, so client code
+   doing `chunk.choices[0]` sees exactly what OpenAI would have sent it.
 2. A stream the upstream breaks off (connection lost, read timeout, no `[DONE]`) ends with an OpenAI
    error event, so the SDKs raise instead of returning a silently truncated answer; so does one with an
    event longer than GATEWAY_MAX_EVENT_BYTES, which is cut off there rather than held without limit.
@@ -21,290 +22,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Coroutine, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 from pyreqwest.exceptions import PyreqwestError
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from app.call import CallRecord, Usage
+from app.call import CallRecord
 from app.errors import error_body, error_response
 from app.proxy.answers import encoded, raw_headers
 from app.proxy.event_framing import EventFramer
 from app.proxy.upstream import UpstreamResponse
+from app.wire.dialect import EventInspector
 
-DONE = b"[DONE]"
-_DONE_EVENT = b"data: [DONE]\n\n"
 # An event still arriving starts going out once this much of it came (its last read aside), in sends of
 # at least as much: the usual event, far shorter, goes out whole in one send, as before.
 _EARLY_BYTES = 64 * 1024
-
-
-class EventInspector(Protocol):
-    done: bool
-
-    def relay(self, block: bytes) -> bytes:
-        """Learn what metering needs from the complete events of one upstream read (a block ending with
-        a blank line); return the bytes to relay. Events after the end of the stream are dropped."""
-
-    def finish(self) -> None:
-        """The stream is over (completed, broken off, or abandoned by the client)."""
-
-
-def sse_data(event: bytes) -> bytes | None:
-    """The data of one SSE event (its `data:` lines joined), or None for comments and data-less events."""
-    # One line: its first line end is the blank line's (find, not count: memchr, for a 20 MB event too).
-    if event.startswith(b"data: ") and event.find(b"\n", 6) == len(event) - 2:
-        return event[6:-2]
-    lines = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
-    return b"\n".join(lines) if lines else None
-
-
-# A chunk with `"usage":null` carries no usage; once the model is known, only its text can matter.
-_NO_USAGE = b'"usage":null'
-# As the gateway takes it out when the client did not ask for usage (OpenAI puts usage last).
-_COMMA_NO_USAGE = b',"usage":null'
-_MODEL_KEY = b'"model":"'
-# Unparsed chunks kept per stream before their text is collected anyway: memory stays bounded.
-_PENDING_MAX_BYTES = 64 * 1024
-
-
-class ChatChunkInspector:
-    """Parses what metering needs and no more: the first chunk (the model), any chunk that may carry usage,
-    and the text of the deltas only when it may be needed — no usage came by the end of the stream, or the
-    unparsed chunks reached _PENDING_MAX_BYTES (one block longer than that waits alone, until the next
-    such block or the end of the stream). A stream that ends with its usage chunk, as OpenAI's do
-    when asked, is parsed twice, not once per event, and an ordinary chunk costs a few byte searches
-    (streams/s in docs/performance-log.md, optimisation log)."""
-
-    def __init__(self, call: CallRecord, client_wants_usage: bool) -> None:
-        self.call = call
-        self.client_wants_usage = client_wants_usage
-        self.done = False
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
-        # A block kept past _PENDING_MAX_BYTES (a huge event, mostly), unparsed, and where its text goes
-        # among the completion's parts: inspecting a 20 MB chunk held the event loop for 85-280 ms,
-        # mostly this parse, for text that the usage chunk still to come makes needless. One at a time,
-        # so memory stays bounded.
-        self._large: tuple[int, bytes] | None = None
-
-    def relay(self, block: bytes) -> bytes:
-        if self.call.upstream_model is None:
-            self._sniff_model(block)
-        if block.endswith(_DONE_EVENT) and (last := self._last_read(block)) is not None:
-            return last
-        # The usual read of a live stream: ordinary chunks only (most often one), kept and relayed whole.
-        out = self._ordinary(block)
-        if out is not None:
-            self._keep(block)
-        else:
-            out = self._events(block)
-        if self._pending_bytes > _PENDING_MAX_BYTES:
-            self._collect_pending()
-        return out
-
-    def _events(self, block: bytes) -> bytes:
-        """A read of any other shape: runs of ordinary chunks kept whole, the other events parsed."""
-        relayed: list[bytes] = []
-        start = 0
-        runs = True
-        while not self.done and (end := block.find(b"\n\n", start)) != -1:
-            if runs:
-                # A stream that arrives at once is its first chunk, a run of ordinary chunks (kept
-                # whole), then its usage chunk and [DONE].
-                run_end, out = self._ordinary_run(block, start)
-                if out is not None:
-                    self._keep(block[start:run_end])
-                    relayed.append(out)
-                    start = run_end
-                    continue
-                # Not runs of that shape: event by event for the rest of this read, so a read that
-                # mixes ordinary and other events costs one search per event, not one per byte.
-                runs = self.call.upstream_model is None  # the first chunk is inspected first
-            event = block[start : end + 2]
-            start = end + 2
-            out = self._ordinary(event)
-            if out is not None:
-                self._keep(event)
-            else:
-                out = self._inspected(event)
-            if out is not None:
-                relayed.append(out)
-        return b"".join(relayed)
-
-    def _last_read(self, block: bytes) -> bytes | None:
-        """The usual last read of a stream, or a whole short one, at once: ordinary chunks (or none), one
-        more event (the usage chunk, when asked for) and [DONE]. None for any other shape."""
-        end = len(block) - len(_DONE_EVENT)
-        if end < 2 or self.call.upstream_model is None or self.done:
-            return None
-        # Where the event before [DONE] starts: after the blank line before it, if there is one.
-        before = block.rfind(b"\n\n", 0, end - 2)
-        start = before + 2 if before != -1 else 0
-        run = block[:start]
-        out = self._ordinary(run) if run else b""
-        if out is None:
-            return None
-        if run:
-            self._keep(run)
-        event = self._inspected(block[start:end]) or b""
-        self.done = True
-        return out + event + _DONE_EVENT
-
-    def _sniff_model(self, block: bytes) -> None:
-        """The model, read from the bytes of the first chunk, so that it can go unparsed like the rest.
-        `"model":"` occurs unescaped only as a chunk's own key (inside a JSON string its quotes would be
-        escaped), and every chunk of a stream names the same model. Anything unusual is left to the
-        parse (`_inspect`)."""
-        at = block.find(_MODEL_KEY)
-        if at == -1:
-            return
-        at += len(_MODEL_KEY)
-        end = block.find(b'"', at)
-        name = block[at:end] if end != -1 else b""
-        if name and b"\\" not in name:
-            try:
-                self.call.upstream_model = name.decode()
-            except UnicodeDecodeError:
-                return
-
-    def _ordinary_run(self, block: bytes, start: int) -> tuple[int, bytes | None]:
-        """Where the events from `start` to the last chunk without usage end, and those events as
-        relayed, if all of them are ordinary; else `start` and None."""
-        last = block.rfind(_NO_USAGE, start)
-        end = block.find(b"\n\n", last) if last != -1 else -1
-        out = self._ordinary(block[start : end + 2]) if end != -1 else None
-        return (end + 2, out) if out is not None else (start, None)
-
-    def _ordinary(self, events: bytes) -> bytes | None:
-        """`events` as relayed if they are only chunks without usage, once the model is known: nothing
-        metering needs now; else None. Each event ends with a blank line, so twice as many newlines as
-        `"usage":null`s means one-line events each carrying one (a chunk names its usage once). When the
-        client did not ask for usage, the `,"usage":null` that only the gateway asked for is taken out,
-        and the replacement counts them (counting one byte is the cheap search)."""
-        if self.call.upstream_model is None or self.done:
-            return None
-        if self.client_wants_usage:
-            out, nulls = events, events.count(_NO_USAGE)
-        else:
-            out = events.replace(_COMMA_NO_USAGE, b"")
-            nulls = (len(events) - len(out)) // len(_COMMA_NO_USAGE)
-        if not nulls:
-            return None
-        # One event of one line: its first newline is its blank line (memchr; counting the newlines of a
-        # 20 MB event takes 10 ms).
-        if nulls == 1 and events.find(b"\n") == len(events) - 2:
-            return out
-        return out if events.count(b"\n") == 2 * nulls else None
-
-    def _keep(self, events: bytes) -> None:
-        """Kept unparsed, for their text in case no usage comes."""
-        if len(events) > _PENDING_MAX_BYTES:
-            # What came before it is collected first, so the text keeps its order.
-            self._collect_pending()
-            self._collect_large()
-            self._large = (len(self.call.completion_parts), events)
-            return
-        self._pending.append(events)
-        self._pending_bytes += len(events)
-
-    def _inspected(self, event: bytes) -> bytes | None:
-        """One event parsed for what metering needs, as relayed (None: not the client's to see)."""
-        out = self._inspect(event)
-        if out is None or self.client_wants_usage:
-            return out
-        return out.replace(_COMMA_NO_USAGE, b"")
-
-    def _inspect(self, event: bytes) -> bytes | None:
-        data = sse_data(event)
-        if data is None:
-            return event
-        if data == DONE:
-            self.done = True
-            return event
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return event
-        if not isinstance(chunk, dict):
-            return event
-        call = self.call
-        if call.upstream_model is None and isinstance(chunk.get("model"), str):
-            call.upstream_model = chunk["model"]
-        usage = chunk.get("usage")
-        if isinstance(usage, dict):
-            call.usage = Usage.from_openai(usage)
-            call.learn_tier(chunk)
-            # The usage counts the whole completion: the text kept for counting it is not needed.
-            self._pending.clear()
-            self._large = None
-        else:
-            self._collect_pending()
-        choices = chunk.get("choices")
-        if isinstance(choices, list):
-            _collect_choices(choices, call.completion_parts)
-            if not choices and isinstance(usage, dict) and not self.client_wants_usage:
-                return None
-        return event
-
-    def finish(self) -> None:
-        if self.call.usage is None:
-            self._collect_pending()
-            self._collect_large()
-        self._pending.clear()
-        self._large = None
-
-    def _collect_pending(self) -> None:
-        pending, self._pending, self._pending_bytes = self._pending, [], 0
-        for block in pending:
-            _collect_block(block, self.call.completion_parts)
-
-    def _collect_large(self) -> None:
-        if self._large is not None:
-            (at, block), self._large = self._large, None
-            parts: list[str] = []
-            _collect_block(block, parts)
-            self.call.completion_parts[at:at] = parts
-
-
-def _collect_block(block: bytes, parts: list[str]) -> None:
-    """The text of a block of chunks kept unparsed. Each event is cut out of it, not split off and given
-    its blank line back (three copies of a 20 MB chunk)."""
-    start = 0
-    while (end := block.find(b"\n\n", start) + 2) > 1:
-        data = sse_data(block[start:end])
-        start = end
-        if data is None:
-            continue
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            continue
-        choices = chunk.get("choices") if isinstance(chunk, dict) else None
-        if isinstance(choices, list):
-            _collect_choices(choices, parts)
-
-
-def _collect_choices(choices: list[object], parts: list[str]) -> None:
-    for choice in choices:
-        delta = choice.get("delta") if isinstance(choice, dict) else None
-        if isinstance(delta, dict):
-            collect_text(delta, parts)
-
-
-def collect_text(message: dict[str, Any], parts: list[str]) -> None:
-    """The generated text of a message or delta (content, tool-call names and arguments), kept so
-    metering can count completion tokens when no usage ever arrives."""
-    content = message.get("content")
-    if isinstance(content, str) and content:
-        parts.append(content)
-    tool_calls = message.get("tool_calls")
-    for tool_call in tool_calls if isinstance(tool_calls, list) else ():
-        function = tool_call.get("function") if isinstance(tool_call, dict) else None
-        if isinstance(function, dict):
-            parts.extend(function[key] for key in ("name", "arguments") if isinstance(function.get(key), str))
 
 
 def _error_event(message: str, code: str) -> bytes:
@@ -350,67 +84,6 @@ class DisconnectWatch:
         self.gone = True
         if self._relay is not None:
             self._relay.cancel()
-
-
-# Responses API stream events that end a response; each carries the final response object with its usage.
-_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
-_TEXT_DELTAS = frozenset(
-    {"response.output_text.delta", "response.function_call_arguments.delta", "response.refusal.delta"}
-)
-
-
-class ResponsesEventInspector:
-    """Responses API events (`event: <type>` + `data: {...}`): relayed unchanged; usage from the terminal
-    event's response. These streams end without `[DONE]`; the terminal event (or `error`) is the end."""
-
-    def __init__(self, call: CallRecord) -> None:
-        self.call = call
-        self.done = False
-
-    def relay(self, block: bytes) -> bytes:
-        start = 0
-        while not self.done and (end := block.find(b"\n\n", start)) != -1:
-            self._inspect(block[start : end + 2])
-            start = end + 2
-        return block[:start]
-
-    def _inspect(self, event: bytes) -> None:
-        data = sse_data(event)
-        if data is None:
-            return
-        try:
-            payload = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(payload, dict):
-            return
-        kind = payload.get("type")
-        if kind in _TEXT_DELTAS and isinstance(payload.get("delta"), str):
-            self.call.completion_parts.append(payload["delta"])
-        elif isinstance(payload.get("response"), dict):
-            learn_response(self.call, payload["response"])
-        if kind in _TERMINAL or kind == "error":
-            self.done = True
-
-    def finish(self) -> None:
-        return None
-
-
-def learn_response(call: CallRecord, response: dict[str, Any]) -> None:
-    """What metering needs from a Responses API object: its model, its usage, and for a background
-    response its id, under which it is metered once however often it is streamed or polled."""
-    if isinstance(response.get("model"), str):
-        call.upstream_model = response["model"]
-    if isinstance(response.get("usage"), dict):
-        call.usage = Usage.from_openai(response["usage"])
-        call.learn_tier(response)
-    if response.get("background") is True and isinstance(response.get("id"), str):
-        call.usage_key = response["id"]
-        created = response.get("created_at")
-        if isinstance(created, int | float) and not isinstance(created, bool) and created > 0:
-            # The row's created_at is the response's own, whichever poll meters it: with the id, the key
-            # that keeps a response to one row however many processes see it finished.
-            call.created_at = float(created)
 
 
 KEEPALIVE = b": keep-alive\n\n"

@@ -11,11 +11,9 @@ from app.access.deps import GatewayDep
 from app.errors import bad_request
 from app.ownership import body_check, caller
 from app.ownership.created import record_created, stored_completion
-from app.proxy.relay import Payload, forward, kept_alive
-from app.proxy.streaming import ChatChunkInspector
-from app.routes.metered import MeteredRequest, read_metered
-
-PATH = "/chat/completions"
+from app.proxy.relay import forward, kept_alive
+from app.routes.metered import read_metered
+from app.wire.endpoints import CHAT
 
 
 def _check_body(body: dict[str, Any]) -> None:
@@ -44,46 +42,21 @@ def _check_body(body: dict[str, Any]) -> None:
         )
 
 
-# Appended to the client's own bytes when it set no stream_options: re-serialising the whole body would
-# cost orjson a few microseconds per kilobyte of prompt on every streamed call.
-_WITH_USAGE = b',"stream_options":{"include_usage":true}}'
-
-
-def _ask_for_usage(metered: MeteredRequest) -> tuple[bool, Payload]:
-    """Make the upstream send its usage chunk; return whether the client itself asked for it, and the
-    body to send."""
-    body = metered.body
-    options = body.get("stream_options")
-    client_wants_usage = bool(options and options.get("include_usage") is True)
-    body["stream_options"] = {**(options or {}), "include_usage": True}
-    if not metered.modified:
-        if client_wants_usage:
-            return True, Payload(metered.raw, body)
-        raw = metered.raw.rstrip()
-        # A non-empty object (it has messages) without the key: adding it keeps the JSON valid.
-        if options is None and raw.endswith(b"}"):
-            return False, Payload(raw[:-1] + _WITH_USAGE, body)
-    return client_wants_usage, Payload(metered.raw, body, modified=True)
-
-
 async def chat_completions(request: Request, gw: GatewayDep) -> Response:
     call, who = gw.call, caller(request, gw)
-    metered = await read_metered(request, gw, "/v1" + PATH, _check_body, body_check(who, "chat/completions"))
-    if call.stream:
-        client_wants_usage, payload = _ask_for_usage(metered)
-    else:
-        client_wants_usage = False
-        payload = Payload(metered.raw, metered.body, modified=metered.modified)
+    metered = await read_metered(request, gw, CHAT, _check_body, body_check(who, "chat/completions"))
+    payload = CHAT.dialect.payload(metered.raw, metered.body, modified=metered.modified, stream=call.stream)
 
     async def answer() -> Response:
         response = await forward(
             gw.upstream,
             call,
             metered.candidates,
-            path=PATH,
+            path=CHAT.upstream_path,
             payload=payload,
+            dialect=CHAT.dialect,
             client_headers=gw.headers,
-            inspector=(lambda: ChatChunkInspector(call, client_wants_usage)) if call.stream else None,
+            inspector=(lambda: CHAT.dialect.inspector(call, payload)) if call.stream else None,
             receive=request.receive,
             clients=request.app.state.client_watch,
         )

@@ -9,8 +9,9 @@ from starlette.responses import Response
 
 from app.access.deps import GatewayDep
 from app.errors import bad_request
-from app.proxy.relay import Payload, forward
+from app.proxy.relay import forward
 from app.routes.metered import read_metered
+from app.wire.endpoints import EMBEDDINGS
 
 
 def _check_input(body: dict[str, Any]) -> None:
@@ -21,13 +22,14 @@ def _check_input(body: dict[str, Any]) -> None:
 
 
 async def embeddings(request: Request, gw: GatewayDep) -> Response:
-    metered = await read_metered(request, gw, "/v1/embeddings", _check_input)
+    metered = await read_metered(request, gw, EMBEDDINGS, _check_input)
     return await forward(
         gw.upstream,
         gw.call,
         metered.candidates,
-        path="/embeddings",
-        payload=Payload(metered.raw, metered.body),
+        path=EMBEDDINGS.upstream_path,
+        payload=EMBEDDINGS.dialect.payload(metered.raw, metered.body, modified=False, stream=False),
+        dialect=EMBEDDINGS.dialect,
         client_headers=gw.headers,
         inspector=None,
         receive=request.receive,

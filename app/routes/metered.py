@@ -16,6 +16,8 @@ from app.limits.guard import completion_allowance, worst_case_output
 from app.limits.policy import Candidate
 from app.limits.prompt_budget import fit_prompt
 from app.proxy.body import parse_object, read_body
+from app.wire.dialect import Dialect
+from app.wire.endpoints import MeteredEndpoint
 
 
 @dataclass(slots=True)
@@ -34,7 +36,7 @@ def _no_check(_: dict[str, Any]) -> None:
 async def read_metered(
     request: Request,
     gw: Gateway,
-    endpoint: str,
+    endpoint: MeteredEndpoint[Dialect],
     check: Callable[[dict[str, Any]], None] = _no_check,
     owned: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
 ) -> MeteredRequest:
@@ -55,7 +57,7 @@ async def read_metered(
     model = candidates[0].model
     rules = policy.config.features.get(call.feature) if call.feature is not None else None
     prompt_tokens = len(raw) // 4
-    if rules is not None and rules.max_prompt_tokens is not None and endpoint == "/v1/chat/completions":
+    if rules is not None and rules.max_prompt_tokens is not None and endpoint.prompt_budget:
         fitted = await asyncio.to_thread(
             fit_prompt,
             model,
@@ -70,14 +72,12 @@ async def read_metered(
     state = request.app.state
     guard = state.guard
     if guard.concerns(call):
-        # Embeddings produce no output tokens, whatever the default output cap.
-        worst = (
-            0 if endpoint == "/v1/embeddings" else worst_case_output(body, policy.config, call.feature, model)
-        )
+        # An endpoint without output (embeddings) reserves none, whatever the default output cap.
+        worst = worst_case_output(body, policy.config, call.feature, model) if endpoint.output_tokens else 0
         call.admission = await guard.admit(
             call, policy.config, state.prices, model, prompt_tokens, completion_allowance(body), worst
         )
-    call.endpoint = endpoint
+    call.endpoint = endpoint.path
     call.request_body = body
-    call.stream = body.get("stream") is True
+    call.stream = endpoint.dialect.streamed(body)
     return MeteredRequest(raw, body, candidates, modified=call.prompt_truncated)

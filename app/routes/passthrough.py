@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
@@ -22,8 +21,9 @@ from app.limits.policy import MAX_MODEL_CHARS, is_model_name
 from app.metering import batches
 from app.ownership import admit, caller
 from app.proxy.body import BodyDecoder, body_decoder, read_body
-from app.proxy.relay import answer_headers, read_json_usage, send_checked
+from app.proxy.relay import answer_headers, send_checked
 from app.proxy.upstream import ResponseHead, UpstreamResponse
+from app.wire import endpoints
 
 router = APIRouter()
 
@@ -100,20 +100,18 @@ async def _download(answer: UpstreamResponse) -> AsyncIterator[bytes]:
 
 
 def _meter_json(call: CallRecord, path: str, request_body: bytes | None, answer: bytes) -> None:
+    endpoint = endpoints.metered("/v1/" + path)
+    dialect = endpoint.dialect
     if request_body:
-        try:
-            sent = orjson.loads(request_body)
-        except orjson.JSONDecodeError:
-            sent = None
-        model = sent.get("model") if isinstance(sent, dict) else None
+        model = dialect.requested_model(request_body)
         # Learned after the call was answered, so not refused: a name no row can hold is left out, and
         # the row names the model the upstream says answered.
-        if isinstance(model, str) and is_model_name(model):
+        if model is not None and is_model_name(model):
             call.model = model
-    read_json_usage(call, answer)
+    dialect.read_answer(call, answer)
     if call.usage is not None:
         # Bounded as a model name is; no endpoint that reports usage comes near it.
-        call.endpoint = ("/v1/" + path)[:MAX_MODEL_CHARS]
+        call.endpoint = endpoint.path[:MAX_MODEL_CHARS]
 
 
 @router.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])

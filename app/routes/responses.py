@@ -15,14 +15,16 @@ from app.limits.guard import Guard
 from app.ownership import admit, body_check, caller
 from app.ownership.created import record_created, stored_response
 from app.proxy.background import BackgroundResponses
-from app.proxy.relay import Payload, answer_headers, forward, kept_alive, send_checked
-from app.proxy.streaming import EventRelayResponse, ResponsesEventInspector, learn_response
+from app.proxy.relay import answer_headers, forward, kept_alive, send_checked
+from app.proxy.streaming import EventRelayResponse
 from app.proxy.upstream import is_sse, never_open
 from app.routes.metered import read_metered
+from app.wire.endpoints import RESPONSES
+from app.wire.openai import learn_response
 
 router = APIRouter()
 
-ENDPOINT = "/v1/responses"
+ENDPOINT = RESPONSES.path
 # A response in one of these states will not change again; its usage is final.
 _FINAL = frozenset({"completed", "failed", "incomplete", "cancelled"})
 
@@ -42,17 +44,19 @@ def _parsed(body: bytes) -> dict[str, Any] | None:
 
 async def create_response(request: Request, gw: GatewayDep) -> Response:
     call, who = gw.call, caller(request, gw)
-    metered = await read_metered(request, gw, ENDPOINT, owned=body_check(who, "responses"))
+    metered = await read_metered(request, gw, RESPONSES, owned=body_check(who, "responses"))
+    payload = RESPONSES.dialect.payload(metered.raw, metered.body, modified=False, stream=call.stream)
 
     async def answer() -> Response:
         response = await forward(
             gw.upstream,
             call,
             metered.candidates,
-            path="/responses",
-            payload=Payload(metered.raw, metered.body),
+            path=RESPONSES.upstream_path,
+            payload=payload,
+            dialect=RESPONSES.dialect,
             client_headers=gw.headers,
-            inspector=(lambda: ResponsesEventInspector(call)) if call.stream else None,
+            inspector=(lambda: RESPONSES.dialect.inspector(call, payload)) if call.stream else None,
             receive=request.receive,
             clients=request.app.state.client_watch,
         )
@@ -87,6 +91,7 @@ async def _follow(request: Request, response_id: str, method: str, suffix: str, 
         upstream_path("responses", response_id) + suffix + query,
         client_headers=gw.headers,
         keep_open=is_sse if stream else never_open,
+        dialect=RESPONSES.dialect,
     )
     if origin is not None:
         # Metered as its creator's call: this poll's admission, for the poller's scopes, must not be
@@ -107,7 +112,7 @@ async def _follow(request: Request, response_id: str, method: str, suffix: str, 
         return EventRelayResponse(
             answer,
             call,
-            ResponsesEventInspector(call),
+            RESPONSES.dialect.inspector(call, None),
             headers,
             upstream.max_event_bytes,
             keepalives=request.app.state.keepalives,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from app.call import CallRecord, Usage
-from app.proxy.streaming import ChatChunkInspector
+from app.call import CallRecord
+from app.wire.openai import ChatChunkInspector, usage_of
 
 MODEL = "gpt-4o-mini-2024-07-18"
 
@@ -64,7 +64,7 @@ def test_every_grouping_of_reads_relays_and_meters_the_same(shape: str, client_w
         assert inspector.done
         assert call.upstream_model == MODEL
         if USAGE_CHUNK in events:
-            assert call.usage == Usage.from_openai(USAGE)
+            assert call.usage == usage_of(USAGE)
             assert call.completion_parts == []
         else:
             assert call.usage is None
@@ -80,4 +80,4 @@ def test_the_model_is_learned_exactly_whatever_its_name(model: str) -> None:
     inspector = ChatChunkInspector(call, client_wants_usage=True)
     assert inspector.relay(b"".join([*events, DONE])) == b"".join([*events, DONE])
     assert call.upstream_model == model
-    assert call.usage == Usage.from_openai(USAGE)
+    assert call.usage == usage_of(USAGE)
