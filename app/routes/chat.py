@@ -67,7 +67,7 @@ def _ask_for_usage(metered: MeteredRequest) -> tuple[bool, Payload]:
 
 
 async def chat_completions(request: Request, gw: GatewayDep) -> Response:
-    call, who = gw.call, caller(request, gw)
+    call, who = gw.call, caller(gw)
     metered = await read_metered(request, gw, "/v1" + PATH, _check_body, body_check(who, "chat/completions"))
     if call.stream:
         client_wants_usage, payload = _ask_for_usage(metered)
@@ -85,9 +85,9 @@ async def chat_completions(request: Request, gw: GatewayDep) -> Response:
             client_headers=gw.headers,
             inspector=(lambda: ChatChunkInspector(call, client_wants_usage)) if call.stream else None,
             receive=request.receive,
-            clients=request.app.state.client_watch,
+            clients=gw.services.client_watch,
         )
         await record_created(who, "chat.completion", stored_completion(metered.body), response)
         return response
 
-    return await kept_alive(answer(), call, request.app.state.keepalives)
+    return await kept_alive(answer(), call, gw.services.keepalives)

@@ -67,15 +67,14 @@ async def read_metered(
         body["messages"] = fitted.messages
         call.prompt_truncated = fitted.truncated
         prompt_tokens = fitted.prompt_tokens
-    state = request.app.state
-    guard = state.guard
+    guard = gw.services.guard
     if guard.concerns(call):
         # Embeddings produce no output tokens, whatever the default output cap.
         worst = (
             0 if endpoint == "/v1/embeddings" else worst_case_output(body, policy.config, call.feature, model)
         )
         call.admission = await guard.admit(
-            call, policy.config, state.prices, model, prompt_tokens, completion_allowance(body), worst
+            call, policy.config, gw.prices, model, prompt_tokens, completion_allowance(body), worst
         )
     call.endpoint = endpoint
     call.request_body = body

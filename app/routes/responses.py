@@ -19,6 +19,7 @@ from app.proxy.relay import Payload, answer_headers, forward, kept_alive, send_c
 from app.proxy.streaming import EventRelayResponse, ResponsesEventInspector, learn_response
 from app.proxy.upstream import is_sse, never_open
 from app.routes.metered import read_metered
+from app.services import services_of
 
 router = APIRouter()
 
@@ -28,7 +29,7 @@ _FINAL = frozenset({"completed", "failed", "incomplete", "cancelled"})
 
 
 def _registry(request: Request) -> BackgroundResponses:
-    registry: BackgroundResponses = request.app.state.background
+    registry: BackgroundResponses = services_of(request).background
     return registry
 
 
@@ -41,7 +42,7 @@ def _parsed(body: bytes) -> dict[str, Any] | None:
 
 
 async def create_response(request: Request, gw: GatewayDep) -> Response:
-    call, who = gw.call, caller(request, gw)
+    call, who = gw.call, caller(gw)
     metered = await read_metered(request, gw, ENDPOINT, owned=body_check(who, "responses"))
 
     async def answer() -> Response:
@@ -54,12 +55,12 @@ async def create_response(request: Request, gw: GatewayDep) -> Response:
             client_headers=gw.headers,
             inspector=(lambda: ResponsesEventInspector(call)) if call.stream else None,
             receive=request.receive,
-            clients=request.app.state.client_watch,
+            clients=gw.services.client_watch,
         )
         await record_created(who, "response", stored_response(metered.body), response)
         return response
 
-    response = await kept_alive(answer(), call, request.app.state.keepalives)
+    response = await kept_alive(answer(), call, gw.services.keepalives)
     if metered.body.get("background") is True and not call.stream and response.status_code < 300:
         created = _parsed(bytes(response.body))
         if created is not None and isinstance(created.get("id"), str) and created.get("status") not in _FINAL:
@@ -72,8 +73,8 @@ async def create_response(request: Request, gw: GatewayDep) -> Response:
 
 async def _follow(request: Request, response_id: str, method: str, suffix: str, gw: Gateway) -> Response:
     policy, upstream, call = gw.policy, gw.upstream, gw.call
-    guard: Guard = request.app.state.guard
-    await admit(caller(request, gw), method, f"responses/{response_id}{suffix}", "")
+    guard: Guard = gw.services.guard
+    await admit(caller(gw), method, f"responses/{response_id}{suffix}", "")
     registry = _registry(request)
     origin = registry.origin(response_id)
     target = policy.targets.get(origin.upstream, policy.default_target) if origin else policy.default_target
@@ -110,7 +111,7 @@ async def _follow(request: Request, response_id: str, method: str, suffix: str, 
             ResponsesEventInspector(call),
             headers,
             upstream.max_event_bytes,
-            keepalives=request.app.state.keepalives,
+            keepalives=gw.services.keepalives,
         )
     found = _parsed(answer.body)
     if (
