@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
-from starlette.datastructures import State
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Scope
 
 from app.access.browser_tokens import signing_key
 from app.access.keys import KeyStore
+from app.call import CallRecord
 from app.config import ConfigError, Settings, load_settings
 from app.config_file import GatewayConfig, load_config_file
 from app.db.engine import create_engine
@@ -42,6 +42,7 @@ from app.limits import (
 )
 from app.limits.guard import Guard, seed_spend
 from app.limits.policy import Policy
+from app.live_config import ConfigHolder, LiveConfig
 from app.logs import configure_logging
 from app.metering import tokens
 from app.metering.batches import BatchMeter, BatchSettings
@@ -49,7 +50,7 @@ from app.metering.metrics import WORKER_METRICS_DIR, Metrics
 from app.metering.middleware import Meter, meter_call
 from app.metering.pricing import PriceTable
 from app.metering.recorder import Recorder
-from app.ownership import OwnerStore
+from app.ownership.store import OwnerStore
 from app.proxy.background import BackgroundResponses
 from app.proxy.client_watch import ClientWatch
 from app.proxy.hot_routes import HotRoutes
@@ -69,6 +70,7 @@ from app.routes import (
     usage,
 )
 from app.routes.dashboard import router as dashboard_router
+from app.services import Services
 
 if TYPE_CHECKING:
     from app.tracing import Tracing
@@ -83,41 +85,36 @@ HOT_ROUTES = {
 }
 
 
-class AppState(State):
-    """`app.state` whose attributes are plain instance attributes: Starlette's State answers every read
-    through `__getattr__`, a Python call, and a request reads it about ten times."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        self.__dict__[name] = value
-
-    def __delattr__(self, name: str) -> None:
-        super().__delattr__(name)
-        self.__dict__.pop(name, None)
-
-
 class GatewayApp(FastAPI):
-    def __init__(self, **kwargs: Any) -> None:
+    # Made by the lifespan; handlers find it through `services_of` (app/services.py). A typed attribute
+    # of the application, not `app.state`: Starlette's State answers every read through `__getattr__`, a
+    # Python call, on the path of every request.
+    services: Services
+
+    def __init__(self, settings: Settings, tracing: Tracing | None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        state = AppState()
-        for name, value in self.state._state.items():
-            setattr(state, name, value)
-        self.state = state
-        self.tracing: Tracing | None = None
+        self.settings = settings
+        self.tracing = tracing
 
     def build_middleware_stack(self) -> ASGIApp:
         # Outside Starlette's ServerErrorMiddleware, so even an unexpected 500 carries its X-Request-Id
         # and gets its access-log line; it meters the hot routes and FastAPI's alike when they end. The
-        # path is checked before any route (hot or not) or auth sees it.
+        # path is checked before any route (hot or not) or auth sees it. Starlette offers no public place
+        # outside that middleware (`add_middleware` layers go inside it); wrapping the application from
+        # outside instead would make create_app return something other than the FastAPI app that
+        # uvicorn's factory, the lifespan and the tests work with.
         stack: ASGIApp = RequestContextMiddleware(
-            CanonicalPath(HotRoutes(super().build_middleware_stack(), HOT_ROUTES)), meter_call
+            CanonicalPath(HotRoutes(super().build_middleware_stack(), HOT_ROUTES)), self._call_ended
         )
         # Outside that: a preflight is no call, and every answer, whoever made it, needs the headers.
-        origins: tuple[str, ...] = self.state.settings.cors_origins
+        origins: tuple[str, ...] = self.settings.cors_origins
         if origins:
             stack = Cors(stack, origins)
         # Traced, the span wraps all of it; untraced, there is no layer at all.
         return stack if self.tracing is None else self.tracing.middleware(stack)
+
+    def _call_ended(self, scope: Scope, call: CallRecord) -> None:
+        meter_call(self.services.meter, scope, call)
 
 
 def _configuration(settings: Settings | None) -> tuple[Settings, GatewayConfig]:
@@ -200,56 +197,53 @@ async def _make_guard(settings: Settings, config: GatewayConfig, engine: AsyncEn
     return guard
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def _live_config(settings: Settings, config: GatewayConfig, metrics: Metrics) -> LiveConfig:
+    return LiveConfig(
+        Policy(settings, config), PriceTable(config.prices, on_unknown=metrics.observe_unknown_model)
+    )
+
+
+def reload_config(services: Services) -> None:
+    """SIGHUP: validate the file again and swap the policy and prices whole; work under way keeps the ones
+    it started with (app.live_config). A bad file keeps the running configuration."""
+    settings = services.settings
+    try:
+        fresh = load_config_file(settings.config_file)
+    except ConfigError as exc:
+        log.error("configuration not reloaded; keeping the running one", extra={"reason": str(exc)})
+        return
+    if _has_prompt_budgets(fresh):
+        # In the background: the tokenizers may not be built yet (see the lifespan).
+        threading.Thread(target=tokens.preload, name="tokenizer-preload", daemon=True).start()
+    live = _live_config(settings, fresh, services.metrics)
+    services.metrics.labels.configure(fresh, live.prices)
+    services.config.current = live
+    log.info("configuration reloaded")
+
+
+def create_app(settings: Settings | None = None) -> GatewayApp:
     settings, config = _configuration(settings)
     configure_logging(settings.log_level)
     tracing = _tracing(settings)
     app_metrics = Metrics(settings.metrics_max_features)
-
-    def price_table(config: GatewayConfig) -> PriceTable:
-        return PriceTable(config.prices, on_unknown=app_metrics.observe_unknown_model)
-
-    def reload_config() -> None:
-        """SIGHUP: validate the file again and swap the policy and prices whole; requests in flight keep
-        the ones they started with. A bad file keeps the running configuration."""
-        try:
-            fresh = load_config_file(settings.config_file)
-        except ConfigError as exc:
-            log.error("configuration not reloaded; keeping the running one", extra={"reason": str(exc)})
-            return
-        if _has_prompt_budgets(fresh):
-            # In the background: the tokenizers may not be built yet (see the lifespan).
-            threading.Thread(target=tokens.preload, name="tokenizer-preload", daemon=True).start()
-        app.state.policy = Policy(settings, fresh)
-        app.state.prices = price_table(fresh)
-        app_metrics.labels.configure(fresh, app.state.prices)
-        meter: Meter | None = getattr(app.state, "meter", None)
-        if meter is not None:
-            meter.prices = app.state.prices
-        log.info("configuration reloaded")
+    live = ConfigHolder(_live_config(settings, config, app_metrics))
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         upstream = UpstreamClient(settings)
         upstream.tracing = tracing
         await upstream.start()
         engine = create_engine(settings.database_url, settings.data_dir)
-        app.state.upstream = upstream
-        app.state.engine = engine
         keys = KeyStore(engine)
         await keys.start()
-        app.state.keys = keys
-        app.state.owners = OwnerStore(engine)
-        schema = app.state.schema = _schema_check()
+        schema = _schema_check()
         behind = await _schema_behind(schema, engine)
         partitions = PartitionKeeper(engine, settings.usage_retention_days)
         partitions.start()
         # Without the tables there is no spend to load, only one more failure to log.
         guard = await _make_guard(settings, config, engine, seed=not behind)
-        app.state.guard = guard
         app_metrics.watch_limits(guard.stats)
-        app.state.prices = price_table(config)
-        app_metrics.labels.configure(config, app.state.prices)
+        app_metrics.labels.configure(config, live.current.prices)
         app_metrics.labels.name_routes([*HOT_ROUTES, *(getattr(route, "path", "") for route in app.routes)])
         recorder: Recorder | None = None
         if _has_prompt_budgets(config):
@@ -267,14 +261,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             await recorder.start()
             app_metrics.watch_recorder(recorder.stats)
-        app.state.meter = Meter(recorder, app.state.prices, app_metrics, guard)
+        meter = Meter(recorder, live, app_metrics, guard)
         batch_meter: BatchMeter | None = None
         if settings.metering and settings.batch_metering:
             batch_meter = BatchMeter(
                 engine,
                 upstream,
-                lambda: app.state.policy.default_target,
-                lambda: app.state.prices,
+                live,
                 BatchSettings(
                     poll_initial_s=settings.batch_poll_initial_s,
                     poll_max_s=max(settings.batch_poll_max_s, settings.batch_poll_initial_s),
@@ -284,10 +277,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
             await batch_meter.start()
             app_metrics.watch_batches(batch_meter.stats)
-        app.state.batch_meter = batch_meter
         keepalives = KeepAlives(settings.sse_keepalive_s)
         keepalives.start()
-        app.state.keepalives = keepalives
+        services = app.services = Services(
+            settings=settings,
+            config=live,
+            metrics=app_metrics,
+            token_secret=signing_key(settings),
+            upstream=upstream,
+            engine=engine,
+            keys=keys,
+            owners=OwnerStore(engine),
+            schema=schema,
+            guard=guard,
+            meter=meter,
+            batch_meter=batch_meter,
+            keepalives=keepalives,
+            client_watch=ClientWatch(),
+            background=BackgroundResponses(),
+        )
         reconciler: Reconciler | None = None
         if settings.openai_admin_key is not None:
             reconciler = Reconciler(settings, upstream, engine, app_metrics.registry)
@@ -305,7 +313,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             # Only the main thread of a process can take signals (not so in the tests' threaded server).
-            loop.add_signal_handler(signal.SIGHUP, reload_config)
+            loop.add_signal_handler(signal.SIGHUP, reload_config, services)
         try:
             yield
         finally:
@@ -313,7 +321,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # to be once a tokenizer is built.
             if reconciler is not None:
                 await reconciler.close()
-            await app.state.meter.drain(settings.shutdown_timeout_s)
+            await meter.drain(settings.shutdown_timeout_s)
             if batch_meter is not None:
                 await batch_meter.close()
             if recorder is not None:
@@ -333,6 +341,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await asyncio.to_thread(tracing.shutdown)
 
     app = GatewayApp(
+        settings,
+        tracing,
         title="llm-gateway",
         lifespan=lifespan,
         docs_url=None,
@@ -342,21 +352,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # in the benchmark's profile); the gateway's own metrics are at /metrics.
         telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
-    app.tracing = tracing
-    app.state.settings = settings
-    app.state.token_secret = signing_key(settings)
-    app.state.metrics = app_metrics
-    app.state.policy = Policy(settings, config)
-    app.state.reload_config = reload_config
-    app.state.background = BackgroundResponses()
-    app.state.client_watch = ClientWatch()
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(responses.router)
     app.include_router(models.router)
     app.include_router(usage.router)
-    app.state.summaries_in_flight = 0
     app.include_router(dashboard_router)
     app.include_router(admin.router)
     app.include_router(browser_tokens.router)

@@ -68,7 +68,7 @@ async def measure(phase: str, metering: bool, calls: int, concurrency: int, prof
                 return UpstreamResponse(200, headers, answer)
             return UpstreamResponse(200, headers, events[0], _RestOfStream(events[1:]))  # type: ignore[arg-type]
 
-        app.state.upstream.send = canned
+        app.services.upstream.send = canned
         scope_headers = [
             (b"host", b"127.0.0.1:8000"),
             (b"content-type", b"application/json"),

@@ -12,6 +12,7 @@ from app.access.browser_tokens import TOKEN_PREFIX, BrowserToken, check_origin, 
 from app.access.keys import SECRET_PREFIX, ApiKey, KeyLookupUnavailable, KeyStore
 from app.call import STATE_KEY, CallRecord
 from app.errors import GatewayError
+from app.services import Services, services_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,14 +77,18 @@ async def authenticate_token(presented: str, origin: str | None, secret: bytes, 
     return Principal(is_master=False, key=token_key(key, token), token=token)
 
 
-async def require_principal(request: Request, headers: Mapping[str, str] | None = None) -> Principal:
-    state = request.app.state
-    given = headers if headers is not None else request.headers
-    presented = bearer_key(given.get("authorization"))
+async def require_principal(request: Request) -> Principal:
+    return await identify(request, request.headers, services_of(request))
+
+
+async def identify(request: Request, headers: Mapping[str, str], services: Services) -> Principal:
+    """The caller of `request`, recorded on its CallRecord; `headers` are the request's."""
+    presented = bearer_key(headers.get("authorization"))
+    keys = services.keys
     if presented.startswith(TOKEN_PREFIX):
-        principal = await authenticate_token(presented, given.get("origin"), state.token_secret, state.keys)
+        principal = await authenticate_token(presented, headers.get("origin"), services.token_secret, keys)
     else:
-        principal = await authenticate(presented, state.settings.master_key.get_secret_value(), state.keys)
+        principal = await authenticate(presented, services.settings.master_key.get_secret_value(), keys)
     call: CallRecord = request.scope["state"][STATE_KEY]
     call.key = principal.key
     call.api_key_id = principal.key_id

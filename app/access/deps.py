@@ -8,19 +8,20 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.access.attribution import attribute
-from app.access.auth import Principal, require_master, require_principal, require_reports
+from app.access.auth import Principal, identify, require_master, require_reports
 from app.access.endpoint_classes import endpoint_class, spends
 from app.call import STATE_KEY, CallRecord
 from app.config import Settings
 from app.errors import GatewayError
-from app.limits.guard import Guard
 from app.limits.policy import Policy
+from app.live_config import SCOPE_KEY
+from app.metering.pricing import PriceTable
 from app.proxy.upstream import UpstreamClient
+from app.services import Services, services_of
 
 
 def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
+    return services_of(request).settings
 
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
@@ -28,17 +29,20 @@ SettingsDep = Annotated[Settings, Depends(_settings)]
 
 @dataclass(slots=True)
 class Gateway:
-    """What a /v1 route works with: its authenticated caller and CallRecord, and the process's settings,
-    policy (the one in force when the request arrived) and upstream client. One dependency instead of
-    five keeps the routes short and FastAPI's per-request resolution cheap."""
+    """What a /v1 route works with: its authenticated caller and CallRecord, the process's services, and
+    of those the ones every route reads: the settings, the policy and prices (the ones in force when the
+    request arrived) and the upstream client. One dependency instead of five keeps the routes short and
+    FastAPI's per-request resolution cheap."""
 
     principal: Principal
     call: CallRecord
     # The request's headers as a plain dict (lower-case names): Starlette's Headers scans a list and
     # raises KeyError for every absent header it is asked about (5% of the loop relaying streams).
     headers: dict[str, str]
+    services: Services
     settings: Settings
     policy: Policy
+    prices: PriceTable
     upstream: UpstreamClient
 
 
@@ -46,13 +50,23 @@ async def gateway(request: Request) -> Gateway:
     """For the metered routes, which attribute the call from its body and admit it once they know its
     model and size."""
     headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in request.scope["headers"]}
-    principal = await require_principal(request, headers)
+    services = services_of(request)
+    principal = await identify(request, headers, services)
     key = principal.key
     if key is not None and key.scopes is not None:
         _require_scope(key.scopes, request.scope["path"])
-    state = request.app.state
+    # Taken once and kept, in the request's state for the metering at its end too (app.live_config).
+    state, config = request.scope["state"], services.config.current
+    state[SCOPE_KEY] = config
     return Gateway(
-        principal, request.scope["state"][STATE_KEY], headers, state.settings, state.policy, state.upstream
+        principal,
+        state[STATE_KEY],
+        headers,
+        services,
+        services.settings,
+        config.policy,
+        config.prices,
+        services.upstream,
     )
 
 
@@ -73,7 +87,7 @@ async def admitted_gateway(request: Request) -> Gateway:
     gw = await gateway(request)
     call = gw.call
     attribute(call, gw.headers, None)
-    guard: Guard = request.app.state.guard
+    guard = gw.services.guard
     if guard.concerns(call):
         call.admission = await guard.admit_unpriced(
             call, gw.policy.config, spends=spends(request.method, request.scope["path"])

@@ -28,7 +28,7 @@ import logging
 import random
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -45,6 +45,7 @@ from app.db.usage_writer import is_rejected_data, write_batch
 from app.edge.canonical_path import upstream_path
 from app.errors import GatewayError
 from app.limits.policy import MAX_MODEL_CHARS, UpstreamTarget, is_model_name
+from app.live_config import ConfigHolder
 from app.metering.events import Batch, UsageEvent
 from app.metering.pricing import PriceTable
 from app.metering.usage import price_usage
@@ -92,14 +93,12 @@ class BatchMeter:
         self,
         engine: AsyncEngine,
         upstream: UpstreamClient,
-        target: Callable[[], UpstreamTarget],
-        prices: Callable[[], PriceTable],
+        config: ConfigHolder,
         settings: BatchSettings,
     ) -> None:
         self._engine = engine
         self._upstream = upstream
-        self._target = target
-        self._prices = prices
+        self._config = config
         self._settings = settings
         self._tracked: list[dict[str, Any]] = []
         self._found: dict[str, dict[str, Any]] = {}
@@ -111,6 +110,9 @@ class BatchMeter:
         # For /metrics.
         self.lines_metered = 0
         self.errors = 0
+
+    def _target(self) -> UpstreamTarget:
+        return self._config.current.policy.default_target
 
     def stats(self) -> dict[str, float]:
         return {
@@ -355,7 +357,9 @@ class BatchMeter:
 
     async def _meter_files(self, batch_id: str, batch: dict[str, Any], owner: _Owner) -> tuple[int, bool]:
         ended = _ended_at(batch)
-        prices = self._prices()
+        # One reading of the configuration for the whole batch, whatever a reload puts in force meanwhile.
+        config = self._config.current
+        prices = config.prices
         written, truncated = 0, False
         for name in ("output_file_id", "error_file_id"):
             file_id = batch.get(name)
@@ -363,7 +367,7 @@ class BatchMeter:
                 continue
             events: list[UsageEvent] = []
             reader = _FileLines(self._settings.max_file_bytes)
-            async for line in reader.read(self._upstream, self._target(), file_id):
+            async for line in reader.read(self._upstream, config.policy.default_target, file_id):
                 event = line_event(batch_id, line, owner, ended, prices)
                 if event is not None:
                     events.append(event)

@@ -21,6 +21,7 @@ from starlette.types import Scope
 
 from app.call import CallRecord
 from app.limits.guard import Guard
+from app.live_config import SCOPE_KEY, ConfigHolder, LiveConfig
 from app.metering import tokens
 from app.metering.events import cost_to_usd
 from app.metering.metrics import Metrics
@@ -40,10 +41,10 @@ class Meter:
     the limits still settle what they reserved."""
 
     def __init__(
-        self, recorder: EventSink | None, prices: PriceTable, metrics: Metrics, guard: Guard
+        self, recorder: EventSink | None, config: ConfigHolder, metrics: Metrics, guard: Guard
     ) -> None:
         self.recorder = recorder
-        self.prices = prices
+        self.config = config
         self.metrics = metrics
         self.guard = guard
         self._building: set[asyncio.Task[None]] = set()
@@ -59,13 +60,15 @@ class Meter:
             return
         if self.recorder is None and call.admission is None:
             return
+        # The prices the call was admitted under (app.live_config), whatever a reload has put in force since.
+        config: LiveConfig = scope["state"].get(SCOPE_KEY) or self.config.current
         model = estimated_with(call)
         if model is not None and not tokens.is_built_for(model):
-            self._build_then_record(call, model, elapsed)
+            self._build_then_record(call, config.prices, model, elapsed)
             return
-        self._record(call, elapsed)
+        self._record(call, config.prices, elapsed)
 
-    def _build_then_record(self, call: CallRecord, model: str, elapsed: float) -> None:
+    def _build_then_record(self, call: CallRecord, prices: PriceTable, model: str, elapsed: float) -> None:
         """The first call this process must count itself with a tokenizer not built yet. Tokenizers are
         built on demand, not at start-up: one costs ~25-50 MB for the life of the process (of a gateway
         using ~115 MB) and ~0.3 s of CPU, and OpenAI's answers carry their usage, so most processes never
@@ -76,7 +79,7 @@ class Meter:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(tokens.encoding_for_model, model)
             try:
-                self._record(call, elapsed)
+                self._record(call, prices, elapsed)
             except Exception:
                 log.exception("metering failed")
 
@@ -89,12 +92,12 @@ class Meter:
         if self._building:
             await asyncio.wait(set(self._building), timeout=timeout_s)
 
-    def _record(self, call: CallRecord, elapsed: float) -> None:
+    def _record(self, call: CallRecord, prices: PriceTable, elapsed: float) -> None:
         usage, source = usage_of(call)
         # Priced by the model that answered (a dated snapshot resolves to its family), at the rates of the
         # service tier its answer reported.
         model = call.upstream_model or call.routed_model or call.model
-        priced = price_usage(self.prices, model, rate_tier(call.service_tier), usage)
+        priced = price_usage(prices, model, rate_tier(call.service_tier), usage)
         cost = priced.cost_units
         call.metered_usage, call.cost_units = usage, cost
         if call.admission is not None:
@@ -104,12 +107,9 @@ class Meter:
             self.recorder.submit(event_line(call, usage, source, priced, call.service_tier, elapsed))
 
 
-def meter_call(scope: Scope, call: CallRecord) -> None:
+def meter_call(meter: Meter, scope: Scope, call: CallRecord) -> None:
     """Called by the request context once the response has ended — finished, failed, or abandoned by
     the client mid-stream: ONE usage event for the call."""
-    meter: Meter | None = getattr(scope["app"].state, "meter", None)
-    if meter is None:
-        return
     try:
         meter.finish(scope, call)
     except Exception:  # metering must never turn a served response into an error

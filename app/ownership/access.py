@@ -17,7 +17,6 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import orjson
-from fastapi import Request
 
 from app.access.deps import Gateway
 from app.call import CallRecord
@@ -182,13 +181,12 @@ class Caller:
             await self.store.record(resource_ids, kind, self.key_id, self.call.feature)
 
 
-def caller(request: Request, gw: Gateway) -> Caller | None:
+def caller(gw: Gateway) -> Caller | None:
     """The non-master key making this call, or None for the master key, which may reach everything."""
     key = gw.principal.key
     if gw.principal.is_master or key is None:
         return None
-    store: OwnerStore = request.app.state.owners
-    return Caller(store, key.id, gw.call)
+    return Caller(gw.services.owners, key.id, gw.call)
 
 
 def body_check(who: Caller | None, collection: str) -> Callable[[dict[str, Any]], Awaitable[None]] | None:

@@ -23,6 +23,7 @@ from app.limits.budgets import resets_at
 from app.limits.guard import Guard
 from app.limits.redis_guard import RedisUnavailable
 from app.money import usd
+from app.services import services_of
 
 router = APIRouter(prefix="/admin")
 
@@ -82,8 +83,7 @@ class KeyUpdate(_KeyFields):
 
 
 def _store(request: Request) -> KeyStore:
-    store: KeyStore = request.app.state.keys
-    return store
+    return services_of(request).keys
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -130,9 +130,9 @@ async def revoke_key(request: Request, key_id: str, _: MasterDep) -> Response:
 async def budgets(request: Request, _: MasterDep) -> Response:
     """Every spend cap in force, with what its scope has spent this period and, apart, what the calls in
     flight hold against it (their worst case, until they end)."""
-    state = request.app.state
+    state = services_of(request)
     guard: Guard = state.guard
-    config: GatewayConfig = state.policy.config
+    config: GatewayConfig = state.config.current.policy.config
     caps: list[tuple[str, Caps]] = [
         (
             f"key:{key.id}",

@@ -122,7 +122,7 @@ async def mint(request: Request, gw: GatewayDep) -> Response:
     body = {
         "object": "browser_token",
         "id": token.id,
-        "token": sign(token, request.app.state.token_secret),
+        "token": sign(token, gw.services.token_secret),
         "expires_at": datetime.fromtimestamp(token.expires_at, UTC).isoformat().replace("+00:00", "Z"),
         "key_id": key.id,
         "user_id": token.user_id,

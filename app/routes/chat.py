@@ -43,7 +43,7 @@ def _check_body(body: dict[str, Any]) -> None:
 
 
 async def chat_completions(request: Request, gw: GatewayDep) -> Response:
-    call, who = gw.call, caller(request, gw)
+    call, who = gw.call, caller(gw)
     metered = await read_metered(request, gw, CHAT, _check_body, body_check(who, "chat/completions"))
     payload = CHAT.dialect.payload(metered.raw, metered.body, modified=metered.modified, stream=call.stream)
 
@@ -58,9 +58,9 @@ async def chat_completions(request: Request, gw: GatewayDep) -> Response:
             client_headers=gw.headers,
             inspector=(lambda: CHAT.dialect.inspector(call, payload)) if call.stream else None,
             receive=request.receive,
-            clients=request.app.state.client_watch,
+            clients=gw.services.client_watch,
         )
         await record_created(who, "chat.completion", stored_completion(metered.body), response)
         return response
 
-    return await kept_alive(answer(), call, request.app.state.keepalives)
+    return await kept_alive(answer(), call, gw.services.keepalives)

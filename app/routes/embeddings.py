@@ -33,5 +33,5 @@ async def embeddings(request: Request, gw: GatewayDep) -> Response:
         client_headers=gw.headers,
         inspector=None,
         receive=request.receive,
-        clients=request.app.state.client_watch,
+        clients=gw.services.client_watch,
     )

@@ -11,6 +11,7 @@ from starlette.responses import Response
 from app.access.deps import SettingsDep
 from app.db.engine import ping
 from app.db.migrate import BEHIND, SchemaCheck
+from app.services import services_of
 
 router = APIRouter()
 
@@ -25,13 +26,14 @@ async def healthz() -> Response:
 @router.get("/readyz")
 async def readyz(request: Request, settings: SettingsDep) -> Response:
     checks: dict[str, str] = {}
-    engine = request.app.state.engine
+    services = services_of(request)
+    engine = services.engine
     try:
         await asyncio.wait_for(ping(engine), _READY_TIMEOUT_S)
         checks["database"] = "ok"
     except Exception as exc:  # any failure to reach the database means not ready, whatever its kind
         checks["database"] = f"unreachable: {type(exc).__name__}"
-    schema: SchemaCheck | None = request.app.state.schema
+    schema: SchemaCheck | None = services.schema
     if checks["database"] == "ok" and schema is not None:
         try:
             behind = await asyncio.wait_for(schema.behind(engine), _READY_TIMEOUT_S)

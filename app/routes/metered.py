@@ -69,13 +69,12 @@ async def read_metered(
         body["messages"] = fitted.messages
         call.prompt_truncated = fitted.truncated
         prompt_tokens = fitted.prompt_tokens
-    state = request.app.state
-    guard = state.guard
+    guard = gw.services.guard
     if guard.concerns(call):
         # An endpoint without output (embeddings) reserves none, whatever the default output cap.
         worst = worst_case_output(body, policy.config, call.feature, model) if endpoint.output_tokens else 0
         call.admission = await guard.admit(
-            call, policy.config, state.prices, model, prompt_tokens, completion_allowance(body), worst
+            call, policy.config, gw.prices, model, prompt_tokens, completion_allowance(body), worst
         )
     call.endpoint = endpoint.path
     call.request_body = body

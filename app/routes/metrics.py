@@ -15,6 +15,7 @@ from starlette.responses import Response
 from app.access.auth import bearer_key
 from app.config import Settings
 from app.errors import GatewayError
+from app.services import services_of
 
 router = APIRouter()
 
@@ -37,5 +38,6 @@ def _check_scrape(request: Request, settings: Settings) -> None:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    _check_scrape(request, request.app.state.settings)
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    services = services_of(request)
+    _check_scrape(request, services.settings)
+    return Response(services.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -117,7 +117,7 @@ def _meter_json(call: CallRecord, path: str, request_body: bytes | None, answer:
 @router.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 async def passthrough(request: Request, path: str, gw: GatewayDep) -> Response:
     settings, upstream, call = gw.settings, gw.upstream, gw.call
-    plan = await admit(caller(request, gw), request.method, path, request.url.query)
+    plan = await admit(caller(gw), request.method, path, request.url.query)
     declared = gw.headers.get("content-length")
     length = int(declared) if declared is not None and declared.isdigit() else None
     limit = settings.max_upload_bytes
@@ -162,7 +162,7 @@ async def passthrough(request: Request, path: str, gw: GatewayDep) -> Response:
     if answer.stream is None:
         _meter_json(call, path, buffered, answer.body)
         batches.observe(
-            getattr(request.app.state, "batch_meter", None),
+            gw.services.batch_meter,
             request.method,
             path,
             answer.status,

@@ -19,6 +19,7 @@ from app.proxy.relay import answer_headers, forward, kept_alive, send_checked
 from app.proxy.streaming import EventRelayResponse
 from app.proxy.upstream import is_sse, never_open
 from app.routes.metered import read_metered
+from app.services import services_of
 from app.wire.endpoints import RESPONSES
 from app.wire.openai import learn_response
 
@@ -30,7 +31,7 @@ _FINAL = frozenset({"completed", "failed", "incomplete", "cancelled"})
 
 
 def _registry(request: Request) -> BackgroundResponses:
-    registry: BackgroundResponses = request.app.state.background
+    registry: BackgroundResponses = services_of(request).background
     return registry
 
 
@@ -43,7 +44,7 @@ def _parsed(body: bytes) -> dict[str, Any] | None:
 
 
 async def create_response(request: Request, gw: GatewayDep) -> Response:
-    call, who = gw.call, caller(request, gw)
+    call, who = gw.call, caller(gw)
     metered = await read_metered(request, gw, RESPONSES, owned=body_check(who, "responses"))
     payload = RESPONSES.dialect.payload(metered.raw, metered.body, modified=False, stream=call.stream)
 
@@ -58,12 +59,12 @@ async def create_response(request: Request, gw: GatewayDep) -> Response:
             client_headers=gw.headers,
             inspector=(lambda: RESPONSES.dialect.inspector(call, payload)) if call.stream else None,
             receive=request.receive,
-            clients=request.app.state.client_watch,
+            clients=gw.services.client_watch,
         )
         await record_created(who, "response", stored_response(metered.body), response)
         return response
 
-    response = await kept_alive(answer(), call, request.app.state.keepalives)
+    response = await kept_alive(answer(), call, gw.services.keepalives)
     if metered.body.get("background") is True and not call.stream and response.status_code < 300:
         created = _parsed(bytes(response.body))
         if created is not None and isinstance(created.get("id"), str) and created.get("status") not in _FINAL:
@@ -76,8 +77,8 @@ async def create_response(request: Request, gw: GatewayDep) -> Response:
 
 async def _follow(request: Request, response_id: str, method: str, suffix: str, gw: Gateway) -> Response:
     policy, upstream, call = gw.policy, gw.upstream, gw.call
-    guard: Guard = request.app.state.guard
-    await admit(caller(request, gw), method, f"responses/{response_id}{suffix}", "")
+    guard: Guard = gw.services.guard
+    await admit(caller(gw), method, f"responses/{response_id}{suffix}", "")
     registry = _registry(request)
     origin = registry.origin(response_id)
     target = policy.targets.get(origin.upstream, policy.default_target) if origin else policy.default_target
@@ -115,7 +116,7 @@ async def _follow(request: Request, response_id: str, method: str, suffix: str, 
             RESPONSES.dialect.inspector(call, None),
             headers,
             upstream.max_event_bytes,
-            keepalives=request.app.state.keepalives,
+            keepalives=gw.services.keepalives,
         )
     found = _parsed(answer.body)
     if (

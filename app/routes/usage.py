@@ -16,6 +16,7 @@ from app.access.deps import ReportsDep
 from app.errors import GatewayError, bad_request
 from app.reports.dashboard import MAX_RANGE_DAYS, usage_summary
 from app.reports.usage import UsageQuery, default_range, parse_group_by, to_csv, usage_report
+from app.services import services_of
 
 router = APIRouter()
 
@@ -83,7 +84,7 @@ async def usage(
         raise bad_request(str(exc), param="group_by") from None
     try:
         rows = await usage_report(
-            request.app.state.engine, UsageQuery(span.start, span.end, groups, span.filters)
+            services_of(request).engine, UsageQuery(span.start, span.end, groups, span.filters)
         )
     except SQLAlchemyError:
         raise _unavailable("The usage report") from None
@@ -105,7 +106,7 @@ async def usage_summary_route(request: Request, _: ReportsDep, span: RangeDep) -
         raise bad_request(
             f"A summary covers at most {MAX_RANGE_DAYS} days; narrow 'start'..'end'.", param="end"
         )
-    state = request.app.state
+    state = services_of(request)
     if state.summaries_in_flight >= SUMMARIES_IN_FLIGHT:
         raise GatewayError(
             429,

@@ -136,7 +136,7 @@ def test_bad_ranges_and_filters_are_400(seeded: Seeded, params: dict[str, str], 
 
 
 def test_summaries_beyond_the_concurrency_bound_get_429(seeded: Seeded) -> None:
-    state = seeded.gateway.app.state
+    state = seeded.gateway.app.services
     state.summaries_in_flight += 2
     try:
         response = httpx.get(seeded.gateway.url + "/v1/usage/summary", headers=bearer(MASTER_KEY))

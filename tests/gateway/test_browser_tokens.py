@@ -108,7 +108,7 @@ def test_forged_tampered_and_expired_tokens_are_refused(gateway: ThreadedGateway
         with page_client(gateway, bad) as sdk, pytest.raises(openai.AuthenticationError):
             sdk.models.list()
     # Expiry: the same token checked an hour on, with the gateway's own secret.
-    secret = gateway.app.state.token_secret
+    secret = gateway.app.services.token_secret
     assert verify(token, secret).user_id == "user-42"
     with pytest.raises(GatewayError) as caught:
         verify(token, secret, now=time.time() + 601)

@@ -90,7 +90,7 @@ def test_budget_trips_at_the_cap_and_resets_at_the_day_boundary(
     start_gateway: Callable[..., ThreadedGateway], fake: FakeOpenAI, tmp_path: Path
 ) -> None:
     gateway = configured(start_gateway, tmp_path, "features: {reports: {budget_daily_usd: 0.25}}\n")
-    guard = gateway.app.state.guard
+    guard = gateway.app.services.guard
     evening = datetime(2031, 3, 14, 23, 59, 58, tzinfo=UTC)
     guard.clock = lambda: evening
     headers = {"X-Feature": "reports"}

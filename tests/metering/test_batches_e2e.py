@@ -21,7 +21,7 @@ import pytest
 
 from app.db.engine import create_engine
 from app.db.migrate import upgrade
-from app.limits.policy import UpstreamTarget
+from app.live_config import ConfigHolder
 from app.metering.batches import BatchMeter, BatchSettings, _Owner, line_event, line_key
 from app.metering.pricing import PriceTable
 from app.proxy.upstream import UpstreamClient
@@ -331,8 +331,7 @@ def test_a_line_the_database_refuses_is_left_out_alone(database_url: str) -> Non
         meter = BatchMeter(
             engine,
             cast(UpstreamClient, None),
-            lambda: UpstreamTarget("openai", "http://127.0.0.1:9", None),
-            PriceTable,
+            cast(ConfigHolder, None),
             BatchSettings(poll_initial_s=1, poll_max_s=1, lease_s=1, max_file_bytes=1024),
         )
         owner = _Owner(None, "refused", None)

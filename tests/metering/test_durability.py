@@ -44,7 +44,7 @@ def test_database_outage_under_traffic_loses_nothing(
 ) -> None:
     name, url = scratch_db
     gateway = start_gateway(database_url=url, recorder_flush_interval_s=0.05)
-    recorder = gateway.app.state.meter.recorder
+    recorder = gateway.app.services.meter.recorder
     before = [f"before-{i}" for i in range(10)]
     during = [f"during-{i}" for i in range(30)]
     with openai.OpenAI(base_url=gateway.base_url, api_key=MASTER_KEY, max_retries=0) as sdk:

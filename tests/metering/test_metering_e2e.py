@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from app.main import reload_config
 from app.metering import tokens
 from tests.conftest import sdk_client
 from tests.db import fetch, usage_rows, wait_for_rows
@@ -352,5 +354,41 @@ def test_a_reload_that_adds_a_prompt_budget_builds_the_tokenizers(
     gateway = start_gateway(config_file=config)
     assert not tokens.is_built_for("gpt-4o")
     config.write_text(PROMPT_BUDGET)
-    gateway.app.state.reload_config()
+    reload_config(gateway.app.services)
     wait_until(lambda: tokens.is_built_for("gpt-4o") and tokens.is_built_for("gpt-4"), timeout=30)
+
+
+def test_a_call_in_flight_across_a_reload_keeps_the_prices_it_was_admitted_under(
+    start_gateway: Callable[..., ThreadedGateway], fake: FakeOpenAI, database_url: str, tmp_path: Path
+) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text("prices:\n  acme-model: {input_per_1m: 1, output_per_1m: 10}\n")
+    gateway = start_gateway(config_file=config)
+    usage = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}
+    before, after = rid(), rid()
+
+    def ask(request_id: str) -> None:
+        with sdk_client(gateway.base_url) as sdk:
+            sdk.chat.completions.create(
+                model="acme-model",
+                messages=MESSAGES,  # type: ignore[arg-type]
+                extra_headers={"X-Request-Id": request_id},
+            )
+
+    fake.slow_first_byte(3.0)
+    fake.reply("Hi!", usage=usage, model="acme-model")
+    fake.reply("Hi!", usage=usage, model="acme-model")
+    with ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(ask, before)
+        fake.wait_for_requests(1)
+        config.write_text("prices:\n  acme-model: {input_per_1m: 2, output_per_1m: 20}\n")
+        reload_config(gateway.app.services)
+        assert not in_flight.done(), "the reload landed after the call, not while it was in flight"
+        in_flight.result(timeout=30)
+    ask(after)
+    # 1000 x $1 + 100 x $10 per 1M at the rates it started with; twice that for the call after the reload.
+    rows = wait_for_rows(database_url, before, after)
+    assert {row["client_request_id"]: row["cost_usd"] for row in rows} == {
+        before: Decimal("0.002"),
+        after: Decimal("0.004"),
+    }

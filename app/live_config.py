@@ -1,0 +1,30 @@
+"""The policy and prices in force: one reading of GATEWAY_CONFIG, replaced whole when the file is read again
+(SIGHUP), so that no reader ever sees the policy of one reading with the prices of another."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from app.limits.policy import Policy
+from app.metering.pricing import PriceTable
+
+# Where a request keeps the LiveConfig it was admitted under (in its ASGI scope's state), so that the
+# metering at its end prices it at the rates its admission estimated with, even after a reload.
+SCOPE_KEY = "gateway_config"
+
+
+@dataclass(frozen=True, slots=True)
+class LiveConfig:
+    policy: Policy
+    prices: PriceTable
+
+
+class ConfigHolder:
+    """The one owner of the LiveConfig in force. Readers take `current` once per piece of work (a request,
+    a batch's files) and keep it: a reload only rebinds `current`, so work under way finishes with the
+    reading it started with. Rebinding an attribute is atomic, so a reload from another thread is safe."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, config: LiveConfig) -> None:
+        self.current = config
