@@ -56,17 +56,17 @@ class Payload:
 
 def answer_headers(upstream: UpstreamClient, response: UpstreamResponse, call: CallRecord) -> dict[str, str]:
     """The headers every relayed answer carries: the upstream's that clients read, and the attempts."""
-    return {**upstream.relay_headers(response), ATTEMPTS_HEADER: str(call.attempts)}
+    return {**upstream.relay_headers(response), ATTEMPTS_HEADER: str(call.outcome.attempts)}
 
 
 def upstream_error(
     upstream: UpstreamClient, target: UpstreamTarget, response: UpstreamResponse, call: CallRecord
 ) -> Response:
     """The upstream's error, relayed: its status, body and rate-limit headers."""
-    attempts = {ATTEMPTS_HEADER: str(call.attempts)}
+    attempts = {ATTEMPTS_HEADER: str(call.outcome.attempts)}
     if response.status == 401:
         # The caller's key was accepted by the gateway; a 401 would blame it for the gateway's own key.
-        call.error_type = "upstream_auth"
+        call.outcome.error_type = "upstream_auth"
         where = whereabouts(target)
         unset = "" if where.key_set else " (it is not set)"
         raise GatewayError(
@@ -76,7 +76,7 @@ def upstream_error(
             code="upstream_auth_failed",
             headers={**attempts, "x-should-retry": "false"},
         )
-    call.error_type = _error_type(response.body) or f"upstream_{response.status}"
+    call.outcome.error_type = _error_type(response.body) or f"upstream_{response.status}"
     return RelayedResponse(
         response.body,
         response.status,
@@ -86,12 +86,12 @@ def upstream_error(
 
 
 def unavailable(upstream: UpstreamClient, exc: UpstreamUnavailable, call: CallRecord) -> GatewayError:
-    call.error_type = f"upstream_{exc.kind}"
-    headers = {ATTEMPTS_HEADER: str(call.attempts)}
+    call.outcome.error_type = f"upstream_{exc.kind}"
+    headers = {ATTEMPTS_HEADER: str(call.outcome.attempts)}
     if upstream.suppress_client_retries:
         headers["x-should-retry"] = "false"
     return GatewayError(
-        504 if exc.kind == "timeout" else 502, str(exc), code=call.error_type, headers=headers
+        504 if exc.kind == "timeout" else 502, str(exc), code=call.outcome.error_type, headers=headers
     )
 
 
@@ -148,16 +148,16 @@ def read_json_usage(call: CallRecord, body: bytes) -> dict[str, Any] | None:
     if not isinstance(parsed, dict):
         return None
     if isinstance(parsed.get("model"), str):
-        call.upstream_model = parsed["model"]
+        call.outcome.upstream_model = parsed["model"]
     if isinstance(parsed.get("usage"), dict):
-        call.usage = Usage.from_openai(parsed["usage"])
-        call.learn_tier(parsed)
+        call.outcome.usage = Usage.from_openai(parsed["usage"])
+        call.outcome.learn_tier(parsed)
         return parsed
     choices = parsed.get("choices")
     for choice in choices if isinstance(choices, list) else ():
         message = choice.get("message") if isinstance(choice, dict) else None
         if isinstance(message, dict):
-            collect_text(message, call.completion_parts)
+            collect_text(message, call.outcome.completion_parts)
     return parsed
 
 
@@ -200,21 +200,21 @@ async def forward(
                     keep_open=keep_open,
                 )
             except UpstreamUnavailable as exc:
-                if call.client_disconnected:
+                if call.outcome.client_disconnected:
                     return _abandoned()
                 if last:
                     raise unavailable(upstream, exc, call) from None
                 log.warning("falling back", extra={"from_model": candidate.model, "reason": exc.kind})
                 continue
-            if call.client_disconnected:
-                call.routed_model = candidate.model
+            if call.outcome.client_disconnected:
+                call.outcome.routed_model = candidate.model
                 return await _abandoned_answer(call, response)
             if response.status >= 400:
                 if last or not _falls_back(response):
                     return upstream_error(upstream, candidate.target, response, call)
                 log.warning("falling back", extra={"from_model": candidate.model, "reason": response.status})
                 continue
-            call.routed_model = candidate.model
+            call.outcome.routed_model = candidate.model
             return _answer(upstream, call, response, inspector)
         raise AssertionError("forward() needs at least one candidate")
     finally:
@@ -226,7 +226,7 @@ async def kept_alive(
 ) -> Response:
     """A stream's answer sent with keep-alive comments while it is awaited (KeepAliveResponse), unless
     they are off (GATEWAY_SSE_KEEPALIVE_S=0); any other answer, awaited here."""
-    if call.stream and keepalives.interval_s:
+    if call.admitted.stream and keepalives.interval_s:
         return KeepAliveResponse(answer, call, keepalives)
     return await answer
 
@@ -252,7 +252,7 @@ def _answer(
     response: UpstreamResponse,
     inspector: Callable[[], EventInspector] | None,
 ) -> Response:
-    headers = {**answer_headers(upstream, response, call), MODEL_HEADER: call.routed_model or ""}
+    headers = {**answer_headers(upstream, response, call), MODEL_HEADER: call.outcome.routed_model or ""}
     if response.stream is None:
         read_json_usage(call, response.body)
         call.mark_first_byte()

@@ -91,7 +91,7 @@ class ChatChunkInspector:
         self._large: tuple[int, bytes] | None = None
 
     def relay(self, block: bytes) -> bytes:
-        if self.call.upstream_model is None:
+        if self.call.outcome.upstream_model is None:
             self._sniff_model(block)
         if block.endswith(_DONE_EVENT) and (last := self._last_read(block)) is not None:
             return last
@@ -122,7 +122,7 @@ class ChatChunkInspector:
                     continue
                 # Not runs of that shape: event by event for the rest of this read, so a read that
                 # mixes ordinary and other events costs one search per event, not one per byte.
-                runs = self.call.upstream_model is None  # the first chunk is inspected first
+                runs = self.call.outcome.upstream_model is None  # the first chunk is inspected first
             event = block[start : end + 2]
             start = end + 2
             out = self._ordinary(event)
@@ -138,7 +138,7 @@ class ChatChunkInspector:
         """The usual last read of a stream, or a whole short one, at once: ordinary chunks (or none), one
         more event (the usage chunk, when asked for) and [DONE]. None for any other shape."""
         end = len(block) - len(_DONE_EVENT)
-        if end < 2 or self.call.upstream_model is None or self.done:
+        if end < 2 or self.call.outcome.upstream_model is None or self.done:
             return None
         # Where the event before [DONE] starts: after the blank line before it, if there is one.
         before = block.rfind(b"\n\n", 0, end - 2)
@@ -166,7 +166,7 @@ class ChatChunkInspector:
         name = block[at:end] if end != -1 else b""
         if name and b"\\" not in name:
             try:
-                self.call.upstream_model = name.decode()
+                self.call.outcome.upstream_model = name.decode()
             except UnicodeDecodeError:
                 return
 
@@ -184,7 +184,7 @@ class ChatChunkInspector:
         `"usage":null`s means one-line events each carrying one (a chunk names its usage once). When the
         client did not ask for usage, the `,"usage":null` that only the gateway asked for is taken out,
         and the replacement counts them (counting one byte is the cheap search)."""
-        if self.call.upstream_model is None or self.done:
+        if self.call.outcome.upstream_model is None or self.done:
             return None
         if self.client_wants_usage:
             out, nulls = events, events.count(_NO_USAGE)
@@ -205,7 +205,7 @@ class ChatChunkInspector:
             # What came before it is collected first, so the text keeps its order.
             self._collect_pending()
             self._collect_large()
-            self._large = (len(self.call.completion_parts), events)
+            self._large = (len(self.call.outcome.completion_parts), events)
             return
         self._pending.append(events)
         self._pending_bytes += len(events)
@@ -231,12 +231,12 @@ class ChatChunkInspector:
         if not isinstance(chunk, dict):
             return event
         call = self.call
-        if call.upstream_model is None and isinstance(chunk.get("model"), str):
-            call.upstream_model = chunk["model"]
+        if call.outcome.upstream_model is None and isinstance(chunk.get("model"), str):
+            call.outcome.upstream_model = chunk["model"]
         usage = chunk.get("usage")
         if isinstance(usage, dict):
-            call.usage = Usage.from_openai(usage)
-            call.learn_tier(chunk)
+            call.outcome.usage = Usage.from_openai(usage)
+            call.outcome.learn_tier(chunk)
             # The usage counts the whole completion: the text kept for counting it is not needed.
             self._pending.clear()
             self._large = None
@@ -244,13 +244,13 @@ class ChatChunkInspector:
             self._collect_pending()
         choices = chunk.get("choices")
         if isinstance(choices, list):
-            _collect_choices(choices, call.completion_parts)
+            _collect_choices(choices, call.outcome.completion_parts)
             if not choices and isinstance(usage, dict) and not self.client_wants_usage:
                 return None
         return event
 
     def finish(self) -> None:
-        if self.call.usage is None:
+        if self.call.outcome.usage is None:
             self._collect_pending()
             self._collect_large()
         self._pending.clear()
@@ -259,14 +259,14 @@ class ChatChunkInspector:
     def _collect_pending(self) -> None:
         pending, self._pending, self._pending_bytes = self._pending, [], 0
         for block in pending:
-            _collect_block(block, self.call.completion_parts)
+            _collect_block(block, self.call.outcome.completion_parts)
 
     def _collect_large(self) -> None:
         if self._large is not None:
             (at, block), self._large = self._large, None
             parts: list[str] = []
             _collect_block(block, parts)
-            self.call.completion_parts[at:at] = parts
+            self.call.outcome.completion_parts[at:at] = parts
 
 
 def _collect_block(block: bytes, parts: list[str]) -> None:
@@ -386,7 +386,7 @@ class ResponsesEventInspector:
             return
         kind = payload.get("type")
         if kind in _TEXT_DELTAS and isinstance(payload.get("delta"), str):
-            self.call.completion_parts.append(payload["delta"])
+            self.call.outcome.completion_parts.append(payload["delta"])
         elif isinstance(payload.get("response"), dict):
             learn_response(self.call, payload["response"])
         if kind in _TERMINAL or kind == "error":
@@ -400,17 +400,17 @@ def learn_response(call: CallRecord, response: dict[str, Any]) -> None:
     """What metering needs from a Responses API object: its model, its usage, and for a background
     response its id, under which it is metered once however often it is streamed or polled."""
     if isinstance(response.get("model"), str):
-        call.upstream_model = response["model"]
+        call.outcome.upstream_model = response["model"]
     if isinstance(response.get("usage"), dict):
-        call.usage = Usage.from_openai(response["usage"])
-        call.learn_tier(response)
+        call.outcome.usage = Usage.from_openai(response["usage"])
+        call.outcome.learn_tier(response)
     if response.get("background") is True and isinstance(response.get("id"), str):
-        call.usage_key = response["id"]
+        call.outcome.usage_key = response["id"]
         created = response.get("created_at")
         if isinstance(created, int | float) and not isinstance(created, bool) and created > 0:
             # The row's created_at is the response's own, whichever poll meters it: with the id, the key
             # that keeps a response to one row however many processes see it finished.
-            call.created_at = float(created)
+            call.outcome.usage_created_at = float(created)
 
 
 KEEPALIVE = b": keep-alive\n\n"
@@ -639,7 +639,7 @@ class EventRelayResponse(Response):
                     "upstream_stream_incomplete",
                 )
         except asyncio.CancelledError:
-            call.client_disconnected = True
+            call.outcome.client_disconnected = True
             raise
         except TimeoutError:
             # After the end of the answer only the drain to the upstream's end failed: nothing is missing.
@@ -656,7 +656,7 @@ class EventRelayResponse(Response):
             await keepalive.pause()
         if not watch.ended:
             if failure is not None:
-                call.error_type = failure[1]
+                call.outcome.error_type = failure[1]
             body = _error_event(*failure) if failure is not None else b""
             if given:
                 body = b"\n\n" + body
@@ -721,12 +721,12 @@ class KeepAliveResponse(Response):
                 return
             await keepalive.pause()
             if response is None:
-                self.call.client_disconnected = True
+                self.call.outcome.client_disconnected = True
             elif not keepalive.started:
                 await response(scope, receive, send)
             else:
                 # The client saw a 200; the row keeps the status the call really ended with.
-                self.call.status_code = response.status_code
+                self.call.outcome.status_code = response.status_code
                 await send(
                     {"type": "http.response.body", "body": _failure_event(response), "more_body": False}
                 )

@@ -69,7 +69,8 @@ def _ask_for_usage(metered: MeteredRequest) -> tuple[bool, Payload]:
 async def chat_completions(request: Request, gw: GatewayDep) -> Response:
     call, who = gw.call, caller(request, gw)
     metered = await read_metered(request, gw, "/v1" + PATH, _check_body, body_check(who, "chat/completions"))
-    if call.stream:
+    stream = call.admitted.stream
+    if stream:
         client_wants_usage, payload = _ask_for_usage(metered)
     else:
         client_wants_usage = False
@@ -83,7 +84,7 @@ async def chat_completions(request: Request, gw: GatewayDep) -> Response:
             path=PATH,
             payload=payload,
             client_headers=gw.headers,
-            inspector=(lambda: ChatChunkInspector(call, client_wants_usage)) if call.stream else None,
+            inspector=(lambda: ChatChunkInspector(call, client_wants_usage)) if stream else None,
             receive=request.receive,
             clients=request.app.state.client_watch,
         )

@@ -52,7 +52,7 @@ async def create_response(request: Request, gw: GatewayDep) -> Response:
             path="/responses",
             payload=Payload(metered.raw, metered.body),
             client_headers=gw.headers,
-            inspector=(lambda: ResponsesEventInspector(call)) if call.stream else None,
+            inspector=(lambda: ResponsesEventInspector(call)) if call.admitted.stream else None,
             receive=request.receive,
             clients=request.app.state.client_watch,
         )
@@ -60,18 +60,19 @@ async def create_response(request: Request, gw: GatewayDep) -> Response:
         return response
 
     response = await kept_alive(answer(), call, request.app.state.keepalives)
-    if metered.body.get("background") is True and not call.stream and response.status_code < 300:
+    if metered.body.get("background") is True and not call.admitted.stream and response.status_code < 300:
         created = _parsed(bytes(response.body))
         if created is not None and isinstance(created.get("id"), str) and created.get("status") not in _FINAL:
             # Queued: nothing to meter yet. The poll that finds it complete meters it, for this caller.
-            target = next(c.target for c in metered.candidates if c.model == call.routed_model)
+            target = next(c.target for c in metered.candidates if c.model == call.outcome.routed_model)
             _registry(request).remember(created["id"], call, target.name)
-            call.endpoint = None
+            call.admitted.endpoint = None
     return response
 
 
 async def _follow(request: Request, response_id: str, method: str, suffix: str, gw: Gateway) -> Response:
     policy, upstream, call = gw.policy, gw.upstream, gw.call
+    admitted, outcome = call.admitted, call.outcome
     guard: Guard = request.app.state.guard
     await admit(caller(request, gw), method, f"responses/{response_id}{suffix}", "")
     registry = _registry(request)
@@ -91,10 +92,10 @@ async def _follow(request: Request, response_id: str, method: str, suffix: str, 
     if origin is not None:
         # Metered as its creator's call: this poll's admission, for the poller's scopes, must not be
         # charged with the creator's cost.
-        if call.admission is not None:
-            guard.release(call.admission)
-        call.admission = None
-        call.feature, call.user_id, call.api_key_id, call.model = (
+        if admitted.admission is not None:
+            guard.release(admitted.admission)
+        admitted.admission = None
+        admitted.feature, admitted.user_id, admitted.api_key_id, admitted.model = (
             origin.feature,
             origin.user_id,
             origin.api_key_id,
@@ -103,7 +104,7 @@ async def _follow(request: Request, response_id: str, method: str, suffix: str, 
     headers = answer_headers(upstream, answer, call)
     if answer.stream is not None:
         # A resumed background stream: metered only if it reaches the end, under the response id.
-        call.endpoint, call.stream, call.metered_only_with_usage = ENDPOINT, True, True
+        admitted.endpoint, admitted.stream, admitted.metered_only_with_usage = ENDPOINT, True, True
         return EventRelayResponse(
             answer,
             call,
@@ -122,10 +123,10 @@ async def _follow(request: Request, response_id: str, method: str, suffix: str, 
     ):
         if origin is not None:
             # Charged once to the budgets of the call that created it (a resumed stream's end is not).
-            call.admission = guard.charge_to(origin.api_key_id, origin.feature, origin.user_id)
+            admitted.admission = guard.charge_to(origin.api_key_id, origin.feature, origin.user_id)
         learn_response(call, found)
-        call.endpoint = ENDPOINT
-        call.model = call.model or call.upstream_model
+        admitted.endpoint = ENDPOINT
+        admitted.model = admitted.model or outcome.upstream_model
     return Response(answer.body, status_code=answer.status, headers=headers, media_type="application/json")
 
 

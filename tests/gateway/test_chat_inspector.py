@@ -62,13 +62,13 @@ def test_every_grouping_of_reads_relays_and_meters_the_same(shape: str, client_w
         inspector.finish()
         assert relayed == expected, reads
         assert inspector.done
-        assert call.upstream_model == MODEL
+        assert call.outcome.upstream_model == MODEL
         if USAGE_CHUNK in events:
-            assert call.usage == Usage.from_openai(USAGE)
-            assert call.completion_parts == []
+            assert call.outcome.usage == Usage.from_openai(USAGE)
+            assert call.outcome.completion_parts == []
         else:
-            assert call.usage is None
-            assert "".join(call.completion_parts) == "".join(WORDS)
+            assert call.outcome.usage is None
+            assert "".join(call.outcome.completion_parts) == "".join(WORDS)
 
 
 @pytest.mark.parametrize("model", ['odd "quoted" model', "back\\slash", "ünïcødé-模型"])
@@ -79,5 +79,5 @@ def test_the_model_is_learned_exactly_whatever_its_name(model: str) -> None:
     call = CallRecord(request_id="r", method="POST", path="/v1/chat/completions")
     inspector = ChatChunkInspector(call, client_wants_usage=True)
     assert inspector.relay(b"".join([*events, DONE])) == b"".join([*events, DONE])
-    assert call.upstream_model == model
-    assert call.usage == Usage.from_openai(USAGE)
+    assert call.outcome.upstream_model == model
+    assert call.outcome.usage == Usage.from_openai(USAGE)
