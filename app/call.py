@@ -88,13 +88,14 @@ def _int(value: object) -> int:
 
 @dataclass(slots=True)
 class Admitted:
-    """Who calls, what it asks for and within which limits: known once the call is admitted.
+    """Who calls, what it asks for and within which limits: fixed when the call is admitted, before it
+    goes upstream, and only read after.
 
-    Written before the call goes upstream and only read after: who by `app/access` (`auth` the key or
-    browser token, `attribution` the feature and the end user); what by the route that reads the request
-    (`app/routes/metered.py` for the metered endpoints, `passthrough` for usage it finds in an answer,
-    `responses` for a background response metered as the call that created it); the limits by the
-    admission steps (`app/routes/metered.py`, `app/access/deps.admitted_gateway`).
+    Who: `app/access` (`auth` the key or browser token, `attribution` the feature and the end user). What:
+    the route that reads the request (`app/routes/metered.py` for the metered endpoints). The limits: the
+    admission steps (`app/routes/metered.py`, `app/access/deps.admitted_gateway`). Two routes learn part
+    of it from the answer: `passthrough` the model and endpoint of a call whose answer reports usage, and
+    `responses` the caller of a background response, which is metered as the call that created it.
     """
 
     # Who.
@@ -122,7 +123,7 @@ class Admitted:
 class Outcome:
     """What the call came to: written by `app/proxy` (the upstream client, the relays, the client watch)
     as the call is made, except the status, which the request context takes from the response it sends,
-    and the last three fields, which metering writes once the call is counted."""
+    and the metering's fields at the end, written once the call is counted."""
 
     # The model sent upstream that answered (after aliases and fallbacks), and the one the upstream says
     # it is (e.g. a dated snapshot).
