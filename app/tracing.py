@@ -111,11 +111,11 @@ class Tracing:
                 try:
                     result = await attempt()
                 except BaseException as exc:
-                    span.set_attribute("gateway.attempt", call.attempts)
+                    span.set_attribute("gateway.attempt", call.outcome.attempts)
                     span.set_attribute("error.type", type(exc).__name__)
                     span.set_status(Status(StatusCode.ERROR))
                     raise
-                span.set_attribute("gateway.attempt", call.attempts)
+                span.set_attribute("gateway.attempt", call.outcome.attempts)
                 span.set_attribute("http.response.status_code", result.status)
                 if result.status >= 400:
                     span.set_attribute("error.type", str(result.status))
@@ -155,13 +155,13 @@ class _TracedRequests:
             # An unsampled span (OTEL_TRACES_SAMPLER) records nothing: no attributes are gathered for it.
             if not isinstance(call, CallRecord) or not span.is_recording():
                 span.end()
-            elif call.pending_metering is None or call.pending_metering.done():
+            elif (pending := call.outcome.pending_metering) is None or pending.done():
                 _finish(span, call)
             else:
                 # Counted once a tokenizer is built (a moment later): the span carries the count, and
                 # still ends when the response did.
                 ended = time.time_ns()
-                call.pending_metering.add_done_callback(lambda _: _finish(span, call, ended))
+                pending.add_done_callback(lambda _: _finish(span, call, ended))
 
 
 def _finish(span: Span, call: CallRecord, end_ns: int | None = None) -> None:
@@ -170,45 +170,50 @@ def _finish(span: Span, call: CallRecord, end_ns: int | None = None) -> None:
 
 
 def _describe(span: Span, call: CallRecord) -> None:
+    admitted, outcome = call.admitted, call.outcome
     attributes: dict[str, Any] = {
         "http.request.method": call.method,
-        "http.response.status_code": call.status_code,
+        "http.response.status_code": outcome.status_code,
         "gateway.request_id": call.request_id,
-        "gateway.attempts": call.attempts,
+        "gateway.attempts": outcome.attempts,
     }
-    route = call.route or call.endpoint
+    route = call.route or admitted.endpoint
     if route is not None:
         attributes["http.route"] = route
-    operation = endpoints.operation(call.endpoint)
-    if call.endpoint is not None:
-        attributes["gen_ai.operation.name"] = operation or call.endpoint
+    endpoint = admitted.endpoint
+    operation = endpoints.operation(endpoint)
+    if endpoint is not None:
+        attributes["gen_ai.operation.name"] = operation or endpoint
         attributes["gen_ai.system"] = attributes["gen_ai.provider.name"] = "openai"
-        attributes["gateway.stream"] = call.stream
-        span.update_name(f"{operation or call.endpoint} {call.model}" if call.model else call.endpoint)
+        attributes["gateway.stream"] = admitted.stream
+        span.update_name(f"{operation or endpoint} {admitted.model}" if admitted.model else endpoint)
     elif route is not None:
         span.update_name(f"{call.method} {route}")
-    answered_by = call.upstream_model or call.routed_model
-    usage = call.metered_usage
+    answered_by = outcome.upstream_model or outcome.routed_model
+    usage = outcome.metered_usage
     _put(
         attributes,
         (
-            ("gen_ai.request.model", call.model),
+            ("gen_ai.request.model", admitted.model),
             ("gen_ai.response.model", answered_by),
             ("gen_ai.usage.input_tokens", None if usage is None else usage.prompt_tokens),
             ("gen_ai.usage.output_tokens", None if usage is None else usage.completion_tokens),
             ("gateway.usage.cached_tokens", None if usage is None else usage.cached_tokens),
             ("gateway.usage.reasoning_tokens", None if usage is None else usage.reasoning_tokens),
-            ("gateway.cost_usd", None if call.cost_units is None else call.cost_units * _COST_UNIT_USD),
-            ("gateway.feature", call.feature),
-            ("gateway.user_id", call.user_id),
-            ("gateway.api_key_id", call.api_key_id),
+            (
+                "gateway.cost_usd",
+                None if outcome.cost_units is None else outcome.cost_units * _COST_UNIT_USD,
+            ),
+            ("gateway.feature", admitted.feature),
+            ("gateway.user_id", admitted.user_id),
+            ("gateway.api_key_id", admitted.api_key_id),
             ("gateway.client_request_id", call.client_request_id),
-            ("gateway.client_disconnected", call.client_disconnected or None),
-            ("error.type", call.error_type),
+            ("gateway.client_disconnected", outcome.client_disconnected or None),
+            ("error.type", outcome.error_type),
         ),
     )
     span.set_attributes(attributes)
-    if call.status_code >= 500 or (call.error_type is not None and call.endpoint is not None):
+    if outcome.status_code >= 500 or (outcome.error_type is not None and admitted.endpoint is not None):
         span.set_status(Status(StatusCode.ERROR))
 
 

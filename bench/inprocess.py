@@ -61,7 +61,7 @@ async def measure(phase: str, metering: bool, calls: int, concurrency: int, prof
     async with app.router.lifespan_context(app):  # type: ignore[attr-defined]
 
         async def canned(*_: Any, call: Any, **__: Any) -> UpstreamResponse:
-            call.attempts += 1
+            call.outcome.attempts += 1
             if concurrency > 1:
                 await asyncio.sleep(0)  # as the real client would: other calls run meanwhile
             if phase == "json":

@@ -30,27 +30,28 @@ def _header(value: str, param: str) -> str:
 
 
 def attribute(call: CallRecord, headers: Mapping[str, str], body: Mapping[str, Any] | None) -> None:
-    token = call.browser_token
+    who = call.admitted
+    token = who.browser_token
     if token is not None:
         # Fixed by the backend that minted the token: nothing the page sends can bill another.
-        call.feature, call.user_id = token.feature, token.user_id
+        who.feature, who.user_id = token.feature, token.user_id
         return
     feature = headers.get("x-feature")
-    key = call.key
+    key = who.key
     if feature is not None:
-        call.feature = _header(feature, "X-Feature")
-        if key is not None and key.pin_feature and key.default_feature != call.feature:
+        who.feature = _header(feature, "X-Feature")
+        if key is not None and key.pin_feature and key.default_feature != who.feature:
             raise GatewayError(
                 403,
-                f"This key is pinned to feature '{key.default_feature}'; it cannot bill '{call.feature}'.",
+                f"This key is pinned to feature '{key.default_feature}'; it cannot bill '{who.feature}'.",
                 param="X-Feature",
                 code="feature_pinned",
             )
     elif key is not None:
-        call.feature = key.default_feature
+        who.feature = key.default_feature
     user = headers.get("x-user-id")
     if user is not None:
-        call.user_id = _header(user, "X-User-Id")
+        who.user_id = _header(user, "X-User-Id")
         return
     if body is None:
         return
@@ -58,5 +59,5 @@ def attribute(call: CallRecord, headers: Mapping[str, str], body: Mapping[str, A
     for field in ("user", "safety_identifier"):
         value = body.get(field)
         if isinstance(value, str):
-            call.user_id = _checked(value, field)
+            who.user_id = _checked(value, field)
             return

@@ -90,9 +90,8 @@ async def identify(request: Request, headers: Mapping[str, str], services: Servi
     else:
         principal = await authenticate(presented, services.settings.master_key.get_secret_value(), keys)
     call: CallRecord = request.scope["state"][STATE_KEY]
-    call.key = principal.key
-    call.api_key_id = principal.key_id
-    call.browser_token = principal.token
+    who = call.admitted
+    who.key, who.api_key_id, who.browser_token = principal.key, principal.key_id, principal.token
     return principal
 
 

@@ -89,7 +89,7 @@ async def admitted_gateway(request: Request) -> Gateway:
     attribute(call, gw.headers, None)
     guard = gw.services.guard
     if guard.concerns(call):
-        call.admission = await guard.admit_unpriced(
+        call.admitted.admission = await guard.admit_unpriced(
             call, gw.policy.config, spends=spends(request.method, request.scope["path"])
         )
     return gw

@@ -64,7 +64,7 @@ class RequestContextMiddleware:
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                call.status_code = message["status"]
+                call.outcome.status_code = message["status"]
                 message["headers"] = [*message.get("headers", ()), id_header]
             await send(message)
 
@@ -85,19 +85,20 @@ class RequestContextMiddleware:
 
     @staticmethod
     def _log(call: CallRecord) -> None:
+        admitted, outcome = call.admitted, call.outcome
         access_log.info(
             "request",
             extra={
                 "method": call.method,
                 "path": call.path,
-                "status": call.status_code,
+                "status": outcome.status_code,
                 "latency_ms": round((time.perf_counter() - call.started) * 1000, 2),
-                "attempts": call.attempts,
-                "feature": call.feature,
-                "user": call.user_id,
-                "model": call.model,
-                "stream": call.stream,
-                "client_disconnected": call.client_disconnected,
-                "error_type": call.error_type,
+                "attempts": outcome.attempts,
+                "feature": admitted.feature,
+                "user": admitted.user_id,
+                "model": admitted.model,
+                "stream": admitted.stream,
+                "client_disconnected": outcome.client_disconnected,
+                "error_type": outcome.error_type,
             },
         )

@@ -101,7 +101,8 @@ class Guard:
     def concerns(call: CallRecord) -> bool:
         """Whether any key, feature or user scope applies (admit() would return None otherwise): checked
         first, so a call without one does not pay for a coroutine."""
-        return call.key is not None or call.feature is not None or call.user_id is not None
+        who = call.admitted
+        return who.key is not None or who.feature is not None or who.user_id is not None
 
     @staticmethod
     def charge_to(api_key_id: str | None, feature: str | None, user_id: str | None) -> Admission | None:
@@ -115,8 +116,9 @@ class Guard:
         return Admission((), scopes, 0) if scopes else None
 
     def _caps(self, call: CallRecord, config: GatewayConfig) -> list[tuple[str, Caps]]:
+        admitted = call.admitted
         caps: list[tuple[str, Caps]] = []
-        key = call.key
+        key = admitted.key
         if key is not None:
             caps.append(
                 (
@@ -130,7 +132,7 @@ class Guard:
                     ),
                 )
             )
-        token = call.browser_token
+        token = admitted.browser_token
         if token is not None and (token.rpm_limit is not None or token.budget_usd is not None):
             # A token lives an hour at most: its day's budget is its whole budget (unless it spans
             # midnight UTC).
@@ -140,10 +142,10 @@ class Guard:
                     Caps.model_construct(rpm=token.rpm_limit, budget_daily_usd=token.budget_usd),
                 )
             )
-        if call.feature is not None:
-            caps.append((f"feature:{call.feature}", config.features.get(call.feature) or _NO_CAPS))
-        if call.user_id is not None:
-            caps.append((f"user:{call.user_id}", config.users))
+        if admitted.feature is not None:
+            caps.append((f"feature:{admitted.feature}", config.features.get(admitted.feature) or _NO_CAPS))
+        if admitted.user_id is not None:
+            caps.append((f"user:{admitted.user_id}", config.users))
         return caps
 
     def admit(

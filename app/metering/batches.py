@@ -133,9 +133,9 @@ class BatchMeter:
         self._tracked.append(
             {
                 "batch_id": batch_id,
-                "api_key_id": call.api_key_id,
-                "feature": call.feature,
-                "user_id": call.user_id,
+                "api_key_id": call.admitted.api_key_id,
+                "feature": call.admitted.feature,
+                "user_id": call.admitted.user_id,
                 "created_at": _now(),
                 "status": status if isinstance(status, str) else "validating",
                 "next_poll_at": _now() + timedelta(seconds=self._settings.poll_initial_s),

@@ -239,14 +239,15 @@ class Metrics:
         self.registry.register(_Collected(families))
 
     def observe_request(self, route: str, call: CallRecord, seconds: float) -> None:
+        outcome = call.outcome
         route = self.labels.route(route)
         key = (route,)
-        self.requests.inc((route, str(call.status_code)))
+        self.requests.inc((route, str(outcome.status_code)))
         self.latency.observe(key, seconds)
-        if call.ttfb_s is not None:
-            self.ttfb.observe(key, call.ttfb_s)
-        if call.attempts:
-            self.attempts.inc(key, call.attempts)
+        if outcome.ttfb_s is not None:
+            self.ttfb.observe(key, outcome.ttfb_s)
+        if outcome.attempts:
+            self.attempts.inc(key, outcome.attempts)
 
     def observe_usage(
         self, model: str, upstream_model: str, feature: str, usage: Usage, cost_units: int | None

@@ -50,15 +50,16 @@ class Meter:
         self._building: set[asyncio.Task[None]] = set()
 
     def finish(self, scope: Scope, call: CallRecord) -> None:
-        route = call.route or call.endpoint or getattr(scope.get("route"), "path", None) or "unmatched"
+        admitted, outcome = call.admitted, call.outcome
+        route = call.route or admitted.endpoint or getattr(scope.get("route"), "path", None) or "unmatched"
         elapsed = time.perf_counter() - call.started
         self.metrics.observe_request(route, call, elapsed)
-        if call.endpoint is None or (call.metered_only_with_usage and call.usage is None):
+        if admitted.endpoint is None or (admitted.metered_only_with_usage and outcome.usage is None):
             # Nothing to meter: what the call's budgets hold for it goes all the same.
-            if call.admission is not None:
-                self.guard.release(call.admission)
+            if admitted.admission is not None:
+                self.guard.release(admitted.admission)
             return
-        if self.recorder is None and call.admission is None:
+        if self.recorder is None and admitted.admission is None:
             return
         # The prices the call was admitted under (app.live_config), whatever a reload has put in force since.
         config: LiveConfig = scope["state"].get(SCOPE_KEY) or self.config.current
@@ -83,7 +84,7 @@ class Meter:
             except Exception:
                 log.exception("metering failed")
 
-        task = call.pending_metering = asyncio.get_running_loop().create_task(build_then_record())
+        task = call.outcome.pending_metering = asyncio.get_running_loop().create_task(build_then_record())
         self._building.add(task)
         task.add_done_callback(self._building.discard)
 
@@ -93,18 +94,19 @@ class Meter:
             await asyncio.wait(set(self._building), timeout=timeout_s)
 
     def _record(self, call: CallRecord, prices: PriceTable, elapsed: float) -> None:
+        admitted, outcome = call.admitted, call.outcome
         usage, source = usage_of(call)
         # Priced by the model that answered (a dated snapshot resolves to its family), at the rates of the
         # service tier its answer reported.
-        model = call.upstream_model or call.routed_model or call.model
-        priced = price_usage(prices, model, rate_tier(call.service_tier), usage)
+        model = outcome.upstream_model or outcome.routed_model or admitted.model
+        priced = price_usage(prices, model, rate_tier(outcome.service_tier), usage)
         cost = priced.cost_units
-        call.metered_usage, call.cost_units = usage, cost
-        if call.admission is not None:
-            self.guard.settle(call.admission, usage.total_tokens, cost_to_usd(cost))
+        outcome.metered_usage, outcome.cost_units = usage, cost
+        if admitted.admission is not None:
+            self.guard.settle(admitted.admission, usage.total_tokens, cost_to_usd(cost))
         if self.recorder is not None:
-            self.metrics.observe_usage(call.model or "", model or "", call.feature or "", usage, cost)
-            self.recorder.submit(event_line(call, usage, source, priced, call.service_tier, elapsed))
+            self.metrics.observe_usage(admitted.model or "", model or "", admitted.feature or "", usage, cost)
+            self.recorder.submit(event_line(call, usage, source, priced, outcome.service_tier, elapsed))
 
 
 def meter_call(meter: Meter, scope: Scope, call: CallRecord) -> None:

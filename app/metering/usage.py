@@ -18,24 +18,26 @@ def estimated_with(call: CallRecord) -> str | None:
     """The model whose tokenizer counts the call's tokens, when the gateway must count them itself: the
     upstream did (or may have) generated tokens without saying how many — a 2xx without usage, a call
     the client abandoned, or a stream the upstream broke off after some output. None otherwise."""
-    if call.usage is not None or (
-        call.status_code >= 400 and not call.completion_parts and not call.client_disconnected
+    admitted, outcome = call.admitted, call.outcome
+    if outcome.usage is not None or (
+        outcome.status_code >= 400 and not outcome.completion_parts and not outcome.client_disconnected
     ):
         return None
-    return call.upstream_model or call.routed_model or call.model or ""
+    return outcome.upstream_model or outcome.routed_model or admitted.model or ""
 
 
 def _estimate(call: CallRecord, model: str) -> Usage:
     """Count tokens ourselves: the upstream sent no usage, or the client left before it came."""
-    body: dict[str, Any] = call.request_body or {}
+    admitted, outcome = call.admitted, call.outcome
+    body: dict[str, Any] = admitted.request_body or {}
     try:
-        asked = endpoints.metered(call.endpoint or "").dialect.prompt(body)
+        asked = endpoints.metered(admitted.endpoint or "").dialect.prompt(body)
         prompt = (
             tokens.count_chat_prompt(model, asked.chat)
             if asked.chat is not None
             else tokens.count_input(model, asked.input)
         )
-        completion = tokens.count_text(model, "".join(call.completion_parts))
+        completion = tokens.count_text(model, "".join(outcome.completion_parts))
     except Exception:  # counting must never lose the event; a row with zero tokens is still a row
         log.warning("token estimation failed", exc_info=True)
         return Usage()
@@ -44,8 +46,9 @@ def _estimate(call: CallRecord, model: str) -> Usage:
 
 def usage_of(call: CallRecord) -> tuple[Usage, UsageSource]:
     """The call's tokens and where they come from."""
-    if call.usage is not None:
-        return call.usage, "upstream"
+    outcome = call.outcome
+    if outcome.usage is not None:
+        return outcome.usage, "upstream"
     model = estimated_with(call)
     if model is not None:
         return _estimate(call, model), "estimated"
@@ -58,19 +61,20 @@ def event_line(
 ) -> bytes:
     """The call's usage event as the recorder's line (events.py), built straight from the call: the
     fields positionally, in UsageEvent's order. `elapsed_s`: from the call's start to its end."""
+    admitted, outcome = call.admitted, call.outcome
     return line(
         (
-            call.usage_key or call.request_id,
-            round(call.created_at * 1_000_000),
-            call.api_key_id,
-            call.feature,
-            call.user_id,
-            call.endpoint,
-            call.model,
-            call.upstream_model or call.routed_model,
-            call.stream,
-            call.status_code,
-            call.attempts,
+            outcome.usage_key or call.request_id,
+            round((outcome.usage_created_at or call.created_at) * 1_000_000),
+            admitted.api_key_id,
+            admitted.feature,
+            admitted.user_id,
+            admitted.endpoint,
+            admitted.model,
+            outcome.upstream_model or outcome.routed_model,
+            admitted.stream,
+            outcome.status_code,
+            outcome.attempts,
             usage.prompt_tokens,
             usage.completion_tokens,
             usage.total_tokens,
@@ -79,11 +83,11 @@ def event_line(
             source,
             priced.cost_units,
             round(elapsed_s * 1000),
-            None if call.ttfb_s is None else round(call.ttfb_s * 1000),
-            call.error_type,
-            call.prompt_truncated,
+            None if outcome.ttfb_s is None else round(outcome.ttfb_s * 1000),
+            outcome.error_type,
+            admitted.prompt_truncated,
             call.client_request_id,
-            None if call.admission is None else call.admission.reserved_units,
+            None if admitted.admission is None else admitted.admission.reserved_units,
             tier,
             priced.price_key,
             priced.price_version,
@@ -91,7 +95,7 @@ def event_line(
             usage.audio_completion_tokens,
             usage.image_prompt_tokens,
             usage.image_completion_tokens,
-            None if call.browser_token is None else call.browser_token.id,
+            None if admitted.browser_token is None else admitted.browser_token.id,
         )
     )
 

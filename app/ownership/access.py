@@ -178,7 +178,7 @@ class Caller:
 
     async def record(self, resource_ids: list[str], kind: str) -> None:
         if resource_ids:
-            await self.store.record(resource_ids, kind, self.key_id, self.call.feature)
+            await self.store.record(resource_ids, kind, self.key_id, self.call.admitted.feature)
 
 
 def caller(gw: Gateway) -> Caller | None:

@@ -32,7 +32,8 @@ class BackgroundResponses:
         self._capacity = capacity
 
     def remember(self, response_id: str, call: CallRecord, upstream: str) -> None:
-        self._origins[response_id] = Origin(call.feature, call.user_id, call.api_key_id, call.model, upstream)
+        who = call.admitted
+        self._origins[response_id] = Origin(who.feature, who.user_id, who.api_key_id, who.model, upstream)
         _trim(self._origins, self._capacity)
 
     def origin(self, response_id: str) -> Origin | None:

@@ -65,5 +65,5 @@ class ClientWatch:
     async def _watch(receive: Receive, call: CallRecord) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-        call.client_disconnected = True
-        call.error_type = "client_disconnected"
+        call.outcome.client_disconnected = True
+        call.outcome.error_type = "client_disconnected"

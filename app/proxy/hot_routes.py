@@ -43,7 +43,7 @@ class HotRoutes:
             answer = error_response(exc)
             if answer is None:
                 if call is not None:
-                    call.client_disconnected = True
+                    call.outcome.client_disconnected = True
                 return
             response = answer
         await response(scope, receive, send)

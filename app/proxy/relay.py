@@ -37,7 +37,7 @@ MODEL_HEADER = "x-gateway-model"
 
 def answer_headers(upstream: UpstreamClient, response: UpstreamResponse, call: CallRecord) -> dict[str, str]:
     """The headers every relayed answer carries: the upstream's that clients read, and the attempts."""
-    return {**upstream.relay_headers(response), ATTEMPTS_HEADER: str(call.attempts)}
+    return {**upstream.relay_headers(response), ATTEMPTS_HEADER: str(call.outcome.attempts)}
 
 
 def upstream_error(
@@ -48,10 +48,10 @@ def upstream_error(
     dialect: Dialect = openai.JSON,
 ) -> Response:
     """The upstream's error, relayed: its status, body and rate-limit headers; `dialect` classifies it."""
-    attempts = {ATTEMPTS_HEADER: str(call.attempts)}
+    attempts = {ATTEMPTS_HEADER: str(call.outcome.attempts)}
     if response.status == 401:
         # The caller's key was accepted by the gateway; a 401 would blame it for the gateway's own key.
-        call.error_type = "upstream_auth"
+        call.outcome.error_type = "upstream_auth"
         where = whereabouts(target)
         unset = "" if where.key_set else " (it is not set)"
         raise GatewayError(
@@ -61,7 +61,7 @@ def upstream_error(
             code="upstream_auth_failed",
             headers={**attempts, "x-should-retry": "false"},
         )
-    call.error_type = dialect.error_type(response.status, response.body)
+    call.outcome.error_type = dialect.error_type(response.status, response.body)
     return RelayedResponse(
         response.body,
         response.status,
@@ -71,12 +71,12 @@ def upstream_error(
 
 
 def unavailable(upstream: UpstreamClient, exc: UpstreamUnavailable, call: CallRecord) -> GatewayError:
-    call.error_type = f"upstream_{exc.kind}"
-    headers = {ATTEMPTS_HEADER: str(call.attempts)}
+    call.outcome.error_type = f"upstream_{exc.kind}"
+    headers = {ATTEMPTS_HEADER: str(call.outcome.attempts)}
     if upstream.suppress_client_retries:
         headers["x-should-retry"] = "false"
     return GatewayError(
-        504 if exc.kind == "timeout" else 502, str(exc), code=call.error_type, headers=headers
+        504 if exc.kind == "timeout" else 502, str(exc), code=call.outcome.error_type, headers=headers
     )
 
 
@@ -155,21 +155,21 @@ async def forward(
                     keep_open=keep_open,
                 )
             except UpstreamUnavailable as exc:
-                if call.client_disconnected:
+                if call.outcome.client_disconnected:
                     return _abandoned()
                 if last:
                     raise unavailable(upstream, exc, call) from None
                 log.warning("falling back", extra={"from_model": candidate.model, "reason": exc.kind})
                 continue
-            if call.client_disconnected:
-                call.routed_model = candidate.model
+            if call.outcome.client_disconnected:
+                call.outcome.routed_model = candidate.model
                 return await _abandoned_answer(call, response, dialect)
             if response.status >= 400:
                 if last or not _falls_back(response):
                     return upstream_error(upstream, candidate.target, response, call, dialect)
                 log.warning("falling back", extra={"from_model": candidate.model, "reason": response.status})
                 continue
-            call.routed_model = candidate.model
+            call.outcome.routed_model = candidate.model
             return _answer(upstream, call, response, dialect, inspector)
         raise AssertionError("forward() needs at least one candidate")
     finally:
@@ -181,7 +181,7 @@ async def kept_alive(
 ) -> Response:
     """A stream's answer sent with keep-alive comments while it is awaited (KeepAliveResponse), unless
     they are off (GATEWAY_SSE_KEEPALIVE_S=0); any other answer, awaited here."""
-    if call.stream and keepalives.interval_s:
+    if call.admitted.stream and keepalives.interval_s:
         return KeepAliveResponse(answer, call, keepalives)
     return await answer
 
@@ -197,7 +197,7 @@ async def _abandoned_answer(call: CallRecord, response: UpstreamResponse, dialec
     if response.stream is not None:
         await response.stream.close()
     elif response.status < 400:
-        dialect.read_answer(call, response.body)
+        dialect.read_answer(call.outcome, response.body)
     return _abandoned()
 
 
@@ -208,9 +208,9 @@ def _answer(
     dialect: Dialect,
     inspector: Callable[[], EventInspector] | None,
 ) -> Response:
-    headers = {**answer_headers(upstream, response, call), MODEL_HEADER: call.routed_model or ""}
+    headers = {**answer_headers(upstream, response, call), MODEL_HEADER: call.outcome.routed_model or ""}
     if response.stream is None:
-        dialect.read_answer(call, response.body)
+        dialect.read_answer(call.outcome, response.body)
         call.mark_first_byte()
         return RelayedResponse(
             response.body,

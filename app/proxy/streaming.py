@@ -312,7 +312,7 @@ class EventRelayResponse(Response):
                     "upstream_stream_incomplete",
                 )
         except asyncio.CancelledError:
-            call.client_disconnected = True
+            call.outcome.client_disconnected = True
             raise
         except TimeoutError:
             # After the end of the answer only the drain to the upstream's end failed: nothing is missing.
@@ -329,7 +329,7 @@ class EventRelayResponse(Response):
             await keepalive.pause()
         if not watch.ended:
             if failure is not None:
-                call.error_type = failure[1]
+                call.outcome.error_type = failure[1]
             body = _error_event(*failure) if failure is not None else b""
             if given:
                 body = b"\n\n" + body
@@ -394,12 +394,12 @@ class KeepAliveResponse(Response):
                 return
             await keepalive.pause()
             if response is None:
-                self.call.client_disconnected = True
+                self.call.outcome.client_disconnected = True
             elif not keepalive.started:
                 await response(scope, receive, send)
             else:
                 # The client saw a 200; the row keeps the status the call really ended with.
-                self.call.status_code = response.status_code
+                self.call.outcome.status_code = response.status_code
                 await send(
                     {"type": "http.response.body", "body": _failure_event(response), "more_body": False}
                 )

@@ -357,10 +357,10 @@ class UpstreamClient:
         else:
             url = target.base_url + path + target.query
         headers = {**headers, **target.headers}
-        deadline = call.upstream_deadline
+        deadline = call.outcome.upstream_deadline
         fresh = deadline is None
         if deadline is None:
-            deadline = call.upstream_deadline = time.perf_counter() + self._deadline_s
+            deadline = call.outcome.upstream_deadline = time.perf_counter() + self._deadline_s
 
         async def attempt() -> UpstreamResponse:
             nonlocal fresh
@@ -369,7 +369,7 @@ class UpstreamClient:
             fresh = False
             if budget <= 0:  # a fallback after the deadline (the policy starts no retry past it)
                 raise TimeoutError("the call's deadline has passed")
-            call.attempts += 1
+            call.outcome.attempts += 1
             builder = client.request(method, url).headers(headers)
             if not isinstance(body, bytes):
                 builder = builder.body_stream(body)
@@ -396,10 +396,10 @@ class UpstreamClient:
             result = await self.policy.run(run, deadline=deadline, replayable=replayable)
         except TimeoutError as exc:  # pyreqwest's timeouts are TimeoutErrors
             raise UpstreamUnavailable(
-                "timeout", f"upstream timed out after {call.attempts} attempt(s)"
+                "timeout", f"upstream timed out after {call.outcome.attempts} attempt(s)"
             ) from exc
         except (PyreqwestError, OSError) as exc:
-            raise UpstreamUnavailable("connect", unreachable(target, call.attempts, exc)) from exc
+            raise UpstreamUnavailable("connect", unreachable(target, call.outcome.attempts, exc)) from exc
         return result
 
     async def _exchange(

@@ -45,7 +45,8 @@ def _check_body(body: dict[str, Any]) -> None:
 async def chat_completions(request: Request, gw: GatewayDep) -> Response:
     call, who = gw.call, caller(gw)
     metered = await read_metered(request, gw, CHAT, _check_body, body_check(who, "chat/completions"))
-    payload = CHAT.dialect.payload(metered.raw, metered.body, modified=metered.modified, stream=call.stream)
+    stream = call.admitted.stream
+    payload = CHAT.dialect.payload(metered.raw, metered.body, modified=metered.modified, stream=stream)
 
     async def answer() -> Response:
         response = await forward(
@@ -56,7 +57,7 @@ async def chat_completions(request: Request, gw: GatewayDep) -> Response:
             payload=payload,
             dialect=CHAT.dialect,
             client_headers=gw.headers,
-            inspector=(lambda: CHAT.dialect.inspector(call, payload)) if call.stream else None,
+            inspector=(lambda: CHAT.dialect.inspector(call.outcome, payload)) if stream else None,
             receive=request.receive,
             clients=gw.services.client_watch,
         )

@@ -24,7 +24,7 @@ def _entry(model: str, owner: str) -> dict[str, Any]:
 
 
 def _listing(policy: Policy, upstream_models: list[dict[str, Any]], call: CallRecord) -> list[dict[str, Any]]:
-    allowed = policy.allowed_models(call.feature, call.key)
+    allowed = policy.allowed_models(call.admitted.feature, call.admitted.key)
     models = {m["id"]: m for m in upstream_models if isinstance(m, dict) and isinstance(m.get("id"), str)}
     for name, route in policy.config.models.items():
         models.setdefault(name, _entry(name, route.upstreams[0].upstream))
@@ -54,7 +54,7 @@ async def list_models(request: Request, gw: GatewayDep) -> Response:
 @router.get("/v1/models/{model:path}")
 async def retrieve_model(request: Request, model: str, gw: GatewayDep) -> Response:
     policy, upstream, call = gw.policy, gw.upstream, gw.call
-    allowed = policy.allowed_models(call.feature, call.key)
+    allowed = policy.allowed_models(call.admitted.feature, call.admitted.key)
     if allowed is not None and policy.resolve(model) not in allowed:
         raise GatewayError(
             404,

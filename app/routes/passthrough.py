@@ -107,11 +107,11 @@ def _meter_json(call: CallRecord, path: str, request_body: bytes | None, answer:
         # Learned after the call was answered, so not refused: a name no row can hold is left out, and
         # the row names the model the upstream says answered.
         if model is not None and is_model_name(model):
-            call.model = model
-    dialect.read_answer(call, answer)
-    if call.usage is not None:
+            call.admitted.model = model
+    dialect.read_answer(call.outcome, answer)
+    if call.outcome.usage is not None:
         # Bounded as a model name is; no endpoint that reports usage comes near it.
-        call.endpoint = endpoint.path[:MAX_MODEL_CHARS]
+        call.admitted.endpoint = endpoint.path[:MAX_MODEL_CHARS]
 
 
 @router.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])

@@ -46,7 +46,8 @@ def _parsed(body: bytes) -> dict[str, Any] | None:
 async def create_response(request: Request, gw: GatewayDep) -> Response:
     call, who = gw.call, caller(gw)
     metered = await read_metered(request, gw, RESPONSES, owned=body_check(who, "responses"))
-    payload = RESPONSES.dialect.payload(metered.raw, metered.body, modified=False, stream=call.stream)
+    stream = call.admitted.stream
+    payload = RESPONSES.dialect.payload(metered.raw, metered.body, modified=False, stream=stream)
 
     async def answer() -> Response:
         response = await forward(
@@ -57,7 +58,7 @@ async def create_response(request: Request, gw: GatewayDep) -> Response:
             payload=payload,
             dialect=RESPONSES.dialect,
             client_headers=gw.headers,
-            inspector=(lambda: RESPONSES.dialect.inspector(call, payload)) if call.stream else None,
+            inspector=(lambda: RESPONSES.dialect.inspector(call.outcome, payload)) if stream else None,
             receive=request.receive,
             clients=gw.services.client_watch,
         )
@@ -65,18 +66,19 @@ async def create_response(request: Request, gw: GatewayDep) -> Response:
         return response
 
     response = await kept_alive(answer(), call, gw.services.keepalives)
-    if metered.body.get("background") is True and not call.stream and response.status_code < 300:
+    if metered.body.get("background") is True and not call.admitted.stream and response.status_code < 300:
         created = _parsed(bytes(response.body))
         if created is not None and isinstance(created.get("id"), str) and created.get("status") not in _FINAL:
             # Queued: nothing to meter yet. The poll that finds it complete meters it, for this caller.
-            target = next(c.target for c in metered.candidates if c.model == call.routed_model)
+            target = next(c.target for c in metered.candidates if c.model == call.outcome.routed_model)
             _registry(request).remember(created["id"], call, target.name)
-            call.endpoint = None
+            call.admitted.endpoint = None
     return response
 
 
 async def _follow(request: Request, response_id: str, method: str, suffix: str, gw: Gateway) -> Response:
     policy, upstream, call = gw.policy, gw.upstream, gw.call
+    admitted, outcome = call.admitted, call.outcome
     guard: Guard = gw.services.guard
     await admit(caller(gw), method, f"responses/{response_id}{suffix}", "")
     registry = _registry(request)
@@ -97,10 +99,10 @@ async def _follow(request: Request, response_id: str, method: str, suffix: str, 
     if origin is not None:
         # Metered as its creator's call: this poll's admission, for the poller's scopes, must not be
         # charged with the creator's cost.
-        if call.admission is not None:
-            guard.release(call.admission)
-        call.admission = None
-        call.feature, call.user_id, call.api_key_id, call.model = (
+        if admitted.admission is not None:
+            guard.release(admitted.admission)
+        admitted.admission = None
+        admitted.feature, admitted.user_id, admitted.api_key_id, admitted.model = (
             origin.feature,
             origin.user_id,
             origin.api_key_id,
@@ -109,11 +111,11 @@ async def _follow(request: Request, response_id: str, method: str, suffix: str, 
     headers = answer_headers(upstream, answer, call)
     if answer.stream is not None:
         # A resumed background stream: metered only if it reaches the end, under the response id.
-        call.endpoint, call.stream, call.metered_only_with_usage = ENDPOINT, True, True
+        admitted.endpoint, admitted.stream, admitted.metered_only_with_usage = ENDPOINT, True, True
         return EventRelayResponse(
             answer,
             call,
-            RESPONSES.dialect.inspector(call, None),
+            RESPONSES.dialect.inspector(call.outcome, None),
             headers,
             upstream.max_event_bytes,
             keepalives=gw.services.keepalives,
@@ -128,10 +130,10 @@ async def _follow(request: Request, response_id: str, method: str, suffix: str, 
     ):
         if origin is not None:
             # Charged once to the budgets of the call that created it (a resumed stream's end is not).
-            call.admission = guard.charge_to(origin.api_key_id, origin.feature, origin.user_id)
-        learn_response(call, found)
-        call.endpoint = ENDPOINT
-        call.model = call.model or call.upstream_model
+            admitted.admission = guard.charge_to(origin.api_key_id, origin.feature, origin.user_id)
+        learn_response(outcome, found)
+        admitted.endpoint = ENDPOINT
+        admitted.model = admitted.model or outcome.upstream_model
     return Response(answer.body, status_code=answer.status, headers=headers, media_type="application/json")
 
 

@@ -30,7 +30,7 @@ class Outcome(Protocol):
     # An answer that is its own object upstream (a background response) is metered under its id, once,
     # with its own creation time.
     usage_key: str | None
-    created_at: float
+    usage_created_at: float | None
 
 
 class EventInspector(Protocol):

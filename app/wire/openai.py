@@ -403,7 +403,7 @@ def learn_response(outcome: Outcome, response: dict[str, Any]) -> None:
         if isinstance(created, int | float) and not isinstance(created, bool) and created > 0:
             # The row's created_at is the response's own, whichever poll meters it: with the id, the key
             # that keeps a response to one row however many processes see it finished.
-            outcome.created_at = float(created)
+            outcome.usage_created_at = float(created)
 
 
 class JsonAnswers:

@@ -26,7 +26,7 @@ def _samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
 def test_histogram_buckets_are_cumulative_and_inclusive() -> None:
     metrics = Metrics()
     call = CallRecord(request_id="r", method="POST", path="/v1/chat/completions")
-    call.status_code, call.attempts = 200, 2
+    call.outcome.status_code, call.outcome.attempts = 200, 2
     for seconds in (0.005, 0.007, 0.3, 400.0):
         metrics.observe_request("/v1/chat/completions", call, seconds)
     samples = _samples(metrics)
@@ -54,7 +54,7 @@ def test_workers_merge_counters_by_sum_and_shared_gauges_once(tmp_path: Path) ->
     metrics = Metrics()
     metrics.share(tmp_path)
     call = CallRecord(request_id="r", method="POST", path="/v1/chat/completions")
-    call.status_code, call.attempts = 200, 1
+    call.outcome.status_code, call.outcome.attempts = 200, 1
     metrics.observe_request("/v1/chat/completions", call, 0.01)
     other = [
         [

@@ -729,10 +729,13 @@ def test_events_round_trip_through_lines_and_older_spool_lines_still_read() -> N
 def test_the_request_paths_line_holds_each_field_where_usage_event_has_it() -> None:
     call = CallRecord(request_id="req_1", method="POST", path="/v1/chat/completions")
     call.created_at = datetime(2026, 5, 4, 3, 2, 1, 123456, tzinfo=UTC).timestamp()
-    call.client_request_id, call.api_key_id, call.feature, call.user_id = "mine", "key_9", "f", "u"
-    call.endpoint, call.model, call.upstream_model, call.stream = "/v1/chat/completions", "m", "um", True
-    call.status_code, call.attempts, call.ttfb_s, call.error_type = 206, 3, 0.0421, "e"
-    call.prompt_truncated = True
+    admitted, outcome = call.admitted, call.outcome
+    call.client_request_id = "mine"
+    admitted.api_key_id, admitted.feature, admitted.user_id = "key_9", "f", "u"
+    admitted.endpoint, admitted.model, admitted.stream = "/v1/chat/completions", "m", True
+    outcome.upstream_model = "um"
+    outcome.status_code, outcome.attempts, outcome.ttfb_s, outcome.error_type = 206, 3, 0.0421, "e"
+    admitted.prompt_truncated = True
     usage = Usage(33, 22, 55, 4, 5, 6, 7, 8, 9)
     priced = Priced(777, "m@flex", "2026-11-05")
     event = UsageEvent.from_line(event_line(call, usage, "estimated", priced, "flex", 1.5))

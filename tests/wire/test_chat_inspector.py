@@ -57,18 +57,18 @@ def test_every_grouping_of_reads_relays_and_meters_the_same(shape: str, client_w
         expected = expected.replace(USAGE_CHUNK.replace(b',"usage":null', b""), b"")
     for reads in _groupings(events):
         call = CallRecord(request_id="r", method="POST", path="/v1/chat/completions")
-        inspector = ChatChunkInspector(call, client_wants_usage)
+        inspector = ChatChunkInspector(call.outcome, client_wants_usage)
         relayed = b"".join(inspector.relay(read) for read in reads)
         inspector.finish()
         assert relayed == expected, reads
         assert inspector.done
-        assert call.upstream_model == MODEL
+        assert call.outcome.upstream_model == MODEL
         if USAGE_CHUNK in events:
-            assert call.usage == usage_of(USAGE)
-            assert call.completion_parts == []
+            assert call.outcome.usage == usage_of(USAGE)
+            assert call.outcome.completion_parts == []
         else:
-            assert call.usage is None
-            assert "".join(call.completion_parts) == "".join(WORDS)
+            assert call.outcome.usage is None
+            assert "".join(call.outcome.completion_parts) == "".join(WORDS)
 
 
 @pytest.mark.parametrize("model", ['odd "quoted" model', "back\\slash", "ünïcødé-模型"])
@@ -77,7 +77,7 @@ def test_the_model_is_learned_exactly_whatever_its_name(model: str) -> None:
         chunk.replace(orjson.dumps(MODEL), orjson.dumps(model)) for chunk in (FIRST, *ORDINARY, USAGE_CHUNK)
     ]
     call = CallRecord(request_id="r", method="POST", path="/v1/chat/completions")
-    inspector = ChatChunkInspector(call, client_wants_usage=True)
+    inspector = ChatChunkInspector(call.outcome, client_wants_usage=True)
     assert inspector.relay(b"".join([*events, DONE])) == b"".join([*events, DONE])
-    assert call.upstream_model == model
-    assert call.usage == usage_of(USAGE)
+    assert call.outcome.upstream_model == model
+    assert call.outcome.usage == usage_of(USAGE)

@@ -51,12 +51,12 @@ def test_a_json_answer_gives_model_usage_and_tier() -> None:
         "choices": [{"message": {"content": "hi"}}],
         "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
     }
-    assert openai.CHAT.read_answer(call, orjson.dumps(answer)) == answer
-    assert call.upstream_model == "gpt-4o-2024-08-06"
-    assert call.usage == Usage(3, 1, 4)
-    assert call.service_tier == "flex"
+    assert openai.CHAT.read_answer(call.outcome, orjson.dumps(answer)) == answer
+    assert call.outcome.upstream_model == "gpt-4o-2024-08-06"
+    assert call.outcome.usage == Usage(3, 1, 4)
+    assert call.outcome.service_tier == "flex"
     # The usage counts the completion: no text kept for counting it.
-    assert call.completion_parts == []
+    assert call.outcome.completion_parts == []
 
 
 def test_a_json_answer_without_usage_keeps_its_text() -> None:
@@ -66,18 +66,18 @@ def test_a_json_answer_without_usage_keeps_its_text() -> None:
         "tool_calls": [{"function": {"name": "lookup", "arguments": '{"q":1}'}}],
     }
     answer = {"model": "m", "service_tier": "x" * 33, "choices": [{"message": message}, "junk"]}
-    openai.JSON.read_answer(call, orjson.dumps(answer))
-    assert call.usage is None
-    assert call.completion_parts == ["Hello", "lookup", '{"q":1}']
+    openai.JSON.read_answer(call.outcome, orjson.dumps(answer))
+    assert call.outcome.usage is None
+    assert call.outcome.completion_parts == ["Hello", "lookup", '{"q":1}']
     # Not read without usage, and bounded anyway: it is stored.
-    assert call.service_tier is None
+    assert call.outcome.service_tier is None
 
 
 @pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b'"text"'])
 def test_an_answer_that_is_no_object_teaches_nothing(body: bytes) -> None:
     call = _call()
-    assert openai.JSON.read_answer(call, body) is None
-    assert call.usage is None and call.upstream_model is None
+    assert openai.JSON.read_answer(call.outcome, body) is None
+    assert call.outcome.usage is None and call.outcome.upstream_model is None
 
 
 @pytest.mark.parametrize(
@@ -149,16 +149,16 @@ def test_the_include_usage_chunk_is_read_and_kept_from_a_client_that_did_not_ask
         }
     )
     call = _call()
-    inspector = openai.CHAT.inspector(call, Payload(b"{}", {}, client_wants_usage=False))
+    inspector = openai.CHAT.inspector(call.outcome, Payload(b"{}", {}, client_wants_usage=False))
     relayed = inspector.relay(first + text + usage + b"data: [DONE]\n\n")
     inspector.finish()
     assert relayed == (first + text).replace(b',"usage":null', b"") + b"data: [DONE]\n\n"
     assert inspector.done
-    assert call.usage == Usage(5, 1, 6)
-    assert call.service_tier == "default"
-    assert call.upstream_model == "gpt-4o-mini-2024-07-18"
+    assert call.outcome.usage == Usage(5, 1, 6)
+    assert call.outcome.service_tier == "default"
+    assert call.outcome.upstream_model == "gpt-4o-mini-2024-07-18"
     # A resumed stream (nothing the gateway asked for) is relayed as it came.
-    resumed = openai.CHAT.inspector(_call(), None)
+    resumed = openai.CHAT.inspector(_call().outcome, None)
     assert resumed.relay(first + usage) == first + usage
 
 
@@ -185,30 +185,30 @@ def test_responses_events_give_usage_from_the_terminal_event() -> None:
         ),
     ]
     call = _call()
-    inspector = openai.RESPONSES.inspector(call, None)
+    inspector = openai.RESPONSES.inspector(call.outcome, None)
     stream = b"".join(events)
     # Anything after the terminal event is not part of the answer.
     assert inspector.relay(stream + _event("response.output_text.delta", {"delta": "late"})) == stream
     assert inspector.done
-    assert call.upstream_model == "gpt-4.1-2025-04-14"
-    assert call.usage == Usage(9, 2, 11)
-    assert call.service_tier == "priority"
-    assert call.completion_parts == ["Hel", "lo"]
-    assert call.usage_key is None
+    assert call.outcome.upstream_model == "gpt-4.1-2025-04-14"
+    assert call.outcome.usage == Usage(9, 2, 11)
+    assert call.outcome.service_tier == "priority"
+    assert call.outcome.completion_parts == ["Hel", "lo"]
+    assert call.outcome.usage_key is None
 
 
 def test_a_responses_error_event_ends_the_stream_without_usage() -> None:
     call = _call()
-    inspector = openai.RESPONSES.inspector(call, None)
+    inspector = openai.RESPONSES.inspector(call.outcome, None)
     error = _event("error", {"code": "server_error", "message": "boom"})
     assert inspector.relay(_event("response.output_text.delta", {"delta": "x"}) + error).endswith(error)
-    assert inspector.done and call.usage is None and call.completion_parts == ["x"]
+    assert inspector.done and call.outcome.usage is None and call.outcome.completion_parts == ["x"]
 
 
 def test_a_background_response_is_keyed_by_its_id_and_creation_time() -> None:
     call = _call()
     openai.learn_response(
-        call,
+        call.outcome,
         {
             "id": "resp_bg",
             "background": True,
@@ -217,9 +217,9 @@ def test_a_background_response_is_keyed_by_its_id_and_creation_time() -> None:
             "usage": {"input_tokens": 1, "output_tokens": 1},
         },
     )
-    assert call.usage_key == "resp_bg"
-    assert call.created_at == 1_700_000_000.0
-    assert call.usage == Usage(1, 1, 2)
+    assert call.outcome.usage_key == "resp_bg"
+    assert call.outcome.usage_created_at == 1_700_000_000.0
+    assert call.outcome.usage == Usage(1, 1, 2)
 
 
 def test_prompts_in_the_shape_the_tokenizer_counts() -> None:
