@@ -8,8 +8,9 @@ every AFTER_S starts a watcher for each call that has been waiting since the swe
 leaves is noticed within 2 x AFTER_S, and a call answered sooner never gets a watcher at all.
 
 The watcher marks the call (`client_disconnected`, `error_type`); it does not cancel it. The upstream client
-(pyreqwest 0.15.1) cannot abort a request still waiting for its answer's head: cancelling the await
-detaches the request, which runs on — and is billed — until the upstream answers. So the call waits for
+(pyreqwest 0.15.1) cannot abort a request still waiting for its answer's head (or a stream's first bytes,
+which pyreqwest reads in the same task): cancelling the await detaches the request, which runs on — and is
+billed — until the upstream answers (tests/security/test_upstream_abort.py). So the call waits for
 that answer too, and its row carries the tokens the upstream billed rather than a guess; the relay then
 answers nobody (499) and closes a stream at once.
 """
