@@ -1,9 +1,11 @@
-# syntax=docker/dockerfile:1
 # Two stages: the build stage installs the locked dependencies and the gateway's own wheel into a venv;
 # the image gets that venv, the migrations and nothing else (no compiler, no source tree, no build tools).
 # Every dependency is the exact version in requirements.lock, each file checked against its hash, so the
 # same commit builds the same environment. For a byte-stable base too, pin it by digest:
 # docker build --build-arg PYTHON_IMAGE=python:3.11-slim@sha256:<digest> .
+# No `# syntax=` line: the builder's own Dockerfile frontend reads this file, so a build fetches no
+# frontend image and works wherever the base image can be had (deploy/debian-python-base.sh makes one
+# from Debian's packages where Docker Hub cannot be reached).
 ARG PYTHON_IMAGE=python:3.11-slim
 
 FROM ${PYTHON_IMAGE} AS build
