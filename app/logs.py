@@ -1,4 +1,5 @@
-"""JSON log lines, each carrying the request id of the request that wrote it."""
+"""JSON log lines, each carrying the request id of the request that wrote it; the access log's line, one a
+request, written without the logging machinery when nothing but the gateway's own handler would see it."""
 
 from __future__ import annotations
 
@@ -17,11 +18,24 @@ request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 _RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
 
 
+# The last second formatted, and its text: every line within a second starts the same.
+_last_second: tuple[int, str] = (-1, "")
+
+
+def _timestamp(created: float, msecs: float) -> str:
+    global _last_second
+    second = int(created)
+    cached, text = _last_second
+    if cached != second:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _last_second = (second, text)
+    return f"{text}.{int(msecs):03d}Z"
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": _timestamp(record.created, record.msecs),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -32,6 +46,74 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(line, default=str).decode()
+
+
+class JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The gateway's handler: JSON lines on stderr. A class of its own, so the access log can tell that
+    a line would reach it and nothing else."""
+
+
+class AccessLog:
+    """The access log's one line a request. Through the logging machinery a line cost ~14 µs of the event
+    loop (a LogRecord with a dozen attributes, the record factory, the caller's frame looked up, the
+    formatter walking the record's attributes): 5-7% of a streamed call's CPU. Where the gateway's own
+    handler is the only one the line would reach, the same line (the fields in the same order as
+    JsonFormatter writes them) is built here and written in one call; anywhere else (a test capturing
+    records, a handler or filter an embedding application added) it goes through logging as before."""
+
+    def __init__(self, name: str, message: str) -> None:
+        self.logger = logging.getLogger(name)
+        self.message = message
+
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+    def write(self, fields: dict[str, Any]) -> None:
+        """`fields` as `extra`; the request id is the current request's."""
+        handler = self._sole_handler()
+        if handler is None:
+            self.logger.info(self.message, extra=fields)
+            return
+        now = time.time()
+        line: dict[str, Any] = {
+            # The milliseconds as LogRecord computes them.
+            "ts": _timestamp(now, (now - int(now)) * 1000),
+            "level": "info",
+            "logger": self.logger.name,
+            "msg": self.message,
+        }
+        request_id = request_id_var.get()
+        if request_id is not None:
+            line["request_id"] = request_id
+        line.update(fields)
+        text = orjson.dumps(line, default=str).decode() + handler.terminator
+        handler.acquire()
+        try:
+            handler.stream.write(text)
+            handler.stream.flush()
+        except Exception:
+            # Reported the way logging reports a handler that fails.
+            handler.handleError(self.logger.makeRecord(self.logger.name, logging.INFO, "", 0, text, (), None))
+        finally:
+            handler.release()
+
+    def _sole_handler(self) -> JsonHandler | None:
+        """The JsonHandler if it is the only handler the line would reach, with no filter on the way."""
+        found: JsonHandler | None = None
+        logger: logging.Logger | None = self.logger
+        while logger is not None:
+            if logger.filters:
+                return None
+            for handler in logger.handlers:
+                if found is not None or type(handler) is not JsonHandler:
+                    return None
+                if handler.filters or handler.level > logging.INFO:
+                    return None
+                found = handler
+            if not logger.propagate:
+                break
+            logger = logger.parent
+        return found
 
 
 def _stamp_request_id(factory: Callable[..., logging.LogRecord]) -> Callable[..., logging.LogRecord]:
@@ -51,7 +133,7 @@ def configure_logging(level: str) -> None:
     factory = logging.getLogRecordFactory()
     if not getattr(factory, "stamps_request_id", False):
         logging.setLogRecordFactory(_stamp_request_id(factory))
-    handler = logging.StreamHandler(sys.stderr)
+    handler = JsonHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -37,7 +37,8 @@ def cpu_sets(count: int) -> tuple[str, str, str]:
 
 PROXY_CPUS, WORKERS2_CPUS, LOAD_CPUS = cpu_sets(os.cpu_count() or 1)
 UPSTREAM_KEY = "sk-upstream-test"
-BENCH_DB = "llm_gateway_bench"
+# A name of its own (BENCH_DB) where several runs share one Postgres server.
+BENCH_DB = os.environ.get("BENCH_DB", "llm_gateway_bench")
 PG_ADMIN_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 # Shaped like a model: 20 ms to the first token, then 50 more 100 ms apart, so a stream lasts ~5 s and
 # 200 streams/s keep 1,000 open at once (10,000 events/s to relay; the Python floor pays ~40 µs an event).
@@ -48,6 +49,12 @@ FAKE_STREAM_S = (FAKE_FIRST_TOKEN_MS + FAKE_INTER_TOKEN_MS * FAKE_PIECES) / 1000
 
 JSON_BODY = BENCH / "upstream" / "request.json"
 STREAM_BODY = BENCH / "upstream" / "request-stream.json"
+# bench/pyclient.py's bodies: a system and a user message, `user`, `max_tokens`, `temperature`, and for a
+# stream `stream_options`, as an application sends them.
+CLIENT_BODY = BENCH / "upstream" / "client.json"
+CLIENT_STREAM_BODY = BENCH / "upstream" / "client-stream.json"
+# A gateway's log holds an access line a request, over a gigabyte in a full run: its tail is kept.
+LOG_KEPT_BYTES = 1 << 20
 # Start-up probes: one token, so a probe through the shaped fake takes 20 ms, not a whole 5 s answer.
 READY_BODY = BENCH / "upstream" / "request-ready.json"
 
@@ -131,6 +138,16 @@ class Proc:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(5)
         self._log.close()
+        self._trim_log()
+
+    def _trim_log(self) -> None:
+        size = self.log_path.stat().st_size
+        if size <= 2 * LOG_KEPT_BYTES:
+            return
+        with self.log_path.open("rb") as f:
+            f.seek(size - LOG_KEPT_BYTES)
+            tail = f.read().split(b"\n", 1)[-1]
+        self.log_path.write_bytes(f"[bench: {size - len(tail):,} bytes cut]\n".encode() + tail)
 
 
 def stop_all() -> None:

@@ -2,13 +2,15 @@
 replaced by a canned answer (the same bytes nginx serves in `make bench`), metering on and off.
 
     .venv/bin/python bench/inprocess.py [--calls 20000] [--concurrency 1] [--phases json,stream,live]
-                                        [--profile]
+                                        [--client-body] [--access-log] [--profile]
 
 It measures what the throughput runs cannot isolate: microseconds of this process's CPU per call for
 everything between uvicorn and aiohttp (middleware, auth, parsing, policy, limits, relay, metering and the
 recorder's writes into a fresh Postgres database). Run-to-run spread is about 1 us, where wrk's is several
 percent. With --concurrency N, N calls are in flight at once, interleaved on the event loop as they are
-in a server under load. --profile prints cProfile's top functions (which inflates every figure ~3x).
+in a server under load. --client-body sends bench/pyclient.py's bodies and headers instead of wrk's;
+--access-log writes the access log (to /dev/null) as a production gateway does. --profile prints
+cProfile's top functions (which inflates every figure ~3x).
 It runs on CPU 0, as the proxies do in `make bench`.
 """
 
@@ -19,12 +21,22 @@ import asyncio
 import cProfile
 import os
 import pstats
+import sys
 import tempfile
 import time
 from typing import Any
 
 import uvloop
-from harness import BENCH, JSON_BODY, STREAM_BODY, bench_db_url, create_db, drop_db
+from harness import (
+    BENCH,
+    CLIENT_BODY,
+    CLIENT_STREAM_BODY,
+    JSON_BODY,
+    STREAM_BODY,
+    bench_db_url,
+    create_db,
+    drop_db,
+)
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from app.main import create_app
@@ -35,6 +47,7 @@ _SSE = BENCH / "upstream" / "stream.sse"
 # live: the same stream as a model sends it, one event a read (stream: all of it in the first read).
 ANSWERS = {"json": BENCH / "upstream" / "chat.json", "stream": _SSE, "live": _SSE}
 REQUESTS = {"json": JSON_BODY, "stream": STREAM_BODY, "live": STREAM_BODY}
+CLIENT_REQUESTS = {"json": CLIENT_BODY, "stream": CLIENT_STREAM_BODY, "live": CLIENT_STREAM_BODY}
 
 
 class _RestOfStream:
@@ -50,11 +63,13 @@ class _RestOfStream:
         pass
 
 
-async def measure(phase: str, metering: bool, calls: int, concurrency: int, profile: bool) -> float:
+async def measure(
+    phase: str, metering: bool, calls: int, concurrency: int, profile: bool, client_body: bool
+) -> float:
     os.environ["GATEWAY_METERING"] = "true" if metering else "false"
     answer = ANSWERS[phase].read_bytes()
     events = [event + b"\n\n" for event in answer.split(b"\n\n") if event] if phase == "live" else [answer]
-    request = REQUESTS[phase].read_bytes()
+    request = (CLIENT_REQUESTS if client_body else REQUESTS)[phase].read_bytes()
     content_type = "application/json" if phase == "json" else "text/event-stream"
     headers = CIMultiDictProxy(CIMultiDict({"Content-Type": content_type, "Server": "nginx"}))
     app = create_app()
@@ -75,6 +90,8 @@ async def measure(phase: str, metering: bool, calls: int, concurrency: int, prof
             (b"authorization", f"Bearer {MASTER_KEY}".encode()),
             (b"content-length", str(len(request)).encode()),
         ]
+        if client_body and phase != "json":
+            scope_headers.append((b"accept", b"text/event-stream"))
 
         async def one() -> None:
             finished = asyncio.Event()
@@ -139,6 +156,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20000)
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--phases", default="json,stream,live", help="live: a stream one event a read")
+    parser.add_argument("--client-body", action="store_true", help="bench/pyclient.py's bodies")
+    parser.add_argument("--access-log", action="store_true", help="the access log on, to /dev/null")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     os.environ.update(
@@ -146,9 +165,11 @@ def main() -> None:
             "GATEWAY_MASTER_KEY": MASTER_KEY,
             "OPENAI_API_KEY": "sk-upstream-test",
             "DATABASE_URL": bench_db_url(),
-            "GATEWAY_LOG_LEVEL": "warning",
+            "GATEWAY_LOG_LEVEL": "info" if args.access_log else "warning",
         }
     )
+    if args.access_log:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (the process's stderr, as long as it runs)
     # Pinned like the proxies in `make bench` (Postgres then runs on the other core): unpinned, the
     # scheduler's placement of this process and Postgres moves the metered figure by 10 us and more.
     os.sched_setaffinity(0, {0})
@@ -160,7 +181,7 @@ def main() -> None:
                 with tempfile.TemporaryDirectory() as data_dir:
                     os.environ["GATEWAY_DATA_DIR"] = data_dir
                     figures[metering] = uvloop.run(
-                        measure(phase, metering, args.calls, args.concurrency, args.profile)
+                        measure(phase, metering, args.calls, args.concurrency, args.profile, args.client_body)
                     )
             on, off = figures[True], figures[False]
             print(

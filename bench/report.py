@@ -60,11 +60,15 @@ def per_target_table(R: dict[str, dict[str, Any]]) -> list[str]:
         "@256",
         "x floor @32",
         "x LiteLLM @32",
+        "JSON req/s @32, Python client",
+        "x floor",
         f"p50 / p99 ms @{OFFERED_RPS:g} req/s",
         "added p50 / p99 ms",
         "streams/s @32",
         "x floor",
         "x LiteLLM",
+        "streams/s @32, Python client",
+        "x floor",
         f"{OFFERED_RPS:g} streams/s open loop: in flight at once",
         "TTFB p50 / p99 ms",
         "added p50 / p99 ms",
@@ -101,10 +105,14 @@ def per_target_table(R: dict[str, dict[str, Any]]) -> list[str]:
             _n(res.get("rps_256")),
             _x(res.get("rps_32"), floor.get("rps_32")),
             _x(res.get("rps_32"), lite.get("rps_32")),
+            _n(res.get("py_rps_32")),
+            _x(res.get("py_rps_32"), floor.get("py_rps_32")),
             *lat_cells,
             _n(res.get("streams_per_s")),
             _x(res.get("streams_per_s"), floor.get("streams_per_s")),
             _x(res.get("streams_per_s"), lite.get("streams_per_s")),
+            _n(res.get("py_streams_per_s")),
+            _x(res.get("py_streams_per_s"), floor.get("py_streams_per_s")),
             _n(slat.get("peak_in_flight")),
             *slat_cells,
             _n(_cpu_a_stream(slat), ".2f"),
@@ -150,6 +158,20 @@ def checks(R: dict[str, dict[str, Any]], pinning: dict[str, str]) -> list[Row]:
         "streams/s, 1 worker, metering on, 32 conns",
         gw.get("streams_per_s"),
         floor.get("streams_per_s"),
+        "pass-through",
+        "streams/s",
+    )
+    share(
+        "JSON req/s, 1 worker, metering on, 32 conns, Python client (bench/pyclient.py)",
+        gw.get("py_rps_32"),
+        floor.get("py_rps_32"),
+        "pass-through",
+        "req/s",
+    )
+    share(
+        "streams/s, 1 worker, metering on, 32 conns, Python client (bench/pyclient.py)",
+        gw.get("py_streams_per_s"),
+        floor.get("py_streams_per_s"),
         "pass-through",
         "streams/s",
     )
@@ -252,18 +274,23 @@ def checks(R: dict[str, dict[str, Any]], pinning: dict[str, str]) -> list[Row]:
         )
     )
     ab = R.get("alternated", {})
-    for conns in (32, 256):
-        a, b = gw.get(f"rps_{conns}"), off.get(f"rps_{conns}")
+    # (the alternated runs' load, connections, the separate phases' figure, how the row names the client)
+    for load, conns, field, client in (
+        ("32", 32, "rps_32", ""),
+        ("256", 256, "rps_256", ""),
+        ("py32", 32, "py_rps_32", ", Python client"),
+    ):
+        a, b = gw.get(field), off.get(field)
         separate = "-" if not a or not b else f"{1 - a / b:+.1%}"
-        runs = ab.get(str(conns))
+        runs = ab.get(load)
         if runs and not (runs.get("on") and runs.get("off")):
             runs = None
         if runs:
             a, b = statistics.median(runs["on"]), statistics.median(runs["off"])
         rows.append(
             (
-                f"metering cost, {conns} conns (metering on vs off, {len(runs['on']) if runs else 0} rounds "
-                "alternated, fresh processes each; medians)",
+                f"metering cost, {conns} conns{client} (metering on vs off, "
+                f"{len(runs['on']) if runs else 0} rounds alternated, fresh processes each; medians)",
                 "-" if not a or not b or not runs else f"{1 - a / b:+.1%} ({a:,.0f} req/s)",
                 f"metering off {_n(b)} req/s (separate phases: {separate}){_cpu(runs, 'on', 'off')}",
                 "<= 10%",
@@ -361,7 +388,7 @@ def render(R: dict[str, dict[str, Any]], notes: list[str], meta: dict[str, Any])
     notes = list(notes)
     for key, label in TARGETS:
         res = R.get(key, {})
-        for field in ("errors_32", "errors_256", "stream_errors"):
+        for field in ("errors_32", "errors_256", "stream_errors", "py_errors_32", "py_stream_errors"):
             if res.get(field):
                 notes.append(
                     f"{label}: {res[field]} {field.replace('_', ' ')} (failed or incomplete responses)"

@@ -42,6 +42,8 @@ from typing import Any
 from harness import (
     BENCH,
     BENCH_DB,
+    CLIENT_BODY,
+    CLIENT_STREAM_BODY,
     FAKE_STREAM_S,
     GATEWAY_BIN,
     GATEWAY_PY,
@@ -79,6 +81,7 @@ from report import OFFERED_RPS, STREAMS, render, summarize_profile
 
 RESULTS = BENCH / "results"
 RECORDER_BENCH = BENCH / "recorder_bench.py"
+PYCLIENT = BENCH / "pyclient.py"
 MASTER_KEY = "sk-bench-master-key-0001"
 
 
@@ -104,6 +107,9 @@ AB_ROUNDS = 3
 GW = Target("gw", "gateway", metering=True)
 GW_NOMETER = Target("gw_nometer", "gateway")
 GW_W2 = Target("gw_w2", "gateway", metering=True, workers=2)
+# The alternated runs' loads: (name in results.json, load generator, connections). The Python client's
+# run compares metering on and off only: the scaling is judged at 256 connections.
+AB_LOADS = (("32", "wrk", 32), ("256", "wrk", 256), ("py32", "py", 32))
 
 Work = Callable[[Target, int, Proc | None], None]
 
@@ -155,7 +161,8 @@ class Runner:
                 "OPENAI_BASE_URL": f"{origin}/v1",
                 "DATABASE_URL": bench_db_url(),
                 "GATEWAY_METERING": "true" if target.metering else "false",
-                "GATEWAY_LOG_LEVEL": "warning",
+                # The production default: one JSON access-log line a request, written to the log file.
+                "GATEWAY_LOG_LEVEL": "info",
                 "GATEWAY_DATA_DIR": str(self.run_dir / f"data-{target.key}"),
                 "GATEWAY_SHUTDOWN_TIMEOUT_S": "10",
             }
@@ -206,6 +213,27 @@ class Runner:
         data["errors"] = sum(data[k] for k in kinds)
         data["rps"] = data["requests"] / (data["duration_us"] / 1e6)
         return data
+
+    def pyclient(self, port: int, key: str, conns: int, seconds: float, stream: bool) -> dict[str, Any]:
+        """bench/pyclient.py, the aiohttp client, with its own body and headers; wrk's result fields."""
+        body = CLIENT_STREAM_BODY if stream else CLIENT_BODY
+        cmd = ["taskset", "-c", LOAD_CPUS, str(GATEWAY_PY), str(PYCLIENT), "--port", str(port), "--key", key]
+        cmd += ["--body", str(body), "--connections", str(conns), "--duration", f"{seconds:g}"]
+        if stream:
+            cmd.append("--stream")
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+        line = next((x for x in out.stdout.splitlines() if x.startswith("BENCH_JSON ")), None)
+        if line is None:
+            raise RuntimeError(f"pyclient printed no result: {out.stdout[-300:]} {out.stderr[-300:]}")
+        data: dict[str, Any] = json.loads(line.removeprefix("BENCH_JSON "))
+        kinds = ("read_errors", "status_errors", "bad_streams")
+        data["errors"] = sum(data[k] for k in kinds)
+        data["rps"] = data["requests"] / (data["duration_us"] / 1e6)
+        return data
+
+    def client(self, name: str) -> Callable[[int, str, int, float, bool], dict[str, Any]]:
+        """A closed-loop load generator by name: `wrk` or `py` (bench/pyclient.py)."""
+        return self.wrk if name == "wrk" else self.pyclient
 
     def loadgen(
         self, mode: str, port: int, key: str, *extra: str, stream: bool, timeout_s: float
@@ -265,19 +293,21 @@ class Runner:
             log(f"  {text}")
 
     def throughput(
-        self, target: Target, proc: Proc | None, port: int, conns: int, stream: bool
+        self, target: Target, proc: Proc | None, port: int, conns: int, stream: bool, client: str = "wrk"
     ) -> dict[str, Any]:
-        """wrk, best of `--repeats` runs (interference only ever slows a run down)."""
+        """wrk (or the Python client), best of `--repeats` runs (interference only ever slows a run
+        down)."""
         seconds = self.args.duration / self.args.repeats
-        label = f"{target.key}, wrk {'streams' if stream else 'req'} at {conns} connections"
+        label = f"{target.key}, {client} {'streams' if stream else 'req'} at {conns} connections"
+        load = self.client(client)
         runs = []
         for _ in range(self.args.repeats):
             runs.append(
                 self.measured(
-                    label, proc, lambda: self.wrk(port, target.client_key, conns, seconds, stream), note=False
+                    label, proc, lambda: load(port, target.client_key, conns, seconds, stream), note=False
                 )
             )
-            self.settle(target, proc, f"wrk at {conns} connections")
+            self.settle(target, proc, f"{client} at {conns} connections")
         best = max(runs, key=lambda w: float(w["rps"]))
         best["runs_rps"] = [round(w["rps"], 1) for w in runs]
         best["errors"] = sum(w["errors"] for w in runs)
@@ -343,6 +373,11 @@ class Runner:
             w = res[f"wrk_{conns}"] = self.throughput(target, proc, port, conns, stream=False)
             res[f"rps_{conns}"], res[f"errors_{conns}"] = w["rps"], w["errors"]
             log(f"  {conns:>3} conns: {w['rps']:>10,.0f} req/s (runs {w['runs_rps']})  errors {w['errors']}")
+        self.pyclient(port, key, 32, min(1.0, d), stream=False)  # its warm-up, not recorded
+        self.settle(target, proc, "the warm-up")
+        w = res["py_32"] = self.throughput(target, proc, port, 32, stream=False, client="py")
+        res["py_rps_32"], res["py_errors_32"] = w["rps"], w["errors"]
+        log(f"   32 conns, Python client: {w['rps']:>10,.0f} req/s  errors {w['errors']}")
         if self.args.profile and target is GW and proc is not None:
             self.profile(proc, port, key, stream=False)
             self.settle(target, proc, "the profiled run")
@@ -360,10 +395,10 @@ class Runner:
         processes measured up to 18% apart here, run after run (the memory layout each one happened to
         get). The metering and scaling checks use the medians."""
         compared = [t for t in (GW, GW_NOMETER, GW_W2) if t in targets]
-        # Per (connections, target), a round each: req/s, and the CPU a request (µs) of the gateway, of
-        # Postgres and of the load (wrk and nginx).
-        samples: dict[tuple[int, str], list[tuple[float, float, float, float]]] = {
-            (conns, target.key): [] for conns in (32, 256) for target in compared
+        # Per (load, target), a round each: req/s, and the CPU a request (µs) of the gateway, of Postgres
+        # and of the load (the load generator and nginx).
+        samples: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {
+            (load, target.key): [] for load, _, _ in AB_LOADS for target in compared
         }
         try:
             for i in range(AB_ROUNDS):
@@ -372,19 +407,19 @@ class Runner:
             self.notes.append(f"alternated runs: {exc}")
             log(f"  failed: {exc}")
         ab: dict[str, dict[str, Any]] = {}
-        for conns in (32, 256):
-            runs = ab[str(conns)] = {}
+        for load, _, _ in AB_LOADS:
+            runs = ab[load] = {}
             for side, target in (("on", GW), ("off", GW_NOMETER), ("w2", GW_W2)):
-                got = samples.get((conns, target.key))
+                got = samples.get((load, target.key))
                 if not got:
                     continue
                 runs[side] = [x[0] for x in got]
                 runs[f"{side}_cpu_us"] = [round(statistics.median(x[k] for x in got), 1) for k in (1, 2, 3)]
             if "w2" in runs:
                 # The two-worker row of the table: there is no separate phase for it.
-                self.r(GW_W2)[f"rps_{conns}"] = statistics.median(runs["w2"])
+                self.r(GW_W2)[f"rps_{load}"] = statistics.median(runs["w2"])
             log(
-                f"  {conns:>3} conns, alternated: "
+                f"  {load:>4}, alternated: "
                 + "  ".join(f"{k} {runs[k]}" for k in ("on", "off", "w2") if k in runs)
             )
         self.results["alternated"] = ab
@@ -395,9 +430,9 @@ class Runner:
         compared: list[Target],
         origin: str,
         upstream_port: int,
-        samples: dict[tuple[int, str], list[tuple[float, float, float, float]]],
+        samples: dict[tuple[str, str], list[tuple[float, float, float, float]]],
     ) -> None:
-        """One round of the alternated runs: a fresh set of gateways, wrk on each in turn."""
+        """One round of the alternated runs: a fresh set of gateways, each load on each in turn."""
         seconds = self.args.duration / self.args.repeats
         started: list[tuple[Target, Proc | None, int]] = []
         try:
@@ -406,21 +441,23 @@ class Runner:
                 started.append((target, proc, port))
                 self.wrk(port, target.client_key, 32, 2.0, stream=False)  # warm-up, not recorded
                 self.settle(target, proc, "the warm-up")
-            for conns in (32, 256):
+            for load, client, conns in AB_LOADS:
                 for target, proc, port in started if i % 2 == 0 else started[::-1]:
+                    if client == "py" and target is GW_W2:
+                        continue
                     w = self.measured(
-                        f"{target.key}, alternated wrk at {conns} connections",
+                        f"{target.key}, alternated {client} at {conns} connections",
                         proc,
-                        partial(self.wrk, port, target.client_key, conns, seconds, stream=False),
+                        partial(self.client(client), port, target.client_key, conns, seconds, False),
                     )
                     per_request = 1e6 / max(1, w["requests"])
-                    samples[(conns, target.key)].append(
+                    samples[(load, target.key)].append(
                         (
                             round(w["rps"], 1),
                             *(w[k] * per_request for k in ("proxy_cpu_s", "db_cpu_s", "load_cpu_s")),
                         )
                     )
-                    self.settle(target, proc, f"wrk at {conns} connections")
+                    self.settle(target, proc, f"{client} at {conns} connections")
         finally:
             for _, proc, _ in started:
                 if proc is not None:
@@ -432,8 +469,15 @@ class Runner:
         w = self.r(target)["wrk_streams"] = self.throughput(target, proc, port, 32, stream=True)
         self.r(target)["streams_per_s"], self.r(target)["stream_errors"] = w["rps"], w["errors"]
         log(f"   32 conns: {w['rps']:>10,.0f} streams/s  failed or without [DONE] {w['errors']}")
+        self.pyclient(port, target.client_key, 32, min(1.0, self.args.duration), stream=True)  # warm-up
+        self.settle(target, proc, "the warm-up")
+        w = self.r(target)["py_streams"] = self.throughput(target, proc, port, 32, stream=True, client="py")
+        self.r(target)["py_streams_per_s"], self.r(target)["py_stream_errors"] = w["rps"], w["errors"]
+        log(f"   32 conns, Python client: {w['rps']:>10,.0f} streams/s  bad {w['errors']}")
         if self.args.profile and target is GW and proc is not None:
             self.profile(proc, port, target.client_key, stream=True)
+            self.settle(target, proc, "the profiled run")
+            self.profile(proc, port, target.client_key, stream=True, client="py")
 
     def burst_work(self, target: Target, port: int, proc: Proc | None) -> None:
         res, key, timeout = self.r(target), target.client_key, self.args.burst_timeout
@@ -472,8 +516,8 @@ class Runner:
             lambda: self.open_loop(port, target.client_key, stream=stream),
         )
 
-    def profile(self, proc: Proc, port: int, key: str, *, stream: bool) -> None:
-        py_spy, name = ensure_py_spy(), "stream" if stream else "json"
+    def profile(self, proc: Proc, port: int, key: str, *, stream: bool, client: str = "wrk") -> None:
+        py_spy, name = ensure_py_spy(), ("stream" if stream else "json") + ("-py" if client == "py" else "")
         seconds = max(8.0, self.args.duration)
         raw = self.run_dir / f"profile-gw-{name}-c32.txt"
         # --nonblocking: stopping every thread for each sample slows a process with a thread pool ~20x.
@@ -483,7 +527,7 @@ class Runner:
         log(f"  py-spy record, {seconds:.0f}s at 32 connections ({name})")
         spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)
-        w = self.wrk(port, key, 32, seconds + 1, stream=stream)
+        w = self.client(client)(port, key, 32, seconds + 1, stream)
         spy.wait(timeout=60)
         summary = (
             f"{w['rps']:,.0f}/s at 32 connections while sampled (py-spy --nonblocking, 200 Hz)\n"

@@ -5,7 +5,6 @@ Pure ASGI (not BaseHTTPMiddleware), so streamed responses pass through event by 
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import time
@@ -15,9 +14,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.call import STATE_KEY, CallRecord
 from app.errors import bad_request
-from app.logs import request_id_var
+from app.logs import AccessLog, request_id_var
 
-access_log = logging.getLogger("gateway.access")
+access_log = AccessLog("gateway.access", "request")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:~+/=-]{1,128}")
 
@@ -79,16 +78,15 @@ class RequestContextMiddleware:
                 await error.response()(scope, receive, send_with_id)
         finally:
             self.on_end(scope, call)
-            if access_log.isEnabledFor(logging.INFO):
+            if access_log.enabled():
                 self._log(call)
             request_id_var.reset(token)
 
     @staticmethod
     def _log(call: CallRecord) -> None:
         admitted, outcome = call.admitted, call.outcome
-        access_log.info(
-            "request",
-            extra={
+        access_log.write(
+            {
                 "method": call.method,
                 "path": call.path,
                 "status": outcome.status_code,
@@ -100,5 +98,5 @@ class RequestContextMiddleware:
                 "stream": admitted.stream,
                 "client_disconnected": outcome.client_disconnected,
                 "error_type": outcome.error_type,
-            },
+            }
         )

@@ -16,12 +16,13 @@ by INCRBY/DECRBY with integer strings, so they stay exact.
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import math
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, Literal, Protocol, cast
 
@@ -137,7 +138,16 @@ def utc(now: datetime | None) -> datetime:
 
 def period_key(period: str, now: datetime) -> str:
     """The period's name as usage rows group by it: "2026-11-25" for a day, "2026-11" for a month."""
-    return now.strftime("%Y-%m-%d" if _period(period) == "day" else "%Y-%m")
+    day, month = _period_keys(now.toordinal())
+    return day if _period(period) == "day" else month
+
+
+@functools.lru_cache(maxsize=4)
+def _period_keys(ordinal: int) -> tuple[str, str]:
+    # By the day: every call with a key, feature or user settles four of them, and strftime costs
+    # microseconds each.
+    day = date.fromordinal(ordinal)
+    return day.strftime("%Y-%m-%d"), day.strftime("%Y-%m")
 
 
 def resets_at(period: str, now: datetime) -> datetime:

@@ -8,11 +8,15 @@ database again, until the replay task, retrying with backoff, has written the sp
 per worker process (the lifespan runs in each worker); workers may share a spool directory.
 
 A crash loses at most the last moment. A batch is taken at most one flush interval after its first event
-arrived. A write that has not committed half a flush interval after that counts as an outage, whether
-the database refuses or does not answer at all: the batch goes to the spool at once, while the write
-goes on (should it commit after all, the replay of that copy inserts nothing), and later batches go
-straight to the spool, as they do when no write slot frees up within that half interval. So an event is
-in the database or the fsynced spool within about 1.5 flush intervals of its call's end.
+arrived. A write that has not committed half a flush interval after that has its batch copied to the
+spool at once, while the write goes on (when it commits, the replay of that copy inserts nothing). Slow
+is not down: later batches still go to the database, each with the same hedge. Only a write that fails,
+or no write slot freeing up within that half interval (every write stuck: a database that does not
+answer), counts as an outage; later batches then go straight to the spool until the replay finds the
+database back. So an event is in the database or the fsynced spool within about 1.5 flush intervals of
+its call's end. (Taking a slow write for an outage sent every event of a loaded database through the
+spool: written, fsynced, read back and parsed, then written to the database again, the parsing in a
+thread contending with the event loop.)
 
 Events the database refuses outright (a NUL byte in a header value, a number out of range) would fail
 every retry and wedge the spool, so a refused batch is split until the refused events are isolated;
@@ -272,9 +276,8 @@ class Recorder:
                 done, _ = await asyncio.wait({write}, timeout=self._hedge_s)
                 if not done:
                     spooled = True
-                    # A crash now would lose the batch: spool it, and later batches too, until the
-                    # replay finds the database answering.
-                    self._outage(f"no answer within {self._hedge_s:g}s")
+                    # A crash now would lose the batch: a copy in the spool. Not an outage yet: the
+                    # write may commit, and the next batch has a write slot of its own.
                     await self._spool_for_replay(batch)
                 await write
                 return

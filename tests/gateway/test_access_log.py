@@ -1,0 +1,111 @@
+"""The access log's line written directly (the gateway's own handler the only one it would reach) is the
+line the logging machinery writes for the same fields; with any other handler in reach it goes through
+logging, so what that handler is given is a record as before."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from app.logs import AccessLog, JsonFormatter, configure_logging, request_id_var
+
+FIELDS: dict[str, Any] = {
+    "method": "POST",
+    "path": "/v1/chat/completions",
+    "status": 200,
+    "latency_ms": 1.25,
+    "attempts": 1,
+    "feature": "café",
+    "user": "bench-user-1",
+    "model": "gpt-4o",
+    "stream": True,
+    "client_disconnected": False,
+    "error_type": None,
+}
+
+
+Configure = Callable[[str], io.StringIO]
+
+
+@pytest.fixture
+def configure(monkeypatch: pytest.MonkeyPatch) -> Iterator[Configure]:
+    """The gateway's logging at a level, onto a fresh stderr: called in the test's body, after pytest has
+    put its capturing handlers on the root logger and its own stderr in place. The root logger is
+    restored afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    token = request_id_var.set("req-access-1")
+
+    def configured(level: str) -> io.StringIO:
+        stream = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", stream)
+        configure_logging(level)
+        return stream
+
+    try:
+        yield configured
+    finally:
+        request_id_var.reset(token)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def test_the_direct_line_is_the_line_logging_writes(
+    configure: Configure, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stderr = configure("info")
+    access = AccessLog("gateway.access", "request")
+    assert access.enabled()
+    handled: list[logging.LogRecord] = []
+    with monkeypatch.context() as patched:
+        patched.setattr(logging.Logger, "handle", lambda _, record: handled.append(record))
+        access.write(dict(FIELDS))
+    assert handled == []  # written directly, without a record
+    written = stderr.getvalue()
+    assert written.endswith("\n") and written.count("\n") == 1
+    direct = json.loads(written)
+
+    logger = logging.getLogger("gateway.access")
+    record = logger.makeRecord(logger.name, logging.INFO, "", 0, "request", (), None, extra=dict(FIELDS))
+    through_logging = json.loads(JsonFormatter().format(record))
+
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", direct["ts"])
+    assert list(direct) == list(through_logging)
+    del direct["ts"], through_logging["ts"]
+    assert direct == through_logging
+    assert direct["request_id"] == "req-access-1"
+    assert direct["feature"] == "café"
+
+
+def test_with_another_handler_in_reach_the_line_goes_through_logging(configure: Configure) -> None:
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    stderr = configure("info")
+    collect = Collect()
+    logging.getLogger("gateway").addHandler(collect)
+    try:
+        AccessLog("gateway.access", "request").write(dict(FIELDS))
+    finally:
+        logging.getLogger("gateway").removeHandler(collect)
+    assert len(records) == 1
+    record = records[0]
+    assert record.name == "gateway.access" and record.getMessage() == "request"
+    assert record.status == 200 and record.request_id == "req-access-1"  # type: ignore[attr-defined]
+    # The gateway's handler wrote its line all the same, once.
+    assert json.loads(stderr.getvalue())["status"] == 200
+
+
+def test_a_level_above_info_writes_nothing(configure: Configure) -> None:
+    configure("warning")
+    assert not AccessLog("gateway.access", "request").enabled()
