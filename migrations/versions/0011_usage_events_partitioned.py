@@ -4,26 +4,45 @@ Revision ID: 0011
 Revises: 0008
 Create Date: 2026-12-04
 
-The table is rebuilt from its own definition as it stands (every column earlier migrations gave it, with
-its type, default, NOT NULL and identity), its rows copied month by month into the partitions, and its
-indexes made again on the partitioned table, which makes them on every partition; views reading the
-table are made again from their definitions, and the grants on both given again. A unique key of a
-partitioned table must hold the partition key: the primary key becomes (id, created_at) and the
-recorder's idempotence key (request_id, created_at); an event keeps its created_at when it is replayed,
-so a replay still conflicts with the row it wrote. Runs under an exclusive lock on the table: the
-gateway's recorder keeps its events in its spool meanwhile and writes them when the lock is gone.
+Online on Postgres: the table is not copied. The old table becomes the first partition,
+usage_events_before_YYYYMM (every event before that month, the first after next or later), and month
+partitions follow it. The gateway goes on writing and reading while the slow steps run, each in its own
+transaction under a lock that lets inserts and queries through:
+
+1. a CHECK that every row is before the bound, added NOT VALID (no scan; an exclusive lock for an
+   instant) and then validated (a scan under SHARE UPDATE EXCLUSIVE);
+2. the two unique indexes a partition of the new table needs (a unique key of a partitioned table must
+   hold the partition key: the primary key becomes (id, created_at) and the recorder's idempotence key
+   (request_id, created_at)), built CONCURRENTLY; an event keeps its created_at when it is replayed, so a
+   replay still conflicts with the row it wrote;
+3. one short transaction under an exclusive lock: the table renamed, the partitioned table made from its
+   definition as it stands (every column earlier migrations gave it, with its type, default, NOT NULL and
+   identity), the old table attached as its partition (the validated CHECK spares ATTACH its scan), and
+   the indexes made on the partitioned table, which adopts the old table's matching ones instead of
+   building them; views reading the table are made again from their definitions, and the grants on
+   both given again. It waits at most a few seconds for its lock (queued behind a long query, it would
+   hold up every insert queued behind it) and is tried again.
+
+An interrupted run leaves the table as it was, plus the CHECK or an index, which the next run takes up.
+An empty table (a new installation) is replaced rather than attached. Databases that ran an earlier
+version of this migration, which copied the rows under an exclusive lock, have month partitions only and
+are not touched again. The downgrade copies the rows into a plain table under an exclusive lock.
 
 SQLite (the embedded database) keeps a plain table, with the same unique key.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, date, datetime
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
-from app.db.partitions import DEFAULT_PARTITION, add_partition, next_month
+from app.db.partitions import DEFAULT_PARTITION, before_partition_name, next_month
 
 revision: str = "0011"
 down_revision: str | Sequence[str] | None = "0008"
@@ -35,20 +54,29 @@ _OLD = "usage_events_unpartitioned"
 _PRIMARY_KEY = "pk_usage_events"
 _OLD_UNIQUE = "uq_usage_events_request_id"
 _UNIQUE = "uq_usage_events_request_id_created_at"
+# What the online conversion adds to the old table before it becomes a partition.
+_CHECK = "usage_events_before_bound"
+_PART_PRIMARY_KEY = "usage_events_before_pkey"
+_PART_UNIQUE = "usage_events_before_request_id_created_at_key"
+_LOCK_TIMEOUT = "3s"
+_LOCK_ATTEMPTS = 40
+_LOCK_NOT_AVAILABLE = "55P03"
 
 
-def _secondary_indexes(table: str) -> list[str]:
-    """CREATE INDEX statements of the table's indexes that back no constraint."""
+def _secondary_indexes(table: str) -> list[tuple[str, str]]:
+    """(name, CREATE INDEX statement) of the table's indexes that back no constraint, bar the ones this
+    migration builds for the partition."""
     rows = op.get_bind().execute(
         sa.text(
-            "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i"
+            "SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid) FROM pg_index i"
             " WHERE i.indrelid = to_regclass(:t)"
             " AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = i.indexrelid)"
+            " AND i.indexrelid::regclass::text NOT IN (:pk, :uq)"
         ),
-        {"t": table},
+        {"t": table, "pk": _PART_PRIMARY_KEY, "uq": _PART_UNIQUE},
     )
     # A partitioned table's own index reads `ON ONLY`: made on the table, it is made on each partition too.
-    return [row[0].replace(" ON ONLY ", " ON ", 1) for row in rows]
+    return [(row[0], row[1].replace(" ON ONLY ", " ON ", 1)) for row in rows]
 
 
 def _dependent_views() -> list[tuple[str, str, str]]:
@@ -130,49 +158,113 @@ def _sqlite_unique(old: str, new: str, columns: list[str]) -> None:
     op.execute("PRAGMA legacy_alter_table = OFF")
 
 
+def _bound(bind: Connection) -> date:
+    """The first day after every row the old table keeps: the first of the month after next (inserts go
+    on while the CHECK is validated, and must still pass it), or later if a row is later."""
+    today = datetime.now(UTC).date()
+    latest = bind.execute(sa.text("SELECT max(created_at) FROM usage_events")).scalar()
+    bound = next_month(next_month(today.replace(day=1)))
+    if latest is not None:
+        bound = max(bound, next_month(latest.astimezone(UTC).date().replace(day=1)))
+    return bound
+
+
+def _briefly(step: str, run: Callable[[Connection], None]) -> None:
+    """`run` in one transaction that waits at most _LOCK_TIMEOUT for each lock, and again after a pause
+    while a lock stays busy."""
+    bind = op.get_bind()
+    for attempt in range(1, _LOCK_ATTEMPTS + 1):
+        bind.exec_driver_sql("BEGIN")
+        try:
+            bind.exec_driver_sql(f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'")
+            run(bind)
+        except DBAPIError as exc:
+            bind.exec_driver_sql("ROLLBACK")
+            if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE or attempt == _LOCK_ATTEMPTS:
+                raise
+            print(f"llm-gateway: usage_events is busy ({step}), trying again ({attempt}/{_LOCK_ATTEMPTS})")
+            time.sleep(1)
+            continue
+        bind.exec_driver_sql("COMMIT")
+        return
+
+
+def _unique_index(name: str, columns: str) -> None:
+    """Built CONCURRENTLY: inserts go on. One left invalid by an interrupted build is built again."""
+    bind = op.get_bind()
+    valid = bind.execute(
+        sa.text("SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass(:n)"), {"n": name}
+    ).scalar()
+    if valid is False:
+        bind.exec_driver_sql(f"DROP INDEX CONCURRENTLY {name}")
+    if valid is not True:
+        bind.exec_driver_sql(f"CREATE UNIQUE INDEX CONCURRENTLY {name} ON usage_events ({columns})")
+
+
+def _switch(bind: Connection, bound: date) -> None:
+    part = before_partition_name(bound)
+    op.execute("LOCK TABLE usage_events IN ACCESS EXCLUSIVE MODE")
+    empty = not bind.execute(sa.text("SELECT EXISTS (SELECT 1 FROM usage_events)")).scalar()
+    indexes = _secondary_indexes("usage_events")
+    views = _dependent_views()
+    grants = _grants(["usage_events", *(name for name, _, _ in views)])
+    # Views follow a renamed table: they are made again on the new one.
+    _drop_views(views)
+    op.execute(f"ALTER TABLE usage_events RENAME TO {part}")
+    op.execute(
+        f"CREATE TABLE usage_events (LIKE {part} INCLUDING DEFAULTS INCLUDING IDENTITY INCLUDING GENERATED"
+        " INCLUDING CONSTRAINTS INCLUDING STORAGE INCLUDING COMMENTS INCLUDING STATISTICS)"
+        " PARTITION BY RANGE (created_at)"
+    )
+    op.execute(f"ALTER TABLE usage_events DROP CONSTRAINT {_CHECK}")
+    if empty:
+        op.execute(f"DROP TABLE {part}")
+    else:
+        # The partitioned table's identity numbers the new rows; the keys become the partition's own,
+        # made from the indexes built beforehand; the index names go to the partitioned table's indexes.
+        op.execute(
+            f"ALTER TABLE {part} ALTER COLUMN id DROP IDENTITY, DROP CONSTRAINT {_PRIMARY_KEY},"
+            f" ADD CONSTRAINT {_PART_PRIMARY_KEY} PRIMARY KEY USING INDEX {_PART_PRIMARY_KEY},"
+            f" DROP CONSTRAINT {_OLD_UNIQUE},"
+            f" ADD CONSTRAINT {_PART_UNIQUE} UNIQUE USING INDEX {_PART_UNIQUE}"
+        )
+        for name, _ in indexes:
+            op.execute(f"ALTER INDEX {name} RENAME TO {(part + '_' + name)[:63]}")
+        op.execute(
+            f"ALTER TABLE usage_events ATTACH PARTITION {part}"
+            f" FOR VALUES FROM (MINVALUE) TO ('{bound.isoformat()} 00:00:00+00')"
+        )
+        op.execute(f"ALTER TABLE {part} DROP CONSTRAINT {_CHECK}")
+    op.execute(f"CREATE TABLE {DEFAULT_PARTITION} PARTITION OF usage_events DEFAULT")
+    _rename_sequence()
+    op.execute(f"ALTER TABLE usage_events ADD CONSTRAINT {_PRIMARY_KEY} PRIMARY KEY (id, created_at)")
+    op.execute(f"ALTER TABLE usage_events ADD CONSTRAINT {_UNIQUE} UNIQUE (request_id, created_at)")
+    for _, statement in indexes:
+        op.execute(statement)
+    _restart_identity()
+    _create_views(views)
+    for statement in grants:
+        op.execute(statement)
+
+
 def upgrade() -> None:
     bind = op.get_bind()
     if bind.dialect.name != "postgresql":
         # No partitions in the embedded database; the same idempotence key as Postgres.
         _sqlite_unique(_OLD_UNIQUE, _UNIQUE, ["request_id", "created_at"])
         return
-    op.execute("LOCK TABLE usage_events IN ACCESS EXCLUSIVE MODE")
-    indexes = _secondary_indexes("usage_events")
-    views = _dependent_views()
-    grants = _grants(["usage_events", *(name for name, _, _ in views)])
-    # Views follow a renamed table: they are made again on the new one.
-    _drop_views(views)
-    op.execute(f"ALTER TABLE usage_events RENAME TO {_OLD}")
-    op.execute(
-        f"CREATE TABLE usage_events (LIKE {_OLD} INCLUDING DEFAULTS INCLUDING IDENTITY INCLUDING GENERATED"
-        " INCLUDING CONSTRAINTS INCLUDING STORAGE INCLUDING COMMENTS INCLUDING STATISTICS)"
-        " PARTITION BY RANGE (created_at)"
-    )
-    op.execute(f"CREATE TABLE {DEFAULT_PARTITION} PARTITION OF usage_events DEFAULT")
-    first, last = bind.execute(
-        sa.text(
-            f"SELECT date_trunc('month', min(created_at) AT TIME ZONE 'UTC')::date,"
-            f" date_trunc('month', max(created_at) AT TIME ZONE 'UTC')::date FROM {_OLD}"
+    # Each step commits on its own: one transaction would keep the first step's exclusive lock to its end.
+    with op.get_context().autocommit_block():
+        bound = _bound(bind)
+        check = (
+            f"ALTER TABLE usage_events DROP CONSTRAINT IF EXISTS {_CHECK}, ADD CONSTRAINT {_CHECK}"
+            f" CHECK (created_at < '{bound.isoformat()} 00:00:00+00') NOT VALID"
         )
-    ).one()
-    if first is not None:
-        # Attached while empty (the rows follow): nothing for ATTACH to check or move.
-        month = first
-        while month <= last:
-            add_partition(bind, month)
-            month = next_month(month)
-    # Before any index exists: one bulk load per partition instead of index inserts row by row.
-    op.execute(f"INSERT INTO usage_events OVERRIDING SYSTEM VALUE SELECT * FROM {_OLD}")
-    op.execute(f"DROP TABLE {_OLD}")
-    _rename_sequence()
-    _restart_identity()
-    op.execute(f"ALTER TABLE usage_events ADD CONSTRAINT {_PRIMARY_KEY} PRIMARY KEY (id, created_at)")
-    op.execute(f"ALTER TABLE usage_events ADD CONSTRAINT {_UNIQUE} UNIQUE (request_id, created_at)")
-    for statement in indexes:
-        op.execute(statement)
-    _create_views(views)
-    for statement in grants:
-        op.execute(statement)
+        _briefly("check", lambda conn: conn.exec_driver_sql(check))
+        op.execute(f"ALTER TABLE usage_events VALIDATE CONSTRAINT {_CHECK}")
+        _unique_index(_PART_PRIMARY_KEY, "id, created_at")
+        _unique_index(_PART_UNIQUE, "request_id, created_at")
+        _briefly("switch", lambda conn: _switch(conn, bound))
 
 
 def downgrade() -> None:
@@ -196,7 +288,7 @@ def downgrade() -> None:
     _restart_identity()
     op.execute(f"ALTER TABLE usage_events ADD CONSTRAINT {_PRIMARY_KEY} PRIMARY KEY (id)")
     op.execute(f"ALTER TABLE usage_events ADD CONSTRAINT {_OLD_UNIQUE} UNIQUE (request_id)")
-    for statement in indexes:
+    for _, statement in indexes:
         op.execute(statement)
     _create_views(views)
     for statement in grants:
