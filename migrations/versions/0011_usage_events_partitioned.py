@@ -33,8 +33,10 @@ SQLite (the embedded database) keeps a plain table, with the same unique key.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime
 
 import sqlalchemy as sa
@@ -61,6 +63,7 @@ _PART_UNIQUE = "usage_events_before_request_id_created_at_key"
 _LOCK_TIMEOUT = "3s"
 _LOCK_ATTEMPTS = 40
 _LOCK_NOT_AVAILABLE = "55P03"
+_QUOTE = "$llm_gateway_0011$"
 
 
 def _secondary_indexes(table: str) -> list[tuple[str, str]]:
@@ -102,14 +105,17 @@ def _dependent_views() -> list[tuple[str, str, str]]:
     return [(row.name, row.kind, row.definition) for row in rows]
 
 
-def _drop_views(views: list[tuple[str, str, str]]) -> None:
-    for name, kind, _ in reversed(views):
-        op.execute(f"DROP {'MATERIALIZED VIEW' if kind == 'm' else 'VIEW'} {name}")
+def _drop_views(views: list[tuple[str, str, str]]) -> list[str]:
+    return [
+        f"DROP {'MATERIALIZED VIEW' if kind == 'm' else 'VIEW'} {name}" for name, kind, _ in reversed(views)
+    ]
 
 
-def _create_views(views: list[tuple[str, str, str]]) -> None:
-    for name, kind, definition in views:
-        op.execute(f"CREATE {'MATERIALIZED VIEW' if kind == 'm' else 'VIEW'} {name} AS {definition}")
+def _create_views(views: list[tuple[str, str, str]]) -> list[str]:
+    return [
+        f"CREATE {'MATERIALIZED VIEW' if kind == 'm' else 'VIEW'} {name} AS {definition}"
+        for name, kind, definition in views
+    ]
 
 
 def _grants(names: list[str]) -> list[str]:
@@ -131,20 +137,16 @@ def _grants(names: list[str]) -> list[str]:
     ]
 
 
-def _rename_sequence() -> None:
-    # The identity's sequence of a table made by LIKE gets a suffixed name while the old one exists.
-    op.execute(
-        "DO $$ DECLARE seq text := pg_get_serial_sequence('usage_events', 'id'); BEGIN"
-        " IF seq IS DISTINCT FROM 'public.usage_events_id_seq' THEN"
-        " EXECUTE format('ALTER SEQUENCE %s RENAME TO usage_events_id_seq', seq); END IF; END $$"
-    )
-
-
-def _restart_identity() -> None:
-    op.execute(
-        "SELECT setval(pg_get_serial_sequence('usage_events', 'id'), coalesce(max(id), 0) + 1, false)"
-        " FROM usage_events"
-    )
+# The identity's sequence of a table made by LIKE gets a suffixed name while the old one exists.
+_RENAME_SEQUENCE = (
+    "DO $$ DECLARE seq text := pg_get_serial_sequence('usage_events', 'id'); BEGIN"
+    " IF seq IS DISTINCT FROM 'public.usage_events_id_seq' THEN"
+    " EXECUTE format('ALTER SEQUENCE %s RENAME TO usage_events_id_seq', seq); END IF; END $$"
+)
+_RESTART_IDENTITY = (
+    "SELECT setval(pg_get_serial_sequence('usage_events', 'id'), coalesce(max(id), 0) + 1, false)"
+    " FROM usage_events"
+)
 
 
 def _sqlite_unique(old: str, new: str, columns: list[str]) -> None:
@@ -169,24 +171,37 @@ def _bound(bind: Connection) -> date:
     return bound
 
 
-def _briefly(step: str, run: Callable[[Connection], None]) -> None:
-    """`run` in one transaction that waits at most _LOCK_TIMEOUT for each lock, and again after a pause
-    while a lock stays busy."""
+@contextlib.contextmanager
+def _step(what: str) -> Iterator[None]:
+    """Says how long each step took: on a large table the slow ones take a while."""
+    started = time.monotonic()
+    yield
+    _say(f"{what}: {time.monotonic() - started:.2f} s")
+
+
+def _say(message: str) -> None:
+    # On stderr: `llm-gateway migrate` lists on stdout what it applied.
+    print(f"llm-gateway: migration 0011: {message}", file=sys.stderr, flush=True)
+
+
+def _briefly(step: str, statement: str) -> None:
+    """One statement, a transaction of its own, that waits at most _LOCK_TIMEOUT for a lock, and again
+    after a pause while the lock stays busy. One statement: the lock must not be held across round trips
+    to this process, which a busy machine may leave waiting for its turn."""
     bind = op.get_bind()
-    for attempt in range(1, _LOCK_ATTEMPTS + 1):
-        bind.exec_driver_sql("BEGIN")
-        try:
-            bind.exec_driver_sql(f"SET LOCAL lock_timeout = '{_LOCK_TIMEOUT}'")
-            run(bind)
-        except DBAPIError as exc:
-            bind.exec_driver_sql("ROLLBACK")
-            if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE or attempt == _LOCK_ATTEMPTS:
-                raise
-            print(f"llm-gateway: usage_events is busy ({step}), trying again ({attempt}/{_LOCK_ATTEMPTS})")
+    bind.exec_driver_sql(f"SET lock_timeout = '{_LOCK_TIMEOUT}'")
+    try:
+        for attempt in range(1, _LOCK_ATTEMPTS + 1):
+            try:
+                bind.exec_driver_sql(statement)
+                return
+            except DBAPIError as exc:
+                if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE or attempt == _LOCK_ATTEMPTS:
+                    raise
+            _say(f"usage_events is busy ({step}), trying again ({attempt}/{_LOCK_ATTEMPTS})")
             time.sleep(1)
-            continue
-        bind.exec_driver_sql("COMMIT")
-        return
+    finally:
+        bind.exec_driver_sql("RESET lock_timeout")
 
 
 def _unique_index(name: str, columns: str) -> None:
@@ -201,50 +216,56 @@ def _unique_index(name: str, columns: str) -> None:
         bind.exec_driver_sql(f"CREATE UNIQUE INDEX CONCURRENTLY {name} ON usage_events ({columns})")
 
 
-def _switch(bind: Connection, bound: date) -> None:
+def _switch(bound: date) -> str:
+    """The switch, as one DO block. What it makes again (indexes, views, grants) is read beforehand."""
     part = before_partition_name(bound)
-    op.execute("LOCK TABLE usage_events IN ACCESS EXCLUSIVE MODE")
-    empty = not bind.execute(sa.text("SELECT EXISTS (SELECT 1 FROM usage_events)")).scalar()
     indexes = _secondary_indexes("usage_events")
     views = _dependent_views()
     grants = _grants(["usage_events", *(name for name, _, _ in views)])
-    # Views follow a renamed table: they are made again on the new one.
-    _drop_views(views)
-    op.execute(f"ALTER TABLE usage_events RENAME TO {part}")
-    op.execute(
+    first = [
+        # Views follow a renamed table: they are made again on the new one.
+        *_drop_views(views),
+        f"ALTER TABLE usage_events RENAME TO {part}",
         f"CREATE TABLE usage_events (LIKE {part} INCLUDING DEFAULTS INCLUDING IDENTITY INCLUDING GENERATED"
         " INCLUDING CONSTRAINTS INCLUDING STORAGE INCLUDING COMMENTS INCLUDING STATISTICS)"
-        " PARTITION BY RANGE (created_at)"
-    )
-    op.execute(f"ALTER TABLE usage_events DROP CONSTRAINT {_CHECK}")
-    if empty:
-        op.execute(f"DROP TABLE {part}")
-    else:
+        " PARTITION BY RANGE (created_at)",
+        f"ALTER TABLE usage_events DROP CONSTRAINT {_CHECK}",
+    ]
+    attach = [
         # The partitioned table's identity numbers the new rows; the keys become the partition's own,
         # made from the indexes built beforehand; the index names go to the partitioned table's indexes.
-        op.execute(
-            f"ALTER TABLE {part} ALTER COLUMN id DROP IDENTITY, DROP CONSTRAINT {_PRIMARY_KEY},"
-            f" ADD CONSTRAINT {_PART_PRIMARY_KEY} PRIMARY KEY USING INDEX {_PART_PRIMARY_KEY},"
-            f" DROP CONSTRAINT {_OLD_UNIQUE},"
-            f" ADD CONSTRAINT {_PART_UNIQUE} UNIQUE USING INDEX {_PART_UNIQUE}"
-        )
-        for name, _ in indexes:
-            op.execute(f"ALTER INDEX {name} RENAME TO {(part + '_' + name)[:63]}")
-        op.execute(
-            f"ALTER TABLE usage_events ATTACH PARTITION {part}"
-            f" FOR VALUES FROM (MINVALUE) TO ('{bound.isoformat()} 00:00:00+00')"
-        )
-        op.execute(f"ALTER TABLE {part} DROP CONSTRAINT {_CHECK}")
-    op.execute(f"CREATE TABLE {DEFAULT_PARTITION} PARTITION OF usage_events DEFAULT")
-    _rename_sequence()
-    op.execute(f"ALTER TABLE usage_events ADD CONSTRAINT {_PRIMARY_KEY} PRIMARY KEY (id, created_at)")
-    op.execute(f"ALTER TABLE usage_events ADD CONSTRAINT {_UNIQUE} UNIQUE (request_id, created_at)")
-    for _, statement in indexes:
-        op.execute(statement)
-    _restart_identity()
-    _create_views(views)
-    for statement in grants:
-        op.execute(statement)
+        f"ALTER TABLE {part} ALTER COLUMN id DROP IDENTITY, DROP CONSTRAINT {_PRIMARY_KEY},"
+        f" ADD CONSTRAINT {_PART_PRIMARY_KEY} PRIMARY KEY USING INDEX {_PART_PRIMARY_KEY},"
+        f" DROP CONSTRAINT {_OLD_UNIQUE}, ADD CONSTRAINT {_PART_UNIQUE} UNIQUE USING INDEX {_PART_UNIQUE}",
+        *(f"ALTER INDEX {name} RENAME TO {(part + '_' + name)[:63]}" for name, _ in indexes),
+        f"ALTER TABLE usage_events ATTACH PARTITION {part}"
+        f" FOR VALUES FROM (MINVALUE) TO ('{bound.isoformat()} 00:00:00+00')",
+        f"ALTER TABLE {part} DROP CONSTRAINT {_CHECK}",
+    ]
+    last = [
+        f"CREATE TABLE {DEFAULT_PARTITION} PARTITION OF usage_events DEFAULT",
+        _RENAME_SEQUENCE,
+        f"ALTER TABLE usage_events ADD CONSTRAINT {_PRIMARY_KEY} PRIMARY KEY (id, created_at)",
+        f"ALTER TABLE usage_events ADD CONSTRAINT {_UNIQUE} UNIQUE (request_id, created_at)",
+        *(statement for _, statement in indexes),
+        # The new rows' ids follow the old ones: the largest is read from its index.
+        _RESTART_IDENTITY,
+        *_create_views(views),
+        *grants,
+    ]
+
+    def run(statements: list[str]) -> str:
+        for statement in statements:
+            if _QUOTE in statement:
+                raise RuntimeError(f"cannot quote {statement!r}")
+        return " ".join(f"EXECUTE {_QUOTE}{statement}{_QUOTE};" for statement in statements)
+
+    # An empty table (a new installation) is not kept as a partition.
+    return (
+        "DO $switch$ BEGIN LOCK TABLE usage_events IN ACCESS EXCLUSIVE MODE;"
+        f" IF EXISTS (SELECT 1 FROM usage_events) THEN {run(first + attach)}"
+        f" ELSE {run([*first, f'DROP TABLE {part}'])} END IF; {run(last)} END $switch$"
+    )
 
 
 def upgrade() -> None:
@@ -256,15 +277,21 @@ def upgrade() -> None:
     # Each step commits on its own: one transaction would keep the first step's exclusive lock to its end.
     with op.get_context().autocommit_block():
         bound = _bound(bind)
-        check = (
-            f"ALTER TABLE usage_events DROP CONSTRAINT IF EXISTS {_CHECK}, ADD CONSTRAINT {_CHECK}"
-            f" CHECK (created_at < '{bound.isoformat()} 00:00:00+00') NOT VALID"
-        )
-        _briefly("check", lambda conn: conn.exec_driver_sql(check))
-        op.execute(f"ALTER TABLE usage_events VALIDATE CONSTRAINT {_CHECK}")
-        _unique_index(_PART_PRIMARY_KEY, "id, created_at")
-        _unique_index(_PART_UNIQUE, "request_id, created_at")
-        _briefly("switch", lambda conn: _switch(conn, bound))
+        with _step(f"CHECK created_at < {bound} added"):
+            _briefly(
+                "check",
+                f"ALTER TABLE usage_events DROP CONSTRAINT IF EXISTS {_CHECK}, ADD CONSTRAINT {_CHECK}"
+                f" CHECK (created_at < '{bound.isoformat()} 00:00:00+00') NOT VALID",
+            )
+        with _step("CHECK validated (inserts and reads go on)"):
+            op.execute(f"ALTER TABLE usage_events VALIDATE CONSTRAINT {_CHECK}")
+        with _step("unique index (id, created_at) built (inserts and reads go on)"):
+            _unique_index(_PART_PRIMARY_KEY, "id, created_at")
+        with _step("unique index (request_id, created_at) built (inserts and reads go on)"):
+            _unique_index(_PART_UNIQUE, "request_id, created_at")
+        switch = _switch(bound)
+        with _step("partitioned, under an exclusive lock (its wait included)"):
+            _briefly("switch", switch)
 
 
 def downgrade() -> None:
@@ -276,20 +303,19 @@ def downgrade() -> None:
     indexes = _secondary_indexes("usage_events")
     views = _dependent_views()
     grants = _grants(["usage_events", *(name for name, _, _ in views)])
-    _drop_views(views)
-    op.execute(f"ALTER TABLE usage_events RENAME TO {_OLD}")
-    op.execute(
+    for statement in [
+        *_drop_views(views),
+        f"ALTER TABLE usage_events RENAME TO {_OLD}",
         f"CREATE TABLE usage_events (LIKE {_OLD} INCLUDING DEFAULTS INCLUDING IDENTITY INCLUDING GENERATED"
-        " INCLUDING CONSTRAINTS INCLUDING STORAGE INCLUDING COMMENTS INCLUDING STATISTICS)"
-    )
-    op.execute(f"INSERT INTO usage_events OVERRIDING SYSTEM VALUE SELECT * FROM {_OLD}")
-    op.execute(f"DROP TABLE {_OLD}")
-    _rename_sequence()
-    _restart_identity()
-    op.execute(f"ALTER TABLE usage_events ADD CONSTRAINT {_PRIMARY_KEY} PRIMARY KEY (id)")
-    op.execute(f"ALTER TABLE usage_events ADD CONSTRAINT {_OLD_UNIQUE} UNIQUE (request_id)")
-    for _, statement in indexes:
-        op.execute(statement)
-    _create_views(views)
-    for statement in grants:
+        " INCLUDING CONSTRAINTS INCLUDING STORAGE INCLUDING COMMENTS INCLUDING STATISTICS)",
+        f"INSERT INTO usage_events OVERRIDING SYSTEM VALUE SELECT * FROM {_OLD}",
+        f"DROP TABLE {_OLD}",
+        _RENAME_SEQUENCE,
+        _RESTART_IDENTITY,
+        f"ALTER TABLE usage_events ADD CONSTRAINT {_PRIMARY_KEY} PRIMARY KEY (id)",
+        f"ALTER TABLE usage_events ADD CONSTRAINT {_OLD_UNIQUE} UNIQUE (request_id)",
+        *(statement for _, statement in indexes),
+        *_create_views(views),
+        *grants,
+    ]:
         op.execute(statement)
