@@ -5,7 +5,7 @@ days gone so far), then measured:
 - the recorder's insert rate (write_batch: COPY into the staging table, INSERT ... ON CONFLICT and the
   usage_daily upsert, batches of 2,000) into the current month's partition, beside the same into the
   empty table at the start of the run, and the WAL it writes per event (pg_current_wal_lsn before and
-  after);
+  after: the cluster's WAL, so a Postgres that other work writes to meanwhile inflates it);
 - the README's dashboard queries (usage_daily, and the last generated day's events per feature: "today"
   is the day the generation ended, so a run crossing midnight still reads a full day), median and
   slowest of 5;
@@ -13,6 +13,11 @@ days gone so far), then measured:
 
     nice -n 19 .venv/bin/python bench/usage_table_bench.py [--rows 10000000] [--admin-url postgresql://...]
         [--unlogged-history] [--fill-minutes M]
+
+With --conversion it times migration 0011 instead: --rows events generated in the table as it was before
+partitioning, then the migration, with an insert and a read probing the table every 50 ms meanwhile
+(their longest wait is how long the table was locked for the gateway and for a dashboard). Point
+GATEWAY_MIGRATIONS_DIR at another migrations/ folder to time another version of it.
 
 It makes a database of its own and drops it at the end. Each month is generated into a bare table and
 attached as its partition, which builds its indexes in bulk: the end state of a table grown over a year,
@@ -272,28 +277,29 @@ async def fill_unpartitioned(conn: asyncpg.Connection, rows: int, now: datetime)
 
 async def probe(url: str, stop: asyncio.Event, every_s: float = 0.05) -> dict[str, list[float]]:
     """What the gateway and a dashboard see while the table is converted: an insert of one event and a
-    read of the last minute's events, each on its own connection, every `every_s`; how long each took in
-    the server, waiting for its lock included (timed there, so that this process's own wait for a busy
-    CPU does not count)."""
+    read of the last minute's events, each on its own connection, every `every_s`; how long each took,
+    seen from here (a wait for a lock is not in the server's statement time: a prepared statement takes
+    its locks before its execution starts). On a busy machine this process's own wait for a CPU is in it
+    too: the median shows how much."""
     writer, reader = await asyncpg.connect(url), await asyncpg.connect(url)
     seen: dict[str, list[float]] = {"insert": [], "read": []}
-    took = "extract(epoch FROM clock_timestamp() - statement_timestamp())"
     try:
         n = 0
         while not stop.is_set():
             n += 1
-            inserted = await writer.fetchval(
+            t0 = time.perf_counter()
+            await writer.execute(
                 "INSERT INTO usage_events (created_at, request_id, endpoint, stream, status_code, attempts,"
                 " usage_source, latency_ms) VALUES (now(), $1, '/v1/chat/completions', false, 200, 1,"
-                f" 'upstream', 10) RETURNING {took}",
+                " 'upstream', 10)",
                 f"req_probe_{n}",
             )
-            read = await reader.fetchval(
-                f"SELECT {took} FROM (SELECT count(*) FROM usage_events"
-                " WHERE created_at >= now() - interval '1 minute') AS recent"
+            t1 = time.perf_counter()
+            await reader.fetchval(
+                "SELECT count(*) FROM usage_events WHERE created_at >= now() - interval '1 minute'"
             )
-            seen["insert"].append(float(inserted))
-            seen["read"].append(float(read))
+            seen["insert"].append(t1 - t0)
+            seen["read"].append(time.perf_counter() - t1)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), every_s)
     finally:
