@@ -7,6 +7,7 @@ Settings is not imported on purpose: it requires GATEWAY_MASTER_KEY, which migra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from datetime import UTC, datetime
 from logging.config import fileConfig
@@ -51,20 +52,30 @@ def do_run_migrations(connection: Connection) -> None:
         # SQLite cannot ALTER most things in place; batch mode recreates the table instead.
         render_as_batch=connection.dialect.name == "sqlite",
     )
-    with context.begin_transaction():
-        if connection.dialect.name == "postgresql":
-            # Replicas that start together each run the migrations: all but the first wait here, then
-            # find them applied. Held until this transaction ends.
-            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
-        context.run_migrations()
-        # Every `llm-gateway migrate` makes the coming months' partitions of usage_events (if it has any).
-        # In a savepoint: a lock busy past its timeout must not undo the migrations; the gateway's
-        # processes make the partitions in the background as well.
-        try:
-            with connection.begin_nested():
-                ensure_partitions(connection, datetime.now(UTC).date())
-        except DBAPIError as exc:
-            print(f"llm-gateway: usage_events partitions not made now ({type(exc.orig).__name__})")
+    postgres = connection.dialect.name == "postgresql"
+    if postgres:
+        # Replicas that start together each run the migrations: all but the first wait here, then find
+        # them applied. Held by the session, not a transaction: a migration may commit in steps.
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+        connection.commit()
+    try:
+        with context.begin_transaction():
+            context.run_migrations()
+            # Every `llm-gateway migrate` makes the coming months' partitions of usage_events (if it has
+            # any). In a savepoint: a lock busy past its timeout must not undo the migrations; the
+            # gateway's processes make the partitions in the background as well.
+            try:
+                with connection.begin_nested():
+                    ensure_partitions(connection, datetime.now(UTC).date())
+            except DBAPIError as exc:
+                print(f"llm-gateway: usage_events partitions not made now ({type(exc.orig).__name__})")
+    finally:
+        # A connection that broke has lost the lock with its session; its error is the one to show.
+        if postgres:
+            with contextlib.suppress(DBAPIError):
+                connection.rollback()
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+                connection.commit()
 
 
 async def run_async_migrations() -> None:

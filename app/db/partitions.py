@@ -7,6 +7,10 @@ refused. Retention drops whole partitions: at hundreds of millions of rows a DEL
 dead row to the WAL, leave the table as large as before and run for hours; DROP TABLE of a month
 returns its disk at once. usage_daily keeps the sums of the dropped months.
 
+A table converted from an unpartitioned one by migration 0011 keeps its old rows where they were: the old
+table became one partition, `usage_events_before_YYYYMM`, holding everything before that month, and
+month partitions start there. Retention drops it whole once its last month is past the cut.
+
 The embedded SQLite database has no partitions: there retention deletes the rows.
 
 Statements run on a synchronous Connection (Alembic's, or an AsyncConnection's run_sync), inside the
@@ -35,6 +39,7 @@ DEFAULT_PARTITION = "usage_events_default"
 # The current month and this many after it always have a partition.
 MONTHS_AHEAD = 3
 _NAME = re.compile(r"^usage_events_p(\d{4})(\d{2})$")
+_BEFORE = re.compile(r"^usage_events_before_(\d{4})(\d{2})$")
 # Any constant shared by all gateway processes; "llmp" in ASCII.
 _LOCK_KEY = 0x6C6C6D70
 # DDL on usage_events waits at most this long for its lock: queued behind a long dashboard query, it
@@ -50,12 +55,19 @@ def partition_name(month: date) -> str:
     return f"{TABLE}_p{month:%Y%m}"
 
 
+def before_partition_name(bound: date) -> str:
+    """The partition of the rows a table had when it was partitioned: everything before `bound`."""
+    return f"{TABLE}_before_{bound:%Y%m}"
+
+
 def _bound(day: date) -> str:
     return f"'{day.isoformat()} 00:00:00+00'"
 
 
 def is_partition(name: str | None) -> bool:
-    return name is not None and (name == DEFAULT_PARTITION or _NAME.match(name) is not None)
+    return name is not None and (
+        name == DEFAULT_PARTITION or _NAME.match(name) is not None or _BEFORE.match(name) is not None
+    )
 
 
 def alembic_include_object(
@@ -73,8 +85,7 @@ def is_partitioned(conn: Connection) -> bool:
     return kind.scalar() == "p"
 
 
-def month_partitions(conn: Connection) -> dict[date, str]:
-    """The month partitions of usage_events, by their first day."""
+def _partitions(conn: Connection, pattern: re.Pattern[str]) -> dict[date, str]:
     names = conn.execute(
         text(
             "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
@@ -84,10 +95,21 @@ def month_partitions(conn: Connection) -> dict[date, str]:
     ).scalars()
     found: dict[date, str] = {}
     for name in names:
-        match = _NAME.match(name)
+        match = pattern.match(name)
         if match:
             found[date(int(match.group(1)), int(match.group(2)), 1)] = name
     return found
+
+
+def month_partitions(conn: Connection) -> dict[date, str]:
+    """The month partitions of usage_events, by their first day."""
+    return _partitions(conn, _NAME)
+
+
+def before_partition(conn: Connection) -> tuple[date, str] | None:
+    """(the first day after its rows, its name) of the partition holding a converted table's old rows."""
+    found = _partitions(conn, _BEFORE)
+    return min(found.items()) if found else None
 
 
 def _lock(conn: Connection) -> None:
@@ -124,10 +146,11 @@ def ensure_partitions(conn: Connection, today: date, months_ahead: int = MONTHS_
         return []
     _lock(conn)
     existing = month_partitions(conn)
+    before = before_partition(conn)
     made = []
     month = today.replace(day=1)
     for _ in range(months_ahead + 1):
-        if month not in existing:
+        if month not in existing and (before is None or month >= before[0]):
             made.append(add_partition(conn, month))
         month = next_month(month)
     return made
@@ -135,7 +158,8 @@ def ensure_partitions(conn: Connection, today: date, months_ahead: int = MONTHS_
 
 def prune(conn: Connection, before: date) -> list[str]:
     """Drop the usage events of every month that ends on or before `before` (so everything before the
-    first day of its month): whole partitions on Postgres, the rows on SQLite. Returns what went."""
+    first day of its month): whole partitions on Postgres (a converted table's old rows once all of them
+    are), the rows on SQLite. Returns what went."""
     first_kept = before.replace(day=1)
     if not is_partitioned(conn):
         if conn.dialect.name == "postgresql":
@@ -145,6 +169,10 @@ def prune(conn: Connection, before: date) -> list[str]:
         return [f"{deleted.rowcount} row(s)"] if deleted.rowcount else []
     _lock(conn)
     dropped = []
+    old = before_partition(conn)
+    if old is not None and old[0] <= first_kept:
+        conn.execute(text(f"DROP TABLE {old[1]}"))
+        dropped.append(old[1])
     for month, name in sorted(month_partitions(conn).items()):
         if month < first_kept:
             conn.execute(text(f"DROP TABLE {name}"))

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db.engine import create_engine
 from app.db.migrate import alembic_config
-from app.db.partitions import ensure_partitions, next_month, partition_name, prune
+from app.db.partitions import before_partition_name, ensure_partitions, next_month, partition_name, prune
 from app.db.usage_writer import write_batch
 from app.metering.events import Batch
 from tests.db import ADMIN_URL, admin, plain_url
@@ -36,7 +36,7 @@ ROWS = 3000
 # A checksum of every row, every column as it prints: the same before and after, or a row was changed.
 CHECKSUM = "SELECT count(*) AS n, md5(string_agg(t::text, ',' ORDER BY id)) AS sum FROM usage_events t"
 KIND = "SELECT relkind::text AS kind FROM pg_class WHERE relname = 'usage_events'"
-KIND = "SELECT relkind::text AS kind FROM pg_class WHERE relname = 'usage_events'"
+DEFAULT = "usage_events_default"
 BY_MONTH = "SELECT md5(string_agg(v::text, ',' ORDER BY month)) AS sum FROM events_by_month v"
 READER = f"reader_{os.urandom(4).hex()}"
 GRANTED = (
@@ -131,34 +131,33 @@ async def test_the_migration_partitions_a_table_with_rows_over_several_months_an
         assert await _one(engine, BY_MONTH) == by_month
         assert (await _one(engine, "SELECT n FROM busiest_month"))["n"] > 0
         assert await _one(engine, GRANTED) == {"events": True, "view": True, "other": False}
+        # The table was not copied: it became the partition of everything before the month after next,
+        # and month partitions follow it.
         made = await _partitions(engine)
-        today = datetime.now(UTC).date().replace(day=1)
-        ahead = [today]
-        for _ in range(3):
-            ahead.append(next_month(ahead[-1]))
-        assert set(made) >= {partition_name(m) for m in MONTHS + ahead} | {"usage_events_default"}
-        # Every row is in its own month's partition; none was left to the default one.
-        for month in MONTHS:
-            counted = await _one(
-                engine,
-                f"SELECT count(*) AS n, count(*) FILTER (WHERE date_trunc('month', created_at AT TIME ZONE"
-                f" 'UTC')::date <> DATE '{month.isoformat()}') AS stray FROM {partition_name(month)}",
-            )
-            assert counted["n"] > 0 and counted["stray"] == 0
-        assert (await _one(engine, "SELECT count(*) AS n FROM usage_events_default"))["n"] == 0
-        # The indexes are on each partition, and the unique key holds the partition key.
-        for month in MONTHS:
+        bound = next_month(next_month(datetime.now(UTC).date().replace(day=1)))
+        old = before_partition_name(bound)
+        assert set(made) == {old, partition_name(bound), partition_name(next_month(bound)), DEFAULT}
+        assert (await _one(engine, f"SELECT count(*) AS n FROM {old}"))["n"] == ROWS
+        assert (await _one(engine, f"SELECT count(*) AS n FROM {DEFAULT}"))["n"] == 0
+        # The indexes are on each partition, and the unique keys hold the partition key (the old ones,
+        # on id and on request_id alone, are gone).
+        found = []
+        for name in (old, partition_name(bound)):
             async with engine.connect() as conn:
                 indexes = (
                     await conn.execute(
-                        text("SELECT indexdef FROM pg_indexes WHERE tablename = :t"),
-                        {"t": partition_name(month)},
+                        text("SELECT indexdef FROM pg_indexes WHERE tablename = :t"), {"t": name}
                     )
                 ).scalars()
-                defs = " | ".join(indexes)
-            assert "UNIQUE INDEX" in defs and "(request_id, created_at)" in defs
-            for columns in ("(created_at)", "(feature, created_at)", "(user_id, created_at)"):
-                assert columns in defs
+                found.append(sorted(index.split(" USING btree ")[1] for index in indexes))
+        assert found[0] == found[1]
+        assert {
+            "(id, created_at)",
+            "(request_id, created_at)",
+            "(created_at)",
+            "(feature, created_at)",
+        } <= set(found[0])
+        assert "(id)" not in found[0] and "(request_id)" not in found[0]
 
         # New events continue the ids, and a replayed one (same request_id, same created_at) is no
         # second row and no second count in usage_daily.
@@ -167,9 +166,10 @@ async def test_the_migration_partitions_a_table_with_rows_over_several_months_an
         assert await write_batch(engine, Batch.of([event, event])) == 0
         rows = await _one(
             engine,
-            f"SELECT count(*) AS n, min(id) AS id FROM usage_events WHERE request_id = '{event.request_id}'",
+            "SELECT count(*) AS n, min(id) AS id, min(tableoid::regclass::text) AS part FROM usage_events"
+            f" WHERE request_id = '{event.request_id}'",
         )
-        assert rows["n"] == 1 and rows["id"] > ROWS
+        assert rows == {"n": 1, "id": ROWS + 1, "part": old}
         daily = await _one(engine, "SELECT sum(requests) AS n FROM usage_daily")
         assert daily["n"] == 1
 
@@ -180,6 +180,74 @@ async def test_the_migration_partitions_a_table_with_rows_over_several_months_an
         assert await _one(engine, KIND) == {"kind": "r"}
         assert (await _one(engine, "SELECT n FROM busiest_month"))["n"] > 0
         assert await _one(engine, GRANTED) == {"events": True, "view": True, "other": False}
+    finally:
+        await engine.dispose()
+
+
+async def test_a_converted_tables_old_rows_are_dropped_whole_and_a_broken_off_conversion_resumes(
+    bare_db: str, tmp_path: Path
+) -> None:
+    config = alembic_config(bare_db, tmp_path)
+    await asyncio.to_thread(command.upgrade, config, _before_partitioning())
+    engine = create_engine(bare_db, tmp_path)
+    try:
+        old_event = make_event(created_at=datetime(2025, 3, 9, tzinfo=UTC))
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO usage_events (created_at, request_id, endpoint, stream, status_code,"
+                    " attempts, usage_source, latency_ms)"
+                    " VALUES ('2025-03-09 00:00:00+00', :r, '/v1/chat/completions', false, 200, 1,"
+                    " 'upstream', 10)"
+                ),
+                {"r": old_event.request_id},
+            )
+        # What a run stopped before its switch leaves: the CHECK with another bound, not yet validated,
+        # one index built and one left invalid by a build that broke off.
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "ALTER TABLE usage_events ADD CONSTRAINT usage_events_before_bound"
+                    " CHECK (created_at < '2099-01-01 00:00:00+00') NOT VALID"
+                )
+            )
+            await conn.execute(
+                text("CREATE UNIQUE INDEX usage_events_before_pkey ON usage_events (id, created_at)")
+            )
+            await conn.execute(
+                text(
+                    "CREATE UNIQUE INDEX usage_events_before_request_id_created_at_key"
+                    " ON usage_events (request_id)"
+                )
+            )
+            await conn.execute(
+                text(
+                    "UPDATE pg_index SET indisvalid = false"
+                    " WHERE indexrelid = 'usage_events_before_request_id_created_at_key'::regclass"
+                )
+            )
+        await asyncio.to_thread(command.upgrade, config, "head")
+        bound = next_month(next_month(datetime.now(UTC).date().replace(day=1)))
+        old = before_partition_name(bound)
+        assert (await _one(engine, f"SELECT request_id FROM {old}"))["request_id"] == old_event.request_id
+        assert (await _one(engine, "SELECT count(*) AS n FROM pg_index WHERE NOT indisvalid"))["n"] == 0
+        # A replay of the old event is no second row: the rebuilt index is on (request_id, created_at).
+        # A late event of its month joins it.
+        late = make_event(created_at=datetime(2025, 3, 10, tzinfo=UTC))
+        assert await write_batch(engine, Batch.of([old_event, late])) == 1
+        assert (await _one(engine, f"SELECT count(*) AS n FROM {old}"))["n"] == 2
+        # Months the old table's partition holds get none of their own.
+        async with engine.begin() as conn:
+            assert await conn.run_sync(ensure_partitions, date(2025, 3, 1)) == []
+        # Retention takes it whole, once all of it is past the cut, and nothing before; usage_daily keeps
+        # its sums.
+        daily = await _one(engine, DAILY)
+        async with engine.begin() as conn:
+            assert await conn.run_sync(prune, bound - timedelta(days=1)) == []
+        async with engine.begin() as conn:
+            assert await conn.run_sync(prune, bound) == [old]
+        assert old not in await _partitions(engine)
+        assert await _one(engine, DAILY) == daily and daily["requests"] == 1
     finally:
         await engine.dispose()
 
