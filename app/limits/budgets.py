@@ -16,13 +16,12 @@ by INCRBY/DECRBY with integer strings, so they stay exact.
 from __future__ import annotations
 
 import contextlib
-import functools
 import heapq
 import math
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, Literal, Protocol, cast
 
@@ -138,16 +137,7 @@ def utc(now: datetime | None) -> datetime:
 
 def period_key(period: str, now: datetime) -> str:
     """The period's name as usage rows group by it: "2026-11-25" for a day, "2026-11" for a month."""
-    day, month = _period_keys(now.toordinal())
-    return day if _period(period) == "day" else month
-
-
-@functools.lru_cache(maxsize=4)
-def _period_keys(ordinal: int) -> tuple[str, str]:
-    # By the day: every call with a key, feature or user settles four of them, and strftime costs
-    # microseconds each.
-    day = date.fromordinal(ordinal)
-    return day.strftime("%Y-%m-%d"), day.strftime("%Y-%m")
+    return now.strftime("%Y-%m-%d" if _period(period) == "day" else "%Y-%m")
 
 
 def resets_at(period: str, now: datetime) -> datetime:
