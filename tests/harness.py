@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -123,9 +125,16 @@ class GatewayProcess:
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
             )
         if wait:
-            wait_until(self.ready, timeout=30)
+            try:
+                wait_until(self.ready, timeout=30)
+            except BaseException:
+                # A fixture whose start fails never reaches its teardown: the process is stopped here,
+                # or a --workers server left behind keeps replacing its workers for as long as it lives.
+                self.stop(timeout=10)
+                raise
         return self
 
     def ready(self) -> bool:
@@ -146,6 +155,14 @@ class GatewayProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
+
+
+def _die_with_parent() -> None:
+    """In the gateway's child process: SIGTERM when the test run that started it dies (killed, or
+    interrupted past its teardowns), so no server outlives its tests."""
+    if sys.platform == "linux":
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def refused_start(env: dict[str, str]) -> str:
