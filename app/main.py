@@ -281,6 +281,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     lease_s=settings.batch_lease_s,
                     max_file_bytes=settings.batch_max_file_bytes,
                 ),
+                guard,
             )
             await batch_meter.start()
             app_metrics.watch_batches(batch_meter.stats)

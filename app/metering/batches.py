@@ -14,6 +14,10 @@ whose `ON CONFLICT (request_id) DO NOTHING` adds to `usage_daily` only the rows 
 metered twice (a lease expired, two replicas) counts each line once. The lease (`metering_until`) and the
 poll claim (a compare-and-set on `next_poll_at`) only keep replicas from doing the same work twice.
 
+The batch's cost also counts against its owner's live budgets (key, feature, user; this day and month),
+once: charged by the process whose compare-and-set closes the job (`metered_at` from NULL), with the cost
+of every line it priced, whether this process or one before it wrote the rows.
+
 Not guaranteed: a process killed between answering `POST /v1/batches` and writing its `batch_jobs` row
 (within one flush, normally milliseconds) leaves that batch unmetered; lines past the file cap are not
 metered (the row says `truncated`).
@@ -44,8 +48,9 @@ from app.db.models import batch_jobs
 from app.db.usage_writer import is_rejected_data, write_batch
 from app.edge.canonical_path import upstream_path
 from app.errors import GatewayError
+from app.limits.guard import Guard
 from app.limits.policy import MAX_MODEL_CHARS, UpstreamTarget, is_model_name
-from app.metering.events import Batch, UsageEvent
+from app.metering.events import Batch, UsageEvent, cost_to_usd
 from app.metering.pricing import PriceTable
 from app.metering.usage import price_usage
 from app.proxy.upstream import UpstreamClient, UpstreamUnavailable
@@ -94,8 +99,10 @@ class BatchMeter:
         target: Callable[[], UpstreamTarget],
         prices: Callable[[], PriceTable],
         settings: BatchSettings,
+        guard: Guard | None = None,
     ) -> None:
         self._engine = engine
+        self._guard = guard
         self._upstream = upstream
         self._target = target
         self._prices = prices
@@ -304,7 +311,7 @@ class BatchMeter:
         if owner is None:
             return  # metered already, being metered elsewhere, or not created through the gateway
         try:
-            lines, truncated = await self._meter_files(batch_id, batch, owner)
+            lines, truncated, cost_units = await self._meter_files(batch_id, batch, owner)
         except BaseException:
             # Let the next poll try again soon rather than when the lease runs out.
             with contextlib.suppress(Exception):
@@ -315,17 +322,22 @@ class BatchMeter:
                         .values(metering_until=None)
                     )
             raise
-        await self._close_job(
+        closed = await self._close_job(
             batch_id, status=str(batch.get("status"))[:64], lines=lines, truncated=truncated
         )
+        if closed and cost_units and self._guard is not None:
+            charged = Guard.charge_to(owner.api_key_id, owner.feature, owner.user_id)
+            if charged is not None:
+                self._guard.settle(charged, 0, cost_to_usd(cost_units))
         if truncated:
             log.warning("batch output larger than GATEWAY_BATCH_MAX_FILE_BYTES: later lines not metered")
 
-    async def _close_job(self, batch_id: str, *, status: str, lines: int, truncated: bool) -> None:
+    async def _close_job(self, batch_id: str, *, status: str, lines: int, truncated: bool) -> bool:
+        """False when another process closed it first (and charged its budgets)."""
         async with self._engine.begin() as conn:
-            await conn.execute(
+            closed = await conn.execute(
                 update(batch_jobs)
-                .where(batch_jobs.c.batch_id == batch_id)
+                .where(batch_jobs.c.batch_id == batch_id, batch_jobs.c.metered_at.is_(None))
                 .values(
                     metered_at=_now(),
                     metering_until=None,
@@ -334,6 +346,7 @@ class BatchMeter:
                     status=status,
                 )
             )
+        return closed.rowcount == 1
 
     async def _lease(self, batch_id: str) -> _Owner | None:
         now = _now()
@@ -352,10 +365,13 @@ class BatchMeter:
             ).first()
         return None if row is None else _Owner(*row)
 
-    async def _meter_files(self, batch_id: str, batch: dict[str, Any], owner: _Owner) -> tuple[int, bool]:
+    async def _meter_files(
+        self, batch_id: str, batch: dict[str, Any], owner: _Owner
+    ) -> tuple[int, bool, int]:
+        """(rows written, truncated, the cost of every line priced, in 1e-10 USD)."""
         ended = _ended_at(batch)
         prices = self._prices()
-        written, truncated = 0, False
+        written, truncated, cost_units = 0, False, 0
         for name in ("output_file_id", "error_file_id"):
             file_id = batch.get(name)
             if not isinstance(file_id, str) or not file_id:
@@ -366,12 +382,13 @@ class BatchMeter:
                 event = line_event(batch_id, line, owner, ended, prices)
                 if event is not None:
                     events.append(event)
+                    cost_units += event.cost_units or 0
                 if len(events) >= _ROWS_PER_WRITE:
                     written, events = written + await self._write(events), []
             if events:
                 written += await self._write(events)
             truncated = truncated or reader.truncated
-        return written, truncated
+        return written, truncated, cost_units
 
     async def _write(self, events: list[UsageEvent]) -> int:
         """The lines' rows; those the database refuses (a token count out of range, say) are left out,

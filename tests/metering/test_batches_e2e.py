@@ -29,6 +29,7 @@ from tests.conftest import sdk_client
 from tests.db import database_down, database_up, fetch
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import MASTER_KEY, ThreadedGateway, wait_until
+from tests.limits import REDIS_URL
 
 FAST = {"batch_poll_initial_s": 0.05, "batch_poll_max_s": 0.2}
 # The poller will not come round within a test: only a client's retrieval can get the batch metered.
@@ -384,3 +385,35 @@ def test_batches_are_metered_on_the_embedded_sqlite_too(
         found = wait_until(lambda: len(rows()) == 2 and rows())
     assert [row[0] for row in found] == [f"{batch_id}:req-0", f"{batch_id}:req-1"]
     assert all(row[1:3] == ("/v1/batches", "batch") and row[3] > 0 for row in found)
+
+
+def test_a_metered_batch_counts_against_its_owners_budgets_once(
+    quick_batches: FakeOpenAI,
+    start_gateway: Callable[..., ThreadedGateway],
+    database_url: str,
+) -> None:
+    # Two gateways sharing Redis: whichever meters the batch, both see its spend.
+    gateway = start_gateway(redis_url=REDIS_URL, **FAST)
+    replica = start_gateway(redis_url=REDIS_URL, **FAST)
+    body = {"name": f"batch-{uuid.uuid4().hex[:6]}", "scopes": ["*"], "budget_daily_usd": "5"}
+    created = httpx.post(
+        gateway.url + "/admin/keys", json=body, headers={"authorization": f"Bearer {MASTER_KEY}"}, timeout=10
+    ).json()
+    with sdk_client(gateway.base_url, api_key=created["secret"]) as client:
+        batch_id = _create(client, _input("gpt-4o-mini", "gpt-5-mini"), user="u-8")
+        wait_until(lambda: _metered(database_url, batch_id))
+        # Retrieved through both gateways after it was metered: nothing is charged again.
+        client.batches.retrieve(batch_id)
+    with sdk_client(replica.base_url, api_key=MASTER_KEY) as master:
+        master.batches.retrieve(batch_id)
+    cost = sum((Decimal(str(row["cost_usd"])) for row in _rows(database_url, batch_id)), Decimal(0))
+    assert cost > 0
+
+    def spent() -> Decimal:
+        budgets = httpx.get(
+            gateway.url + "/admin/budgets", headers={"authorization": f"Bearer {MASTER_KEY}"}, timeout=5
+        ).json()["data"]
+        row = next(r for r in budgets if r["scope"] == f"key:{created['id']}" and r["period"] == "day")
+        return Decimal(row["spent_usd"])
+
+    wait_until(lambda: spent() == cost)
