@@ -12,6 +12,7 @@ from fastapi import Request
 
 from app.access.attribution import attribute
 from app.access.deps import Gateway
+from app.limits import estimate
 from app.limits.guard import completion_allowance, worst_case_output
 from app.limits.policy import Candidate
 from app.limits.prompt_budget import fit_prompt
@@ -54,7 +55,7 @@ async def read_metered(
     candidates = policy.candidates(call.model, call.feature, call.key)
     model = candidates[0].model
     rules = policy.config.features.get(call.feature) if call.feature is not None else None
-    prompt_tokens = len(raw) // 4
+    prompt_tokens = estimate.prompt_tokens(raw)
     if rules is not None and rules.max_prompt_tokens is not None and endpoint == "/v1/chat/completions":
         fitted = await asyncio.to_thread(
             fit_prompt,
