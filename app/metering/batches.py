@@ -147,7 +147,8 @@ def _orphans(directory: Path) -> list[tuple[int, Path, dict[str, Any]]]:
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                record = orjson.loads(path.read_bytes())
+                # Gone while this waited for it: another process recovered it and removed it.
+                record = orjson.loads(path.read_bytes()) if path.exists() else None
             except (OSError, orjson.JSONDecodeError):
                 os.close(fd)
                 continue
@@ -187,6 +188,7 @@ class BatchMeter:
         self._tracked: list[dict[str, Any]] = []
         # Intents whose batches are in _tracked: dropped once their rows are written.
         self._written_intents: list[Intent] = []
+        self._recover_after = 0.0
         self._found: dict[str, dict[str, Any]] = {}
         # Batches this process metered: a client retrieving one again and again costs no query. Only a
         # hint, bounded; the database decides.
@@ -329,11 +331,14 @@ class BatchMeter:
 
     async def _recover_intents(self) -> None:
         """Intents a process left when it died: their batches found in the upstream's list and tracked."""
-        if self._intents is None:
+        if self._intents is None or time.monotonic() < self._recover_after:
             return
         orphans = await asyncio.to_thread(_orphans, self._intents)
         if not orphans:
             return
+        # An intent the upstream's list does not explain yet is looked for again one longest poll later,
+        # not every round.
+        self._recover_after = time.monotonic() + self._settings.poll_max_s
         try:
             since = min(float(record.get("at") or 0) for _, _, record in orphans) - _INTENT_LIFE_S
             listed = await self._list_batches(since)
