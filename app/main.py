@@ -274,6 +274,8 @@ def create_app(settings: Settings | None = None) -> GatewayApp:
                     lease_s=settings.batch_lease_s,
                     max_file_bytes=settings.batch_max_file_bytes,
                 ),
+                guard,
+                settings.data_dir / "batch-intents",
             )
             await batch_meter.start()
             app_metrics.watch_batches(batch_meter.stats)

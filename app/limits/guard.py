@@ -2,9 +2,9 @@
 settling of what it really cost once it has ended.
 
 Token estimate before the call: the prompt (counted exactly when a prompt budget already counted it,
-otherwise its JSON size / 4, the usual rule of thumb) plus the completion the caller allows (`max_tokens`,
-`max_completion_tokens` or `max_output_tokens`). The estimate reserves tokens-per-minute; the settle
-step corrects it to the real count.
+otherwise estimated from the body's bytes, `estimate.prompt_tokens`) plus the completion the caller
+allows (`max_tokens`, `max_completion_tokens` or `max_output_tokens`). The estimate reserves
+tokens-per-minute; the settle step corrects it to the real count.
 
 Budgets reserve the call's worst case: that prompt plus the most output it may produce (its own output
 cap, or the default one of its feature, its model or the gateway, times `n`), at the model's price. The
@@ -18,6 +18,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -72,6 +73,10 @@ _NO_CAPS = Caps()
 
 def _periods(caps: Caps) -> tuple[tuple[Period, Decimal | None], ...]:
     return (("day", caps.budget_daily_usd), ("month", caps.budget_monthly_usd))
+
+
+def _budgets(caps: list[tuple[str, Caps]]) -> list[Budget]:
+    return [Budget(scope, period, cap) for scope, c in caps for period, cap in _periods(c) if cap is not None]
 
 
 def _unpriced() -> Decimal:
@@ -183,9 +188,7 @@ class Guard:
         if not caps:
             return None
         limits = tuple(Limit(scope, c.rpm, c.tpm) for scope, c in caps if c.rpm or c.tpm)
-        budgets = [
-            Budget(scope, period, cap) for scope, c in caps for period, cap in _periods(c) if cap is not None
-        ]
+        budgets = _budgets(caps)
         now = self.clock()
         scopes = tuple(scope for scope, _ in caps)
         reservation: Reservation | None = None
@@ -205,6 +208,23 @@ class Guard:
                 self.release(admission)
                 raise _rate_limited(denied)
         return admission
+
+    async def hold(self, call: CallRecord, config: GatewayConfig, cost: Decimal) -> None:
+        """For a call admitted before its body was read (admit_unpriced), once its worst-case `cost` is
+        known: held against its budgets as admit() would have held it, or refused with the same 429. The
+        hold replaces the admission's (which held nothing), so the call's settle lets go of it."""
+        admission = call.admitted.admission
+        if admission is None or not cost:
+            return
+        budgets = _budgets(self._caps(call, config))
+        if not budgets:
+            return
+        now = self.clock()
+        verdict = await self.ledger.reserve(budgets, cost, self.reservation_ttl_s, now)
+        if isinstance(verdict, OverBudget):
+            raise _over_budget(verdict, now)
+        if verdict is not None:
+            call.admitted.admission = replace(admission, reservation=verdict)
 
     def settle(self, admission: Admission, total_tokens: int, cost: Decimal | None) -> None:
         """After the call, however it ended: correct the token reservation, let go of the budgets' hold

@@ -14,8 +14,17 @@ whose `ON CONFLICT (request_id) DO NOTHING` adds to `usage_daily` only the rows 
 metered twice (a lease expired, two replicas) counts each line once. The lease (`metering_until`) and the
 poll claim (a compare-and-set on `next_poll_at`) only keep replicas from doing the same work twice.
 
-Not guaranteed: a process killed between answering `POST /v1/batches` and writing its `batch_jobs` row
-(within one flush, normally milliseconds) leaves that batch unmetered; lines past the file cap are not
+The batch's cost also counts against its owner's live budgets (key, feature, user; this day and month),
+once: charged by the process whose compare-and-set closes the job (`metered_at` from NULL), with the cost
+of every line it priced, whether this process or one before it wrote the rows.
+
+A process killed between forwarding `POST /v1/batches` and writing the new batch's `batch_jobs` row does
+not lose the batch: before it forwards, the passthrough writes an intent (`intend()`: who pays, the input
+file, when) to an fsynced file under GATEWAY_DATA_DIR/batch-intents, locked (flock) while the process
+lives; the file goes once the row is written, or at once when the upstream refuses the batch. A
+metering round finds the intents no living process holds, lists the upstream's batches created since, and
+tracks the one made from the intent's input file that no row holds yet; an intent matching nothing for
+_INTENT_LIFE_S was never created upstream and is dropped. Not guaranteed: lines past the file cap are not
 metered (the row says `truncated`).
 """
 
@@ -23,15 +32,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import logging
+import os
 import random
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Final
+from urllib.parse import quote
 
 import orjson
 from sqlalchemy import ColumnElement, func, or_, select, update
@@ -44,9 +58,10 @@ from app.db.models import batch_jobs
 from app.db.usage_writer import is_rejected_data, write_batch
 from app.edge.canonical_path import upstream_path
 from app.errors import GatewayError
+from app.limits.guard import Guard
 from app.limits.policy import MAX_MODEL_CHARS, UpstreamTarget, is_model_name
 from app.live_config import ConfigHolder
-from app.metering.events import Batch, UsageEvent
+from app.metering.events import Batch, UsageEvent, cost_to_usd
 from app.metering.pricing import PriceTable
 from app.metering.usage import price_usage
 from app.proxy.upstream import UpstreamClient, UpstreamUnavailable
@@ -63,6 +78,10 @@ _CLAIM: Final = 20
 _ROWS_PER_WRITE: Final = 1000
 # A custom_id longer than this, or not printable, is keyed by its hash.
 _MAX_CUSTOM_ID: Final = 256
+# An intent no batch matches after this long was refused or never sent; the upstream's list is read back
+# this far (and the clocks' difference) at most, a bounded number of pages.
+_INTENT_LIFE_S: Final = 600.0
+_LIST_PAGES: Final = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +99,68 @@ class _Owner:
     user_id: str | None
 
 
+class Intent:
+    """A batch about to be created: its file, held locked by this process until it is tracked or dropped."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    def release(self, *, drop: bool) -> None:
+        """Unlocked (so a metering round may recover it), and removed when `drop`."""
+        if drop:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _write_intent(directory: Path, record: dict[str, Any]) -> Intent:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{uuid.uuid4().hex}.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, orjson.dumps(record))
+        os.fsync(fd)
+        # The file's name must outlive a crash too.
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+    return Intent(path, fd)
+
+
+def _orphans(directory: Path) -> list[tuple[int, Path, dict[str, Any]]]:
+    """The intents no living process holds, each locked now by this one (fd, path, record)."""
+    found: list[tuple[int, Path, dict[str, Any]]] = []
+    with contextlib.suppress(FileNotFoundError):
+        for path in sorted(directory.glob("*.json")):
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # Gone while this waited for it: another process recovered it and removed it.
+                record = orjson.loads(path.read_bytes()) if path.exists() else None
+            except (OSError, orjson.JSONDecodeError):
+                os.close(fd)
+                continue
+            if isinstance(record, dict):
+                found.append((fd, path, record))
+            else:
+                os.close(fd)
+    return found
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -95,12 +176,19 @@ class BatchMeter:
         upstream: UpstreamClient,
         config: ConfigHolder,
         settings: BatchSettings,
+        guard: Guard | None = None,
+        intents: Path | None = None,
     ) -> None:
         self._engine = engine
+        self._guard = guard
+        self._intents = intents
         self._upstream = upstream
         self._config = config
         self._settings = settings
         self._tracked: list[dict[str, Any]] = []
+        # Intents whose batches are in _tracked: dropped once their rows are written.
+        self._written_intents: list[Intent] = []
+        self._recover_after = 0.0
         self._found: dict[str, dict[str, Any]] = {}
         # Batches this process metered: a client retrieving one again and again costs no query. Only a
         # hint, bounded; the database decides.
@@ -123,25 +211,58 @@ class BatchMeter:
 
     # -- the request path: never awaits -------------------------------------------------------------
 
-    def track(self, batch: dict[str, Any], call: CallRecord) -> None:
+    async def intend(self, call: CallRecord, body: bytes) -> Intent | None:
+        """Before `POST /v1/batches` goes upstream: who pays for the batch it may create, on disk. The one
+        wait on the request path here, an fsync (off the event loop), for an endpoint called rarely."""
+        if self._intents is None:
+            return None
+        try:
+            request: Any = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
+        input_file = request.get("input_file_id") if isinstance(request, dict) else None
+        if not isinstance(input_file, str):
+            return None  # refused upstream: nothing will be created
+        record = {
+            "input_file_id": input_file,
+            "api_key_id": call.admitted.api_key_id,
+            "feature": call.admitted.feature,
+            "user_id": call.admitted.user_id,
+            "at": time.time(),
+            "upstream": self._target().base_url,
+        }
+        try:
+            return await asyncio.to_thread(_write_intent, self._intents, record)
+        except OSError:
+            log.warning("batch intent not written; this batch is tracked from its answer only")
+            return None
+
+    def track(self, batch: dict[str, Any], call: CallRecord, intent: Intent | None = None) -> None:
         """A batch the gateway just created, and who pays for it."""
         batch_id = batch.get("id")
         if not isinstance(batch_id, str) or len(self._tracked) >= _MAX_PENDING:
             log.warning("batch not tracked for metering (queue full or no id)")
+            if intent is not None:
+                intent.release(drop=False)
             return
-        status = batch.get("status")
+        owner = _Owner(call.admitted.api_key_id, call.admitted.feature, call.admitted.user_id)
+        self._track(batch_id, batch.get("status"), owner, intent)
+
+    def _track(self, batch_id: str, status: object, owner: _Owner, intent: Intent | None) -> None:
         self._tracked.append(
             {
                 "batch_id": batch_id,
-                "api_key_id": call.admitted.api_key_id,
-                "feature": call.admitted.feature,
-                "user_id": call.admitted.user_id,
+                "api_key_id": owner.api_key_id,
+                "feature": owner.feature,
+                "user_id": owner.user_id,
                 "created_at": _now(),
                 "status": status if isinstance(status, str) else "validating",
                 "next_poll_at": _now() + timedelta(seconds=self._settings.poll_initial_s),
                 "upstream": self._target().base_url,
             }
         )
+        if intent is not None:
+            self._written_intents.append(intent)
         self._wake.set()
 
     def found(self, batch: dict[str, Any]) -> None:
@@ -175,6 +296,7 @@ class BatchMeter:
         while True:
             self._wake.clear()
             try:
+                await self._recover_intents()
                 await self._write_tracked()
                 await self._meter_found()
                 await self._poll_due()
@@ -196,6 +318,7 @@ class BatchMeter:
         if not self._tracked:
             return
         rows, self._tracked = self._tracked, []
+        intents, self._written_intents = self._written_intents, []
         insert = _dialect_insert(self._engine)(batch_jobs).on_conflict_do_nothing(
             index_elements=[batch_jobs.c.batch_id]
         )
@@ -204,7 +327,77 @@ class BatchMeter:
                 await conn.execute(insert, rows)
         except BaseException:
             self._tracked[:0] = rows[: _MAX_PENDING - len(self._tracked)]
+            self._written_intents[:0] = intents
             raise
+        for intent in intents:
+            intent.release(drop=True)
+
+    async def _recover_intents(self) -> None:
+        """Intents a process left when it died: their batches found in the upstream's list and tracked."""
+        if self._intents is None or time.monotonic() < self._recover_after:
+            return
+        orphans = await asyncio.to_thread(_orphans, self._intents)
+        if not orphans:
+            return
+        # An intent the upstream's list does not explain yet is looked for again one longest poll later,
+        # not every round.
+        self._recover_after = time.monotonic() + self._settings.poll_max_s
+        try:
+            since = min(float(record.get("at") or 0) for _, _, record in orphans) - _INTENT_LIFE_S
+            listed = await self._list_batches(since)
+            async with self._engine.connect() as conn:
+                known = set(
+                    (
+                        await conn.execute(
+                            select(batch_jobs.c.batch_id).where(
+                                batch_jobs.c.batch_id.in_([b["id"] for b in listed])
+                            )
+                        )
+                    ).scalars()
+                )
+            for fd, path, record in orphans:
+                made = [
+                    b
+                    for b in listed
+                    if b["id"] not in known
+                    and b.get("input_file_id") == record.get("input_file_id")
+                    and float(b.get("created_at") or 0) >= float(record.get("at") or 0) - _INTENT_LIFE_S
+                ]
+                intent = Intent(path, fd)
+                if made:
+                    # The oldest: an intent is written before its batch is created, in the order they go.
+                    batch = min(made, key=lambda b: float(b.get("created_at") or 0))
+                    known.add(batch["id"])
+                    owner = _Owner(record.get("api_key_id"), record.get("feature"), record.get("user_id"))
+                    self._track(batch["id"], batch.get("status"), owner, intent)
+                    log.info("recovered a batch whose creating process died before tracking it")
+                elif time.time() - float(record.get("at") or 0) > _INTENT_LIFE_S:
+                    intent.release(drop=True)
+                else:
+                    intent.release(drop=False)
+            orphans = []
+        finally:
+            for fd, _, _ in orphans:
+                os.close(fd)
+
+    async def _list_batches(self, since: float) -> list[dict[str, Any]]:
+        """The upstream's batches created since `since` (UNIX time), newest first, at most _LIST_PAGES."""
+        found: list[dict[str, Any]] = []
+        after = ""
+        for _ in range(_LIST_PAGES):
+            query = "limit=100" + (f"&after={quote(after, safe='')}" if after else "")
+            code, page = await self._get(upstream_path("batches") + "?" + query)
+            data = page.get("data") if page is not None else None
+            if not isinstance(data, list):
+                raise UpstreamUnavailable("status", f"listing batches answered {code}")
+            batches = [b for b in data if isinstance(b, dict) and isinstance(b.get("id"), str)]
+            found += batches
+            if not batches or page is None or page.get("has_more") is not True:
+                break
+            if min(float(b.get("created_at") or 0) for b in batches) < since:
+                break
+            after = batches[-1]["id"]
+        return found
 
     async def _meter_found(self) -> None:
         found, self._found = self._found, {}
@@ -307,7 +500,7 @@ class BatchMeter:
         if owner is None:
             return  # metered already, being metered elsewhere, or not created through the gateway
         try:
-            lines, truncated = await self._meter_files(batch_id, batch, owner)
+            lines, truncated, cost_units = await self._meter_files(batch_id, batch, owner)
         except BaseException:
             # Let the next poll try again soon rather than when the lease runs out.
             with contextlib.suppress(Exception):
@@ -318,17 +511,22 @@ class BatchMeter:
                         .values(metering_until=None)
                     )
             raise
-        await self._close_job(
+        closed = await self._close_job(
             batch_id, status=str(batch.get("status"))[:64], lines=lines, truncated=truncated
         )
+        if closed and cost_units and self._guard is not None:
+            charged = Guard.charge_to(owner.api_key_id, owner.feature, owner.user_id)
+            if charged is not None:
+                self._guard.settle(charged, 0, cost_to_usd(cost_units))
         if truncated:
             log.warning("batch output larger than GATEWAY_BATCH_MAX_FILE_BYTES: later lines not metered")
 
-    async def _close_job(self, batch_id: str, *, status: str, lines: int, truncated: bool) -> None:
+    async def _close_job(self, batch_id: str, *, status: str, lines: int, truncated: bool) -> bool:
+        """False when another process closed it first (and charged its budgets)."""
         async with self._engine.begin() as conn:
-            await conn.execute(
+            closed = await conn.execute(
                 update(batch_jobs)
-                .where(batch_jobs.c.batch_id == batch_id)
+                .where(batch_jobs.c.batch_id == batch_id, batch_jobs.c.metered_at.is_(None))
                 .values(
                     metered_at=_now(),
                     metering_until=None,
@@ -337,6 +535,7 @@ class BatchMeter:
                     status=status,
                 )
             )
+        return closed.rowcount == 1
 
     async def _lease(self, batch_id: str) -> _Owner | None:
         now = _now()
@@ -355,12 +554,15 @@ class BatchMeter:
             ).first()
         return None if row is None else _Owner(*row)
 
-    async def _meter_files(self, batch_id: str, batch: dict[str, Any], owner: _Owner) -> tuple[int, bool]:
+    async def _meter_files(
+        self, batch_id: str, batch: dict[str, Any], owner: _Owner
+    ) -> tuple[int, bool, int]:
+        """(rows written, truncated, the cost of every line priced, in 1e-10 USD)."""
         ended = _ended_at(batch)
         # One reading of the configuration for the whole batch, whatever a reload puts in force meanwhile.
         config = self._config.current
         prices = config.prices
-        written, truncated = 0, False
+        written, truncated, cost_units = 0, False, 0
         for name in ("output_file_id", "error_file_id"):
             file_id = batch.get(name)
             if not isinstance(file_id, str) or not file_id:
@@ -371,12 +573,13 @@ class BatchMeter:
                 event = line_event(batch_id, line, owner, ended, prices)
                 if event is not None:
                     events.append(event)
+                    cost_units += event.cost_units or 0
                 if len(events) >= _ROWS_PER_WRITE:
                     written, events = written + await self._write(events), []
             if events:
                 written += await self._write(events)
             truncated = truncated or reader.truncated
-        return written, truncated
+        return written, truncated, cost_units
 
     async def _write(self, events: list[UsageEvent]) -> int:
         """The lines' rows; those the database refuses (a token count out of range, say) are left out,
@@ -526,22 +729,32 @@ def _error_type(body: dict[str, Any], line_error: object) -> str | None:
 
 
 def observe(
-    meter: BatchMeter | None, method: str, path: str, status: int, body: bytes, call: CallRecord
+    meter: BatchMeter | None,
+    method: str,
+    path: str,
+    status: int,
+    body: bytes,
+    call: CallRecord,
+    intent: Intent | None = None,
 ) -> None:
-    """From the passthrough, after a JSON answer: a batch created, or one retrieved."""
+    """From the passthrough, after a JSON answer: a batch created, or one retrieved. `intent`, the one
+    written before a create went upstream, is handed on, or dropped when the upstream refused it."""
     if meter is None or status >= 300 or not path.startswith("batches"):
+        if intent is not None:
+            intent.release(drop=status >= 300)
         return
     creates = method == "POST" and path == "batches"
     retrieves = method == "GET" and path.count("/") == 1
-    if not (creates or retrieves):
-        return
     try:
-        batch: Any = orjson.loads(body)
+        batch: Any = orjson.loads(body) if creates or retrieves else None
     except orjson.JSONDecodeError:
-        return
+        batch = None
     if not isinstance(batch, dict) or batch.get("object") != "batch":
+        if intent is not None:
+            # An answer the gateway cannot read: what it created, if anything, is found from the intent.
+            intent.release(drop=False)
         return
     if creates:
-        meter.track(batch, call)
+        meter.track(batch, call, intent)
     else:
         meter.found(batch)

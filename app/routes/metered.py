@@ -13,6 +13,7 @@ from fastapi import Request
 
 from app.access.attribution import attribute
 from app.access.deps import Gateway
+from app.limits import estimate
 from app.limits.guard import completion_allowance, worst_case_output
 from app.limits.policy import Candidate
 from app.limits.prompt_budget import fit_prompt
@@ -91,7 +92,7 @@ async def _fit_prompt_budget(
     admitted = gw.call.admitted
     rules = gw.policy.config.features.get(admitted.feature) if admitted.feature is not None else None
     if rules is None or rules.max_prompt_tokens is None or not endpoint.prompt_budget:
-        return len(raw) // 4
+        return estimate.prompt_tokens(raw)
     fitted = await asyncio.to_thread(
         fit_prompt,
         model,

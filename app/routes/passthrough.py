@@ -3,20 +3,26 @@ through in both directions as a stream: a 500 MB upload or download is never hel
 
 Retries: a request the gateway can replay (an idempotent method with a small, buffered body) is retried
 like any call; any other only when no connection could be made, since then not a byte of it has left.
-A JSON answer that carries `usage` (legacy completions, transcriptions, image generation) is metered.
+A JSON answer that carries `usage` (legacy completions, transcriptions, image generation) is metered. A
+call to legacy completions or image generation holds its worst-case cost against its budgets before it
+goes upstream, as the metered routes' calls do (`estimate`); the others, refused only by a budget already
+spent, can overshoot a cap by their own cost.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
 from app.access.deps import Gateway, GatewayDep
 from app.call import CallRecord
 from app.edge.canonical_path import upstream_path
-from app.errors import GatewayError
+from app.errors import GatewayError, RelayedError
+from app.limits import estimate
+from app.limits.guard import Guard
 from app.limits.policy import MAX_MODEL_CHARS, is_model_name
 from app.metering import batches
 from app.ownership import admit, caller
@@ -99,6 +105,22 @@ async def _download(answer: UpstreamResponse) -> AsyncIterator[bytes]:
         await stream.close()
 
 
+async def _hold_worst_case(gw: Gateway, path: str, raw: bytes) -> None:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return  # the upstream answers it with its own 400
+    model = body.get("model") if isinstance(body, dict) else None
+    if not isinstance(model, str):
+        return
+    config = gw.policy.config
+    output = estimate.passthrough_output(path, body, config, gw.call.admitted.feature, model)
+    cost = gw.prices.cost_usd(model, estimate.prompt_tokens(raw), output)
+    if cost:
+        guard: Guard = gw.services.guard
+        await guard.hold(gw.call, config, cost)
+
+
 def _meter_json(call: CallRecord, path: str, request_body: bytes | None, answer: bytes) -> None:
     endpoint = endpoints.metered("/v1/" + path)
     dialect = endpoint.dialect
@@ -141,19 +163,46 @@ async def passthrough(request: Request, path: str, gw: GatewayDep) -> Response:
             buffered = await read_body(request, _BUFFERED_BODY, declared, gw.headers.get("content-encoding"))
             extra = {}
         await plan.check_body(buffered)
+    if (
+        call.admitted.admission is not None
+        and path in estimate.METERED_PASSTHROUGH
+        and request.method == "POST"
+    ):
+        if buffered is None:
+            # Large or compressed, but JSON a metered route would have read whole: read whole (decoded),
+            # so its worst case is known before it goes.
+            buffered = await read_body(
+                request, settings.max_body_bytes, declared, gw.headers.get("content-encoding")
+            )
+            extra = {}
+        await _hold_worst_case(gw, path, buffered)
     query = f"?{request.url.query}" if request.url.query else ""
-    answer = await send_checked(
-        upstream,
-        call,
-        gw.policy.default_target,
-        request.method,
-        upstream_path(*path.split("/")) + query,
-        client_headers=gw.headers,
-        body=buffered if buffered is not None else _upload(request, limit, decoder),
-        keep_open=_unless_json if plan is not None and plan.reads_answer else _stream_back,
-        replayable=buffered is not None and request.method in _IDEMPOTENT,
-        extra_headers=extra,
-    )
+    batch_meter = gw.services.batch_meter
+    intent = None
+    if batch_meter is not None and request.method == "POST" and path == "batches" and buffered:
+        intent = await batch_meter.intend(call, buffered)
+    try:
+        answer = await send_checked(
+            upstream,
+            call,
+            gw.policy.default_target,
+            request.method,
+            upstream_path(*path.split("/")) + query,
+            client_headers=gw.headers,
+            body=buffered if buffered is not None else _upload(request, limit, decoder),
+            keep_open=_unless_json if plan is not None and plan.reads_answer else _stream_back,
+            replayable=buffered is not None and request.method in _IDEMPOTENT,
+            extra_headers=extra,
+        )
+    except RelayedError:
+        if intent is not None:
+            intent.release(drop=True)  # the upstream answered, refusing it: nothing was created
+        raise
+    except BaseException:
+        if intent is not None:
+            # Whether the upstream created the batch is unknown: a metering round finds out.
+            intent.release(drop=False)
+        raise
     if plan is not None:
         answer = await plan.settle(answer, _pages(gw, path))
     headers = answer_headers(upstream, answer, call)
@@ -161,15 +210,10 @@ async def passthrough(request: Request, path: str, gw: GatewayDep) -> Response:
     media_type = answer.headers.get("content-type")
     if answer.stream is None:
         _meter_json(call, path, buffered, answer.body)
-        batches.observe(
-            gw.services.batch_meter,
-            request.method,
-            path,
-            answer.status,
-            answer.body,
-            call,
-        )
+        batches.observe(batch_meter, request.method, path, answer.status, answer.body, call, intent)
         return Response(answer.body, status_code=answer.status, headers=headers, media_type=media_type)
+    if intent is not None:
+        intent.release(drop=answer.status >= 300)
     return StreamingResponse(
         _download(answer), status_code=answer.status, headers=headers, media_type=media_type
     )

@@ -17,7 +17,9 @@ completions; a job trains on nothing and its events are the two the fake makes u
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -40,9 +42,11 @@ BATCH_ENDPOINTS = (
 
 
 class JobsAPI:
-    def __init__(self, store: FakeStore, delay: Callable[[], float]) -> None:
+    def __init__(self, store: FakeStore, delay: Callable[[], float], answering: threading.Event) -> None:
         self._store = store
         self._delay = delay
+        # A fault for crash tests: while cleared, a batch is created and its answer held back.
+        self._answering = answering
 
     def register(self, router: Router) -> None:
         router.add("POST", "/v1/batches", self.create_batch)
@@ -82,6 +86,8 @@ class JobsAPI:
             )
             self._store.batches[batch.id] = batch
             payload = batch.as_json()
+        if not self._answering.is_set():
+            await asyncio.to_thread(self._answering.wait)
         return json_body(payload)
 
     async def list_batches(self, incoming: Incoming) -> Answer:

@@ -144,6 +144,9 @@ class FakeOpenAI:
         self.background_delay_s = background_delay_s  # how long a background response takes
         self.ingest_delay_s = ingest_delay_s  # how long a file attached to a vector store stays in_progress
         self.job_delay_s = job_delay_s  # how long a batch or a fine-tuning job takes
+        # Cleared: batches are created, but their creation is not answered until it is set (crash tests).
+        self.batch_answers = threading.Event()
+        self.batch_answers.set()
         self.store = FakeStore()
         self._router = Router()
         ResponsesAPI(self.store, self._take_reply, lambda: self.background_delay_s).register(self._router)
@@ -151,7 +154,7 @@ class FakeOpenAI:
         UploadsAPI(self.store).register(self._router)
         self._chat_store = ChatStoreAPI(self.store)
         self._chat_store.register(self._router)
-        JobsAPI(self.store, lambda: self.job_delay_s).register(self._router)
+        JobsAPI(self.store, lambda: self.job_delay_s, self.batch_answers).register(self._router)
         stateless_api.register(self._router)
         # The organization's Usage and Costs APIs answer to the admin key only.
         self.organization = OrganizationAPI(admin_key)

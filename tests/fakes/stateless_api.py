@@ -22,7 +22,14 @@ async def completions(incoming: Incoming) -> Answer:
         return problem_body(400, problem)
     body = incoming.json
     prompt_tokens = len(str(body["prompt"]).split())
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 3, "total_tokens": prompt_tokens + 3}
+    # A completion cut off at the caller's max_tokens, as a long one is; three tokens without one.
+    allowed = body.get("max_tokens")
+    completion_tokens = allowed if type(allowed) is int and allowed > 0 else 3
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
     payload = {
         "id": p.random_id("cmpl-", 29),
         "object": "text_completion",

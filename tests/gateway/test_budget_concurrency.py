@@ -134,3 +134,58 @@ def test_concurrent_calls_spend_at_most_the_cap_across_two_workers_sharing_redis
         _check(gateway.url, database_url, key["id"], statuses)
     finally:
         gateway.stop()
+
+
+# Legacy completions reach the upstream through the passthrough, which meters their usage: a hold of
+# the worst case at admission keeps them under the cap too.
+LEGACY_TOKENS = 1000
+# gpt-3.5-turbo-instruct: $1.50 per 1M prompt tokens, $2.00 per 1M completion tokens; the fake bills the
+# prompt's one word and max_tokens.
+LEGACY_CALL_COST = Decimal(1 * 150 + LEGACY_TOKENS * 200) / 10**8
+
+
+def _complete_concurrently(base_url: str, secret: str, concurrency: int) -> list[int]:
+    with sdk_client(base_url, api_key=secret, timeout=30) as sdk:
+
+        def call(_: int) -> int:
+            try:
+                sdk.completions.create(
+                    model="gpt-3.5-turbo-instruct", prompt="spend", max_tokens=LEGACY_TOKENS
+                )
+            except openai.RateLimitError as exc:
+                assert exc.code == "budget_exceeded", exc.message
+                return 429
+            return 200
+
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+            return list(pool.map(call, range(concurrency)))
+
+
+@pytest.mark.parametrize("ledger", ["in-process", "redis"])
+@pytest.mark.parametrize("concurrency", [20, 50])
+def test_concurrent_passthrough_calls_spend_at_most_the_cap(
+    concurrency: int,
+    ledger: str,
+    start_gateway: Callable[..., ThreadedGateway],
+    slow: FakeOpenAI,
+    database_url: str,
+) -> None:
+    slow.reset()
+    slow.slow_first_byte(0.3, times=concurrency)
+    gateway = start_gateway(openai_base_url=slow.base_url, redis_url=REDIS_URL if ledger == "redis" else None)
+    # Worth three calls' worst case (a prompt estimated from the body's ~70 bytes, 1,000 tokens out).
+    cap = Decimal("0.0062")
+    response = httpx.post(
+        gateway.url + "/admin/keys",
+        json={"name": f"capped-{uuid.uuid4().hex[:6]}", "budget_daily_usd": str(cap)},
+        headers=MASTER,
+    )
+    key = response.json()
+    statuses = _complete_concurrently(gateway.base_url, key["secret"], concurrency)
+    admitted = statuses.count(200)
+    print(f"passthrough, concurrency {concurrency}: {admitted} admitted of a ${cap} cap")
+    spent = _spent_in_rows(database_url, key["id"], admitted)
+    assert admitted == 3
+    assert spent == admitted * LEGACY_CALL_COST <= cap
+    wait_until(lambda: Decimal(_budget_row(gateway.url, key["id"])["reserved_usd"]) == 0)
+    assert Decimal(_budget_row(gateway.url, key["id"])["spent_usd"]) == spent

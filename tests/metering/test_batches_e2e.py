@@ -5,7 +5,9 @@ restarts and replicas. The official SDK is the client; the fake upstream runs th
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import signal
 import sqlite3
 import uuid
 from collections.abc import Callable
@@ -28,7 +30,8 @@ from app.proxy.upstream import UpstreamClient
 from tests.conftest import sdk_client
 from tests.db import database_down, database_up, fetch
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.harness import MASTER_KEY, ThreadedGateway, wait_until
+from tests.harness import MASTER_KEY, GatewayProcess, ThreadedGateway, wait_until
+from tests.limits import REDIS_URL
 
 FAST = {"batch_poll_initial_s": 0.05, "batch_poll_max_s": 0.2}
 # The poller will not come round within a test: only a client's retrieval can get the batch metered.
@@ -52,9 +55,13 @@ def _input(*models: str) -> bytes:
 
 
 def _make_key(gateway: ThreadedGateway, feature: str) -> str:
+    return _make_key_at(gateway.url, feature)
+
+
+def _make_key_at(url: str, feature: str) -> str:
     body = {"name": f"batch-{uuid.uuid4().hex[:6]}", "scopes": ["*"], "default_feature": feature}
     answer = httpx.post(
-        gateway.url + "/admin/keys", json=body, headers={"authorization": f"Bearer {MASTER_KEY}"}, timeout=10
+        url + "/admin/keys", json=body, headers={"authorization": f"Bearer {MASTER_KEY}"}, timeout=10
     )
     assert answer.status_code == 201, answer.text
     secret: str = answer.json()["secret"]
@@ -383,3 +390,95 @@ def test_batches_are_metered_on_the_embedded_sqlite_too(
         found = wait_until(lambda: len(rows()) == 2 and rows())
     assert [row[0] for row in found] == [f"{batch_id}:req-0", f"{batch_id}:req-1"]
     assert all(row[1:3] == ("/v1/batches", "batch") and row[3] > 0 for row in found)
+
+
+def test_a_metered_batch_counts_against_its_owners_budgets_once(
+    quick_batches: FakeOpenAI,
+    start_gateway: Callable[..., ThreadedGateway],
+    database_url: str,
+) -> None:
+    # Two gateways sharing Redis: whichever meters the batch, both see its spend.
+    gateway = start_gateway(redis_url=REDIS_URL, **FAST)
+    replica = start_gateway(redis_url=REDIS_URL, **FAST)
+    body = {"name": f"batch-{uuid.uuid4().hex[:6]}", "scopes": ["*"], "budget_daily_usd": "5"}
+    created = httpx.post(
+        gateway.url + "/admin/keys", json=body, headers={"authorization": f"Bearer {MASTER_KEY}"}, timeout=10
+    ).json()
+    with sdk_client(gateway.base_url, api_key=created["secret"]) as client:
+        batch_id = _create(client, _input("gpt-4o-mini", "gpt-5-mini"), user="u-8")
+        wait_until(lambda: _metered(database_url, batch_id))
+        # Retrieved through both gateways after it was metered: nothing is charged again.
+        client.batches.retrieve(batch_id)
+    with sdk_client(replica.base_url, api_key=MASTER_KEY) as master:
+        master.batches.retrieve(batch_id)
+    cost = sum((Decimal(str(row["cost_usd"])) for row in _rows(database_url, batch_id)), Decimal(0))
+    assert cost > 0
+
+    def spent() -> Decimal:
+        budgets = httpx.get(
+            gateway.url + "/admin/budgets", headers={"authorization": f"Bearer {MASTER_KEY}"}, timeout=5
+        ).json()["data"]
+        row = next(r for r in budgets if r["scope"] == f"key:{created['id']}" and r["period"] == "day")
+        return Decimal(row["spent_usd"])
+
+    wait_until(lambda: spent() == cost)
+
+
+def test_a_batch_whose_gateway_was_killed_before_tracking_it_is_still_metered(
+    fake: FakeOpenAI, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fake, "job_delay_s", 0.3)
+    env = {"GATEWAY_BATCH_POLL_INITIAL_S": "0.05", "GATEWAY_BATCH_POLL_MAX_S": "0.2"}
+    first = GatewayProcess(fake, database_url, tmp_path, env=env).start(wait=False)
+    feature = f"killed-{uuid.uuid4().hex[:6]}"
+    try:
+        wait_until(first.ready, timeout=90)
+        with sdk_client(first.url + "/v1", api_key=_make_key_at(first.url, feature), max_retries=0) as client:
+            uploaded = client.files.create(file=("in.jsonl", _input("gpt-4o-mini")), purpose="batch")
+            # The upstream creates the batch and holds its answer: the gateway is killed while it waits,
+            # after the batch exists and before anything about it reached the database.
+            fake.batch_answers.clear()
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                creating = pool.submit(
+                    client.batches.create,
+                    input_file_id=uploaded.id,
+                    endpoint="/v1/chat/completions",
+                    completion_window="24h",
+                    extra_headers={"X-User-Id": "u-killed"},
+                )
+                batch_id = wait_until(
+                    lambda: next(
+                        (b.id for b in list(fake.store.batches.values()) if b.input_file_id == uploaded.id),
+                        None,
+                    )
+                )
+                assert first.proc is not None
+                first.proc.send_signal(signal.SIGKILL)
+                first.proc.wait()
+                with pytest.raises(openai.APIConnectionError):
+                    creating.result()
+    finally:
+        fake.batch_answers.set()
+        first.stop()
+    assert fetch(database_url, "SELECT 1 FROM batch_jobs WHERE batch_id = $1", batch_id) == []
+    assert list((tmp_path / "batch-intents").glob("*.json"))
+    # Its successor finds what the dead process meant to create, and meters it for the same owner.
+    second = GatewayProcess(fake, database_url, tmp_path, env=env).start(wait=False)
+    try:
+        wait_until(second.ready, timeout=90)
+        job = wait_until(lambda: _metered(database_url, batch_id), timeout=20)
+        (row,) = _rows(database_url, batch_id)
+    finally:
+        second.stop()
+    assert (job["feature"], job["user_id"]) == (feature, "u-killed")
+    assert (row["request_id"], row["feature"], row["user_id"]) == (f"{batch_id}:req-0", feature, "u-killed")
+    assert list((tmp_path / "batch-intents").glob("*.json")) == []
+
+
+def test_a_refused_batch_leaves_no_intent(
+    quick_batches: FakeOpenAI, start_gateway: Callable[..., ThreadedGateway], tmp_path: Path
+) -> None:
+    gateway = start_gateway(data_dir=tmp_path, **FAST)
+    with sdk_client(gateway.base_url) as client, pytest.raises(openai.BadRequestError):
+        client.batches.create(input_file_id="file-none", endpoint="/v1/nowhere", completion_window="24h")
+    assert list((tmp_path / "batch-intents").glob("*.json")) == []

@@ -59,11 +59,15 @@ def upstream_paths(fake: FakeOpenAI) -> list[str]:
     return [request.path for request in fake.requests]
 
 
-def spent(gateway: ThreadedGateway, scope: str, period: str) -> Decimal:
+def spent(gateway: ThreadedGateway, scope: str, period: str, column: str = "spent_usd") -> Decimal:
     rows = httpx.get(gateway.url + "/admin/budgets", headers=MASTER).json()["data"]
     # A user is listed once the recorder has written their first row.
-    found = (Decimal(r["spent_usd"]) for r in rows if (r["scope"], r["period"]) == (scope, period))
+    found = (Decimal(r[column]) for r in rows if (r["scope"], r["period"]) == (scope, period))
     return next(found, Decimal(0))
+
+
+def reserved(gateway: ThreadedGateway, scope: str, period: str) -> Decimal:
+    return spent(gateway, scope, period, "reserved_usd")
 
 
 def spend_on_chat(gateway: ThreadedGateway, fake: FakeOpenAI, headers: dict[str, str], scope: str) -> None:
@@ -193,11 +197,19 @@ def test_spent_feature_and_user_budgets_refuse_passthrough(
 
 
 def test_passthrough_cost_is_charged_to_the_budgets(gateway: ThreadedGateway, fake: FakeOpenAI) -> None:
-    key = create_key(gateway, budget_daily_usd="0.01")
-    # 10,000 prompt tokens of gpt-4o: $0.025, past the cap; the legacy endpoint is metered from its usage.
+    key = create_key(gateway, budget_daily_usd="0.06")
+    # 10,000 prompt tokens of gpt-4o and 100 completion tokens: $0.026, the legacy endpoint metered from
+    # its usage. Its worst case (a prompt estimated at 12,500 tokens, 100 out: $0.0323) fits the cap.
     prompt = "word " * 10_000
-    assert post(gateway, "/v1/completions", {"model": "gpt-4o", "prompt": prompt}, bearer(key)).status == 200
-    wait_until(lambda: spent(gateway, f"key:{key['id']}", "day") >= Decimal("0.025"))
+    body = {"model": "gpt-4o", "prompt": prompt, "max_tokens": 100}
+    assert post(gateway, "/v1/completions", body, bearer(key)).status == 200
+    wait_until(lambda: spent(gateway, f"key:{key['id']}", "day") >= Decimal("0.026"))
+    # A call without max_tokens may produce the default 4,096 tokens ($0.041): more than is left.
     refused = post(gateway, "/v1/completions", {"model": "gpt-4o", "prompt": "hi"}, bearer(key))
     assert refused.status == 429 and refused.error_code() == "budget_exceeded"
-    assert upstream_paths(fake) == ["/v1/completions"]
+    # Nor does the same call hold its worst case twice: with max_tokens it fits.
+    body = {"model": "gpt-4o", "prompt": "hi", "max_tokens": 100}
+    assert post(gateway, "/v1/completions", body, bearer(key)).status == 200
+    assert upstream_paths(fake) == ["/v1/completions", "/v1/completions"]
+    # Every call has ended: nothing is held.
+    wait_until(lambda: reserved(gateway, f"key:{key['id']}", "day") == 0)
