@@ -17,7 +17,7 @@ APP = Path(__file__).resolve().parent.parent / "app"
 
 _WHO = ("app.access.auth", "app.access.attribution", "app.routes.responses")
 _WHAT = ("app.routes.metered", "app.routes.passthrough", "app.routes.responses")
-_LIMITS = ("app.routes.metered", "app.access.deps", "app.routes.responses")
+_LIMITS = ("app.routes.metered", "app.routes.passthrough", "app.access.deps", "app.routes.responses")
 _METERING = ("app.metering.middleware",)
 
 OWNERS: dict[str, dict[str, tuple[str, ...]]] = {

@@ -209,22 +209,22 @@ class Guard:
                 raise _rate_limited(denied)
         return admission
 
-    async def hold(self, call: CallRecord, config: GatewayConfig, cost: Decimal) -> None:
+    async def hold(self, call: CallRecord, config: GatewayConfig, cost: Decimal) -> Admission | None:
         """For a call admitted before its body was read (admit_unpriced), once its worst-case `cost` is
-        known: held against its budgets as admit() would have held it, or refused with the same 429. The
-        hold replaces the admission's (which held nothing), so the call's settle lets go of it."""
+        known: held against its budgets as admit() would have held it, or refused with the same 429.
+        Returns the call's admission with the hold in place of its own (which held nothing), for the
+        route to keep, so the call's settle lets go of it."""
         admission = call.admitted.admission
         if admission is None or not cost:
-            return
+            return admission
         budgets = _budgets(self._caps(call, config))
         if not budgets:
-            return
+            return admission
         now = self.clock()
         verdict = await self.ledger.reserve(budgets, cost, self.reservation_ttl_s, now)
         if isinstance(verdict, OverBudget):
             raise _over_budget(verdict, now)
-        if verdict is not None:
-            call.admitted.admission = replace(admission, reservation=verdict)
+        return admission if verdict is None else replace(admission, reservation=verdict)
 
     def settle(self, admission: Admission, total_tokens: int, cost: Decimal | None) -> None:
         """After the call, however it ended: correct the token reservation, let go of the budgets' hold

@@ -118,7 +118,7 @@ async def _hold_worst_case(gw: Gateway, path: str, raw: bytes) -> None:
     cost = gw.prices.cost_usd(model, estimate.prompt_tokens(raw), output)
     if cost:
         guard: Guard = gw.services.guard
-        await guard.hold(gw.call, config, cost)
+        gw.call.admitted.admission = await guard.hold(gw.call, config, cost)
 
 
 def _meter_json(call: CallRecord, path: str, request_body: bytes | None, answer: bytes) -> None:
