@@ -56,7 +56,8 @@ class Admitted:
     the route that reads the request (`app/routes/metered.py` for the metered endpoints). The limits: the
     admission steps (`app/routes/metered.py`, `app/access/deps.admitted_gateway`, and passthrough's hold
     once it has read the body). Two routes learn part of it from the answer: `passthrough` the model and
-    endpoint of a call whose answer reports usage, and `responses` the caller of a background response, which is metered as the call that created it.
+    endpoint of a call whose answer reports usage, and `responses` the caller of a background response,
+    which is metered as the call that created it.
     """
 
     # Who.
