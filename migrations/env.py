@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from datetime import UTC, datetime
 from logging.config import fileConfig
 from pathlib import Path
@@ -56,7 +57,13 @@ def do_run_migrations(connection: Connection) -> None:
     if postgres:
         # Replicas that start together each run the migrations: all but the first wait here, then find
         # them applied. Held by the session, not a transaction: a migration may commit in steps.
-        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+        # Polled, not waited for: a session waiting inside a statement holds a snapshot, which a
+        # CREATE INDEX CONCURRENTLY of the session holding the lock would wait for in turn (a deadlock).
+        while not connection.execute(
+            text("SELECT pg_try_advisory_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
+        ).scalar():
+            connection.rollback()
+            time.sleep(0.2)
         connection.commit()
     try:
         with context.begin_transaction():
