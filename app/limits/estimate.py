@@ -38,8 +38,6 @@ _SYMBOLS = bytes(b for b in range(128) if not chr(b).isalpha() and b != ord(" ")
 # (OpenAI's image generation guide); an unknown or `auto` quality or size counts as the dearest.
 _IMAGE_OUTPUT: dict[str, tuple[int, int]] = {"low": (272, 408), "medium": (1056, 1584), "high": (4160, 6240)}
 _SQUARE = frozenset({"1024x1024"})
-# The passthrough paths (without /v1/) whose JSON answers report usage the gateway meters and prices.
-METERED_PASSTHROUGH = frozenset({"completions", "images/generations"})
 
 
 def prompt_tokens(raw: bytes) -> int:
@@ -53,10 +51,11 @@ def prompt_tokens(raw: bytes) -> int:
 
 
 def passthrough_output(
-    path: str, body: dict[str, Any], config: GatewayConfig, feature: str | None, model: str
+    rule: str, body: dict[str, Any], config: GatewayConfig, feature: str | None, model: str
 ) -> int:
-    """The most output tokens a call to one of METERED_PASSTHROUGH may be billed for."""
-    if path == "completions":
+    """The most output tokens a passed-through call may be billed for, by its endpoint's `held_output`
+    rule (app/wire/endpoints.py): a legacy completion's, or an image generation's."""
+    if rule == "completion":
         # `best_of` completions are generated, and billed, for the `n` returned.
         best_of = body.get("best_of")
         if type(best_of) is int and best_of > 1:

@@ -105,7 +105,7 @@ async def _download(answer: UpstreamResponse) -> AsyncIterator[bytes]:
         await stream.close()
 
 
-async def _hold_worst_case(gw: Gateway, path: str, raw: bytes) -> None:
+async def _hold_worst_case(gw: Gateway, rule: str, raw: bytes) -> None:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -114,7 +114,7 @@ async def _hold_worst_case(gw: Gateway, path: str, raw: bytes) -> None:
     if not isinstance(model, str):
         return
     config = gw.policy.config
-    output = estimate.passthrough_output(path, body, config, gw.call.admitted.feature, model)
+    output = estimate.passthrough_output(rule, body, config, gw.call.admitted.feature, model)
     cost = gw.prices.cost_usd(model, estimate.prompt_tokens(raw), output)
     if cost:
         guard: Guard = gw.services.guard
@@ -163,11 +163,8 @@ async def passthrough(request: Request, path: str, gw: GatewayDep) -> Response:
             buffered = await read_body(request, _BUFFERED_BODY, declared, gw.headers.get("content-encoding"))
             extra = {}
         await plan.check_body(buffered)
-    if (
-        call.admitted.admission is not None
-        and path in estimate.METERED_PASSTHROUGH
-        and request.method == "POST"
-    ):
+    held = endpoints.held_output("/v1/" + path) if request.method == "POST" else None
+    if held is not None and call.admitted.admission is not None:
         if buffered is None:
             # Large or compressed, but JSON a metered route would have read whole: read whole (decoded),
             # so its worst case is known before it goes.
@@ -175,7 +172,7 @@ async def passthrough(request: Request, path: str, gw: GatewayDep) -> Response:
                 request, settings.max_body_bytes, declared, gw.headers.get("content-encoding")
             )
             extra = {}
-        await _hold_worst_case(gw, path, buffered)
+        await _hold_worst_case(gw, held, buffered)
     query = f"?{request.url.query}" if request.url.query else ""
     batch_meter = gw.services.batch_meter
     intent = None

@@ -28,6 +28,10 @@ class MeteredEndpoint(Generic[D]):
     output_tokens: bool = True
     # OpenTelemetry's gen_ai.operation.name; None: the path names the span.
     operation: str | None = None
+    # A passed-through endpoint whose worst case admission holds once its JSON body is read, and the
+    # rule that bounds its output (app/limits/estimate.py): "completion" (the output cap, times n or
+    # best_of) or "image" (the output tokens of the image asked for). None: it holds nothing up front.
+    held_output: str | None = None
 
     @property
     def upstream_path(self) -> str:
@@ -41,10 +45,10 @@ RESPONSES = MeteredEndpoint("/v1/responses", openai.RESPONSES, operation="chat")
 EMBEDDINGS = MeteredEndpoint("/v1/embeddings", openai.JSON, output_tokens=False, operation="embeddings")
 
 _PASSED_THROUGH = (
-    MeteredEndpoint("/v1/completions", openai.JSON, operation="text_completion"),
+    MeteredEndpoint("/v1/completions", openai.JSON, operation="text_completion", held_output="completion"),
     MeteredEndpoint("/v1/audio/transcriptions", openai.JSON),
     MeteredEndpoint("/v1/audio/translations", openai.JSON),
-    MeteredEndpoint("/v1/images/generations", openai.JSON),
+    MeteredEndpoint("/v1/images/generations", openai.JSON, held_output="image"),
     MeteredEndpoint("/v1/images/edits", openai.JSON),
 )
 
@@ -56,6 +60,12 @@ _BY_PATH: dict[str, MeteredEndpoint[Dialect]] = {
 def metered(path: str) -> MeteredEndpoint[Dialect]:
     """The endpoint registered at `path`, or one read as plain JSON answers under that path."""
     return _BY_PATH.get(path) or MeteredEndpoint(path, openai.JSON)
+
+
+def held_output(path: str) -> str | None:
+    """The worst-case rule of a passed-through endpoint that holds one (see MeteredEndpoint), else None."""
+    endpoint = _BY_PATH.get(path)
+    return endpoint.held_output if endpoint is not None else None
 
 
 def operation(path: str | None) -> str | None:

@@ -67,7 +67,7 @@ def test_image_generation_holds_the_dearest_image_unless_told_less() -> None:
     config = GatewayConfig()
 
     def output(**body: Any) -> int:
-        return estimate.passthrough_output("images/generations", body, config, None, "gpt-image-1")
+        return estimate.passthrough_output("image", body, config, None, "gpt-image-1")
 
     assert output(prompt="a cat") == 6240
     assert output(prompt="a cat", quality="auto", size="auto", n=2) == 2 * 6240
@@ -79,7 +79,7 @@ def test_legacy_completions_hold_every_completion_best_of_makes() -> None:
     config = GatewayConfig()
 
     def output(**body: Any) -> int:
-        return estimate.passthrough_output("completions", body, config, None, "gpt-3.5-turbo-instruct")
+        return estimate.passthrough_output("completion", body, config, None, "gpt-3.5-turbo-instruct")
 
     assert output(prompt="x", max_tokens=100) == 100
     assert output(prompt="x", max_tokens=100, n=2, best_of=5) == 500

@@ -37,3 +37,12 @@ def test_operations_by_path() -> None:
     assert endpoints.operation("/v1/embeddings") == "embeddings"
     assert endpoints.operation("/v1/files") is None
     assert endpoints.operation(None) is None
+
+
+def test_the_passed_through_endpoints_that_hold_a_worst_case() -> None:
+    assert endpoints.held_output("/v1/completions") == "completion"
+    assert endpoints.held_output("/v1/images/generations") == "image"
+    # Multipart uploads and unlisted paths hold nothing up front: they are charged after their answer.
+    assert endpoints.held_output("/v1/images/edits") is None
+    assert endpoints.held_output("/v1/audio/transcriptions") is None
+    assert endpoints.held_output("/v1/files") is None
