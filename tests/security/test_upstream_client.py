@@ -175,7 +175,11 @@ def test_the_deadline_bounds_every_attempt(
     elapsed = time.monotonic() - started
     assert caught.value.status_code == 504
     assert elapsed < 10  # the deadline is 1 s
-    assert len(fake.requests) == (2 if retried else 1)
+    # This call's attempts, told by the SDK's user agent the gateway forwards: the session's fake can still
+    # receive bodiless POSTs from earlier tests' upstream requests, which pyreqwest detaches, not aborts,
+    # when the gateway gives up on them (SECURITY.md, "Known limits").
+    attempts = [r for r in fake.requests if r.headers.get("user-agent", "").startswith("OpenAI/")]
+    assert len(attempts) == (2 if retried else 1)
 
 
 def test_no_wait_crosses_the_deadline(
