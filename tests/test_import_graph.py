@@ -72,7 +72,7 @@ def test_find_cycle_sees_a_circle() -> None:
 
 def test_the_graph_is_read() -> None:
     graph = import_graph()
-    assert "app.proxy.relay" in graph["app.routes.chat"]
+    assert "app.proxy.relay" in graph["app.routes.metered"]
     assert "app.call" in graph["app.limits.guard"]
 
 

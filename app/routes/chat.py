@@ -11,8 +11,7 @@ from app.access.deps import GatewayDep
 from app.errors import bad_request
 from app.ownership import body_check, caller
 from app.ownership.created import record_created, stored_completion
-from app.proxy.relay import forward, kept_alive
-from app.routes.metered import read_metered
+from app.routes.metered import forward_metered, read_metered
 from app.wire.endpoints import CHAT
 
 
@@ -43,25 +42,12 @@ def _check_body(body: dict[str, Any]) -> None:
 
 
 async def chat_completions(request: Request, gw: GatewayDep) -> Response:
-    call, who = gw.call, caller(gw)
+    who = caller(gw)
     metered = await read_metered(request, gw, CHAT, _check_body, body_check(who, "chat/completions"))
-    stream = call.admitted.stream
-    payload = CHAT.dialect.payload(metered.raw, metered.body, modified=metered.modified, stream=stream)
-
-    async def answer() -> Response:
-        response = await forward(
-            gw.upstream,
-            call,
-            metered.candidates,
-            path=CHAT.upstream_path,
-            payload=payload,
-            dialect=CHAT.dialect,
-            client_headers=gw.headers,
-            inspector=(lambda: CHAT.dialect.inspector(call.outcome, payload)) if stream else None,
-            receive=request.receive,
-            clients=gw.services.client_watch,
-        )
-        await record_created(who, "chat.completion", stored_completion(metered.body), response)
-        return response
-
-    return await kept_alive(answer(), call, gw.services.keepalives)
+    return await forward_metered(
+        request,
+        gw,
+        CHAT,
+        metered,
+        lambda response: record_created(who, "chat.completion", stored_completion(metered.body), response),
+    )

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
+from starlette.responses import Response
 
 from app.access.attribution import attribute
 from app.access.deps import Gateway
@@ -19,7 +20,8 @@ from app.limits.guard import completion_allowance, worst_case_output
 from app.limits.policy import Candidate
 from app.limits.prompt_budget import fit_prompt
 from app.proxy.body import parse_object, read_body
-from app.wire.dialect import Dialect
+from app.proxy.relay import forward, kept_alive
+from app.wire.dialect import Dialect, StreamDialect
 from app.wire.endpoints import MeteredEndpoint
 
 
@@ -132,3 +134,37 @@ async def _admit(
     call.admitted.admission = await gw.services.guard.admit(
         call, policy.config, gw.prices, model, prompt_tokens, completion_allowance(body), worst
     )
+
+
+async def forward_metered(
+    request: Request,
+    gw: Gateway,
+    endpoint: MeteredEndpoint[StreamDialect],
+    metered: MeteredRequest,
+    answered: Callable[[Response], Awaitable[None]],
+) -> Response:
+    """Forward a metered request whose answer may be a stream: the body its dialect sends upstream, the
+    answer relayed (a stream event by event, read by the dialect's inspector, with keep-alives while it
+    is awaited), and `answered` told of the response before it goes to the client."""
+    call = gw.call
+    stream = call.admitted.stream
+    dialect = endpoint.dialect
+    payload = dialect.payload(metered.raw, metered.body, modified=metered.modified, stream=stream)
+
+    async def answer() -> Response:
+        response = await forward(
+            gw.upstream,
+            call,
+            metered.candidates,
+            path=endpoint.upstream_path,
+            payload=payload,
+            dialect=dialect,
+            client_headers=gw.headers,
+            inspector=(lambda: dialect.inspector(call.outcome, payload)) if stream else None,
+            receive=request.receive,
+            clients=gw.services.client_watch,
+        )
+        await answered(response)
+        return response
+
+    return await kept_alive(answer(), call, gw.services.keepalives)

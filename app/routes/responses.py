@@ -15,10 +15,10 @@ from app.limits.guard import Guard
 from app.ownership import admit, body_check, caller
 from app.ownership.created import record_created, stored_response
 from app.proxy.background import BackgroundResponses
-from app.proxy.relay import answer_headers, forward, kept_alive, send_checked
+from app.proxy.relay import answer_headers, send_checked
 from app.proxy.streaming import EventRelayResponse
 from app.proxy.upstream import is_sse, never_open
-from app.routes.metered import read_metered
+from app.routes.metered import forward_metered, read_metered
 from app.services import services_of
 from app.wire.endpoints import RESPONSES
 from app.wire.openai import learn_response
@@ -46,26 +46,13 @@ def _parsed(body: bytes) -> dict[str, Any] | None:
 async def create_response(request: Request, gw: GatewayDep) -> Response:
     call, who = gw.call, caller(gw)
     metered = await read_metered(request, gw, RESPONSES, owned=body_check(who, "responses"))
-    stream = call.admitted.stream
-    payload = RESPONSES.dialect.payload(metered.raw, metered.body, modified=False, stream=stream)
-
-    async def answer() -> Response:
-        response = await forward(
-            gw.upstream,
-            call,
-            metered.candidates,
-            path=RESPONSES.upstream_path,
-            payload=payload,
-            dialect=RESPONSES.dialect,
-            client_headers=gw.headers,
-            inspector=(lambda: RESPONSES.dialect.inspector(call.outcome, payload)) if stream else None,
-            receive=request.receive,
-            clients=gw.services.client_watch,
-        )
-        await record_created(who, "response", stored_response(metered.body), response)
-        return response
-
-    response = await kept_alive(answer(), call, gw.services.keepalives)
+    response = await forward_metered(
+        request,
+        gw,
+        RESPONSES,
+        metered,
+        lambda answer: record_created(who, "response", stored_response(metered.body), answer),
+    )
     if metered.body.get("background") is True and not call.admitted.stream and response.status_code < 300:
         created = _parsed(bytes(response.body))
         if created is not None and isinstance(created.get("id"), str) and created.get("status") not in _FINAL:
