@@ -135,9 +135,25 @@ def utc(now: datetime | None) -> datetime:
     return now.astimezone(UTC)
 
 
+# The keys of the last day asked for, made once a day: a call's settle asks for up to six, and strftime
+# costs a microsecond each.
+_day_keys: tuple[int, dict[str, str]] = (-1, {})
+
+
+def period_keys(now: datetime) -> dict[str, str]:
+    """Each period's name, as usage rows group by it, for the periods `now` is in: "2026-11-25" for the
+    day, "2026-11" for the month. The same mapping all day long: not to be changed."""
+    global _day_keys
+    day, keys = _day_keys
+    ordinal = now.toordinal()
+    if day != ordinal:
+        keys = {"day": now.strftime("%Y-%m-%d"), "month": now.strftime("%Y-%m")}
+        _day_keys = (ordinal, keys)
+    return keys
+
+
 def period_key(period: str, now: datetime) -> str:
-    """The period's name as usage rows group by it: "2026-11-25" for a day, "2026-11" for a month."""
-    return now.strftime("%Y-%m-%d" if _period(period) == "day" else "%Y-%m")
+    return period_keys(now)[_period(period)]
 
 
 def resets_at(period: str, now: datetime) -> datetime:
@@ -229,16 +245,27 @@ class InProcessBudgetLedger(InProcess):
         reservation: Reservation | None = None,
         now: datetime | None = None,
     ) -> None:
+        self.settle_now(scopes, cost_usd, reservation, now)
+
+    def settle_now(
+        self,
+        scopes: Sequence[str],
+        cost_usd: Decimal,
+        reservation: Reservation | None = None,
+        now: datetime | None = None,
+    ) -> None:
+        """settle(), which has nothing to wait for here, for a caller that need not await it."""
         now = utc(now)
         self._forget_past(now)
         if reservation is not None:
             self._release(reservation.id)
         units = to_units(cost_usd)
+        counted = self._units
         # A scope listed twice is still one payer.
         for scope in dict.fromkeys(scopes):
-            for period in PERIODS:
-                key = self._key(scope, period, now)
-                self._units[key] = self._units.get(key, 0) + units
+            for period, key in self._current.items():
+                counter = (scope, period, key)
+                counted[counter] = counted.get(counter, 0) + units
 
     async def spent(self, scope: str, period: str, now: datetime | None = None) -> Decimal:
         return to_usd(self._units.get(self._key(scope, period, utc(now)), 0))
@@ -276,8 +303,8 @@ class InProcessBudgetLedger(InProcess):
         return scope, period, period_key(period, now)
 
     def _forget_past(self, now: datetime) -> None:
-        current: dict[str, str] = {period: period_key(period, now) for period in PERIODS}
-        if current != self._current:
+        current = period_keys(now)
+        if current is not self._current:
             self._units = {k: units for k, units in self._units.items() if k[2] == current[k[1]]}
             self._current = current
 

@@ -146,6 +146,10 @@ class InProcessRateLimiter(InProcess):
         return None
 
     async def settle(self, limits: Sequence[Limit], token_delta: int, now: float | None = None) -> None:
+        self.settle_now(limits, token_delta, now)
+
+    def settle_now(self, limits: Sequence[Limit], token_delta: int, now: float | None = None) -> None:
+        """settle(), which has nothing to wait for here, for a caller that need not await it."""
         if token_delta == 0:
             return
         minute, _ = _window(time.time() if now is None else now)
