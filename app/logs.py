@@ -3,6 +3,8 @@ request, written without the logging machinery when nothing but the gateway's ow
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import sys
 import time
@@ -58,12 +60,22 @@ class AccessLog:
     loop (a LogRecord with a dozen attributes, the record factory, the caller's frame looked up, the
     formatter walking the record's attributes): 5-7% of a streamed call's CPU. Where the gateway's own
     handler is the only one the line would reach, the same line (the fields in the same order as
-    JsonFormatter writes them) is built here and written in one call; anywhere else (a test capturing
-    records, a handler or filter an embedding application added) it goes through logging as before."""
+    JsonFormatter writes them) is built here; anywhere else (a test capturing records, a handler or
+    filter an embedding application added) it goes through logging as before.
+
+    The lines built here while the event loop runs go out together when its current pass ends, in one
+    write: a write a line was a system call a request, ~3% of a streamed call's CPU. Outside the loop
+    (another thread, the CLI) a line goes out at once; lines still waiting at exit are written then."""
 
     def __init__(self, name: str, message: str) -> None:
         self.logger = logging.getLogger(name)
         self.message = message
+        self._waiting: list[str] = []
+        self._waiting_for: JsonHandler | None = None
+        # The loop whose pass will end by writing them (a loop closed meanwhile never does: the next line
+        # asks its own loop).
+        self._flushing_on: asyncio.AbstractEventLoop | None = None
+        atexit.register(self.flush)
 
     def enabled(self) -> bool:
         return self.logger.isEnabledFor(logging.INFO)
@@ -87,6 +99,28 @@ class AccessLog:
             line["request_id"] = request_id
         line.update(fields)
         text = orjson.dumps(line, default=str).decode() + handler.terminator
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._write(handler, text)
+            return
+        if self._waiting_for is not handler:
+            self.flush()
+            self._waiting_for = handler
+        self._waiting.append(text)
+        if self._flushing_on is not loop:
+            self._flushing_on = loop
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write the lines waiting for the end of the event loop's pass."""
+        self._flushing_on = None
+        handler, waiting = self._waiting_for, self._waiting
+        if handler is not None and waiting:
+            self._waiting = []
+            self._write(handler, "".join(waiting))
+
+    def _write(self, handler: JsonHandler, text: str) -> None:
         handler.acquire()
         try:
             handler.stream.write(text)

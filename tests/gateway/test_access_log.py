@@ -1,9 +1,11 @@
 """The access log's line written directly (the gateway's own handler the only one it would reach) is the
 line the logging machinery writes for the same fields; with any other handler in reach it goes through
-logging, so what that handler is given is a record as before."""
+logging, so what that handler is given is a record as before. Lines written while the event loop runs
+go out together, in one write, when its pass ends."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -109,3 +111,41 @@ def test_with_another_handler_in_reach_the_line_goes_through_logging(configure: 
 def test_a_level_above_info_writes_nothing(configure: Configure) -> None:
     configure("warning")
     assert not AccessLog("gateway.access", "request").enabled()
+
+
+class _Writes(io.StringIO):
+    """A stderr that keeps each write apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_lines_of_one_pass_of_the_loop_go_out_in_one_write(configure: Configure) -> None:
+    configure("info")
+    (handler,) = logging.getLogger().handlers
+    stream = _Writes()
+    handler.setStream(stream)  # type: ignore[attr-defined]
+    access = AccessLog("gateway.access", "request")
+
+    async def two_requests_then_one() -> tuple[list[str], list[str]]:
+        access.write(dict(FIELDS))
+        access.write({**FIELDS, "status": 201})
+        during = list(stream.writes)
+        # The pass ends: the flush the first line scheduled runs before this task resumes.
+        await asyncio.sleep(0)
+        after = list(stream.writes)
+        access.write({**FIELDS, "status": 202})
+        return during, after
+
+    during, after = asyncio.run(two_requests_then_one())
+    assert during == []
+    assert len(after) == 1
+    assert [json.loads(line)["status"] for line in after[0].splitlines()] == [200, 201]
+    # The last line went out when the loop ran on (asyncio.run's shutdown), or at the latest at exit.
+    access.flush()
+    assert [json.loads(line)["status"] for line in "".join(stream.writes).splitlines()] == [200, 201, 202]
