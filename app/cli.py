@@ -25,7 +25,8 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.exc import DBAPIError
 
 from app.access.endpoint_classes import DEFAULT_SCOPES
-from app.access.keys import ApiKey, KeyStore
+from app.access.keys import KeyStore, public
+from app.call.who import ApiKey
 from app.config import ConfigError, DatabaseSettings, Settings, load_database_settings, load_settings
 from app.config_file import Caps, GatewayConfig, load_config_file
 from app.db.engine import create_engine, display_url
@@ -489,7 +490,7 @@ def _reprice(args: argparse.Namespace) -> int:
 
 
 def _scopes(key: ApiKey) -> str:
-    return ",".join(key.public()["scopes"])
+    return ",".join(public(key)["scopes"])
 
 
 def _nullable(convert: Callable[[str], object], kind: str) -> Callable[[str], object]:

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Scope
 
 from app.access.browser_tokens import signing_key
 from app.access.keys import KeyStore
-from app.call import CallRecord
+from app.call.record import CallRecord
 from app.config import ConfigError, Settings, load_settings
 from app.config_file import GatewayConfig, load_config_file
 from app.db.engine import create_engine
@@ -53,7 +53,6 @@ from app.metering.recorder import Recorder
 from app.ownership.store import OwnerStore
 from app.proxy.background import BackgroundResponses
 from app.proxy.client_watch import ClientWatch
-from app.proxy.hot_routes import HotRoutes
 from app.proxy.streaming import KeepAlives
 from app.proxy.upstream import UpstreamClient
 from app.reconcile.job import Reconciler
@@ -70,6 +69,7 @@ from app.routes import (
     usage,
 )
 from app.routes.dashboard import router as dashboard_router
+from app.routes.hot_routes import HotRoutes
 from app.services import Services
 
 if TYPE_CHECKING:

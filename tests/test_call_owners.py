@@ -1,4 +1,4 @@
-"""Each part of the call record is written only by the modules that own it (app/call.py says who).
+"""Each part of the call record is written only by the modules that own it (app/call/record.py says who).
 
 The writes are read from the source with `ast`: an assignment to `<something>.admitted.<field>` or
 `<something>.outcome.<field>`, or to a field through a name bound to one of those parts
@@ -11,13 +11,13 @@ import ast
 from dataclasses import fields
 from pathlib import Path
 
-from app.call import Admitted, CallRecord, Outcome
+from app.call.record import Admitted, CallRecord, Outcome
 
 APP = Path(__file__).resolve().parent.parent / "app"
 
 _WHO = ("app.access.auth", "app.access.attribution", "app.routes.responses")
 _WHAT = ("app.routes.metered", "app.routes.passthrough", "app.routes.responses")
-_LIMITS = ("app.routes.metered", "app.routes.passthrough", "app.access.deps", "app.routes.responses")
+_LIMITS = ("app.routes.metered", "app.routes.passthrough", "app.routes.deps", "app.routes.responses")
 _METERING = ("app.metering.middleware",)
 
 OWNERS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -33,7 +33,7 @@ OWNERS: dict[str, dict[str, tuple[str, ...]]] = {
     },
     "record": {
         **{f.name: ("app.edge.request_context",) for f in fields(CallRecord)},
-        "route": ("app.proxy.hot_routes",),
+        "route": ("app.routes.hot_routes",),
     },
 }
 _PARTS = {"admitted", "outcome"}
@@ -115,7 +115,7 @@ def test_the_writes_are_found() -> None:
     found = {(module, part, name) for module, part, name, _ in writes()}
     assert ("app.proxy.upstream", "outcome", "attempts") in found
     assert ("app.access.attribution", "admitted", "feature") in found  # through `who = call.admitted`
-    assert ("app.proxy.hot_routes", "record", "route") in found
+    assert ("app.routes.hot_routes", "record", "route") in found
 
 
 def test_each_part_is_written_only_by_its_owners() -> None:

@@ -27,13 +27,13 @@ from redis.asyncio import Redis
 from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.call import CallRecord
+from app.call.admission import Admission, Limit, Reservation
+from app.call.record import CallRecord
 from app.config_file import Caps, GatewayConfig
 from app.db.models import api_keys, usage_daily, usage_events
 from app.errors import GatewayError
-from app.limits.admission import Admission
-from app.limits.budgets import Budget, BudgetLedger, OverBudget, Period, Reservation, period_key
-from app.limits.ratelimit import Denied, Limit, RateLimiter
+from app.limits.budgets import Budget, BudgetLedger, OverBudget, Period, period_key
+from app.limits.ratelimit import Denied, RateLimiter
 from app.metering.pricing import PriceTable
 from app.money import usd
 

@@ -8,7 +8,7 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from app.access.keys import ApiKey
+from app.call.who import ApiKey
 from app.config import Settings
 from app.config_file import DEFAULT_UPSTREAM, GatewayConfig
 from app.errors import GatewayError, bad_request

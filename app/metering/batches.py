@@ -52,7 +52,7 @@ from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.call import CallRecord, Usage
+from app.call.record import CallRecord, Usage
 from app.db.migrate import is_schema_error
 from app.db.models import batch_jobs
 from app.db.usage_writer import is_rejected_data, write_batch

@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from app.call import CallRecord, Usage
+from app.call.record import CallRecord, Usage
 from app.metering.events import COST_EXPONENT
 from app.metering.labels import MetricLabels
 

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from starlette.types import Scope
 
-from app.call import CallRecord
+from app.call.record import CallRecord
 from app.limits.guard import Guard
 from app.live_config import SCOPE_KEY, ConfigHolder, LiveConfig
 from app.metering import tokens

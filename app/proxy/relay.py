@@ -10,7 +10,7 @@ from typing import Any
 from starlette.responses import Response
 from starlette.types import Receive
 
-from app.call import CallRecord
+from app.call.record import CallRecord
 from app.errors import GatewayError, RelayedError
 from app.limits.policy import Candidate, UpstreamTarget
 from app.proxy.answers import RelayedResponse

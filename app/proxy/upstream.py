@@ -29,7 +29,7 @@ from pyreqwest.exceptions import PyreqwestError
 from pyreqwest.request import StreamRequest
 from pyreqwest.response import Response
 
-from app.call import CallRecord
+from app.call.record import CallRecord
 from app.config import Settings
 from app.config_file import DEFAULT_UPSTREAM
 from app.limits.policy import UpstreamTarget

@@ -22,7 +22,7 @@ from urllib.parse import urlencode
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.call import CallRecord
+from app.call.record import CallRecord
 from app.limits.policy import UpstreamTarget
 from app.proxy.upstream import UpstreamClient, UpstreamUnavailable, never_open
 

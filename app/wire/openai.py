@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from app.call import Usage
+from app.call.record import Usage
 from app.proxy.event_framing import sse_data
 from app.wire.dialect import EventInspector, Outcome, Payload, Prompt
 

@@ -348,7 +348,8 @@ RESERVING_WORKER = """
 import asyncio, sys
 from datetime import datetime
 from decimal import Decimal
-from app.limits import Budget, RedisBudgetLedger, Reservation
+from app.call.admission import Reservation
+from app.limits import Budget, RedisBudgetLedger
 
 async def main(url, prefix, now):
     ledger = RedisBudgetLedger(url, prefix=prefix, timeout_s=5.0)

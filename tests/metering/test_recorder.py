@@ -22,7 +22,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from app.call import CallRecord, Usage
+from app.call.record import CallRecord, Usage
 from app.db.engine import async_url, create_engine
 from app.db.migrate import upgrade
 from app.db.models import metadata, usage_daily, usage_events

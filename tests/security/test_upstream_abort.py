@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import orjson
 
-from app.call import CallRecord
+from app.call.record import CallRecord
 from app.config import Settings
 from app.config_file import DEFAULT_UPSTREAM
 from app.limits.policy import UpstreamTarget

@@ -13,9 +13,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.access.deps import Gateway, gateway
-from app.call import get_call
+from app.call.record import get_call
 from app.errors import error_response
+from app.routes.deps import Gateway, gateway
 
 Handler = Callable[[Request, Gateway], Awaitable[Response]]
 
