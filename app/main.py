@@ -23,7 +23,7 @@ from app.access.browser_tokens import signing_key
 from app.access.keys import KeyStore
 from app.call.record import CallRecord
 from app.config import ConfigError, Settings, load_settings
-from app.config_file import GatewayConfig, load_config_file
+from app.config_file import GatewayConfig
 from app.db.engine import create_engine
 from app.db.migrate import BEHIND, SchemaCheck, database_revisions, is_behind
 from app.db.partitions import PartitionKeeper
@@ -42,7 +42,7 @@ from app.limits import (
 )
 from app.limits.guard import Guard, seed_spend
 from app.limits.policy import Policy
-from app.live_config import ConfigHolder, LiveConfig
+from app.live_config import ConfigHolder, LiveConfig, load_gateway_config
 from app.logs import configure_logging
 from app.metering import tokens
 from app.metering.batches import BatchMeter, BatchSettings
@@ -121,7 +121,7 @@ def _configuration(settings: Settings | None) -> tuple[Settings, GatewayConfig]:
     try:
         settings = settings or load_settings()
         tokens.verify_vocabularies()
-        return settings, load_config_file(settings.config_file)
+        return settings, load_gateway_config(settings.config_file)
     except (ConfigError, tokens.VocabularyError) as exc:
         # One clear line for the operator, not a traceback.
         print(f"llm-gateway: {exc}", file=sys.stderr)
@@ -208,7 +208,7 @@ def reload_config(services: Services) -> None:
     it started with (app.live_config). A bad file keeps the running configuration."""
     settings = services.settings
     try:
-        fresh = load_config_file(settings.config_file)
+        fresh = load_gateway_config(settings.config_file)
     except ConfigError as exc:
         log.error("configuration not reloaded; keeping the running one", extra={"reason": str(exc)})
         return

@@ -35,7 +35,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.call.record import STATE_KEY, CallRecord
-from app.metering.events import COST_EXPONENT
+from app.db.events import COST_EXPONENT
 from app.wire import endpoints
 
 

@@ -53,17 +53,17 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.call.record import CallRecord, Usage
+from app.db.events import MAX_MODEL_CHARS, Batch, UsageEvent, cost_to_usd, is_model_name
 from app.db.migrate import is_schema_error
 from app.db.models import batch_jobs
 from app.db.usage_writer import is_rejected_data, write_batch
 from app.edge.canonical_path import upstream_path
 from app.errors import GatewayError
 from app.limits.guard import Guard
-from app.limits.policy import MAX_MODEL_CHARS, UpstreamTarget, is_model_name
 from app.live_config import ConfigHolder
-from app.metering.events import Batch, UsageEvent, cost_to_usd
 from app.metering.pricing import PriceTable
 from app.metering.usage import price_usage
+from app.proxy.targets import UpstreamTarget
 from app.proxy.upstream import UpstreamClient, UpstreamUnavailable
 from app.wire.openai import usage_of
 

@@ -31,7 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from app.call.record import CallRecord, Usage
-from app.metering.events import COST_EXPONENT
+from app.db.events import COST_EXPONENT
 from app.metering.labels import MetricLabels
 
 COST_UNIT_USD = 10.0**COST_EXPONENT

@@ -20,10 +20,10 @@ from typing import Protocol
 from starlette.types import Scope
 
 from app.call.record import CallRecord
+from app.db.events import cost_to_usd
 from app.limits.guard import Guard
 from app.live_config import SCOPE_KEY, ConfigHolder, LiveConfig
 from app.metering import tokens
-from app.metering.events import cost_to_usd
 from app.metering.metrics import Metrics
 from app.metering.pricing import PriceTable, rate_tier
 from app.metering.usage import estimated_with, event_line, price_usage, usage_of

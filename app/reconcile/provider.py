@@ -23,7 +23,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.call.record import CallRecord
-from app.limits.policy import UpstreamTarget
+from app.proxy.targets import UpstreamTarget
 from app.proxy.upstream import UpstreamClient, UpstreamUnavailable, never_open
 
 USAGE_SOURCES = ("completions", "embeddings")

@@ -18,11 +18,11 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
 from app.call.record import CallRecord
+from app.db.events import MAX_MODEL_CHARS, is_model_name
 from app.edge.canonical_path import upstream_path
 from app.errors import GatewayError, RelayedError
 from app.limits import estimate
 from app.limits.guard import Guard
-from app.limits.policy import MAX_MODEL_CHARS, is_model_name
 from app.metering import batches
 from app.ownership import admit
 from app.proxy.body import BodyDecoder, body_decoder, read_body
