@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from starlette.types import Scope
+
 from app.config import ConfigError
 from app.config_file import GatewayConfig, load_config_file, source
 from app.limits.policy import Policy
@@ -31,6 +33,12 @@ class ConfigHolder:
 
     def __init__(self, config: LiveConfig) -> None:
         self.current = config
+
+    def prices_for(self, scope: Scope) -> PriceTable:
+        """The prices a request was admitted under (kept in its scope's state), whatever a reload has put
+        in force since; the ones in force for a request that never got that far."""
+        config: LiveConfig = scope["state"].get(SCOPE_KEY) or self.current
+        return config.prices
 
 
 def load_gateway_config(path: Path | None) -> GatewayConfig:

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Scope
 
 from app.access.browser_tokens import signing_key
 from app.access.keys import KeyStore
+from app.batches.meter import BatchMeter, BatchSettings
 from app.call.record import CallRecord
 from app.config import ConfigError, Settings, load_settings
 from app.config_file import GatewayConfig
@@ -45,7 +46,6 @@ from app.limits.policy import Policy
 from app.live_config import ConfigHolder, LiveConfig, load_gateway_config
 from app.logs import configure_logging
 from app.metering import tokens
-from app.metering.batches import BatchMeter, BatchSettings
 from app.metering.metrics import WORKER_METRICS_DIR, Metrics
 from app.metering.middleware import Meter, meter_call
 from app.metering.pricing import PriceTable
@@ -53,6 +53,7 @@ from app.metering.recorder import Recorder
 from app.ownership.store import OwnerStore
 from app.proxy.background import BackgroundResponses
 from app.proxy.client_watch import ClientWatch
+from app.proxy.hot_routes import HotRoutes
 from app.proxy.streaming import KeepAlives
 from app.proxy.upstream import UpstreamClient
 from app.reconcile.job import Reconciler
@@ -69,7 +70,7 @@ from app.routes import (
     usage,
 )
 from app.routes.dashboard import router as dashboard_router
-from app.routes.hot_routes import HotRoutes
+from app.routes.deps import gateway
 from app.services import Services
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ class GatewayApp(FastAPI):
         # outside instead would make create_app return something other than the FastAPI app that
         # uvicorn's factory, the lifespan and the tests work with.
         stack: ASGIApp = RequestContextMiddleware(
-            CanonicalPath(HotRoutes(super().build_middleware_stack(), HOT_ROUTES)), self._call_ended
+            CanonicalPath(HotRoutes(super().build_middleware_stack(), HOT_ROUTES, gateway)), self._call_ended
         )
         # Outside that: a preflight is no call, and every answer, whoever made it, needs the headers.
         origins: tuple[str, ...] = self.settings.cors_origins

@@ -8,11 +8,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import HTTPConnection
 
 from app.access.keys import KeyStore
+from app.batches.meter import BatchMeter
 from app.config import Settings
 from app.db.migrate import SchemaCheck
 from app.limits.guard import Guard
 from app.live_config import ConfigHolder
-from app.metering.batches import BatchMeter
 from app.metering.metrics import Metrics
 from app.metering.middleware import Meter
 from app.ownership.store import OwnerStore

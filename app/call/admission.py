@@ -49,3 +49,14 @@ class Admission:
     @property
     def reserved_units(self) -> int | None:
         return None if self.reservation is None else self.reservation.units
+
+
+def charge_to(api_key_id: str | None, feature: str | None, user_id: str | None) -> Admission | None:
+    """For a call metered as another's (a background response, billed to the call that created it):
+    nothing reserved or refused, its cost charged to that call's key, feature and user."""
+    scopes = tuple(
+        f"{kind}:{name}"
+        for kind, name in (("key", api_key_id), ("feature", feature), ("user", user_id))
+        if name is not None
+    )
+    return Admission((), scopes, 0) if scopes else None

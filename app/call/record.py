@@ -128,7 +128,7 @@ class CallRecord:
     started: float = field(default_factory=time.perf_counter)
     created_at: float = field(default_factory=time.time)
     client_request_id: str | None = None
-    # The route the metrics label it with, when known before routing (app/routes/hot_routes.py).
+    # The route the metrics label it with, when known before routing (app/proxy/hot_routes.py).
     route: str | None = None
     admitted: Admitted = field(default_factory=Admitted)
     outcome: Outcome = field(default_factory=Outcome)

@@ -109,17 +109,6 @@ class Guard:
         who = call.admitted
         return who.key is not None or who.feature is not None or who.user_id is not None
 
-    @staticmethod
-    def charge_to(api_key_id: str | None, feature: str | None, user_id: str | None) -> Admission | None:
-        """For a call metered as another's (a background response, billed to the call that created it):
-        nothing reserved or refused, its cost charged to that call's key, feature and user."""
-        scopes = tuple(
-            f"{kind}:{name}"
-            for kind, name in (("key", api_key_id), ("feature", feature), ("user", user_id))
-            if name is not None
-        )
-        return Admission((), scopes, 0) if scopes else None
-
     def _caps(self, call: CallRecord, config: GatewayConfig) -> list[tuple[str, Caps]]:
         admitted = call.admitted
         caps: list[tuple[str, Caps]] = []

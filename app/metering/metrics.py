@@ -216,7 +216,7 @@ class Metrics:
         self.registry.register(_Collected(families))
 
     def watch_batches(self, read: Callable[[], dict[str, float]]) -> None:
-        """Batch metering (app/metering/batches.py), read at scrape time."""
+        """Batch metering (app/batches/meter.py), read at scrape time."""
 
         def families() -> Iterator[Metric]:
             stats = read()

@@ -49,7 +49,7 @@ class Gateway:
 
     def caller(self) -> Caller | None:
         """The key making this call as the ownership checks see it: None for the master key."""
-        return caller(self.principal, self.services.owners, self.call)
+        return caller(self.principal.key, self.services.owners, self.call)
 
 
 async def gateway(request: Request) -> Gateway:

@@ -17,13 +17,13 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
+from app.batches.meter import observe as observe_batch
 from app.call.record import CallRecord
 from app.db.events import MAX_MODEL_CHARS, is_model_name
 from app.edge.canonical_path import upstream_path
 from app.errors import GatewayError, RelayedError
 from app.limits import estimate
 from app.limits.guard import Guard
-from app.metering import batches
 from app.ownership import admit
 from app.proxy.body import BodyDecoder, body_decoder, read_body
 from app.proxy.relay import answer_headers, send_checked
@@ -207,7 +207,7 @@ async def passthrough(request: Request, path: str, gw: GatewayDep) -> Response:
     media_type = answer.headers.get("content-type")
     if answer.stream is None:
         _meter_json(call, path, buffered, answer.body)
-        batches.observe(batch_meter, request.method, path, answer.status, answer.body, call, intent)
+        observe_batch(batch_meter, request.method, path, answer.status, answer.body, call, intent)
         return Response(answer.body, status_code=answer.status, headers=headers, media_type=media_type)
     if intent is not None:
         intent.release(drop=answer.status >= 300)

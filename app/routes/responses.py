@@ -9,6 +9,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from app.call.admission import charge_to
 from app.edge.canonical_path import upstream_path
 from app.limits.guard import Guard
 from app.ownership import admit, body_check
@@ -117,7 +118,7 @@ async def _follow(request: Request, response_id: str, method: str, suffix: str, 
     ):
         if origin is not None:
             # Charged once to the budgets of the call that created it (a resumed stream's end is not).
-            admitted.admission = guard.charge_to(origin.api_key_id, origin.feature, origin.user_id)
+            admitted.admission = charge_to(origin.api_key_id, origin.feature, origin.user_id)
         learn_response(outcome, found)
         admitted.endpoint = ENDPOINT
         admitted.model = admitted.model or outcome.upstream_model

@@ -52,6 +52,7 @@ from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.call.admission import charge_to
 from app.call.record import CallRecord, Usage
 from app.db.events import MAX_MODEL_CHARS, Batch, UsageEvent, cost_to_usd, is_model_name
 from app.db.migrate import is_schema_error
@@ -515,7 +516,7 @@ class BatchMeter:
             batch_id, status=str(batch.get("status"))[:64], lines=lines, truncated=truncated
         )
         if closed and cost_units and self._guard is not None:
-            charged = Guard.charge_to(owner.api_key_id, owner.feature, owner.user_id)
+            charged = charge_to(owner.api_key_id, owner.feature, owner.user_id)
             if charged is not None:
                 self._guard.settle(charged, 0, cost_to_usd(cost_units))
         if truncated:
