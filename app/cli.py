@@ -25,15 +25,17 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.exc import DBAPIError
 
 from app.access.endpoint_classes import DEFAULT_SCOPES
-from app.access.keys import ApiKey, KeyStore
+from app.access.keys import KeyStore, public
+from app.call.who import ApiKey
 from app.config import ConfigError, DatabaseSettings, Settings, load_database_settings, load_settings
-from app.config_file import Caps, GatewayConfig, load_config_file
+from app.config_file import Caps, GatewayConfig
 from app.db.engine import create_engine, display_url
 from app.db.migrate import BEHIND, SCHEMA_SQLSTATES, upgrade_reporting
 from app.db.models import api_keys
 from app.db.partitions import prune
 from app.db.readonly_role import PASSWORD_ENV, REPORTING_TABLES, create_readonly_role
 from app.errors import GatewayError
+from app.live_config import load_gateway_config
 from app.logs import configure_logging
 from app.metering.metrics import WORKER_METRICS_DIR
 from app.metering.pricing import TIERS, PriceTable, Rates
@@ -61,7 +63,7 @@ log = logging.getLogger("gateway")
 
 def _serve(args: argparse.Namespace) -> int:
     settings = load_settings()
-    config = load_config_file(settings.config_file)
+    config = load_gateway_config(settings.config_file)
     configure_logging(settings.log_level)
     workers = args.workers or settings.workers
     if workers > 1:
@@ -373,7 +375,7 @@ def _minute(moment: datetime | None) -> str | None:
 def _price_table() -> PriceTable:
     """The shipped prices with GATEWAY_CONFIG's overrides, as the gateway prices calls."""
     path = os.environ.get("GATEWAY_CONFIG") or None
-    return PriceTable(load_config_file(Path(path) if path else None).prices)
+    return PriceTable(load_gateway_config(Path(path) if path else None).prices)
 
 
 _RATE_COLUMNS = ("input_per_1m", "cached_input_per_1m", "output_per_1m")
@@ -489,7 +491,7 @@ def _reprice(args: argparse.Namespace) -> int:
 
 
 def _scopes(key: ApiKey) -> str:
-    return ",".join(key.public()["scopes"])
+    return ",".join(public(key)["scopes"])
 
 
 def _nullable(convert: Callable[[str], object], kind: str) -> Callable[[str], object]:

@@ -31,10 +31,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.config import ConfigError
-from app.metering.pricing import PriceTable
-from app.proxy.upstream_auth import AuthStyle
 
 DEFAULT_UPSTREAM = "openai"
+# How an upstream is given its key (app/proxy/upstream_auth.py): `Authorization: Bearer <key>` (OpenAI
+# and most others), or an `api-key: <key>` header (Azure OpenAI).
+AuthStyle = Literal["bearer", "api-key"]
 
 
 class _Strict(BaseModel):
@@ -130,9 +131,11 @@ class GatewayConfig(_Strict):
 
 
 def load_config_file(path: Path | None) -> GatewayConfig:
+    """The file read and validated, all but the rates of its `prices`, which the price table validates
+    (`app.live_config.load_gateway_config` checks both)."""
     if path is None:
         return GatewayConfig()
-    where = f"GATEWAY_CONFIG ({path})"
+    where = source(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -148,8 +151,9 @@ def load_config_file(path: Path | None) -> GatewayConfig:
         loc = ".".join(str(part) for part in err["loc"])
         message = str(err["msg"]).removeprefix("Value error, ")
         raise ConfigError(f"{where}: {loc + ': ' if loc else ''}{message}") from None
-    try:
-        PriceTable(config.prices)
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
     return config
+
+
+def source(path: Path | None) -> str:
+    """The file as an error about it names it."""
+    return f"GATEWAY_CONFIG ({path})"

@@ -4,7 +4,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+from starlette.types import Scope
+
+from app.config import ConfigError
+from app.config_file import GatewayConfig, load_config_file, source
 from app.limits.policy import Policy
 from app.metering.pricing import PriceTable
 
@@ -28,3 +33,20 @@ class ConfigHolder:
 
     def __init__(self, config: LiveConfig) -> None:
         self.current = config
+
+    def prices_for(self, scope: Scope) -> PriceTable:
+        """The prices a request was admitted under (kept in its scope's state), whatever a reload has put
+        in force since; the ones in force for a request that never got that far."""
+        config: LiveConfig = scope["state"].get(SCOPE_KEY) or self.current
+        return config.prices
+
+
+def load_gateway_config(path: Path | None) -> GatewayConfig:
+    """GATEWAY_CONFIG read and validated whole, its prices too, so that a file the gateway could not
+    price with is refused at start-up and on SIGHUP like any other mistake in it."""
+    config = load_config_file(path)
+    try:
+        PriceTable(config.prices)
+    except ValueError as exc:
+        raise ConfigError(f"{source(path)}: {exc}") from None
+    return config

@@ -21,9 +21,10 @@ from starlette.types import ASGIApp, Scope
 
 from app.access.browser_tokens import signing_key
 from app.access.keys import KeyStore
-from app.call import CallRecord
+from app.batches.meter import BatchMeter, BatchSettings
+from app.call.record import CallRecord
 from app.config import ConfigError, Settings, load_settings
-from app.config_file import GatewayConfig, load_config_file
+from app.config_file import GatewayConfig
 from app.db.engine import create_engine
 from app.db.migrate import BEHIND, SchemaCheck, database_revisions, is_behind
 from app.db.partitions import PartitionKeeper
@@ -42,10 +43,9 @@ from app.limits import (
 )
 from app.limits.guard import Guard, seed_spend
 from app.limits.policy import Policy
-from app.live_config import ConfigHolder, LiveConfig
+from app.live_config import ConfigHolder, LiveConfig, load_gateway_config
 from app.logs import configure_logging
 from app.metering import tokens
-from app.metering.batches import BatchMeter, BatchSettings
 from app.metering.metrics import WORKER_METRICS_DIR, Metrics
 from app.metering.middleware import Meter, meter_call
 from app.metering.pricing import PriceTable
@@ -70,6 +70,7 @@ from app.routes import (
     usage,
 )
 from app.routes.dashboard import router as dashboard_router
+from app.routes.deps import gateway
 from app.services import Services
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ class GatewayApp(FastAPI):
         # outside instead would make create_app return something other than the FastAPI app that
         # uvicorn's factory, the lifespan and the tests work with.
         stack: ASGIApp = RequestContextMiddleware(
-            CanonicalPath(HotRoutes(super().build_middleware_stack(), HOT_ROUTES)), self._call_ended
+            CanonicalPath(HotRoutes(super().build_middleware_stack(), HOT_ROUTES, gateway)), self._call_ended
         )
         # Outside that: a preflight is no call, and every answer, whoever made it, needs the headers.
         origins: tuple[str, ...] = self.settings.cors_origins
@@ -121,7 +122,7 @@ def _configuration(settings: Settings | None) -> tuple[Settings, GatewayConfig]:
     try:
         settings = settings or load_settings()
         tokens.verify_vocabularies()
-        return settings, load_config_file(settings.config_file)
+        return settings, load_gateway_config(settings.config_file)
     except (ConfigError, tokens.VocabularyError) as exc:
         # One clear line for the operator, not a traceback.
         print(f"llm-gateway: {exc}", file=sys.stderr)
@@ -208,7 +209,7 @@ def reload_config(services: Services) -> None:
     it started with (app.live_config). A bad file keeps the running configuration."""
     settings = services.settings
     try:
-        fresh = load_config_file(settings.config_file)
+        fresh = load_gateway_config(settings.config_file)
     except ConfigError as exc:
         log.error("configuration not reloaded; keeping the running one", extra={"reason": str(exc)})
         return

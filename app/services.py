@@ -3,28 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.requests import HTTPConnection
 
 from app.access.keys import KeyStore
+from app.batches.meter import BatchMeter
 from app.config import Settings
 from app.db.migrate import SchemaCheck
 from app.limits.guard import Guard
 from app.live_config import ConfigHolder
-from app.metering.batches import BatchMeter
 from app.metering.metrics import Metrics
 from app.metering.middleware import Meter
+from app.ownership.store import OwnerStore
 from app.proxy.background import BackgroundResponses
 from app.proxy.client_watch import ClientWatch
 from app.proxy.streaming import KeepAlives
 from app.proxy.upstream import UpstreamClient
-
-if TYPE_CHECKING:
-    # For the annotation only: importing app.ownership.store runs the app.ownership package, whose
-    # re-exports import the access dependencies, which import this module.
-    from app.ownership.store import OwnerStore
 
 
 @dataclass(slots=True, eq=False)

@@ -34,8 +34,8 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.call import STATE_KEY, CallRecord
-from app.metering.events import COST_EXPONENT
+from app.call.record import STATE_KEY, CallRecord
+from app.db.events import COST_EXPONENT
 from app.wire import endpoints
 
 

@@ -28,9 +28,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from app.db.engine import async_url, create_engine
+from app.db.events import UsageEvent, epoch_us
 from app.db.migrate import upgrade
 from app.db.usage_writer import TABLE_COLUMNS
-from app.metering.events import UsageEvent, epoch_us
 from app.metering.recorder import Recorder
 
 DEFAULT_ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")

@@ -47,10 +47,10 @@ from recorder_bench import synthetic_events
 from sqlalchemy.engine import make_url
 
 from app.db.engine import create_engine
+from app.db.events import Batch
 from app.db.migrate import MIGRATIONS_DIR, alembic_config, upgrade
 from app.db.partitions import ensure_partitions, next_month, partition_name
 from app.db.usage_writer import write_batch
-from app.metering.events import Batch
 
 DEFAULT_ADMIN_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 MONTHS = 12

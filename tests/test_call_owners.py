@@ -1,4 +1,4 @@
-"""Each part of the call record is written only by the modules that own it (app/call.py says who).
+"""Each part of the call record is written only by the modules that own it (app/call/record.py says who).
 
 The writes are read from the source with `ast`: an assignment to `<something>.admitted.<field>` or
 `<something>.outcome.<field>`, or to a field through a name bound to one of those parts
@@ -11,13 +11,13 @@ import ast
 from dataclasses import fields
 from pathlib import Path
 
-from app.call import Admitted, CallRecord, Outcome
+from app.call.record import Admitted, CallRecord, Outcome
 
 APP = Path(__file__).resolve().parent.parent / "app"
 
 _WHO = ("app.access.auth", "app.access.attribution", "app.routes.responses")
 _WHAT = ("app.routes.metered", "app.routes.passthrough", "app.routes.responses")
-_LIMITS = ("app.routes.metered", "app.routes.passthrough", "app.access.deps", "app.routes.responses")
+_LIMITS = ("app.routes.metered", "app.routes.passthrough", "app.routes.deps", "app.routes.responses")
 _METERING = ("app.metering.middleware",)
 
 OWNERS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -90,7 +90,7 @@ def writes() -> list[tuple[str, str, str, int]]:
     """(module, part, field, line) of every write to the call record's fields in app/."""
     found: list[tuple[str, str, str, int]] = []
     for path in sorted(APP.rglob("*.py")):
-        if path.name == "call.py" and path.parent == APP:
+        if path == APP / "call" / "record.py":
             continue  # the record's own methods
         tree = ast.parse(path.read_text(), str(path))
         aliases = _aliases(tree)

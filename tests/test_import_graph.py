@@ -73,7 +73,7 @@ def test_find_cycle_sees_a_circle() -> None:
 def test_the_graph_is_read() -> None:
     graph = import_graph()
     assert "app.proxy.relay" in graph["app.routes.metered"]
-    assert "app.call" in graph["app.limits.guard"]
+    assert "app.call.record" in graph["app.limits.guard"]
 
 
 def test_app_has_no_import_cycle() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from app.call import CallRecord
+from app.call.record import CallRecord
 from app.errors import GatewayError, bad_request
 
 _MAX_LEN = 128

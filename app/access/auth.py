@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from app.access.browser_tokens import TOKEN_PREFIX, BrowserToken, check_origin, token_key, verify
-from app.access.keys import SECRET_PREFIX, ApiKey, KeyLookupUnavailable, KeyStore
-from app.call import STATE_KEY, CallRecord
+from app.access.browser_tokens import TOKEN_PREFIX, check_origin, token_key, verify
+from app.access.keys import SECRET_PREFIX, KeyLookupUnavailable, KeyStore
+from app.call.record import STATE_KEY, CallRecord
+from app.call.who import ApiKey, BrowserToken
 from app.errors import GatewayError
-from app.services import Services, services_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,40 +77,16 @@ async def authenticate_token(presented: str, origin: str | None, secret: bytes, 
     return Principal(is_master=False, key=token_key(key, token), token=token)
 
 
-async def require_principal(request: Request) -> Principal:
-    return await identify(request, request.headers, services_of(request))
-
-
-async def identify(request: Request, headers: Mapping[str, str], services: Services) -> Principal:
+async def identify(
+    request: Request, headers: Mapping[str, str], keys: KeyStore, token_secret: bytes, master_key: str
+) -> Principal:
     """The caller of `request`, recorded on its CallRecord; `headers` are the request's."""
     presented = bearer_key(headers.get("authorization"))
-    keys = services.keys
     if presented.startswith(TOKEN_PREFIX):
-        principal = await authenticate_token(presented, headers.get("origin"), services.token_secret, keys)
+        principal = await authenticate_token(presented, headers.get("origin"), token_secret, keys)
     else:
-        principal = await authenticate(presented, services.settings.master_key.get_secret_value(), keys)
+        principal = await authenticate(presented, master_key, keys)
     call: CallRecord = request.scope["state"][STATE_KEY]
     who = call.admitted
     who.key, who.api_key_id, who.browser_token = principal.key, principal.key_id, principal.token
-    return principal
-
-
-async def require_master(request: Request) -> Principal:
-    principal = await require_principal(request)
-    if not principal.is_master:
-        raise GatewayError(403, "This endpoint needs the gateway's master key.", code="master_key_required")
-    return principal
-
-
-async def require_reports(request: Request) -> Principal:
-    """The usage reports show every feature's and user's spend: the master key, or a key given the
-    `reports` scope by name."""
-    principal = await require_principal(request)
-    if not principal.is_master and not (principal.key is not None and principal.key.reports):
-        raise GatewayError(
-            403,
-            "Reading usage reports needs the master key or a key with the 'reports' scope; the gateway's "
-            "admin can grant it.",
-            code="scope_not_allowed",
-        )
     return principal

@@ -22,14 +22,11 @@ import hashlib
 import hmac
 import secrets
 import time
-from dataclasses import dataclass
-from decimal import Decimal
-from typing import Any
 
 import orjson
 
 from app.access.endpoint_classes import DEFAULT_SCOPES
-from app.access.keys import ApiKey
+from app.call.who import ApiKey, BrowserToken
 from app.config import Settings
 from app.errors import GatewayError
 
@@ -42,49 +39,6 @@ MAX_TOKEN_CHARS = 16 * 1024
 # The classes a token may reach (those of them its key may): calls paid for as they are made.
 TOKEN_CLASSES = frozenset(DEFAULT_SCOPES)
 _SIGNED = b"llm-gateway browser token v1."
-
-
-@dataclass(frozen=True, slots=True)
-class BrowserToken:
-    id: str
-    key_id: str
-    user_id: str
-    feature: str | None
-    models: tuple[str, ...] | None
-    origins: tuple[str, ...]
-    expires_at: int  # Unix seconds
-    rpm_limit: int | None
-    budget_usd: Decimal | None
-
-    def claims(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "key": self.key_id,
-            "user": self.user_id,
-            "feature": self.feature,
-            "models": list(self.models) if self.models is not None else None,
-            "origins": list(self.origins),
-            "exp": self.expires_at,
-            "rpm": self.rpm_limit,
-            "budget": None if self.budget_usd is None else str(self.budget_usd),
-        }
-
-    @classmethod
-    def from_claims(cls, claims: dict[str, Any]) -> BrowserToken:
-        """Raises KeyError, TypeError or ArithmeticError on claims of another shape (signed, so only a
-        change of this format could make them)."""
-        models, budget = claims["models"], claims["budget"]
-        return cls(
-            id=str(claims["id"]),
-            key_id=str(claims["key"]),
-            user_id=str(claims["user"]),
-            feature=None if claims["feature"] is None else str(claims["feature"]),
-            models=None if models is None else tuple(map(str, models)),
-            origins=tuple(map(str, claims["origins"])),
-            expires_at=int(claims["exp"]),
-            rpm_limit=None if claims["rpm"] is None else int(claims["rpm"]),
-            budget_usd=None if budget is None else Decimal(budget),
-        )
 
 
 def new_token_id() -> str:

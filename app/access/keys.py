@@ -16,7 +16,6 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -26,6 +25,7 @@ from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.access.endpoint_classes import ALL, REPORTS
+from app.call.who import ApiKey
 from app.db.models import api_keys, usage_events
 from app.money import usd
 
@@ -44,58 +44,27 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-@dataclass(frozen=True, slots=True)
-class ApiKey:
-    id: str
-    name: str
-    owner: str | None
-    prefix: str
-    default_feature: str | None
-    pin_feature: bool
-    allowed_models: tuple[str, ...] | None
-    # The endpoint classes it may call (app/access/endpoint_classes.py); None for every class.
-    scopes: frozenset[str] | None
-    rpm_limit: int | None
-    tpm_limit: int | None
-    budget_daily_usd: Decimal | None
-    budget_monthly_usd: Decimal | None
-    expires_at: datetime | None
-    created_at: datetime
-    revoked_at: datetime | None
-    # It may read the usage reports (the `reports` scope, which no other scope implies).
-    reports: bool = False
-    # When its latest recorded call arrived (usage_events); read for the admin views, not for auth.
-    last_used_at: datetime | None = None
-
-    def usable(self, now: datetime) -> bool:
-        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
-
-    def public(self) -> dict[str, Any]:
-        """As the admin API shows it: everything but the hash."""
-        return {
-            "id": self.id,
-            "object": "gateway.key",
-            "name": self.name,
-            "owner": self.owner,
-            "prefix": self.prefix,
-            "default_feature": self.default_feature,
-            "pin_feature": self.pin_feature,
-            "allowed_models": list(self.allowed_models) if self.allowed_models is not None else None,
-            "scopes": sorted(self.scopes) if self.scopes is not None else _all_scopes(self.reports),
-            "rpm_limit": self.rpm_limit,
-            "tpm_limit": self.tpm_limit,
-            "budget_daily_usd": _money(self.budget_daily_usd),
-            "budget_monthly_usd": _money(self.budget_monthly_usd),
-            "expires_at": self.expires_at.isoformat() if self.expires_at else None,
-            "created_at": self.created_at.isoformat(),
-            "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
-            "last_used_at": self.last_used_at.isoformat() if self.last_used_at else None,
-        }
-
-    def state(self, now: datetime) -> str:
-        if self.revoked_at is not None:
-            return "revoked"
-        return "expired" if self.expires_at is not None and self.expires_at <= now else "active"
+def public(key: ApiKey) -> dict[str, Any]:
+    """As the admin API shows it: everything but the hash."""
+    return {
+        "id": key.id,
+        "object": "gateway.key",
+        "name": key.name,
+        "owner": key.owner,
+        "prefix": key.prefix,
+        "default_feature": key.default_feature,
+        "pin_feature": key.pin_feature,
+        "allowed_models": list(key.allowed_models) if key.allowed_models is not None else None,
+        "scopes": sorted(key.scopes) if key.scopes is not None else _all_scopes(key.reports),
+        "rpm_limit": key.rpm_limit,
+        "tpm_limit": key.tpm_limit,
+        "budget_daily_usd": _money(key.budget_daily_usd),
+        "budget_monthly_usd": _money(key.budget_monthly_usd),
+        "expires_at": key.expires_at.isoformat() if key.expires_at else None,
+        "created_at": key.created_at.isoformat(),
+        "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
+        "last_used_at": key.last_used_at.isoformat() if key.last_used_at else None,
+    }
 
 
 def _all_scopes(reports: bool) -> list[str]:

@@ -29,8 +29,8 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from app.db.events import COST_EXPONENT, Batch, UsageEvent, cost_to_usd
 from app.db.models import usage_daily, usage_events
-from app.metering.events import COST_EXPONENT, Batch, UsageEvent, cost_to_usd
 
 EVENT_COLUMNS = UsageEvent._fields
 # Amounts the events hold as integer 1e-10 USD units, and the numeric columns they fill.

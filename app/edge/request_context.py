@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.call import STATE_KEY, CallRecord
+from app.call.record import STATE_KEY, CallRecord
 from app.errors import bad_request
 from app.logs import AccessLog, request_id_var
 

@@ -7,12 +7,10 @@ from app.limits.budgets import (
     InProcessBudgetLedger,
     OverBudget,
     RedisBudgetLedger,
-    Reservation,
 )
 from app.limits.ratelimit import (
     Denied,
     InProcessRateLimiter,
-    Limit,
     RateLimiter,
     RedisRateLimiter,
 )
@@ -24,12 +22,10 @@ __all__ = [
     "Denied",
     "InProcessBudgetLedger",
     "InProcessRateLimiter",
-    "Limit",
     "OverBudget",
     "RateLimiter",
     "RedisBudgetLedger",
     "RedisRateLimiter",
     "RedisUnavailable",
-    "Reservation",
     "redis_client",
 ]

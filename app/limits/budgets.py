@@ -27,6 +27,7 @@ from typing import Any, Literal, Protocol, cast
 
 from redis.asyncio import Redis
 
+from app.call.admission import Reservation
 from app.limits import redis_scripts
 from app.limits.redis_guard import InProcess, RedisBacked, RedisUnavailable
 
@@ -61,22 +62,6 @@ class OverBudget:
     resets_at: datetime
     reason: Literal["over_budget", "ledger_unavailable"] = "over_budget"
     reserved_usd: Decimal = Decimal(0)
-
-
-@dataclass(frozen=True, slots=True)
-class Reservation:
-    """A call's worst case held against its budgets' counters (scope, period, period key) until it is
-    settled or expires (a UNIX time). `units` may be 0: nothing is held, there is nothing to let go."""
-
-    id: str
-    units: int
-    counters: tuple[tuple[str, str, str], ...]
-    expires_at: float
-
-    @property
-    def member(self) -> str:
-        # The amount rides in the name, so whoever finds the hold expired knows what to give back.
-        return f"{self.id}:{self.units}"
 
 
 class BudgetLedger(Protocol):

@@ -27,21 +27,20 @@ from redis.asyncio import Redis
 from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.call import CallRecord
+from app.call.admission import Admission, Limit, Reservation
+from app.call.record import CallRecord
 from app.config_file import Caps, GatewayConfig
 from app.db.models import api_keys, usage_daily, usage_events
 from app.errors import GatewayError
-from app.limits.admission import Admission
 from app.limits.budgets import (
     Budget,
     BudgetLedger,
     InProcessBudgetLedger,
     OverBudget,
     Period,
-    Reservation,
     period_key,
 )
-from app.limits.ratelimit import Denied, InProcessRateLimiter, Limit, RateLimiter
+from app.limits.ratelimit import Denied, InProcessRateLimiter, RateLimiter
 from app.metering.pricing import PriceTable
 from app.money import usd
 
@@ -123,17 +122,6 @@ class Guard:
         first, so a call without one does not pay for a coroutine."""
         who = call.admitted
         return who.key is not None or who.feature is not None or who.user_id is not None
-
-    @staticmethod
-    def charge_to(api_key_id: str | None, feature: str | None, user_id: str | None) -> Admission | None:
-        """For a call metered as another's (a background response, billed to the call that created it):
-        nothing reserved or refused, its cost charged to that call's key, feature and user."""
-        scopes = tuple(
-            f"{kind}:{name}"
-            for kind, name in (("key", api_key_id), ("feature", feature), ("user", user_id))
-            if name is not None
-        )
-        return Admission((), scopes, 0) if scopes else None
 
     def _caps(self, call: CallRecord, config: GatewayConfig) -> list[tuple[str, Caps]]:
         admitted = call.admitted

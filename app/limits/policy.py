@@ -5,49 +5,13 @@ the policy it started with."""
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 
-from app.access.keys import ApiKey
+from app.call.who import ApiKey
 from app.config import Settings
 from app.config_file import DEFAULT_UPSTREAM, GatewayConfig
+from app.db.events import MAX_MODEL_CHARS, is_model_name
 from app.errors import GatewayError, bad_request
-from app.proxy.upstream_auth import AuthStyle, auth_headers, with_api_version
-
-# A model name lands in usage rows and in usage_daily's primary key: Postgres refuses an index entry
-# past ~2.7 kB and any text holding NUL, and a refused row is a call nobody is billed for.
-MAX_MODEL_CHARS = 256
-
-
-def is_model_name(value: str) -> bool:
-    return len(value) <= MAX_MODEL_CHARS and value.isprintable()
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamTarget:
-    name: str
-    base_url: str
-    api_key: str | None
-    auth: AuthStyle = "bearer"
-    api_version: str | None = None
-    # Named in GATEWAY_CONFIG, rather than by OPENAI_BASE_URL/OPENAI_API_KEY: what an operator must fix.
-    configured: bool = False
-    # What carries the key, and the query a path without one gets: made here once (the policy is built at
-    # start-up and on SIGHUP), not per call.
-    headers: Mapping[str, str] = field(init=False, repr=False, compare=False)
-    query: str = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "headers", auth_headers(self.auth, self.api_key))
-        object.__setattr__(self, "query", with_api_version("", self.api_version))
-
-
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    """One model to try, in order: the requested one first, then its fallbacks."""
-
-    model: str
-    target: UpstreamTarget
+from app.proxy.targets import Candidate, UpstreamTarget
 
 
 class Policy:

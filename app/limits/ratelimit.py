@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol
 
 from redis.asyncio import Redis
 
+from app.call.admission import Limit
 from app.limits import redis_scripts
 from app.limits.redis_guard import InProcess, RedisBacked, RedisUnavailable
 
@@ -31,17 +32,6 @@ KEY_TTL_S = 120
 Kind = Literal["requests", "tokens"]
 _KINDS: tuple[Kind, Kind] = ("requests", "tokens")
 _ZERO = (0, 0)
-
-
-@dataclass(frozen=True)
-class Limit:
-    scope: str  # "key:key_abc", "feature:search", "user:u-1"
-    rpm: int | None
-    tpm: int | None
-
-    def __post_init__(self) -> None:
-        if (self.rpm is not None and self.rpm < 0) or (self.tpm is not None and self.tpm < 0):
-            raise ValueError(f"negative limit for {self.scope!r}")
 
 
 @dataclass(frozen=True)

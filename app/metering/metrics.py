@@ -30,8 +30,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from app.call import CallRecord, Usage
-from app.metering.events import COST_EXPONENT
+from app.call.record import CallRecord, Usage
+from app.db.events import COST_EXPONENT
 from app.metering.labels import MetricLabels
 
 COST_UNIT_USD = 10.0**COST_EXPONENT
@@ -216,7 +216,7 @@ class Metrics:
         self.registry.register(_Collected(families))
 
     def watch_batches(self, read: Callable[[], dict[str, float]]) -> None:
-        """Batch metering (app/metering/batches.py), read at scrape time."""
+        """Batch metering (app/batches/meter.py), read at scrape time."""
 
         def families() -> Iterator[Metric]:
             stats = read()

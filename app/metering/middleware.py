@@ -15,15 +15,15 @@ import asyncio
 import contextlib
 import logging
 import time
+from decimal import Decimal
 from typing import Protocol
 
 from starlette.types import Scope
 
-from app.call import CallRecord
-from app.limits.guard import Guard
-from app.live_config import SCOPE_KEY, ConfigHolder, LiveConfig
+from app.call.admission import Admission
+from app.call.record import CallRecord
+from app.db.events import cost_to_usd
 from app.metering import tokens
-from app.metering.events import cost_to_usd
 from app.metering.metrics import Metrics
 from app.metering.pricing import PriceTable, rate_tier
 from app.metering.usage import estimated_with, event_line, price_usage, usage_of
@@ -35,13 +35,28 @@ class EventSink(Protocol):
     def submit(self, line: bytes) -> None: ...
 
 
+class PricesInForce(Protocol):
+    """The owner of the prices (`app.live_config.ConfigHolder`), handed in by the lifespan."""
+
+    def prices_for(self, scope: Scope) -> PriceTable: ...
+
+
+class Settlement(Protocol):
+    """The limits' end of a call (`app.limits.guard.Guard`, handed in by the lifespan): what its admission
+    holds is settled at what the call cost, or let go when there is nothing to meter."""
+
+    def settle(self, admission: Admission, total_tokens: int, cost: Decimal | None) -> None: ...
+
+    def release(self, admission: Admission) -> None: ...
+
+
 class Meter:
     """What metering needs at the end of a response; made in the lifespan. Without a recorder
     (GATEWAY_METERING=false) there are no usage events, but requests are still counted in /metrics and
     the limits still settle what they reserved."""
 
     def __init__(
-        self, recorder: EventSink | None, config: ConfigHolder, metrics: Metrics, guard: Guard
+        self, recorder: EventSink | None, config: PricesInForce, metrics: Metrics, guard: Settlement
     ) -> None:
         self.recorder = recorder
         self.config = config
@@ -61,13 +76,12 @@ class Meter:
             return
         if self.recorder is None and admitted.admission is None:
             return
-        # The prices the call was admitted under (app.live_config), whatever a reload has put in force since.
-        config: LiveConfig = scope["state"].get(SCOPE_KEY) or self.config.current
+        prices = self.config.prices_for(scope)
         model = estimated_with(call)
         if model is not None and not tokens.is_built_for(model):
-            self._build_then_record(call, config.prices, model, elapsed)
+            self._build_then_record(call, prices, model, elapsed)
             return
-        self._record(call, config.prices, elapsed)
+        self._record(call, prices, elapsed)
 
     def _build_then_record(self, call: CallRecord, prices: PriceTable, model: str, elapsed: float) -> None:
         """The first call this process must count itself with a tokenizer not built yet. Tokenizers are

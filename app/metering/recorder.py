@@ -37,9 +37,9 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from app.db.events import Batch
 from app.db.migrate import BEHIND, is_schema_error
 from app.db.usage_writer import is_rejected_data, write_batch
-from app.metering.events import Batch
 from app.metering.spool import Spool
 
 log = logging.getLogger("gateway.metering.recorder")

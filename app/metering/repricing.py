@@ -20,8 +20,8 @@ from sqlalchemy import BigInteger, and_, bindparam, cast, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
+from app.db.events import cost_to_usd, usd_to_cost
 from app.db.models import usage_daily, usage_events
-from app.metering.events import cost_to_usd, usd_to_cost
 from app.metering.pricing import PriceTable, family_of, rate_tier
 
 # Rows read and updated at a time.

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-from app.metering.events import Batch, UsageEvent
+from app.db.events import Batch, UsageEvent
 
 _PREFIX = "usage-"
 _SUFFIX = ".ndjson"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from app.call import CallRecord, Usage
+from app.call.record import CallRecord, Usage
+from app.db.events import UsageSource, line
 from app.metering import tokens
-from app.metering.events import UsageSource, line
 from app.metering.pricing import Priced, PriceTable
 from app.wire import endpoints
 

@@ -18,8 +18,8 @@ from urllib.parse import parse_qsl, urlencode
 
 import orjson
 
-from app.access.deps import Gateway
-from app.call import CallRecord
+from app.call.record import CallRecord
+from app.call.who import ApiKey
 from app.errors import GatewayError
 from app.ownership.store import OwnerStore
 from app.proxy.upstream import UpstreamResponse
@@ -181,12 +181,9 @@ class Caller:
             await self.store.record(resource_ids, kind, self.key_id, self.call.admitted.feature)
 
 
-def caller(gw: Gateway) -> Caller | None:
-    """The non-master key making this call, or None for the master key, which may reach everything."""
-    key = gw.principal.key
-    if gw.principal.is_master or key is None:
-        return None
-    return Caller(gw.services.owners, key.id, gw.call)
+def caller(key: ApiKey | None, owners: OwnerStore, call: CallRecord) -> Caller | None:
+    """The key making this call, or None for the master key (which has none), which may reach everything."""
+    return None if key is None else Caller(owners, key.id, call)
 
 
 def body_check(who: Caller | None, collection: str) -> Callable[[dict[str, Any]], Awaitable[None]] | None:

@@ -15,9 +15,9 @@ from starlette.responses import Response
 
 from app.errors import GatewayError
 from app.ownership.access import Caller
-from app.proxy.event_framing import sse_data
 from app.proxy.streaming import EventRelayResponse
 from app.proxy.upstream import UpstreamResponse
+from app.wire.sse import sse_data
 
 # How much of a stream is read to find its first event; it echoes the request's instructions and tools.
 _FIRST_EVENT_LIMIT = 16 * 1024 * 1024

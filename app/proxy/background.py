@@ -11,7 +11,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from app.call import CallRecord
+from app.call.record import CallRecord
 
 _CAPACITY = 100_000
 

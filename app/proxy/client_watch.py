@@ -22,7 +22,7 @@ from typing import Any
 
 from starlette.types import Receive
 
-from app.call import CallRecord
+from app.call.record import CallRecord
 
 AFTER_S = 0.25
 

@@ -8,22 +8,29 @@ a gateway's traffic. Every other path goes on to FastAPI; the handlers are the s
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Generic, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.access.deps import Gateway, gateway
-from app.call import get_call
+from app.call.record import get_call
 from app.errors import error_response
 
-Handler = Callable[[Request, Gateway], Awaitable[Response]]
+# What a handler is handed besides the request (the routes' `Gateway`), made by `prepare`.
+Prepared = TypeVar("Prepared")
 
 
-class HotRoutes:
-    def __init__(self, app: ASGIApp, routes: Mapping[str, Handler]) -> None:
+class HotRoutes(Generic[Prepared]):
+    def __init__(
+        self,
+        app: ASGIApp,
+        routes: Mapping[str, Callable[[Request, Prepared], Awaitable[Response]]],
+        prepare: Callable[[Request], Awaitable[Prepared]],
+    ) -> None:
         self.app = app
         self.routes = dict(routes)
+        self.prepare = prepare
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler = (
@@ -38,7 +45,7 @@ class HotRoutes:
             call.route = scope["path"]
         request = Request(scope, receive)
         try:
-            response = await handler(request, await gateway(request))
+            response = await handler(request, await self.prepare(request))
         except Exception as exc:
             answer = error_response(exc)
             if answer is None:

@@ -10,12 +10,12 @@ from typing import Any
 from starlette.responses import Response
 from starlette.types import Receive
 
-from app.call import CallRecord
+from app.call.record import CallRecord
 from app.errors import GatewayError, RelayedError
-from app.limits.policy import Candidate, UpstreamTarget
 from app.proxy.answers import RelayedResponse
 from app.proxy.client_watch import ClientWatch
 from app.proxy.streaming import EventRelayResponse, KeepAliveResponse, KeepAlives
+from app.proxy.targets import Candidate, UpstreamTarget
 from app.proxy.upstream import (
     ResponseHead,
     UpstreamClient,

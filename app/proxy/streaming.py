@@ -29,7 +29,7 @@ from pyreqwest.exceptions import PyreqwestError
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from app.call import CallRecord
+from app.call.record import CallRecord
 from app.errors import error_body, error_response
 from app.proxy.answers import encoded, raw_headers
 from app.proxy.event_framing import EventFramer

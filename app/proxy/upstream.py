@@ -29,11 +29,11 @@ from pyreqwest.exceptions import PyreqwestError
 from pyreqwest.request import StreamRequest
 from pyreqwest.response import Response
 
-from app.call import CallRecord
+from app.call.record import CallRecord
 from app.config import Settings
 from app.config_file import DEFAULT_UPSTREAM
-from app.limits.policy import UpstreamTarget
 from app.proxy.retry_policy import RetryPolicy, UpstreamClosedEarly, is_retryable_status
+from app.proxy.targets import UpstreamTarget
 from app.proxy.upstream_auth import with_api_version
 
 if TYPE_CHECKING:

@@ -7,12 +7,11 @@ a request merges them."""
 
 from __future__ import annotations
 
-from typing import Literal
 from urllib.parse import unquote_plus
 
+from app.config_file import AuthStyle
+
 API_VERSION = "api-version"
-# `Authorization: Bearer <key>` (OpenAI and most others), or an `api-key: <key>` header (Azure OpenAI).
-AuthStyle = Literal["bearer", "api-key"]
 
 
 def auth_headers(auth: AuthStyle, api_key: str | None) -> dict[str, str]:

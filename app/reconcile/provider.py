@@ -22,8 +22,8 @@ from urllib.parse import urlencode
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app.call import CallRecord
-from app.limits.policy import UpstreamTarget
+from app.call.record import CallRecord
+from app.proxy.targets import UpstreamTarget
 from app.proxy.upstream import UpstreamClient, UpstreamUnavailable, never_open
 
 USAGE_SOURCES = ("completions", "embeddings")

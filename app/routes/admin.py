@@ -13,9 +13,9 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.responses import Response
 
-from app.access.deps import MasterDep
 from app.access.endpoint_classes import DEFAULT_SCOPES, parse_scopes
-from app.access.keys import ApiKey, KeyStore
+from app.access.keys import KeyStore, public
+from app.call.who import ApiKey
 from app.config_file import Caps, GatewayConfig
 from app.db.models import usage_daily
 from app.errors import GatewayError
@@ -23,6 +23,7 @@ from app.limits.budgets import resets_at
 from app.limits.guard import Guard
 from app.limits.redis_guard import RedisUnavailable
 from app.money import usd
+from app.routes.deps import MasterDep
 from app.services import services_of
 
 router = APIRouter(prefix="/admin")
@@ -99,18 +100,18 @@ def _found(key: ApiKey | None, key_id: str) -> ApiKey:
 @router.post("/keys")
 async def create_key(request: Request, spec: KeyCreate, _: MasterDep) -> Response:
     key, secret = await _store(request).create(spec.model_dump())
-    return _json({**key.public(), "secret": secret}, status=201)
+    return _json({**public(key), "secret": secret}, status=201)
 
 
 @router.get("/keys")
 async def list_keys(request: Request, _: MasterDep) -> Response:
     keys = await _store(request).list()
-    return _json({"object": "list", "data": [key.public() for key in keys]})
+    return _json({"object": "list", "data": [public(key) for key in keys]})
 
 
 @router.get("/keys/{key_id}")
 async def get_key(request: Request, key_id: str, _: MasterDep) -> Response:
-    return _json(_found(await _store(request).get(key_id), key_id).public())
+    return _json(public(_found(await _store(request).get(key_id), key_id)))
 
 
 @router.patch("/keys/{key_id}")
@@ -118,12 +119,12 @@ async def update_key(request: Request, key_id: str, spec: KeyUpdate, _: MasterDe
     changes = spec.changes()
     store = _store(request)
     key = await store.update(key_id, changes) if changes else await store.get(key_id)
-    return _json(_found(key, key_id).public())
+    return _json(public(_found(key, key_id)))
 
 
 @router.delete("/keys/{key_id}")
 async def revoke_key(request: Request, key_id: str, _: MasterDep) -> Response:
-    return _json(_found(await _store(request).revoke(key_id), key_id).public())
+    return _json(public(_found(await _store(request).revoke(key_id), key_id)))
 
 
 @router.get("/budgets")

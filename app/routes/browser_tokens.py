@@ -17,11 +17,12 @@ from fastapi import APIRouter, Request
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
-from app.access.browser_tokens import DEFAULT_TTL_S, MAX_TTL_S, BrowserToken, new_token_id, sign
-from app.access.deps import GatewayDep
+from app.access.browser_tokens import DEFAULT_TTL_S, MAX_TTL_S, new_token_id, sign
+from app.call.who import BrowserToken
 from app.config import is_origin
 from app.errors import GatewayError, bad_request
 from app.proxy.body import parse_object, read_body
+from app.routes.deps import GatewayDep
 
 router = APIRouter()
 

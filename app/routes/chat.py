@@ -7,10 +7,10 @@ from typing import Any
 from fastapi import Request
 from starlette.responses import Response
 
-from app.access.deps import GatewayDep
 from app.errors import bad_request
-from app.ownership import body_check, caller
+from app.ownership import body_check
 from app.ownership.created import record_created, stored_completion
+from app.routes.deps import GatewayDep
 from app.routes.metered import forward_metered, read_metered
 from app.wire.endpoints import CHAT
 
@@ -42,7 +42,7 @@ def _check_body(body: dict[str, Any]) -> None:
 
 
 async def chat_completions(request: Request, gw: GatewayDep) -> Response:
-    who = caller(gw)
+    who = gw.caller()
     metered = await read_metered(request, gw, CHAT, _check_body, body_check(who, "chat/completions"))
     return await forward_metered(
         request,

@@ -7,9 +7,9 @@ from typing import Any
 from fastapi import Request
 from starlette.responses import Response
 
-from app.access.deps import GatewayDep
 from app.errors import bad_request
 from app.proxy.relay import forward
+from app.routes.deps import GatewayDep
 from app.routes.metered import read_metered
 from app.wire.endpoints import EMBEDDINGS
 

@@ -8,9 +8,9 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from app.access.deps import SettingsDep
 from app.db.engine import ping
 from app.db.migrate import BEHIND, SchemaCheck
+from app.routes.deps import SettingsDep
 from app.services import services_of
 
 router = APIRouter()

@@ -13,14 +13,14 @@ from fastapi import Request
 from starlette.responses import Response
 
 from app.access.attribution import attribute
-from app.access.deps import Gateway
 from app.config_file import FeatureConfig
 from app.limits import estimate
 from app.limits.guard import completion_allowance, worst_case_output
-from app.limits.policy import Candidate
 from app.limits.prompt_budget import fit_prompt
 from app.proxy.body import parse_object, read_body
 from app.proxy.relay import forward, kept_alive
+from app.proxy.targets import Candidate
+from app.routes.deps import Gateway
 from app.wire.dialect import Dialect, StreamDialect
 from app.wire.endpoints import MeteredEndpoint
 

@@ -9,12 +9,12 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from app.access.deps import GatewayDep
-from app.call import CallRecord
+from app.call.record import CallRecord
 from app.edge.canonical_path import upstream_path
 from app.errors import GatewayError
 from app.limits.policy import Policy
 from app.proxy.relay import answer_headers, send_checked
+from app.routes.deps import GatewayDep
 
 router = APIRouter()
 

@@ -17,18 +17,18 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
-from app.access.deps import Gateway, GatewayDep
-from app.call import CallRecord
+from app.batches.meter import observe as observe_batch
+from app.call.record import CallRecord
+from app.db.events import MAX_MODEL_CHARS, is_model_name
 from app.edge.canonical_path import upstream_path
 from app.errors import GatewayError, RelayedError
 from app.limits import estimate
 from app.limits.guard import Guard
-from app.limits.policy import MAX_MODEL_CHARS, is_model_name
-from app.metering import batches
-from app.ownership import admit, caller
+from app.ownership import admit
 from app.proxy.body import BodyDecoder, body_decoder, read_body
 from app.proxy.relay import answer_headers, send_checked
 from app.proxy.upstream import ResponseHead, UpstreamResponse
+from app.routes.deps import Gateway, GatewayDep
 from app.wire import endpoints
 
 router = APIRouter()
@@ -139,7 +139,7 @@ def _meter_json(call: CallRecord, path: str, request_body: bytes | None, answer:
 @router.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
 async def passthrough(request: Request, path: str, gw: GatewayDep) -> Response:
     settings, upstream, call = gw.settings, gw.upstream, gw.call
-    plan = await admit(caller(gw), request.method, path, request.url.query)
+    plan = await admit(gw.caller(), request.method, path, request.url.query)
     declared = gw.headers.get("content-length")
     length = int(declared) if declared is not None and declared.isdigit() else None
     limit = settings.max_upload_bytes
@@ -207,7 +207,7 @@ async def passthrough(request: Request, path: str, gw: GatewayDep) -> Response:
     media_type = answer.headers.get("content-type")
     if answer.stream is None:
         _meter_json(call, path, buffered, answer.body)
-        batches.observe(batch_meter, request.method, path, answer.status, answer.body, call, intent)
+        observe_batch(batch_meter, request.method, path, answer.status, answer.body, call, intent)
         return Response(answer.body, status_code=answer.status, headers=headers, media_type=media_type)
     if intent is not None:
         intent.release(drop=answer.status >= 300)

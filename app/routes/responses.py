@@ -9,15 +9,16 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from app.access.deps import Gateway, GatewayDep
+from app.call.admission import charge_to
 from app.edge.canonical_path import upstream_path
 from app.limits.guard import Guard
-from app.ownership import admit, body_check, caller
+from app.ownership import admit, body_check
 from app.ownership.created import record_created, stored_response
 from app.proxy.background import BackgroundResponses
 from app.proxy.relay import answer_headers, send_checked
 from app.proxy.streaming import EventRelayResponse
 from app.proxy.upstream import is_sse, never_open
+from app.routes.deps import Gateway, GatewayDep
 from app.routes.metered import forward_metered, read_metered
 from app.services import services_of
 from app.wire.endpoints import RESPONSES
@@ -44,7 +45,7 @@ def _parsed(body: bytes) -> dict[str, Any] | None:
 
 
 async def create_response(request: Request, gw: GatewayDep) -> Response:
-    call, who = gw.call, caller(gw)
+    call, who = gw.call, gw.caller()
     metered = await read_metered(request, gw, RESPONSES, owned=body_check(who, "responses"))
     response = await forward_metered(
         request,
@@ -67,7 +68,7 @@ async def _follow(request: Request, response_id: str, method: str, suffix: str, 
     policy, upstream, call = gw.policy, gw.upstream, gw.call
     admitted, outcome = call.admitted, call.outcome
     guard: Guard = gw.services.guard
-    await admit(caller(gw), method, f"responses/{response_id}{suffix}", "")
+    await admit(gw.caller(), method, f"responses/{response_id}{suffix}", "")
     registry = _registry(request)
     origin = registry.origin(response_id)
     target = policy.targets.get(origin.upstream, policy.default_target) if origin else policy.default_target
@@ -117,7 +118,7 @@ async def _follow(request: Request, response_id: str, method: str, suffix: str, 
     ):
         if origin is not None:
             # Charged once to the budgets of the call that created it (a resumed stream's end is not).
-            admitted.admission = guard.charge_to(origin.api_key_id, origin.feature, origin.user_id)
+            admitted.admission = charge_to(origin.api_key_id, origin.feature, origin.user_id)
         learn_response(outcome, found)
         admitted.endpoint = ENDPOINT
         admitted.model = admitted.model or outcome.upstream_model

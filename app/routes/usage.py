@@ -12,10 +12,10 @@ from fastapi import APIRouter, Depends, Query, Request
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.responses import Response
 
-from app.access.deps import ReportsDep
 from app.errors import GatewayError, bad_request
 from app.reports.dashboard import MAX_RANGE_DAYS, usage_summary
 from app.reports.usage import UsageQuery, default_range, parse_group_by, to_csv, usage_report
+from app.routes.deps import ReportsDep
 from app.services import services_of
 
 router = APIRouter()

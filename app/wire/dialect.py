@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from app.call import Usage
+from app.call.record import Usage
 
 
 class Outcome(Protocol):

@@ -13,9 +13,9 @@ from typing import Any
 
 import orjson
 
-from app.call import Usage
-from app.proxy.event_framing import sse_data
+from app.call.record import Usage
 from app.wire.dialect import EventInspector, Outcome, Payload, Prompt
+from app.wire.sse import sse_data
 
 DONE = b"[DONE]"
 _DONE_EVENT = b"data: [DONE]\n\n"

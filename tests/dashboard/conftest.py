@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from app.config import Settings
-from app.metering.events import UsageEvent
+from app.db.events import UsageEvent
 from tests.dashboard.seed import seeded_database
 from tests.db import fetch
 from tests.harness import MASTER_KEY, ThreadedGateway

@@ -12,8 +12,8 @@ from decimal import Decimal
 from pathlib import Path
 
 from app.db.engine import create_engine
+from app.db.events import Batch, UsageEvent, usd_to_cost
 from app.db.usage_writer import write_batch
-from app.metering.events import Batch, UsageEvent, usd_to_cost
 from tests.db import create_database, drop_database
 
 DAYS = 30

@@ -27,8 +27,8 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
+from app.db.events import UsageEvent
 from app.db.readonly_role import scram_sha256_verifier
-from app.metering.events import UsageEvent
 from tests.dashboard.conftest import Seeded, sql
 from tests.db import admin
 

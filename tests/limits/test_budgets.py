@@ -11,6 +11,7 @@ from decimal import Decimal
 import pytest
 from redis.asyncio import Redis
 
+from app.call.admission import Reservation
 from app.limits import (
     Budget,
     BudgetLedger,
@@ -18,7 +19,6 @@ from app.limits import (
     OverBudget,
     RedisBudgetLedger,
     RedisUnavailable,
-    Reservation,
 )
 from app.limits.budgets import period_key, resets_at, to_units, to_usd
 from tests.limits import CLOSED_URL, REDIS_URL, delete_keys, run_workers, unique_prefix
@@ -348,7 +348,8 @@ RESERVING_WORKER = """
 import asyncio, sys
 from datetime import datetime
 from decimal import Decimal
-from app.limits import Budget, RedisBudgetLedger, Reservation
+from app.call.admission import Reservation
+from app.limits import Budget, RedisBudgetLedger
 
 async def main(url, prefix, now):
     ledger = RedisBudgetLedger(url, prefix=prefix, timeout_s=5.0)

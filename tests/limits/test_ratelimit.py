@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from app.limits import Denied, InProcessRateLimiter, Limit, RateLimiter, RedisRateLimiter, redis_client
+from app.call.admission import Limit
+from app.limits import Denied, InProcessRateLimiter, RateLimiter, RedisRateLimiter, redis_client
 from tests.limits import (
     CLOSED_URL,
     REDIS_URL,
@@ -165,7 +166,8 @@ async def test_redis_keys_expire_by_themselves() -> None:
 
 WORKER = """
 import asyncio, sys
-from app.limits import Limit, RedisRateLimiter
+from app.call.admission import Limit
+from app.limits import RedisRateLimiter
 
 async def main(url, prefix, now, tasks, attempts):
     # Generous deadline and fail-closed: an admission by timeout would hide a miscount.

@@ -21,10 +21,10 @@ import openai
 import orjson
 import pytest
 
+from app.batches.meter import BatchMeter, BatchSettings, _Owner, line_event, line_key
 from app.db.engine import create_engine
 from app.db.migrate import upgrade
 from app.live_config import ConfigHolder
-from app.metering.batches import BatchMeter, BatchSettings, _Owner, line_event, line_key
 from app.metering.pricing import PriceTable
 from app.proxy.upstream import UpstreamClient
 from tests.conftest import sdk_client

@@ -11,7 +11,7 @@ import orjson
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.call import CallRecord
+from app.call.record import CallRecord
 from app.metering.metrics import Metrics
 
 

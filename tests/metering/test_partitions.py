@@ -20,10 +20,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db.engine import create_engine
+from app.db.events import Batch
 from app.db.migrate import alembic_config
 from app.db.partitions import before_partition_name, ensure_partitions, next_month, partition_name, prune
 from app.db.usage_writer import write_batch
-from app.metering.events import Batch
 from tests.db import ADMIN_URL, admin, plain_url
 from tests.harness import ThreadedGateway, wait_until
 from tests.metering.test_recorder import make_event

@@ -22,14 +22,14 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from app.call import CallRecord, Usage
+from app.call.record import CallRecord, Usage
 from app.db.engine import async_url, create_engine
+from app.db.events import Batch, UsageEvent, epoch_us, usd_to_cost
 from app.db.migrate import upgrade
 from app.db.models import metadata, usage_daily, usage_events
 from app.db.partitions import alembic_include_object
 from app.db.usage_writer import TABLE_COLUMNS
 from app.metering import recorder as recorder_module
-from app.metering.events import Batch, UsageEvent, epoch_us, usd_to_cost
 from app.metering.pricing import Priced
 from app.metering.recorder import Recorder
 from app.metering.spool import REJECTED_FILE, Spool

@@ -17,10 +17,10 @@ from collections.abc import Callable
 
 import orjson
 
-from app.call import CallRecord
+from app.call.record import CallRecord
 from app.config import Settings
 from app.config_file import DEFAULT_UPSTREAM
-from app.limits.policy import UpstreamTarget
+from app.proxy.targets import UpstreamTarget
 from app.proxy.upstream import UpstreamClient, UpstreamUnavailable, never_open
 from tests.fakes.openai_upstream import FakeOpenAI, RecordedRequest
 

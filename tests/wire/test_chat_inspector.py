@@ -6,7 +6,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from app.call import CallRecord
+from app.call.record import CallRecord
 from app.wire.openai import ChatChunkInspector, usage_of
 
 MODEL = "gpt-4o-mini-2024-07-18"

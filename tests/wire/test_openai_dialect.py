@@ -6,7 +6,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from app.call import CallRecord, Usage
+from app.call.record import CallRecord, Usage
 from app.wire import openai
 from app.wire.dialect import Payload, Prompt
 

@@ -26,6 +26,14 @@ UsageSource = Literal["upstream", "estimated"]
 # The unit of cost_units, and the scale of usage_events.cost_usd (numeric(20,10)).
 COST_EXPONENT = -10
 
+# A model name lands in usage rows and in usage_daily's primary key: Postgres refuses an index entry
+# past ~2.7 kB and any text holding NUL, and a refused row is a call nobody is billed for.
+MAX_MODEL_CHARS = 256
+
+
+def is_model_name(value: str) -> bool:
+    return len(value) <= MAX_MODEL_CHARS and value.isprintable()
+
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)

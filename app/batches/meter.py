@@ -52,18 +52,19 @@ from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.call import CallRecord, Usage
+from app.call.admission import charge_to
+from app.call.record import CallRecord, Usage
+from app.db.events import MAX_MODEL_CHARS, Batch, UsageEvent, cost_to_usd, is_model_name
 from app.db.migrate import is_schema_error
 from app.db.models import batch_jobs
 from app.db.usage_writer import is_rejected_data, write_batch
 from app.edge.canonical_path import upstream_path
 from app.errors import GatewayError
 from app.limits.guard import Guard
-from app.limits.policy import MAX_MODEL_CHARS, UpstreamTarget, is_model_name
 from app.live_config import ConfigHolder
-from app.metering.events import Batch, UsageEvent, cost_to_usd
 from app.metering.pricing import PriceTable
 from app.metering.usage import price_usage
+from app.proxy.targets import UpstreamTarget
 from app.proxy.upstream import UpstreamClient, UpstreamUnavailable
 from app.wire.openai import usage_of
 
@@ -515,7 +516,7 @@ class BatchMeter:
             batch_id, status=str(batch.get("status"))[:64], lines=lines, truncated=truncated
         )
         if closed and cost_units and self._guard is not None:
-            charged = Guard.charge_to(owner.api_key_id, owner.feature, owner.user_id)
+            charged = charge_to(owner.api_key_id, owner.feature, owner.user_id)
             if charged is not None:
                 self._guard.settle(charged, 0, cost_to_usd(cost_units))
         if truncated:

@@ -19,15 +19,12 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.types import Scope
 
-from app.access.keys import ApiKey
-
-if TYPE_CHECKING:
-    from app.access.browser_tokens import BrowserToken
-    from app.limits.admission import Admission
+from app.call.admission import Admission
+from app.call.who import ApiKey, BrowserToken
 
 STATE_KEY = "gateway_call"
 
@@ -54,7 +51,7 @@ class Admitted:
 
     Who: `app/access` (`auth` the key or browser token, `attribution` the feature and the end user). What:
     the route that reads the request (`app/routes/metered.py` for the metered endpoints). The limits: the
-    admission steps (`app/routes/metered.py`, `app/access/deps.admitted_gateway`, and passthrough's hold
+    admission steps (`app/routes/metered.py`, `app/routes/deps.admitted_gateway`, and passthrough's hold
     once it has read the body). Two routes learn part of it from the answer: `passthrough` the model and
     endpoint of a call whose answer reports usage, and `responses` the caller of a background response,
     which is metered as the call that created it.
