@@ -183,3 +183,6 @@ def configure_logging(level: str) -> None:
     access = logging.getLogger("uvicorn.access")
     access.handlers[:] = []
     access.propagate = False
+    # python-multipart warns of every malformed form it reads: a client could fill the log with them.
+    # The client gets the reason in its 400, and the access line records the call.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)

@@ -18,11 +18,20 @@ every limited call, before the call is made, where counting with a tokenizer wou
   gpt-4.1-nano's multiplier of 2.46). An image inlined as base64 is counted by its bytes, far above.
 Audio inlined as base64 is counted by its bytes too: far more than it costs. What can still fall short:
 long runs of random letters (base64 pasted as text, hashes), at about 1.6 characters a token.
+
+An upload (a transcription, an image edit) is bounded by its form (`upload_worst_case`): its text prompt
+as above; each input image as IMAGE_TOKENS, above the ~3,050 tokens gpt-image-1 bills a 1024x1024 input
+image at high input fidelity; the audio by the longest it can last in its bytes, at AUDIO_BYTES_PER_SECOND
+(6 kb/s, Opus's lowest bitrate: a file of any format OpenAI takes, flac, mp3, mp4, mpeg, mpga, m4a, ogg,
+wav or webm, lasts no longer for its size unless it carries an unusual speech codec), times
+AUDIO_TOKENS_PER_SECOND (17, above the 1,000 a minute OpenAI's estimate of $0.006 a minute implies for
+gpt-4o-transcribe at $6 per 1M audio tokens), and never more than the model's context window.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 from app.config_file import GatewayConfig
 from app.limits.guard import worst_case_output
@@ -38,6 +47,21 @@ _SYMBOLS = bytes(b for b in range(128) if not chr(b).isalpha() and b != ord(" ")
 # (OpenAI's image generation guide); an unknown or `auto` quality or size counts as the dearest.
 _IMAGE_OUTPUT: dict[str, tuple[int, int]] = {"low": (272, 408), "medium": (1056, 1584), "high": (4160, 6240)}
 _SQUARE = frozenset({"1024x1024"})
+
+# The text fields of an upload its worst case reads.
+UPLOAD_FIELDS = frozenset({"model", "prompt", "n", "size", "quality"})
+AUDIO_BYTES_PER_SECOND = 750
+AUDIO_TOKENS_PER_SECOND = 17
+# The transcription models' context windows (OpenAI's model pages), which bound the audio they take; a
+# snapshot's name is not listed, and holds its file's bound.
+_AUDIO_CONTEXT = {"gpt-4o-transcribe": 16_000, "gpt-4o-mini-transcribe": 16_000}
+
+
+class WorstCase(NamedTuple):
+    prompt: int  # every input token, the audio and image ones among them
+    output: int
+    audio_prompt: int = 0
+    image_prompt: int = 0
 
 
 def prompt_tokens(raw: bytes) -> int:
@@ -65,3 +89,33 @@ def passthrough_output(
     quality, size, n = body.get("quality"), body.get("size"), body.get("n")
     square, other = _IMAGE_OUTPUT.get(quality if isinstance(quality, str) else "", _IMAGE_OUTPUT["high"])
     return (square if size in _SQUARE else other) * (n if type(n) is int and n > 0 else 1)
+
+
+def upload_worst_case(
+    rule: str,
+    fields: Mapping[str, str],
+    files: int,
+    file_bytes: int,
+    config: GatewayConfig,
+    feature: str | None,
+    model: str,
+) -> WorstCase:
+    """The most a passed-through upload may be billed for, by its endpoint's `held_output` rule: a
+    transcription's (or translation's), or an image edit's; from its UPLOAD_FIELDS and its files."""
+    text = prompt_tokens(fields.get("prompt", "").encode())
+    if rule == "transcription":
+        audio = -(-file_bytes // AUDIO_BYTES_PER_SECOND) * AUDIO_TOKENS_PER_SECOND
+        audio = min(audio, _AUDIO_CONTEXT.get(model, audio))
+        # The transcript has no cap of the caller's: the default output cap bounds it, as for a chat call
+        # that sets none.
+        return WorstCase(text + audio, worst_case_output({}, config, feature, model), audio_prompt=audio)
+    images = files * IMAGE_TOKENS
+    n = fields.get("n", "")
+    body = {
+        "quality": fields.get("quality"),
+        "size": fields.get("size"),
+        # OpenAI takes at most 10: a longer number is refused upstream, and costs nothing.
+        "n": int(n) if n.isdecimal() and len(n) <= 4 else 1,
+    }
+    output = passthrough_output("image", body, config, feature, model)
+    return WorstCase(text + images, output, image_prompt=images)

@@ -287,14 +287,26 @@ class PriceTable:
         prompt_tokens: int,
         completion_tokens: int,
         cached_tokens: int = 0,
+        *,
+        audio_prompt: int = 0,
+        image_prompt: int = 0,
     ) -> Decimal | None:
         """USD cost of one call at the standard tier, quantized to 1e-10; None when the model has no
         price.
 
         ``cached_tokens`` is the part of ``prompt_tokens`` served from the prompt cache
-        (``prompt_tokens_details.cached_tokens``); ``completion_tokens`` already includes reasoning tokens.
+        (``prompt_tokens_details.cached_tokens``), ``audio_prompt`` and ``image_prompt`` the parts that are
+        audio and images; ``completion_tokens`` already includes reasoning tokens.
         """
-        units = self.cost_units(model, prompt_tokens, completion_tokens, cached_tokens)
+        units = self.price(
+            model,
+            "standard",
+            prompt_tokens,
+            completion_tokens,
+            cached_tokens,
+            audio_prompt=audio_prompt,
+            image_prompt=image_prompt,
+        ).cost_units
         return None if units is None else Decimal(units).scaleb(_QUANTUM_EXPONENT, context=_CTX)
 
     def cost_units(

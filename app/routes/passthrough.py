@@ -3,10 +3,10 @@ through in both directions as a stream: a 500 MB upload or download is never hel
 
 Retries: a request the gateway can replay (an idempotent method with a small, buffered body) is retried
 like any call; any other only when no connection could be made, since then not a byte of it has left.
-A JSON answer that carries `usage` (legacy completions, transcriptions, image generation) is metered. A
-call to legacy completions or image generation holds its worst-case cost against its budgets before it
-goes upstream, as the metered routes' calls do (`estimate`); the others, refused only by a budget already
-spent, can overshoot a cap by their own cost.
+A JSON answer that carries `usage` (legacy completions, transcriptions, image generation and edits) is
+metered. A call to one of those holds its worst-case cost against its budgets before it goes upstream, as
+the metered routes' calls do (`estimate`), read from its JSON body or, for an upload, its multipart form
+(`form`); the others, refused only by a budget already spent, can overshoot a cap by their own cost.
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ from app.limits import estimate
 from app.limits.guard import Guard
 from app.ownership import admit
 from app.proxy.body import BodyDecoder, body_decoder, read_body
+from app.proxy.form import read_form
 from app.proxy.relay import answer_headers, send_checked
 from app.proxy.upstream import ResponseHead, UpstreamResponse
 from app.routes.deps import Gateway, GatewayDep
 from app.wire import endpoints
+from app.wire.dialect import Dialect
 
 router = APIRouter()
 
@@ -105,32 +107,76 @@ async def _download(answer: UpstreamResponse) -> AsyncIterator[bytes]:
         await stream.close()
 
 
-async def _hold_worst_case(gw: Gateway, rule: str, raw: bytes) -> None:
+def _worst_case(
+    gw: Gateway, endpoint: endpoints.MeteredEndpoint[Dialect], raw: bytes
+) -> tuple[str, estimate.WorstCase] | None:
+    """The model a held call names and the most it may be billed for; None when it names none (the
+    upstream refuses it)."""
+    rule, config, feature = endpoint.held_output, gw.policy.config, gw.call.admitted.feature
+    assert rule is not None
+    if endpoint.form:
+        # A body that is no form is refused here, before it holds or reaches anything.
+        form = read_form(raw, gw.headers.get("content-type"), estimate.UPLOAD_FIELDS)
+        model: object = form.fields.get("model")
+        if not isinstance(model, str) or not model:
+            return None
+        if is_model_name(model):
+            # Read here once: the answers of uploads do not name their model, so their rows take this one.
+            gw.call.admitted.model = model
+        tokens = estimate.upload_worst_case(
+            rule, form.fields, form.files, form.file_bytes, config, feature, model
+        )
+        return model, tokens
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return  # the upstream answers it with its own 400
+        return None  # the upstream answers it with its own 400
     model = body.get("model") if isinstance(body, dict) else None
     if not isinstance(model, str):
+        return None
+    output = estimate.passthrough_output(rule, body, config, feature, model)
+    return model, estimate.WorstCase(estimate.prompt_tokens(raw), output)
+
+
+async def _hold_worst_case(gw: Gateway, endpoint: endpoints.MeteredEndpoint[Dialect], raw: bytes) -> None:
+    worst = _worst_case(gw, endpoint, raw)
+    if worst is None:
         return
-    config = gw.policy.config
-    output = estimate.passthrough_output(rule, body, config, gw.call.admitted.feature, model)
-    cost = gw.prices.cost_usd(model, estimate.prompt_tokens(raw), output)
+    model, tokens = worst
+    cost = gw.prices.cost_usd(
+        model,
+        tokens.prompt,
+        tokens.output,
+        audio_prompt=tokens.audio_prompt,
+        image_prompt=tokens.image_prompt,
+    )
     if cost:
         guard: Guard = gw.services.guard
-        gw.call.admitted.admission = await guard.hold(gw.call, config, cost)
+        gw.call.admitted.admission = await guard.hold(gw.call, gw.policy.config, cost)
 
 
-def _meter_json(call: CallRecord, path: str, request_body: bytes | None, answer: bytes) -> None:
+def _requested_model(
+    endpoint: endpoints.MeteredEndpoint[Dialect], raw: bytes, content_type: str | None
+) -> str | None:
+    if not endpoint.form:
+        return endpoint.dialect.requested_model(raw)
+    try:
+        return read_form(raw, content_type, ("model",)).fields.get("model")
+    except GatewayError:
+        return None  # the upstream has answered it: not the gateway's to refuse now
+
+
+def _meter_json(
+    call: CallRecord, path: str, request_body: bytes | None, content_type: str | None, answer: bytes
+) -> None:
     endpoint = endpoints.metered("/v1/" + path)
-    dialect = endpoint.dialect
-    if request_body:
-        model = dialect.requested_model(request_body)
+    if request_body and call.admitted.model is None:
+        model = _requested_model(endpoint, request_body, content_type)
         # Learned after the call was answered, so not refused: a name no row can hold is left out, and
         # the row names the model the upstream says answered.
         if model is not None and is_model_name(model):
             call.admitted.model = model
-    dialect.read_answer(call.outcome, answer)
+    endpoint.dialect.read_answer(call.outcome, answer)
     if call.outcome.usage is not None:
         # Bounded as a model name is; no endpoint that reports usage comes near it.
         call.admitted.endpoint = endpoint.path[:MAX_MODEL_CHARS]
@@ -163,11 +209,11 @@ async def passthrough(request: Request, path: str, gw: GatewayDep) -> Response:
             buffered = await read_body(request, _BUFFERED_BODY, declared, gw.headers.get("content-encoding"))
             extra = {}
         await plan.check_body(buffered)
-    held = endpoints.held_output("/v1/" + path) if request.method == "POST" else None
+    held = endpoints.holding("/v1/" + path) if request.method == "POST" else None
     if held is not None and call.admitted.admission is not None:
         if buffered is None:
-            # Large or compressed, but JSON a metered route would have read whole: read whole (decoded),
-            # so its worst case is known before it goes.
+            # Large or compressed, read whole (decoded) within the body limit a metered route applies,
+            # so its worst case is known before it goes: JSON, or an upload whose form says it.
             buffered = await read_body(
                 request, settings.max_body_bytes, declared, gw.headers.get("content-encoding")
             )
@@ -206,7 +252,7 @@ async def passthrough(request: Request, path: str, gw: GatewayDep) -> Response:
     headers.update({name: answer.headers[name] for name in _CONTENT_HEADERS if name in answer.headers})
     media_type = answer.headers.get("content-type")
     if answer.stream is None:
-        _meter_json(call, path, buffered, answer.body)
+        _meter_json(call, path, buffered, gw.headers.get("content-type"), answer.body)
         observe_batch(batch_meter, request.method, path, answer.status, answer.body, call, intent)
         return Response(answer.body, status_code=answer.status, headers=headers, media_type=media_type)
     if intent is not None:

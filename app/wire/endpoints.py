@@ -28,10 +28,14 @@ class MeteredEndpoint(Generic[D]):
     output_tokens: bool = True
     # OpenTelemetry's gen_ai.operation.name; None: the path names the span.
     operation: str | None = None
-    # A passed-through endpoint whose worst case admission holds once its JSON body is read, and the
-    # rule that bounds its output (app/limits/estimate.py): "completion" (the output cap, times n or
-    # best_of) or "image" (the output tokens of the image asked for). None: it holds nothing up front.
+    # A passed-through endpoint whose worst case admission holds once its body is read, and the rule
+    # that bounds it (app/limits/estimate.py): "completion" (the output cap, times n or best_of), "image"
+    # (the output tokens of the image asked for), "image_edit" (that, and the input images) or
+    # "transcription" (the audio the file can hold, and the output cap). None: it holds nothing up front.
     held_output: str | None = None
+    # Its request is a multipart/form-data upload, not JSON: the hold reads the form's fields and the
+    # size of its files (app/proxy/form.py).
+    form: bool = False
 
     @property
     def upstream_path(self) -> str:
@@ -46,10 +50,11 @@ EMBEDDINGS = MeteredEndpoint("/v1/embeddings", openai.JSON, output_tokens=False,
 
 _PASSED_THROUGH = (
     MeteredEndpoint("/v1/completions", openai.JSON, operation="text_completion", held_output="completion"),
-    MeteredEndpoint("/v1/audio/transcriptions", openai.JSON),
-    MeteredEndpoint("/v1/audio/translations", openai.JSON),
+    MeteredEndpoint("/v1/audio/transcriptions", openai.JSON, held_output="transcription", form=True),
+    MeteredEndpoint("/v1/audio/translations", openai.JSON, held_output="transcription", form=True),
     MeteredEndpoint("/v1/images/generations", openai.JSON, held_output="image"),
-    MeteredEndpoint("/v1/images/edits", openai.JSON),
+    MeteredEndpoint("/v1/images/edits", openai.JSON, held_output="image_edit", form=True),
+    MeteredEndpoint("/v1/images/variations", openai.JSON, held_output="image_edit", form=True),
 )
 
 _BY_PATH: dict[str, MeteredEndpoint[Dialect]] = {
@@ -62,10 +67,10 @@ def metered(path: str) -> MeteredEndpoint[Dialect]:
     return _BY_PATH.get(path) or MeteredEndpoint(path, openai.JSON)
 
 
-def held_output(path: str) -> str | None:
-    """The worst-case rule of a passed-through endpoint that holds one (see MeteredEndpoint), else None."""
+def holding(path: str) -> MeteredEndpoint[Dialect] | None:
+    """The passed-through endpoint at `path` if it holds a worst case (see MeteredEndpoint), else None."""
     endpoint = _BY_PATH.get(path)
-    return endpoint.held_output if endpoint is not None else None
+    return endpoint if endpoint is not None and endpoint.held_output is not None else None
 
 
 def operation(path: str | None) -> str | None:

@@ -9,7 +9,8 @@
 
 Serves POST /v1/chat/completions, POST /v1/embeddings, POST /v1/moderations, GET /v1/models[/{id}]; the
 Responses API and conversations (``responses_api``); files and vector stores (``files_api``); uploads
-(``uploads_api``); batches and fine-tuning jobs (``jobs_api``); stored chat completions
+(``uploads_api``); audio transcriptions and translations and image edits (``media_api``); batches and
+fine-tuning jobs (``jobs_api``); stored chat completions
 (``chat_store_api``); the organization's Usage and Costs APIs, behind an admin key
 (``organization_api``); anything else gets OpenAI's 404 "Invalid URL" body. Bodies, chunk framing and
 default usage are described in ``openai_payloads`` and ``responses_payloads``; the objects the fake keeps
@@ -54,8 +55,8 @@ import orjson
 import uvloop
 from aiohttp import web
 
+from tests.fakes import media_api, stateless_api
 from tests.fakes import openai_payloads as p
-from tests.fakes import stateless_api
 from tests.fakes.answers import JSON_TYPE as JSON_TYPE
 from tests.fakes.answers import SSE_TYPE as SSE_TYPE
 from tests.fakes.answers import Answer, Download, Events, Handler, Incoming, Router
@@ -156,6 +157,7 @@ class FakeOpenAI:
         self._chat_store.register(self._router)
         JobsAPI(self.store, lambda: self.job_delay_s, self.batch_answers).register(self._router)
         stateless_api.register(self._router)
+        media_api.register(self._router)
         # The organization's Usage and Costs APIs answer to the admin key only.
         self.organization = OrganizationAPI(admin_key)
         self.organization.register(self._router)

@@ -85,3 +85,34 @@ def test_legacy_completions_hold_every_completion_best_of_makes() -> None:
     assert output(prompt="x", max_tokens=100, n=2, best_of=5) == 500
     assert output(prompt="x", max_tokens=100, n=3) == 300
     assert output(prompt="x") == config.limits.default_max_output_tokens
+
+
+def test_a_transcription_holds_the_longest_audio_its_file_can_carry() -> None:
+    config = GatewayConfig()
+
+    def worst(size: int, model: str = "gpt-4o-transcribe", **fields: str) -> estimate.WorstCase:
+        return estimate.upload_worst_case("transcription", fields, 1, size, config, None, model)
+
+    # One second of 6 kb/s audio per 750 bytes, 17 tokens a second; the transcript at the default cap.
+    assert worst(750) == (17, config.limits.default_max_output_tokens, 17, 0)
+    assert worst(751).audio_prompt == 34
+    # A 25 MB file would last hours: the model's context window bounds what it takes.
+    assert worst(25 * 1024 * 1024).audio_prompt == 16_000
+    assert worst(25 * 1024 * 1024, model="gpt-4o-transcribe-custom").audio_prompt > 16_000
+    with_prompt = worst(750, prompt="Names: Anna, Bartholomew. " * 10)
+    assert with_prompt.prompt > with_prompt.audio_prompt == 17
+
+
+def test_an_image_edit_holds_its_input_images_and_the_image_asked_for() -> None:
+    config = GatewayConfig()
+
+    def worst(files: int, **fields: str) -> estimate.WorstCase:
+        return estimate.upload_worst_case("image_edit", fields, files, 10_000, config, None, "gpt-image-1")
+
+    one = worst(1, prompt="make it blue", quality="low", size="1024x1024")
+    assert one == (3 + estimate.IMAGE_TOKENS, 272, 0, estimate.IMAGE_TOKENS)
+    # Three images and a mask; n images of the dearest kind when quality and size are left out.
+    assert worst(4, prompt="x", n="3").image_prompt == 4 * estimate.IMAGE_TOKENS
+    assert worst(4, prompt="x", n="3").output == 3 * 6240
+    # An `n` OpenAI refuses costs nothing; it holds one image.
+    assert worst(1, n="9" * 5000).output == worst(1, n="many").output == 6240

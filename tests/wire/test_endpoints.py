@@ -40,9 +40,14 @@ def test_operations_by_path() -> None:
 
 
 def test_the_passed_through_endpoints_that_hold_a_worst_case() -> None:
-    assert endpoints.held_output("/v1/completions") == "completion"
-    assert endpoints.held_output("/v1/images/generations") == "image"
-    # Multipart uploads and unlisted paths hold nothing up front: they are charged after their answer.
-    assert endpoints.held_output("/v1/images/edits") is None
-    assert endpoints.held_output("/v1/audio/transcriptions") is None
-    assert endpoints.held_output("/v1/files") is None
+    def rule(path: str) -> tuple[str | None, bool] | None:
+        endpoint = endpoints.holding(path)
+        return None if endpoint is None else (endpoint.held_output, endpoint.form)
+
+    assert rule("/v1/completions") == ("completion", False)
+    assert rule("/v1/images/generations") == ("image", False)
+    # Multipart uploads hold what their form says; unlisted paths hold nothing up front.
+    assert rule("/v1/images/edits") == rule("/v1/images/variations") == ("image_edit", True)
+    assert rule("/v1/audio/transcriptions") == rule("/v1/audio/translations") == ("transcription", True)
+    assert rule("/v1/files") is None
+    assert rule("/v1/embeddings") is None
