@@ -190,6 +190,11 @@ class Metrics:
                 ("gateway_recorder_db_write_errors", "Failed usage writes to the database", "write_errors"),
                 ("gateway_recorder_events_written", "Usage events written to the database", "events_written"),
                 (
+                    "gateway_recorder_events_replayed",
+                    "Usage events read back from the local spool and written to the database",
+                    "events_replayed",
+                ),
+                (
                     "gateway_recorder_events_rejected",
                     "Usage events the database refused, kept in the spool's rejected file",
                     "events_rejected",

@@ -9,14 +9,15 @@ per worker process (the lifespan runs in each worker); workers may share a spool
 
 A crash loses at most the last moment. A batch is taken at most one flush interval after its first event
 arrived. A write that has not committed half a flush interval after that has its batch copied to the
-spool at once, while the write goes on (when it commits, the replay of that copy inserts nothing). Slow
-is not down: later batches still go to the database, each with the same hedge. Only a write that fails,
-or no write slot freeing up within that half interval (every write stuck: a database that does not
-answer), counts as an outage; later batches then go straight to the spool until the replay finds the
-database back. So an event is in the database or the fsynced spool within about 1.5 flush intervals of
-its call's end. (Taking a slow write for an outage sent every event of a loaded database through the
-spool: written, fsynced, read back and parsed, then written to the database again, the parsing in a
-thread contending with the event loop.)
+spool at once, while the write goes on: a copy held back from the replay, and deleted unread when the
+write commits (replaying it cost the database the batch's insert a second time, and this process the
+parsing, just when the database was slow already; spool.py). Slow is not down: later batches still go
+to the database, each with the same hedge. Only a write that fails, or no write slot freeing up within
+that half interval (every write stuck: a database that does not answer), counts as an outage; later
+batches then go straight to the spool until the replay finds the database back. So an event is in the
+database or the fsynced spool within about 1.5 flush intervals of its call's end. (Taking a slow write
+for an outage sent every event of a loaded database through the spool: written, fsynced, read back and
+parsed, then written to the database again, the parsing in a thread contending with the event loop.)
 
 Events the database refuses outright (a NUL byte in a header value, a number out of range) would fail
 every retry and wedge the spool, so a refused batch is split until the refused events are isolated;
@@ -40,7 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.db.events import Batch
 from app.db.migrate import BEHIND, is_schema_error
 from app.db.usage_writer import is_rejected_data, write_batch
-from app.metering.spool import Spool
+from app.metering.spool import HeldCopy, Spool
 
 log = logging.getLogger("gateway.metering.recorder")
 
@@ -103,7 +104,9 @@ class Recorder:
         # Counters for /metrics (app/metering/metrics.py reads stats()).
         self.events_written = 0
         self.write_errors = 0
+        # Events copied to the spool (a slow write's batch's copy among them), and read back from it.
         self.events_spooled = 0
+        self.events_replayed = 0
         self.events_rejected = 0
         self.events_lost = 0
         self._loss_logged_at = float("-inf")
@@ -189,6 +192,7 @@ class Recorder:
             "write_errors": self.write_errors,
             "events_written": self.events_written,
             "events_spooled": self.events_spooled,
+            "events_replayed": self.events_replayed,
             "events_rejected": self.events_rejected,
             "events_lost": self.events_lost,
         }
@@ -271,24 +275,43 @@ class Recorder:
     async def _write_or_spool(self, batch: Batch) -> None:
         if self._db_ok:
             write = asyncio.ensure_future(self._store(batch))
-            spooled = False
+            held: HeldCopy | None = None
             try:
                 done, _ = await asyncio.wait({write}, timeout=self._hedge_s)
                 if not done:
-                    spooled = True
                     # A crash now would lose the batch: a copy in the spool. Not an outage yet: the
                     # write may commit, and the next batch has a write slot of its own.
-                    await self._spool_for_replay(batch)
+                    held = await self._hold(batch)
                 await write
-                return
             except Exception as exc:
                 self.write_errors += 1
                 self._outage(exc)
-                if spooled:
+                if held is not None:
+                    # The copy is the batch now: the replay writes it.
+                    held.release()
+                    held = None
+                    self._replay_wanted.set()
                     return
+            else:
+                if held is not None:
+                    await asyncio.to_thread(held.drop)
+                    held = None
+                return
             finally:
                 write.cancel()
+                if held is not None:  # cancelled (the recorder closing): the copy is left to the replay
+                    held.release()
         await self._spool_for_replay(batch)
+
+    async def _hold(self, batch: Batch) -> HeldCopy | None:
+        try:
+            held = await asyncio.to_thread(self._spool.hold, batch)
+        except Exception as exc:
+            # Not lost yet: the write goes on, and a failed one spools the batch again.
+            log.error("a slow usage write's batch could not be copied to the spool (%s)", _describe(exc))
+            return None
+        self.events_spooled += batch.size
+        return held
 
     def _outage(self, why: str | Exception) -> None:
         if self._db_ok:
@@ -416,6 +439,7 @@ class Recorder:
                         log.warning("skipped %d malformed lines in %s", malformed, path.name)
                     if batch.size:
                         await self._store(batch)
+                        self.events_replayed += batch.size
                     claimed.replayed(batch.size + malformed)
                     offset = self._replay_offsets[path] = end
                 await asyncio.to_thread(claimed.remove)

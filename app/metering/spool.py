@@ -10,6 +10,10 @@ process may replay it, so the spool of a crashed worker is replayed by whichever
 event in it is in the database, so a crash mid-replay means replaying it again, and the duplicates that
 makes are harmless because inserts are idempotent on request_id.
 
+A batch whose database write is slow has a copy of its own (hold()): a file this process keeps locked,
+so that no replayer takes it while the write may still commit; it is deleted unread once the write
+commits, and left to the replay when it fails (or when the process dies, the kernel dropping its lock).
+
 Blocking file I/O throughout: the recorder calls these methods through asyncio.to_thread, except for
 the overflow path (Recorder.submit), which writes a line without fsync.
 """
@@ -105,6 +109,21 @@ class Spool:
             finally:
                 os.close(fd)
 
+    def hold(self, batch: Batch) -> HeldCopy:
+        """A copy of `batch` in a file of its own, fsynced, and locked until drop() or release()."""
+        fd, path = self._new_locked_file()
+        try:
+            _write_all(fd, batch.data)
+            os.fsync(fd)
+            _fsync_dir(self.directory)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        with self._lock:
+            self._counts[path] = batch.size
+        return HeldCopy(self, path, fd)
+
     def sealed_files(self) -> list[Path]:
         """Oldest first: the names start with the creation time."""
         with self._lock:
@@ -176,6 +195,12 @@ class Spool:
             self._counts.pop(path, None)
 
     def _open_active(self) -> None:
+        fd, path = self._new_locked_file()
+        self._fd, self._path, self._size = fd, path, 0
+        self._counts[path] = 0
+        self._dir_unsynced = True
+
+    def _new_locked_file(self) -> tuple[int, Path]:
         name = f"{_PREFIX}{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}"
         staging = self.directory / f"{name}.open"
         path = self.directory / f"{name}{_SUFFIX}"
@@ -189,9 +214,31 @@ class Spool:
             os.close(fd)
             staging.unlink(missing_ok=True)
             raise
-        self._fd, self._path, self._size = fd, path, 0
-        self._counts[path] = 0
-        self._dir_unsynced = True
+        return fd, path
+
+
+class HeldCopy:
+    """A batch's copy in a spool file this process holds the lock on (Spool.hold)."""
+
+    def __init__(self, spool: Spool, path: Path, fd: int) -> None:
+        self._spool = spool
+        self._path = path
+        self._fd: int | None = fd
+
+    def drop(self) -> None:
+        """The write committed: the copy goes unread. Deleted before its lock goes, so no replayer
+        can take it meanwhile."""
+        try:
+            self._path.unlink(missing_ok=True)
+        finally:
+            self.release()
+            self._spool._removed(self._path)
+
+    def release(self) -> None:
+        """The copy stays, for the replay, like any sealed file."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # releases the lock
 
 
 class ClaimedFile:

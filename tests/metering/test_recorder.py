@@ -454,8 +454,9 @@ async def test_a_slow_write_is_copied_to_the_spool_and_is_no_outage(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A write that commits after the hedge: its batch has a copy in the spool meanwhile, each event lands
-    once, and nothing is said about an outage; the next batch goes to the database."""
+    """A write that commits after the hedge: its batch has a copy in the spool meanwhile, deleted unread
+    once the write commits (never replayed: the database is not asked for the batch twice); each event
+    lands once, and nothing is said about an outage; the next batch goes to the database."""
     recorder = make_recorder(engine)
     await recorder.start()
     first, later = varied_events(20), varied_events(5)
@@ -470,6 +471,10 @@ async def test_a_slow_write_is_copied_to_the_spool_and_is_no_outage(
                 return recorder.events_spooled == len(first)
 
             await eventually(copied)
+            (copy,) = spool_files(tmp_path / "spool")
+            assert recorder.spool_events() == len(first)
+            # Held back from the replay while the write may commit: no other process can claim it.
+            assert Spool(tmp_path / "spool").claim(copy) is None
             await conn.rollback()  # releases the lock: the slow write commits
     finally:
         await blocker.dispose()
@@ -482,9 +487,31 @@ async def test_a_slow_write_is_copied_to_the_spool_and_is_no_outage(
         recorder.submit(e.to_line())
     await eventually(lambda: written(len(first) + len(later)))
     assert recorder.events_spooled == len(first)
+    assert recorder.events_replayed == 0
+    assert spool_files(tmp_path / "spool") == []
     assert recorder.write_errors == 0
     assert "usage write failed" not in caplog.text
     await assert_rollup_matches_events(engine)
+
+
+def test_a_held_copy_is_deleted_unread_or_left_to_the_replay(tmp_path: Path) -> None:
+    spool, replayer = Spool(tmp_path), Spool(tmp_path)
+    events = varied_events(3)
+    dropped = spool.hold(Batch.of(events))
+    (path,) = spool_files(tmp_path)
+    assert replayer.sealed_files() == [path] and replayer.claim(path) is None  # locked
+    assert spool.events() == 3
+    dropped.drop()
+    assert spool_files(tmp_path) == [] and spool.events() == 0
+
+    kept = spool.hold(Batch.of(events))
+    kept.release()  # the write failed, or (the kernel's doing) the process died
+    (path,) = spool_files(tmp_path)
+    claimed = replayer.claim(path)
+    assert claimed is not None
+    with claimed:
+        batch, _, malformed = claimed.read_batch(0, 10)
+    assert [e.request_id for e in batch.events()] == [e.request_id for e in events] and malformed == 0
 
 
 async def test_spool_left_by_a_previous_process_is_replayed_on_start(
