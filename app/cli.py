@@ -81,6 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
         # h11 (where httptools is not installed) bounds its head itself, though not the time it takes.
         h11_max_incomplete_event_size=settings.max_header_bytes,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+        timeout_worker_healthcheck=settings.worker_healthcheck_timeout_s,
         log_config=None,
         access_log=False,
         server_header=False,

@@ -113,6 +113,10 @@ class Settings(DatabaseSettings):
     port: int = Field(default=8080, ge=0, le=65535)
     workers: int = Field(default=1, ge=1, le=256)
     shutdown_timeout_s: float = Field(default=30.0, ge=0)
+    # With several workers, how long one may take to answer its supervisor's health ping before it is
+    # killed and restarted. uvicorn's own 5 s killed workers that were only slow on a starved machine,
+    # over and over, each restart dropping its calls in flight.
+    worker_healthcheck_timeout_s: int = Field(default=30, ge=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # Batch metering: batches created through the gateway are polled (backoff from the first to the
