@@ -98,6 +98,9 @@ class Settings(DatabaseSettings):
     # A request's head (request line and header fields): its size, and the time it may take to arrive.
     max_header_bytes: int = Field(default=64 * 1024, ge=1024)
     header_timeout_s: float = Field(default=10.0, gt=0)
+    # A request body that sends nothing for this long before its end is answered 408 (nginx's
+    # client_body_timeout has the same meaning and default).
+    body_timeout_s: float = Field(default=60.0, gt=0)
     # An upstream answer read whole (a JSON body, an error) beyond this is refused (502), never buffered;
     # decompressed bytes count. Streams and downloads are relayed as they come and not bounded by it.
     max_answer_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)

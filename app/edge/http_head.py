@@ -11,6 +11,11 @@ one read past the bound, before it is ever whole; a head that ends within a read
 parsed target and header fields, and only when that read could have taken it past the bound. A head that
 arrives in one read, nearly every request's, costs a comparison and starts no timer.
 
+A request body is bounded in time too: one that has not finished and sends nothing for
+GATEWAY_BODY_TIMEOUT_S (between two reads, as nginx's client_body_timeout) is answered 408 and the
+connection closed; the application waiting for the rest is told the client has gone. A body that
+arrives with its head starts no timer.
+
 Its responses go out with their head and their first body bytes in one send (_HeadWithBody).
 """
 
@@ -40,6 +45,7 @@ def head_limited_protocol(settings: Settings) -> type[asyncio.Protocol]:
         HeadLimitedProtocol,
         max_head_bytes=settings.max_header_bytes,
         head_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
     )
     return cast("type[asyncio.Protocol]", protocol)
 
@@ -56,10 +62,15 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         *,
         max_head_bytes: int,
         head_timeout_s: float,
+        body_timeout_s: float,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self.max_head_bytes = max_head_bytes
         self.head_timeout_s = head_timeout_s
+        self.body_timeout_s = body_timeout_s
+        # While a request's body is incomplete: the timer, and when its last bytes came.
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._body_read_at = 0.0
         # Bytes of the head being read, in the reads before this one; -1 between heads.
         self._head_bytes = -1
         self._read = 0
@@ -72,11 +83,18 @@ class HeadLimitedProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        self._cancel_body_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         self._read = len(data)
         super().data_received(data)
+        cycle = self.cycle
+        if cycle is not None and cycle.more_body and not cycle.response_complete:
+            # A body still arriving: this read is its latest sign of life.
+            self._body_read_at = self.loop.time()
+            if self._body_timer is None:
+                self._body_timer = self.loop.call_later(self.body_timeout_s, self._body_timed_out)
         if self._head_bytes < 0 or self.transport.is_closing():
             return
         # The head is still incomplete: all of this read was head (or, after a pipelined request, its end
@@ -120,6 +138,37 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+
+    def _cancel_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_timed_out(self) -> None:
+        self._body_timer = None
+        cycle = self.cycle
+        if cycle is None or not cycle.more_body or cycle.response_complete or self.transport.is_closing():
+            return
+        if self.flow.read_paused:
+            # Not the client's wait: the application has not taken what came (uvicorn stopped reading).
+            self._body_read_at = self.loop.time()
+        idle = self.loop.time() - self._body_read_at
+        if idle < self.body_timeout_s:
+            self._body_timer = self.loop.call_later(self.body_timeout_s - idle, self._body_timed_out)
+            return
+        # The application waiting for the rest of the body is told the client has gone.
+        started = cycle.response_started
+        cycle.disconnected = True
+        cycle.message_event.set()
+        if started:
+            self.transport.close()
+        else:
+            self._refuse(
+                408,
+                f"The request body stopped arriving for {self.body_timeout_s:g} s "
+                "(the gateway's GATEWAY_BODY_TIMEOUT_S).",
+                "request_timeout",
+            )
 
     def _head_timed_out(self) -> None:
         self._head_timer = None

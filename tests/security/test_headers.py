@@ -22,6 +22,7 @@ from tests.security import RawResponse, _read_response, raw_request
 
 HEAD_LIMIT = 16 * 1024
 HEAD_TIMEOUT_S = 1.0
+BODY_TIMEOUT_S = 1.0
 CHAT = orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
 AUTH = {"Authorization": f"Bearer {MASTER_KEY}", "Content-Type": "application/json"}
 
@@ -34,7 +35,11 @@ def served(
         fake_server,
         database_url,
         tmp_path_factory.mktemp("served"),
-        env={"GATEWAY_MAX_HEADER_BYTES": str(HEAD_LIMIT), "GATEWAY_HEADER_TIMEOUT_S": str(HEAD_TIMEOUT_S)},
+        env={
+            "GATEWAY_MAX_HEADER_BYTES": str(HEAD_LIMIT),
+            "GATEWAY_HEADER_TIMEOUT_S": str(HEAD_TIMEOUT_S),
+            "GATEWAY_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
+        },
     ).start()
     yield gateway
     gateway.stop()
@@ -145,6 +150,49 @@ def test_the_next_head_on_a_kept_alive_connection_is_bounded_too(served: Gateway
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\nX-Slow: s")
         answer = _answer_within(sock, None, timeout=10 * HEAD_TIMEOUT_S)
     assert answer.startswith(b"HTTP/1.1 408 "), answer
+
+
+@pytest.mark.parametrize(
+    ("target", "content_type"),
+    [
+        ("/v1/chat/completions", "application/json"),
+        ("/v1/audio/transcriptions", "multipart/form-data; boundary=b"),
+        ("/v1/files", "multipart/form-data; boundary=b"),
+    ],
+)
+def test_a_body_that_stops_arriving_is_answered_408_and_closed(
+    served: GatewayProcess, fake_server: FakeOpenAI, target: str, content_type: str
+) -> None:
+    """Metered, held-upload and streamed-upload routes alike: half a body, then silence."""
+    fake_server.reset()
+    head = (
+        f"POST {target} HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer {MASTER_KEY}\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: 100000\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", served.port), timeout=30) as sock:
+        sock.sendall(head.encode() + b"--b\r\nContent-Disposition: form-data; name=")
+        answer = _answer_within(sock, None, timeout=10 * BODY_TIMEOUT_S)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert b'"code":"request_timeout"' in answer
+    assert fake_server.requests == []
+    # The gateway goes on serving.
+    assert raw_request(served.port, "GET", "/healthz").status == 200
+
+
+def test_a_body_sent_slowly_but_steadily_is_taken(served: GatewayProcess, fake_server: FakeOpenAI) -> None:
+    """Pauses shorter than the timeout, adding up to longer than it, are a slow client, not a stalled one."""
+    fake_server.reset()
+    body = CHAT
+    head = _head("/v1/chat/completions", list(AUTH.items()), body).removesuffix(body)
+    pieces = [body[i : i + 8] for i in range(0, len(body), 8)]
+    with socket.create_connection(("127.0.0.1", served.port), timeout=30) as sock:
+        sock.sendall(head)
+        for piece in pieces:
+            # Together longer than the timeout: only a gap as long as it counts.
+            time.sleep(BODY_TIMEOUT_S * 2 / len(pieces) + 0.05)
+            sock.sendall(piece)
+        response = _read_response(sock)
+    assert response.status == 200, response.body
 
 
 # -- headers the upstream must not see ------------------------------------------------------------------

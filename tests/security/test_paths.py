@@ -20,6 +20,12 @@ CHAT = orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content":
 STREAM = orjson.dumps({"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
 EMBED = orjson.dumps({"model": "text-embedding-3-small", "input": "hi"})
 RESPONSE = orjson.dumps({"model": "gpt-4o", "input": "hi"})
+# An upload as the SDKs send it (the form is read before the upload is held against the budgets).
+FORM = (
+    b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-4o-transcribe\r\n'
+    b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.mp3"\r\n'
+    b"Content-Type: audio/mpeg\r\n\r\nID3\r\n--b--\r\n"
+)
 
 
 def spellings(path: str) -> list[str]:
@@ -77,6 +83,8 @@ ROUTES = [
     ("GET", "/v1/models/gpt-4o", b""),
     ("GET", "/v1/files/file-abc", b""),
     ("POST", "/v1/moderations", orjson.dumps({"input": "hi"})),
+    ("POST", "/v1/audio/transcriptions", FORM),
+    ("POST", "/v1/images/edits", FORM),
     ("GET", "/v1/usage", b""),
     ("GET", "/v1/usage/summary", b""),
     ("POST", "/v1/browser_tokens", orjson.dumps({"user_id": "u", "origins": ["https://app.example"]})),
@@ -100,7 +108,8 @@ def gateway_process(
 
 
 def assert_refused(gateway: GatewayProcess, fake: FakeOpenAI, method: str, target: str, body: bytes) -> None:
-    answer = raw_request(gateway.port, method, target, headers=AUTH, body=body)
+    headers = {**AUTH, "Content-Type": "multipart/form-data; boundary=b"} if body is FORM else AUTH
+    answer = raw_request(gateway.port, method, target, headers=headers, body=body)
     assert answer.status == 400, (target, answer.status, answer.body)
     error = answer.json()["error"]
     assert isinstance(error, dict)
