@@ -239,7 +239,8 @@ class Guard:
         if self._on_the_spot is not None:
             limiter, ledger = self._on_the_spot
             try:
-                now, delta, charge = _settlement(self.clock(), admission, total_tokens, cost)
+                now = self.clock()
+                delta, charge = _settlement(admission, total_tokens, cost)
                 if delta:
                     limiter.settle_now(admission.limits, delta, now.timestamp())
                 if charge is not None:
@@ -258,7 +259,8 @@ class Guard:
 
     async def _settle(self, admission: Admission, total_tokens: int, cost: Decimal | None) -> None:
         try:
-            now, delta, charge = _settlement(self.clock(), admission, total_tokens, cost)
+            now = self.clock()
+            delta, charge = _settlement(admission, total_tokens, cost)
             if delta:
                 await self.limiter.settle(admission.limits, delta, now.timestamp())
             if charge is not None:
@@ -284,15 +286,12 @@ class Guard:
             await self._shared_redis.aclose()
 
 
-def _settlement(
-    now: datetime, admission: Admission, total_tokens: int, cost: Decimal | None
-) -> tuple[datetime, int, Decimal | None]:
+def _settlement(admission: Admission, total_tokens: int, cost: Decimal | None) -> tuple[int, Decimal | None]:
     """What a call's settle does: the tokens to add to its rate limits (or give back), and the cost to
     charge to its budgets, letting go of their hold (None: no budget to touch)."""
     delta = total_tokens - admission.token_estimate if admission.limits else 0
     charges = bool(admission.scopes) and (bool(cost) or admission.reservation is not None)
-    charge = (cost or Decimal(0)) if charges else None
-    return now, delta, charge
+    return delta, (cost or Decimal(0)) if charges else None
 
 
 def _money(value: Decimal) -> str:
