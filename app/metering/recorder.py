@@ -11,13 +11,15 @@ A crash loses at most the last moment. A batch is taken at most one flush interv
 arrived. A write that has not committed half a flush interval after that has its batch copied to the
 spool at once, while the write goes on: a copy held back from the replay, and deleted unread when the
 write commits (replaying it cost the database the batch's insert a second time, and this process the
-parsing, just when the database was slow already; spool.py). Slow is not down: later batches still go
-to the database, each with the same hedge. Only a write that fails, or no write slot freeing up within
-that half interval (every write stuck: a database that does not answer), counts as an outage; later
-batches then go straight to the spool until the replay finds the database back. So an event is in the
-database or the fsynced spool within about 1.5 flush intervals of its call's end. (Taking a slow write
-for an outage sent every event of a loaded database through the spool: written, fsynced, read back and
-parsed, then written to the database again, the parsing in a thread contending with the event loop.)
+parsing, just when the database was slow already; spool.py). A batch that finds no write slot free
+within that half interval (every write slow) is taken all the same and copied at once, then waits for a
+slot. Slow is not down: later batches still go to the database, each with the same hedge. Only a write
+that fails or times out (write_timeout_s: a database that does not answer) counts as an outage; the
+copies are then the batches, and later batches go straight to the spool until the replay finds the
+database back. So an event is in the database or the fsynced spool within about 1.5 flush intervals of
+its call's end. (Taking a slow write, or a wait for a slot behind two, for an outage sent every event of
+a loaded database through the spool: written, fsynced, read back and parsed, then written to the
+database again, the parsing in a thread contending with the event loop.)
 
 Events the database refuses outright (a NUL byte in a header value, a number out of range) would fail
 every retry and wedge the spool, so a refused batch is split until the refused events are isolated;
@@ -204,15 +206,13 @@ class Recorder:
             slot = await self._take_slot()
             batch, stop = await self._next_batch()
             if not slot and self._db_ok and not self._write_slots.locked():
-                # The database came back while this batch filled.
+                # The database came back, or a write finished, while this batch filled.
                 await self._write_slots.acquire()
                 slot = True
             if batch.size:
-                task = asyncio.create_task(
-                    self._write_or_spool(batch) if slot else self._spool_for_replay(batch)
-                )
+                task = asyncio.create_task(self._write_or_spool(batch, slot))
                 self._inflight[task] = batch
-                task.add_done_callback(self._write_done if slot else self._spool_done)
+                task.add_done_callback(self._inflight.pop)
             elif slot:
                 self._write_slots.release()
             if self._spool.unsynced:
@@ -223,25 +223,15 @@ class Recorder:
                 return
 
     async def _take_slot(self) -> bool:
-        """A write slot; False when the database is taken to be away, or when no slot frees up within
-        half a flush interval: the writes holding them are stuck (on connections the database dropped,
-        say, while the replay finds it back), and the batch must not wait for them."""
+        """A write slot, or False when none frees up within half a flush interval (every write slow)
+        or the database is taken to be away: the batch must not wait in memory for one."""
         if not self._db_ok:
             return False
-        try:
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._hedge_s):
                 await self._write_slots.acquire()
-        except TimeoutError:
-            self._outage(f"no write done within {self._hedge_s:g}s")
-            return False
-        return True
-
-    def _write_done(self, task: asyncio.Task[None]) -> None:
-        del self._inflight[task]
-        self._write_slots.release()
-
-    def _spool_done(self, task: asyncio.Task[None]) -> None:
-        del self._inflight[task]
+                return True
+        return False
 
     async def _next_batch(self) -> tuple[Batch, bool]:
         """A full batch (batch_size events) if one is waiting; else what is queued now plus what arrives
@@ -272,36 +262,47 @@ class Recorder:
         self._buffered = 0
         return batch
 
-    async def _write_or_spool(self, batch: Batch) -> None:
-        if self._db_ok:
+    async def _write_or_spool(self, batch: Batch, slot: bool) -> None:
+        """Write the batch in a slot of its own, copied to the spool (held back from the replay) once it
+        has waited half a flush interval for one or for the write, so that a crash cannot lose it;
+        the copy is deleted unread when the write commits. Slow is not down: only a write that fails
+        or times out is an outage, and then the copy, or the batch, goes to the replay."""
+        held: HeldCopy | None = None
+        try:
+            if not slot and self._db_ok:
+                held = await self._hold(batch)
+                await self._write_slots.acquire()
+                slot = True
+            if not self._db_ok:
+                if held is None:
+                    await self._spool_for_replay(batch)
+                return
             write = asyncio.ensure_future(self._store(batch))
-            held: HeldCopy | None = None
             try:
-                done, _ = await asyncio.wait({write}, timeout=self._hedge_s)
-                if not done:
-                    # A crash now would lose the batch: a copy in the spool. Not an outage yet: the
-                    # write may commit, and the next batch has a write slot of its own.
-                    held = await self._hold(batch)
+                if held is None:
+                    done, _ = await asyncio.wait({write}, timeout=self._hedge_s)
+                    if not done:
+                        held = await self._hold(batch)
                 await write
             except Exception as exc:
                 self.write_errors += 1
                 self._outage(exc)
-                if held is not None:
-                    # The copy is the batch now: the replay writes it.
-                    held.release()
-                    held = None
-                    self._replay_wanted.set()
-                    return
-            else:
-                if held is not None:
-                    await asyncio.to_thread(held.drop)
-                    held = None
+                if held is None:
+                    await self._spool_for_replay(batch)
                 return
             finally:
                 write.cancel()
-                if held is not None:  # cancelled (the recorder closing): the copy is left to the replay
-                    held.release()
-        await self._spool_for_replay(batch)
+            if held is not None:
+                await asyncio.to_thread(held.drop)
+                held = None
+        finally:
+            if slot:
+                self._write_slots.release()
+            if held is not None:
+                # The write failed, the database is away, or the recorder is closing: the copy is the
+                # batch now, and the replay writes it.
+                held.release()
+                self._replay_wanted.set()
 
     async def _hold(self, batch: Batch) -> HeldCopy | None:
         try:
@@ -313,13 +314,10 @@ class Recorder:
         self.events_spooled += batch.size
         return held
 
-    def _outage(self, why: str | Exception) -> None:
+    def _outage(self, exc: Exception) -> None:
         if self._db_ok:
             self._db_ok = False
-            if isinstance(why, Exception):
-                self._log_failure("usage write failed (%s); spooling until the database is back", why)
-            else:
-                log.warning("usage write failed (%s); spooling until the database is back", why)
+            self._log_failure("usage write failed (%s); spooling until the database is back", exc)
 
     async def _spool_for_replay(self, batch: Batch) -> None:
         await self._spool_batch(batch)

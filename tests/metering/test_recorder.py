@@ -414,19 +414,25 @@ async def test_hung_database_times_out_into_the_spool(
     await assert_rollup_matches_events(engine)
 
 
-async def test_a_write_stuck_past_half_a_flush_interval_is_spooled_long_before_its_timeout(
-    engine: AsyncEngine, make_recorder: Callable[..., Recorder], pg_url: str, tmp_path: Path
+async def test_a_stuck_database_has_every_batch_in_the_spool_long_before_the_write_timeout(
+    engine: AsyncEngine,
+    make_recorder: Callable[..., Recorder],
+    pg_url: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A database that does not answer is an outage as soon as a write takes half a flush interval: the
-    batch waiting on it, and every later one, go to the spool then, not when the write times out."""
+    """Writes that hang: each batch is copied to the spool half a flush interval after it is taken, the
+    first two while their writes wait, the third while it waits for one of their two slots; none of it
+    is taken for an outage before the write timeout. Once the database answers, the writes commit and
+    the copies are deleted unread: each event lands once, none is read back."""
     recorder = make_recorder(engine, flush_interval_s=0.2, spool_after_s=None, write_timeout_s=60)
     await recorder.start()
-    first, later = varied_events(20), varied_events(5)
+    waves = [varied_events(20), varied_events(5), varied_events(7)]
     blocker = create_engine(pg_url, tmp_path)
     try:
         async with blocker.connect() as conn:
             await conn.execute(text("LOCK TABLE usage_events IN ACCESS EXCLUSIVE MODE"))
-            for wave in (first, later):
+            for wave in waves:
                 spooled_before = recorder.events_spooled
                 for e in wave:
                     recorder.submit(e.to_line())
@@ -436,14 +442,18 @@ async def test_a_write_stuck_past_half_a_flush_interval_is_spooled_long_before_i
 
                 await eventually(spooled, timeout_s=10)
             assert recorder.events_written == 0
-            await conn.rollback()  # releases the lock: the stuck write commits, the replay adds nothing
+            assert recorder.spool_events() == sum(map(len, waves))
+            await conn.rollback()  # releases the lock: the stuck writes commit, the third gets a slot
 
-        async def replayed() -> bool:
-            return recorder.spool_events() == 0 and await count_rows(engine) == len(first) + len(later)
+        async def written() -> bool:
+            return recorder.spool_events() == 0 and await count_rows(engine) == sum(map(len, waves))
 
-        await eventually(replayed)
+        await eventually(written)
     finally:
         await blocker.dispose()
+    assert recorder.events_replayed == 0 and recorder.write_errors == 0
+    assert spool_files(tmp_path / "spool") == []
+    assert "usage write failed" not in caplog.text
     await assert_rollup_matches_events(engine)
 
 
