@@ -34,6 +34,21 @@ def _timestamp(created: float, msecs: float) -> str:
     return f"{text}.{int(msecs):03d}Z"
 
 
+# The last millisecond stamped by the access log, and its stamp: a loaded gateway logs several a millisecond.
+_last_milli: tuple[int, str] = (-1, "")
+
+
+def _stamp_now() -> str:
+    """Now, as JsonFormatter stamps a record made now."""
+    global _last_milli
+    milli = time.time_ns() // 1_000_000
+    cached, text = _last_milli
+    if cached != milli:
+        text = _timestamp(milli // 1000, milli % 1000)
+        _last_milli = (milli, text)
+    return text
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -69,8 +84,9 @@ class AccessLog:
 
     def __init__(self, name: str, message: str) -> None:
         self.logger = logging.getLogger(name)
+        self.name = name
         self.message = message
-        self._waiting: list[str] = []
+        self._waiting: list[bytes] = []
         self._waiting_for: JsonHandler | None = None
         # The loop whose pass will end by writing them (a loop closed meanwhile never does: the next line
         # asks its own loop).
@@ -86,28 +102,23 @@ class AccessLog:
         if handler is None:
             self.logger.info(self.message, extra=fields)
             return
-        now = time.time()
-        line: dict[str, Any] = {
-            # The milliseconds as LogRecord computes them.
-            "ts": _timestamp(now, (now - int(now)) * 1000),
-            "level": "info",
-            "logger": self.logger.name,
-            "msg": self.message,
-        }
+        line: dict[str, Any] = {"ts": _stamp_now(), "level": "info", "logger": self.name, "msg": self.message}
         request_id = request_id_var.get()
         if request_id is not None:
             line["request_id"] = request_id
         line.update(fields)
-        text = orjson.dumps(line, default=str).decode() + handler.terminator
+        data = orjson.dumps(line, default=str, option=orjson.OPT_APPEND_NEWLINE)
+        if handler.terminator != "\n":
+            data = data[:-1] + handler.terminator.encode()
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            self._write(handler, text)
+            self._write(handler, data)
             return
         if self._waiting_for is not handler:
             self.flush()
             self._waiting_for = handler
-        self._waiting.append(text)
+        self._waiting.append(data)
         if self._flushing_on is not loop:
             self._flushing_on = loop
             loop.call_soon(self.flush)
@@ -118,16 +129,26 @@ class AccessLog:
         handler, waiting = self._waiting_for, self._waiting
         if handler is not None and waiting:
             self._waiting = []
-            self._write(handler, "".join(waiting))
+            self._write(handler, b"".join(waiting))
 
-    def _write(self, handler: JsonHandler, text: str) -> None:
+    def _write(self, handler: JsonHandler, data: bytes) -> None:
+        """The lines as orjson made them, UTF-8, into the stream's own bytes where it has them (a file,
+        stderr): not decoded only to be encoded again."""
         handler.acquire()
         try:
-            handler.stream.write(text)
-            handler.stream.flush()
+            stream = handler.stream
+            raw = getattr(stream, "buffer", None)
+            if raw is not None and str(getattr(stream, "encoding", "")).lower().replace("-", "") == "utf8":
+                stream.flush()  # what went through the text layer goes first
+                raw.write(data)
+                raw.flush()
+            else:
+                stream.write(data.decode())
+                stream.flush()
         except Exception:
             # Reported the way logging reports a handler that fails.
-            handler.handleError(self.logger.makeRecord(self.logger.name, logging.INFO, "", 0, text, (), None))
+            record = self.logger.makeRecord(self.name, logging.INFO, "", 0, data.decode(), (), None)
+            handler.handleError(record)
         finally:
             handler.release()
 

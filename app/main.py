@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
-from starlette.types import ASGIApp, Scope
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.access.browser_tokens import signing_key
 from app.access.keys import KeyStore
@@ -113,6 +113,16 @@ class GatewayApp(FastAPI):
             stack = Cors(stack, origins)
         # Traced, the span wraps all of it; untraced, there is no layer at all.
         return stack if self.tracing is None else self.tracing.middleware(stack)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # A request goes straight to the stack: FastAPI's __call__ asks its telemetry whether it is on and
+        # Starlette's checks the stack is built, on every request, before either gets there.
+        stack = self.middleware_stack
+        if stack is None or scope["type"] != "http" or self.root_path:
+            await super().__call__(scope, receive, send)
+            return
+        scope["app"] = self
+        await stack(scope, receive, send)
 
     def _call_ended(self, scope: Scope, call: CallRecord) -> None:
         meter_call(self.services.meter, scope, call)

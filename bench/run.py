@@ -103,7 +103,7 @@ FLOOR = Target("passthrough", "passthrough")
 FLOOR_RQ = Target("passthrough_rq", "passthrough")
 LITELLM = Target("litellm", "litellm")
 # Runs each of metering on and off in the alternated comparison (bench/README.md, "metering cost").
-AB_ROUNDS = 3
+AB_ROUNDS = 5
 GW = Target("gw", "gateway", metering=True)
 GW_NOMETER = Target("gw_nometer", "gateway")
 GW_W2 = Target("gw_w2", "gateway", metering=True, workers=2)

@@ -149,3 +149,19 @@ def test_lines_of_one_pass_of_the_loop_go_out_in_one_write(configure: Configure)
     # The last line went out when the loop ran on (asyncio.run's shutdown), or at the latest at exit.
     access.flush()
     assert [json.loads(line)["status"] for line in "".join(stream.writes).splitlines()] == [200, 201, 202]
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+def test_a_line_reaches_a_byte_stream_as_its_text_would(configure: Configure, encoding: str) -> None:
+    """Into a UTF-8 stream's bytes directly, after what logging wrote before it; any other encoding
+    through the text layer, encoded as that stream encodes text."""
+    configure("info")
+    (handler,) = logging.getLogger().handlers
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding=encoding, write_through=False)
+    handler.setStream(stream)  # type: ignore[attr-defined]
+    logging.getLogger("gateway").warning("before")
+    AccessLog("gateway.access", "request").write(dict(FIELDS))
+    lines = [json.loads(line) for line in raw.getvalue().decode(encoding).splitlines()]
+    assert [line["msg"] for line in lines] == ["before", "request"]
+    assert lines[1]["feature"] == "café" and lines[1]["request_id"] == "req-access-1"
