@@ -320,25 +320,13 @@ def bench_db_backends_cpu(database: str = BENCH_DB) -> float:
     return sum(pid_cpu_seconds(pid) for pid in bench_db_backends(database))
 
 
-# The bench database's backends' niceness. In production the database runs on a host of its own; here
-# it shares the load's CPU, and at the load generator's priority its batch writes (~20 ms of CPU every
-# 0.2 s at 5,000 events/s) took that CPU from the Python client in bursts: the client, not the gateway,
-# then set the pace (the gateway idled 7% of the metered run, and the metering cost read 10-14% where
-# the gateway's CPU a request said 5%). A little below the load, the database takes what the load leaves
-# (the load's CPU is a quarter idle or more) and its writes still commit well within the recorder's
-# hedge (half a flush interval).
-DB_NICE = 5
-
-
 def pin_bench_db_backends(cpus: str) -> None:
-    """The bench database's backends onto `cpus` (a taskset list), at DB_NICE: the database's work is
-    part of the load, not the proxy's core. Only these backends: the server and other databases are left
-    alone."""
+    """The bench database's backends onto `cpus` (a taskset list): the database's work is part of the
+    load, not the proxy's core. Only these backends: the server and other databases are left alone."""
     allowed = {int(cpu) for cpu in cpus.split(",")}
     for pid in bench_db_backends():
         with contextlib.suppress(OSError):
             os.sched_setaffinity(pid, allowed)
-            os.setpriority(os.PRIO_PROCESS, pid, DB_NICE)
 
 
 def wait_quiet(max_s: float = 30.0, cores: float = 0.15) -> float:
