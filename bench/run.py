@@ -463,6 +463,47 @@ class Runner:
                 if proc is not None:
                     proc.stop()
 
+    def alternated_streams(self, origin: str, upstream_port: int) -> None:
+        """The metered gateway and the aiohttp pass-through relaying streams, alternated: AB_ROUNDS rounds,
+        each with a fresh pair of processes, wrk and then the Python client on each in turn (the order
+        reversed every other round). One process of the same code measured up to ±10% from the next
+        here (its memory layout, the machine's drift), the pass-through as much: the streams' ratio of
+        the separate phases, one process each, read 61% in one run and 76% in the next. The stream
+        checks use the median of the rounds' ratios."""
+        seconds = self.args.duration / self.args.repeats
+        pair = (GW, FLOOR)
+        rounds: dict[str, dict[str, list[float]]] = {c: {t.key: [] for t in pair} for c in ("wrk", "py")}
+        try:
+            for i in range(AB_ROUNDS):
+                started: list[tuple[Target, Proc | None, int]] = []
+                try:
+                    for target in pair:
+                        proc, port = self.start(target, origin, upstream_port, f"streams{i}")
+                        started.append((target, proc, port))
+                        self.wrk(port, target.client_key, 32, 1.0, stream=True)  # warm-up, not recorded
+                        self.settle(target, proc, "the warm-up")
+                    for client in ("wrk", "py"):
+                        for target, proc, port in started if i % 2 == 0 else started[::-1]:
+                            w = self.measured(
+                                f"{target.key}, alternated streams, {client}",
+                                proc,
+                                partial(self.client(client), port, target.client_key, 32, seconds, True),
+                            )
+                            if w["errors"]:
+                                raise RuntimeError(f"{target.key}: {w['errors']} failed streams ({client})")
+                            rounds[client][target.key].append(round(w["rps"], 1))
+                            self.settle(target, proc, f"{client} streams")
+                finally:
+                    for _, proc, _ in started:
+                        if proc is not None:
+                            proc.stop()
+        except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
+            self.notes.append(f"alternated streams: {exc}")
+            log(f"  failed: {exc}")
+        for client, runs in rounds.items():
+            log(f"  {client:>4}, alternated streams: " + "  ".join(f"{k} {v}" for k, v in runs.items()))
+        self.results["alternated_streams"] = rounds
+
     def stream_work(self, target: Target, port: int, proc: Proc | None) -> None:
         self.wrk(port, target.client_key, 32, min(1.0, self.args.duration), stream=True)
         self.settle(target, proc, "the warm-up")
@@ -652,6 +693,9 @@ def main(argv: list[str] | None = None) -> int:
                 runner.run_phase(
                     "stream", single, f"http://127.0.0.1:{sse_port}", sse_port, runner.stream_work
                 )
+                if GW in targets and FLOOR in targets:
+                    log("stream: the gateway and the pass-through, alternated")
+                    runner.alternated_streams(f"http://127.0.0.1:{sse_port}", sse_port)
             nginx.stop()
         if "burst" in phases:
             fake, fake_port = start_fake(runner.logdir)
