@@ -190,6 +190,11 @@ class Metrics:
                 ("gateway_recorder_db_write_errors", "Failed usage writes to the database", "write_errors"),
                 ("gateway_recorder_events_written", "Usage events written to the database", "events_written"),
                 (
+                    "gateway_recorder_events_spooled",
+                    "Usage events written to the local spool: in an outage, or copied there from slow writes",
+                    "events_spooled",
+                ),
+                (
                     "gateway_recorder_events_replayed",
                     "Usage events read back from the local spool and written to the database",
                     "events_replayed",

@@ -292,6 +292,7 @@ def test_metrics_expose_requests_tokens_cost_and_recorder(
         "gateway_recorder_spool_events",
         "gateway_recorder_spool_bytes",
         "gateway_recorder_db_write_errors_total",
+        "gateway_recorder_events_spooled_total",
     ):
         assert name in text, name
 
