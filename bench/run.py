@@ -24,6 +24,7 @@ Writes bench/results/<time>/ (logs, results.json, table.md, profiles) and bench/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -32,7 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -434,15 +435,9 @@ class Runner:
     ) -> None:
         """One round of the alternated runs: a fresh set of gateways, each load on each in turn."""
         seconds = self.args.duration / self.args.repeats
-        started: list[tuple[Target, Proc | None, int]] = []
-        try:
-            for target in compared:
-                proc, port = self.start(target, origin, upstream_port, f"ab{i}")
-                started.append((target, proc, port))
-                self.wrk(port, target.client_key, 32, 2.0, stream=False)  # warm-up, not recorded
-                self.settle(target, proc, "the warm-up")
+        with self._round(i, compared, origin, upstream_port, f"ab{i}", stream=False) as started:
             for load, client, conns in AB_LOADS:
-                for target, proc, port in started if i % 2 == 0 else started[::-1]:
+                for target, proc, port in started:
                     if client == "py" and target is GW_W2:
                         continue
                     w = self.measured(
@@ -458,6 +453,22 @@ class Runner:
                         )
                     )
                     self.settle(target, proc, f"{client} at {conns} connections")
+
+    @contextlib.contextmanager
+    def _round(
+        self, i: int, targets: Sequence[Target], origin: str, upstream_port: int, phase: str, *, stream: bool
+    ) -> Iterator[list[tuple[Target, Proc | None, int]]]:
+        """Round `i` of an alternated comparison: each target started afresh and warmed up, given in the
+        order the round loads them (reversed every other round), and stopped at the end of the round."""
+        started: list[tuple[Target, Proc | None, int]] = []
+        try:
+            for target in targets:
+                proc, port = self.start(target, origin, upstream_port, phase)
+                started.append((target, proc, port))
+                # A warm-up, not recorded.
+                self.wrk(port, target.client_key, 32, 1.0 if stream else 2.0, stream=stream)
+                self.settle(target, proc, "the warm-up")
+            yield started if i % 2 == 0 else started[::-1]
         finally:
             for _, proc, _ in started:
                 if proc is not None:
@@ -475,15 +486,9 @@ class Runner:
         rounds: dict[str, dict[str, list[float]]] = {c: {t.key: [] for t in pair} for c in ("wrk", "py")}
         try:
             for i in range(AB_ROUNDS):
-                started: list[tuple[Target, Proc | None, int]] = []
-                try:
-                    for target in pair:
-                        proc, port = self.start(target, origin, upstream_port, f"streams{i}")
-                        started.append((target, proc, port))
-                        self.wrk(port, target.client_key, 32, 1.0, stream=True)  # warm-up, not recorded
-                        self.settle(target, proc, "the warm-up")
+                with self._round(i, pair, origin, upstream_port, f"streams{i}", stream=True) as started:
                     for client in ("wrk", "py"):
-                        for target, proc, port in started if i % 2 == 0 else started[::-1]:
+                        for target, proc, port in started:
                             w = self.measured(
                                 f"{target.key}, alternated streams, {client}",
                                 proc,
@@ -493,10 +498,6 @@ class Runner:
                                 raise RuntimeError(f"{target.key}: {w['errors']} failed streams ({client})")
                             rounds[client][target.key].append(round(w["rps"], 1))
                             self.settle(target, proc, f"{client} streams")
-                finally:
-                    for _, proc, _ in started:
-                        if proc is not None:
-                            proc.stop()
         except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
             self.notes.append(f"alternated streams: {exc}")
             log(f"  failed: {exc}")
