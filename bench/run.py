@@ -132,12 +132,23 @@ class Runner:
     def r(self, target: Target) -> dict[str, Any]:
         return self.results.setdefault(target.key, {})
 
-    def start(self, target: Target, origin: str, upstream_port: int, phase: str) -> tuple[Proc | None, int]:
-        """The target in front of `origin` (http://127.0.0.1:PORT), answering a real completion."""
+    def start(
+        self,
+        target: Target,
+        origin: str,
+        upstream_port: int,
+        phase: str,
+        *,
+        under: Sequence[str] = (),
+        ready_s: float | None = None,
+    ) -> tuple[Proc | None, int]:
+        """The target in front of `origin` (http://127.0.0.1:PORT), answering a real completion; `under`
+        a command it runs under (bench/instructions.py's valgrind), `ready_s` how long it may take to
+        start."""
         if target.kind == "direct":
             return None, upstream_port
         port, name, env = free_port(), f"{target.key}-{phase}", {}
-        cpus, ready_s = PROXY_CPUS, 30.0
+        cpus, default_ready_s = PROXY_CPUS, 30.0
         if target.kind == "passthrough":
             cmd = [str(GATEWAY_PY), str(BENCH / "passthrough.py"), "--port", str(port), "--upstream", origin]
             cmd += ["--key", UPSTREAM_KEY]
@@ -154,7 +165,7 @@ class Runner:
             env = {"LITELLM_LOG": "ERROR", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
             cmd = [str(self.litellm_bin), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
             cmd += ["--num_workers", "1"]
-            ready_s = 120.0
+            default_ready_s = 120.0
         else:
             env = {
                 "GATEWAY_MASTER_KEY": MASTER_KEY,
@@ -169,10 +180,14 @@ class Runner:
             }
             cmd = [str(GATEWAY_BIN), "serve", "--port", str(port), "--workers", str(target.workers)]
             cpus = PROXY_CPUS if target.workers == 1 else WORKERS2_CPUS
-        proc = Proc(name, cmd, cpus=cpus, env=env, logdir=self.logdir)
+        proc = Proc(name, [*under, *cmd], cpus=cpus, env=env, logdir=self.logdir)
         try:
             wait_ready(
-                port, target.client_key, STREAM_BODY if phase == "stream" else READY_BODY, proc, ready_s
+                port,
+                target.client_key,
+                STREAM_BODY if phase == "stream" else READY_BODY,
+                proc,
+                ready_s if ready_s is not None else default_ready_s,
             )
         except RuntimeError:
             proc.stop()

@@ -41,3 +41,19 @@ def test_no_bound_when_the_load_has_cores_of_its_own() -> None:
     assert _shared_cores_bound(runs, 7812.0, {"proxy": "0", "workers2": "0,1", "load": "2,3"}) == ""
     # Results recorded before the load's CPU was: no bound either.
     assert _shared_cores_bound({"w2_cpu_us": [127.0, 14.0]}, 7812.0, {"workers2": "0,1", "load": "1"}) == ""
+
+
+def test_the_instruction_counts_are_set_against_the_pass_through_and_metering_off() -> None:
+    from instructions import report
+
+    counted = {
+        ("stream", "passthrough"): 500_000.0,
+        ("stream", "gw"): 760_000.0,
+        ("stream", "gw_nometer"): 720_000.0,
+        ("json", "gw"): 600_000.0,
+    }
+    text = report(counted, client_body=False)
+    assert "| stream | gw | 760,000 | 66% |" in text
+    assert "| json | gw | 600,000 | - |" in text  # no pass-through counted for that phase
+    assert "stream: metering costs +40,000 instructions a call (+5.6%)" in text
+    assert "json: metering" not in text
