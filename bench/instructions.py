@@ -8,9 +8,13 @@ Each proxy is started as `make bench` starts it, in front of the same nginx upst
 callgrind, twice: one run is sent FEW calls, the other FEW + COUNTED, one after another over one
 keep-alive connection (wrk's request bodies, or the Python client's with --client-body). The difference of
 the two runs' instruction totals, over COUNTED, is what one call executes in the proxy's process: its
-start-up, warm-up and shutdown cancel out. The same code counts within about 2% from run to run, whatever
-else the machine does; on the VMs `make bench` runs on, one process's CPU time a stream moved by 30%
-from one run to the next.
+start-up, warm-up and shutdown cancel out. Whatever else the machine does, the same code counted within
+1% from run to run for the pass-throughs and the metered gateway, where one process's CPU time a stream
+moved by 30% from one run to the next on the VMs `make bench` runs on. The unmetered gateway's counts
+were 5% apart once: the gateway's timers (the recorder's flushes, the sweep for clients that left) fire
+by the clock, and a call under valgrind takes ~50 times as long, so they fire more often a call than at
+full speed, and not as often in every run. Differences of a few percent are within that; so is the
+metering cost (the difference of two such counts), which read from +3% to +12% of a call.
 
 What it leaves out: time. Memory stalls, the kernel's share of a call (system calls, the loopback) and
 the other threads' waits are not instructions, and 32 calls in flight interleave differently from one
