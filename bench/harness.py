@@ -53,6 +53,15 @@ STREAM_BODY = BENCH / "upstream" / "request-stream.json"
 # stream `stream_options`, as an application sends them.
 CLIENT_BODY = BENCH / "upstream" / "client.json"
 CLIENT_STREAM_BODY = BENCH / "upstream" / "client-stream.json"
+
+
+def request_body(*, stream: bool, client: bool = False) -> Path:
+    """The request a load sends: wrk's and loadgen's body, or (`client`) the Python client's."""
+    if client:
+        return CLIENT_STREAM_BODY if stream else CLIENT_BODY
+    return STREAM_BODY if stream else JSON_BODY
+
+
 # A gateway's log holds an access line a request, over a gigabyte in a full run: its tail is kept.
 LOG_KEPT_BYTES = 1 << 20
 # Start-up probes: one token, so a probe through the shaped fake takes 20 ms, not a whole 5 s answer.

@@ -37,14 +37,11 @@ from datetime import UTC, datetime
 
 from harness import (
     BENCH,
-    CLIENT_BODY,
-    CLIENT_STREAM_BODY,
-    JSON_BODY,
-    STREAM_BODY,
     create_db,
     drop_db,
     ensure_tools,
     log,
+    request_body,
     start_nginx,
     stop_all,
 )
@@ -111,12 +108,7 @@ def main() -> int:
             stream = phase == "stream"
             port = sse_port if stream else json_port
             origin = f"http://127.0.0.1:{port}"
-            body = {
-                (True, False): STREAM_BODY,
-                (True, True): CLIENT_STREAM_BODY,
-                (False, False): JSON_BODY,
-                (False, True): CLIENT_BODY,
-            }[(stream, args.client_body)].read_bytes()
+            body = request_body(stream=stream, client=args.client_body).read_bytes()
             for target in targets:
                 few = total(runner, target, origin, port, phase, body, FEW)
                 more = total(runner, target, origin, port, phase, body, FEW + COUNTED)

@@ -43,12 +43,9 @@ from typing import Any
 from harness import (
     BENCH,
     BENCH_DB,
-    CLIENT_BODY,
-    CLIENT_STREAM_BODY,
     FAKE_STREAM_S,
     GATEWAY_BIN,
     GATEWAY_PY,
-    JSON_BODY,
     LOAD_CPUS,
     PG_ADMIN_URL,
     PROXY_CPUS,
@@ -71,6 +68,7 @@ from harness import (
     machine_cpu_seconds,
     pin_bench_db_backends,
     raise_nofile,
+    request_body,
     start_fake,
     start_nginx,
     stop_all,
@@ -197,7 +195,7 @@ class Runner:
     # -- load generators ---------------------------------------------------------------------------------
 
     def wrk(self, port: int, key: str, conns: int, seconds: float, stream: bool) -> dict[str, Any]:
-        body = STREAM_BODY if stream else JSON_BODY
+        body = request_body(stream=stream)
         env = {
             **os.environ,
             "BENCH_KEY": key,
@@ -232,7 +230,7 @@ class Runner:
 
     def pyclient(self, port: int, key: str, conns: int, seconds: float, stream: bool) -> dict[str, Any]:
         """bench/pyclient.py, the aiohttp client, with its own body and headers; wrk's result fields."""
-        body = CLIENT_STREAM_BODY if stream else CLIENT_BODY
+        body = request_body(stream=stream, client=True)
         cmd = ["taskset", "-c", LOAD_CPUS, str(GATEWAY_PY), str(PYCLIENT), "--port", str(port), "--key", key]
         cmd += ["--body", str(body), "--connections", str(conns), "--duration", f"{seconds:g}"]
         if stream:
@@ -254,7 +252,7 @@ class Runner:
     def loadgen(
         self, mode: str, port: int, key: str, *extra: str, stream: bool, timeout_s: float
     ) -> dict[str, Any]:
-        body = STREAM_BODY if stream else JSON_BODY
+        body = request_body(stream=stream)
         cmd = ["taskset", "-c", LOAD_CPUS, self.tools["loadgen"], mode, "--port", str(port), "--key", key]
         cmd += ["--body", str(body), *extra]
         if stream and mode == "rate":
