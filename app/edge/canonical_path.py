@@ -16,6 +16,7 @@ printable ASCII, malformed percent-escapes and escapes that are not UTF-8.
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable
 from urllib.parse import quote, unquote_to_bytes
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -82,7 +83,9 @@ class CanonicalPath:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # The application's (or the refusal's) coroutine itself, not one awaiting it: a frame less for
+        # the rest of the request to pass through at each of its waits.
         if scope["type"] == "http":
             # raw_path is what the client sent; `path` is already percent-decoded (and may be all a
             # server gives: encode it back, so the same rules apply to what it holds).
@@ -92,6 +95,5 @@ class CanonicalPath:
             problem = path_problem(raw)
             if problem is not None:
                 shown = raw.decode("latin-1").encode("unicode_escape").decode("ascii")
-                await invalid_path(problem, shown).response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+                return invalid_path(problem, shown).response()(scope, receive, send)
+        return self.app(scope, receive, send)

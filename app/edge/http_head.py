@@ -16,18 +16,33 @@ GATEWAY_BODY_TIMEOUT_S (between two reads, as nginx's client_body_timeout) is an
 connection closed; the application waiting for the rest is told the client has gone. A body that
 arrives with its head starts no timer.
 
-Its responses go out with their head and their first body bytes in one send (_HeadWithBody).
+Its responses go out with their head and their first body bytes in one send (_HeadWithBody), the head's
+names and values checked in two passes over all of them (_write_head).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from functools import partial
 from typing import Any, cast
 
-from uvicorn._types import ASGIReceiveCallable, ASGISendCallable, Scope
+from uvicorn._types import (
+    ASGI3Application,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    ASGISendEvent,
+    HTTPResponseStartEvent,
+    Scope,
+)
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 from uvicorn.server import ServerState
 
 from app.config import Settings
@@ -128,6 +143,9 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         if self.cycle is not None:
             self.cycle.transport = self._responses  # type: ignore[assignment]
 
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        super()._start_asgi_task(cycle, partial(_heads_written_here, app, cycle))
+
     def _parsed_head_bytes(self) -> int:
         return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
@@ -199,6 +217,74 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         self.transport.write(b"".join(head) + body)
         self.transport.set_protocol(_Lingering(self.transport, self.loop))
         self.parser = None  # type: ignore[assignment]
+
+
+# The bytes uvicorn allows in a response header's name and in its value, read off its own checks.
+_NAME_BYTES = bytes(b for b in range(256) if not HEADER_RE.search(bytes((b,))))
+_VALUE_BYTES = bytes(b for b in range(256) if not HEADER_VALUE_RE.search(bytes((b,))))
+
+
+def _heads_written_here(
+    app: ASGI3Application,
+    cycle: RequestResponseCycle,
+    scope: Scope,
+    receive: ASGIReceiveCallable,
+    send: ASGISendCallable,
+) -> Awaitable[None]:
+    """The application, with the start of its response written by `_write_head` rather than uvicorn's
+    `send`; anything else, or a start uvicorn would log or wait to send, goes to uvicorn's `send`. The
+    application's coroutine itself, not one awaiting it: a frame less at each of the request's waits."""
+
+    async def send_or_write_head(message: ASGISendEvent) -> None:
+        if message["type"] == "http.response.start" and not (
+            cycle.response_started or cycle.access_log or cycle.flow.write_paused or cycle.disconnected
+        ):
+            _write_head(cycle, message)
+        else:
+            await send(message)
+
+    return app(scope, receive, send_or_write_head)
+
+
+def _write_head(cycle: RequestResponseCycle, message: HTTPResponseStartEvent) -> None:
+    """A response's head as uvicorn writes it, with its names and values checked in two passes over all
+    of them, where uvicorn searches each name and each value with a regular expression: a relayed
+    stream's headers took 19 searches, 29,000 instructions, 3.8% of the stream's (callgrind). What is
+    refused, and how, and the cycle's state after it, are uvicorn's."""
+    cycle.response_started = True
+    cycle.waiting_for_100_continue = False
+    status = message["status"]
+    names: list[bytes] = []
+    lines: list[bytes] = []
+    says_close = False
+    for name, value in (*cycle.default_headers, *message.get("headers", ())):
+        name = name.lower()
+        if name == b"content-length" and cycle.chunked_encoding is None:
+            cycle.expected_content_length = int(value.decode())
+            cycle.chunked_encoding = False
+        elif name == b"transfer-encoding" and value.lower() == b"chunked":
+            cycle.expected_content_length = 0
+            cycle.chunked_encoding = True
+        elif name == b"connection" and b"close" in (token.lower().strip() for token in value.split(b",")):
+            cycle.keep_alive, says_close = False, True
+        names.append(name)
+        lines += (name, b": ", value, b"\r\n")
+    joined = b"".join(names)
+    # The usual names, lower-case letters, digits and dashes, without the table `translate` builds.
+    if not joined.replace(b"-", b"").isalnum() and joined.translate(None, _NAME_BYTES):
+        raise RuntimeError("Invalid HTTP header name.")
+    block = b"".join(lines)
+    # What the check leaves of the lines is each line's end, unless a value held more.
+    if block.translate(None, _VALUE_BYTES) != b"\r\n" * len(names):
+        raise RuntimeError("Invalid HTTP header value.")
+    head = [STATUS_LINE[status], block]
+    if not cycle.keep_alive and not says_close:
+        head.append(b"connection: close\r\n")
+    if cycle.chunked_encoding is None and cycle.scope["method"] != "HEAD" and status not in (204, 304):
+        cycle.chunked_encoding = True
+        head.append(b"transfer-encoding: chunked\r\n")
+    head.append(b"\r\n")
+    cycle.transport.write(b"".join(head))
 
 
 class _HeadWithBody:

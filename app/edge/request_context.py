@@ -91,7 +91,9 @@ class RequestContextMiddleware:
                 "method": call.method,
                 "path": call.path,
                 "status": outcome.status_code,
-                "latency_ms": round((time.perf_counter() - call.started) * 1000, 2),
+                # Hundredths of a millisecond, rounded as round() would, without its formatting
+                # and parsing of the decimal digits.
+                "latency_ms": int((time.perf_counter() - call.started) * 100_000 + 0.5) / 100,
                 "attempts": outcome.attempts,
                 "feature": admitted.feature,
                 "user": admitted.user_id,
