@@ -24,29 +24,21 @@ _RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime
 _last_second: tuple[int, str] = (-1, "")
 
 
-def _timestamp(created: float, msecs: float) -> str:
+def _second_text(second: int) -> str:
     global _last_second
-    second = int(created)
     cached, text = _last_second
     if cached != second:
         text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         _last_second = (second, text)
-    return f"{text}.{int(msecs):03d}Z"
-
-
-# The last millisecond stamped by the access log, and its stamp: a loaded gateway logs several a millisecond.
-_last_milli: tuple[int, str] = (-1, "")
-
-
-def _stamp_now() -> str:
-    """Now, as JsonFormatter stamps a record made now."""
-    global _last_milli
-    milli = time.time_ns() // 1_000_000
-    cached, text = _last_milli
-    if cached != milli:
-        text = _timestamp(milli // 1000, milli % 1000)
-        _last_milli = (milli, text)
     return text
+
+
+def _timestamp(created: float, msecs: float) -> str:
+    return f"{_second_text(int(created))}.{int(msecs):03d}Z"
+
+
+# A timestamp's end for each millisecond, as _timestamp writes it, and the closing quote.
+_MILLIS = tuple(f'.{milli:03d}Z"'.encode() for milli in range(1000))
 
 
 class JsonFormatter(logging.Formatter):
@@ -91,8 +83,10 @@ class AccessLog:
         # The loop whose pass will end by writing them (a loop closed meanwhile never does: the next line
         # asks its own loop).
         self._flushing_on: asyncio.AbstractEventLoop | None = None
-        # The millisecond's stamp a line's start was made for, and that start.
-        self._started: tuple[str, bytes] = ("", b"")
+        # The second the lines start with, that start, and what follows the timestamp.
+        self._second = -1
+        self._second_start = b""
+        self._rest = b',"level":"info","logger":%b,"msg":%b' % (orjson.dumps(name), orjson.dumps(message))
         atexit.register(self.flush)
 
     def enabled(self) -> bool:
@@ -100,26 +94,35 @@ class AccessLog:
 
     def write(self, fields: dict[str, Any]) -> None:
         """`fields` as `extra`; the request id is the current request's."""
-        handler = self._sole_handler()
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        # Where the lines go is looked up once a pass of the loop: the pass's lines go out together.
+        if loop is not None and self._flushing_on is loop:
+            handler = self._waiting_for
+        else:
+            handler = self._sole_handler()
         if handler is None:
             self.logger.info(self.message, extra=fields)
             return
         # The line's start as JsonFormatter writes it, then `fields` as orjson writes them: one dict
         # serialised, not a second one built of both (a line's 31,700 instructions became 26,800,
         # callgrind).
-        head = self._start()
+        parts = [*self._start()]
         request_id = request_id_var.get()
         if request_id is not None:
-            head += b',"request_id":' + orjson.dumps(request_id)
-        rest = orjson.dumps(fields, default=str, option=orjson.OPT_APPEND_NEWLINE)
-        # `fields` written as an object of its own: its opening brace gives way to the comma that goes on
-        # with this one.
-        data = b"".join((head, b"," if fields else b"", rest[1:]))
+            parts += (b',"request_id":', orjson.dumps(request_id))
+        if fields:
+            # `fields` written as an object of its own: its opening brace gives way to the comma that goes
+            # on with this one.
+            parts += (b",", orjson.dumps(fields, default=str, option=orjson.OPT_APPEND_NEWLINE)[1:])
+        else:
+            parts.append(b"}\n")
+        data = b"".join(parts)
         if handler.terminator != "\n":
             data = data[:-1] + handler.terminator.encode()
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+        if loop is None:
             self._write(handler, data)
             return
         if self._waiting_for is not handler:
@@ -130,15 +133,15 @@ class AccessLog:
             self._flushing_on = loop
             loop.call_soon(self.flush)
 
-    def _start(self) -> bytes:
-        """`{"ts":...,"level":"info","logger":...,"msg":...`, made once a millisecond."""
-        stamp = _stamp_now()
-        made, start = self._started
-        if made != stamp:
-            line = {"ts": stamp, "level": "info", "logger": self.name, "msg": self.message}
-            start = orjson.dumps(line)[:-1]
-            self._started = (stamp, start)
-        return start
+    def _start(self) -> tuple[bytes, bytes, bytes]:
+        """`{"ts":"...`, up to its millisecond, the millisecond's end, and `,"level":"info",...` up to the
+        message: the first made once a second, the others once."""
+        milli = time.time_ns() // 1_000_000
+        second = milli // 1000
+        if second != self._second:
+            self._second = second
+            self._second_start = b'{"ts":"' + _second_text(second).encode()
+        return self._second_start, _MILLIS[milli % 1000], self._rest
 
     def flush(self) -> None:
         """Write the lines waiting for the end of the event loop's pass."""
