@@ -26,39 +26,34 @@ from app.call.record import CallRecord
 
 AFTER_S = 0.25
 
-_Task = asyncio.Task[Any]
-
-
 class ClientWatch:
-    """One per app. Used from the event loop's thread only."""
+    """One per app. Used from the event loop's thread only. A call is known by its request's `receive`,
+    one per request (its task would do as well, but asking asyncio for it costs a system call)."""
 
     def __init__(self) -> None:
         # Calls registered since the last sweep, and those registered before it.
-        self._young: dict[_Task, tuple[Receive, CallRecord]] = {}
-        self._old: dict[_Task, tuple[Receive, CallRecord]] = {}
-        self._watchers: dict[_Task, _Task] = {}
+        self._young: dict[Receive, CallRecord] = {}
+        self._old: dict[Receive, CallRecord] = {}
+        self._watchers: dict[Receive, asyncio.Task[Any]] = {}
         self._sweep_timer: asyncio.TimerHandle | None = None
 
-    def enter(self, receive: Receive, call: CallRecord) -> _Task:
-        """The current task waits for the upstream from now on: `call` is marked if its client leaves."""
-        task = asyncio.current_task()
-        assert task is not None
-        self._young[task] = (receive, call)
+    def enter(self, receive: Receive, call: CallRecord) -> None:
+        """The call waits for the upstream from now on: `call` is marked if its client leaves."""
+        self._young[receive] = call
         if self._sweep_timer is None:
             self._sweep_timer = asyncio.get_running_loop().call_later(AFTER_S, self._sweep)
-        return task
 
-    def leave(self, task: _Task) -> None:
-        if self._young.pop(task, None) is not None or self._old.pop(task, None) is not None:
+    def leave(self, receive: Receive) -> None:
+        if self._young.pop(receive, None) is not None or self._old.pop(receive, None) is not None:
             return
-        watcher = self._watchers.pop(task, None)
+        watcher = self._watchers.pop(receive, None)
         if watcher is not None:
             watcher.cancel()
 
     def _sweep(self) -> None:
         loop = asyncio.get_running_loop()
-        for task, (receive, call) in self._old.items():
-            self._watchers[task] = loop.create_task(self._watch(receive, call))
+        for receive, call in self._old.items():
+            self._watchers[receive] = loop.create_task(self._watch(receive, call))
         self._old, self._young = self._young, {}
         self._sweep_timer = loop.call_later(AFTER_S, self._sweep) if self._old else None
 

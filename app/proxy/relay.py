@@ -140,7 +140,7 @@ async def forward(
     nobody: 499, `client_disconnected`, and no fallback or further model is tried for it."""
     headers = {**upstream_request_headers(client_headers), "content-type": "application/json"}
     keep_open = is_sse if inspector is not None else never_open
-    task = clients.enter(receive, call)
+    clients.enter(receive, call)
     try:
         for index, candidate in enumerate(candidates):
             last = index == len(candidates) - 1
@@ -173,7 +173,7 @@ async def forward(
             return _answer(upstream, call, response, dialect, inspector)
         raise AssertionError("forward() needs at least one candidate")
     finally:
-        clients.leave(task)
+        clients.leave(receive)
 
 
 async def kept_alive(

@@ -60,13 +60,13 @@ class DisconnectWatch:
         self._watcher: asyncio.Task[None] | None = None
 
     def arm(self, receive: Receive) -> None:
-        """Called by the response in the task that relays."""
         self._receive = receive
-        self._relay = asyncio.current_task()
 
     def start(self) -> None:
+        """Called by the relay, in its own task, which the watcher cancels."""
         # Once the answer has ended there is nobody left to watch for.
         if self._watcher is None and self._receive is not None and not self.ended:
+            self._relay = asyncio.current_task()
             self._watcher = asyncio.get_running_loop().create_task(self._watch(self._receive))
 
     def stop(self) -> None:
