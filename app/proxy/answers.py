@@ -19,7 +19,11 @@ def raw_headers(headers: Mapping[str, str], media_type: str) -> list[tuple[bytes
 
 
 def encoded(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
-    return [(name.encode("latin-1"), _value(value)) for name, value in headers.items()]
+    try:
+        # The usual headers, all of them latin-1, without a call of _value each.
+        return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+    except UnicodeEncodeError:
+        return [(name.encode("latin-1"), _value(value)) for name, value in headers.items()]
 
 
 def _value(value: str) -> bytes:

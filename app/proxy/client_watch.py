@@ -26,6 +26,7 @@ from app.call.record import CallRecord
 
 AFTER_S = 0.25
 
+
 class ClientWatch:
     """One per app. Used from the event loop's thread only. A call is known by its request's `receive`,
     one per request (its task would do as well, but asking asyncio for it costs a system call)."""

@@ -176,11 +176,11 @@ class KeepAlive:
         finally:
             self.ping = None
 
-    async def pause(self) -> None:
-        """No more comments; one going out now is let finish."""
+    def pause(self) -> asyncio.Task[None] | None:
+        """No more comments; one going out now is returned, to be awaited (let finish). Not a coroutine:
+        nearly always there is none, and nothing to await."""
         self.owner.streams.discard(self)
-        if self.ping is not None:
-            await self.ping
+        return self.ping
 
     def close(self) -> None:
         self.owner.streams.discard(self)
@@ -325,8 +325,8 @@ class EventRelayResponse(Response):
             inspect.finish()
             # Read to its end, the connection goes back to the pool; otherwise the upstream is cut off.
             await stream.close()
-        if keepalive is not None:
-            await keepalive.pause()
+        if keepalive is not None and (ping := keepalive.pause()) is not None:
+            await ping
         if not watch.ended:
             if failure is not None:
                 call.outcome.error_type = failure[1]
@@ -392,7 +392,8 @@ class KeepAliveResponse(Response):
                 response.keepalive = keepalive
                 await response(scope, receive, send)
                 return
-            await keepalive.pause()
+            if (ping := keepalive.pause()) is not None:
+                await ping
             if response is None:
                 self.call.outcome.client_disconnected = True
             elif not keepalive.started:
