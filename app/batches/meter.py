@@ -54,7 +54,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.call.admission import charge_to
 from app.call.record import CallRecord, Usage
-from app.db.events import MAX_MODEL_CHARS, Batch, UsageEvent, cost_to_usd, is_model_name
+from app.db.events import MAX_MODEL_CHARS, Batch, UsageEvent, is_model_name
 from app.db.migrate import is_schema_error
 from app.db.models import batch_jobs
 from app.db.usage_writer import is_rejected_data, write_batch
@@ -518,7 +518,7 @@ class BatchMeter:
         if closed and cost_units and self._guard is not None:
             charged = charge_to(owner.api_key_id, owner.feature, owner.user_id)
             if charged is not None:
-                self._guard.settle(charged, 0, cost_to_usd(cost_units))
+                self._guard.settle(charged, 0, cost_units)
         if truncated:
             log.warning("batch output larger than GATEWAY_BATCH_MAX_FILE_BYTES: later lines not metered")
 

@@ -114,6 +114,8 @@ def to_usd(units: int) -> Decimal:
 def utc(now: datetime | None) -> datetime:
     if now is None:
         return datetime.now(UTC)
+    if now.tzinfo is UTC:  # the usual case, a clock's reading: nothing to convert
+        return now
     if now.tzinfo is None:
         # A naive time would silently be read as the server's local time, shifting every period.
         raise ValueError("now must be timezone-aware")
@@ -230,21 +232,21 @@ class InProcessBudgetLedger(InProcess):
         reservation: Reservation | None = None,
         now: datetime | None = None,
     ) -> None:
-        self.settle_now(scopes, cost_usd, reservation, now)
+        self.settle_now(scopes, to_units(cost_usd), reservation, now)
 
     def settle_now(
         self,
         scopes: Sequence[str],
-        cost_usd: Decimal,
+        units: int,
         reservation: Reservation | None = None,
         now: datetime | None = None,
     ) -> None:
-        """settle(), which has nothing to wait for here, for a caller that need not await it."""
+        """settle(), which has nothing to wait for here, for a caller that need not await it, the cost in
+        units (1e-10 USD) as the metering has it."""
         now = utc(now)
         self._forget_past(now)
         if reservation is not None:
             self._release(reservation.id)
-        units = to_units(cost_usd)
         counted = self._units
         # A scope listed twice is still one payer.
         for scope in dict.fromkeys(scopes):

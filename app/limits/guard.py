@@ -39,6 +39,7 @@ from app.limits.budgets import (
     OverBudget,
     Period,
     period_key,
+    to_usd,
 )
 from app.limits.ratelimit import Denied, InProcessRateLimiter, RateLimiter
 from app.metering.pricing import PriceTable
@@ -162,48 +163,56 @@ class Guard:
         config: GatewayConfig,
         prices: PriceTable,
         model: str,
-        prompt_tokens: int,
-        completion_tokens: int,
-        worst_completion_tokens: int,
+        sizes: Callable[[], tuple[int, int, int]],
     ) -> Coroutine[None, None, Admission | None]:
-        """None when no limit or budget concerns the call (nothing to settle after it). Rate limits
-        reserve prompt + completion_tokens; budgets the cost of prompt + worst_completion_tokens (nothing
-        for a model without a price: its calls cost nothing the budgets could count)."""
+        """None when no limit or budget concerns the call (nothing to settle after it). `sizes` gives the
+        call's prompt tokens, the completion tokens it asks for and the most it may be billed for; rate
+        limits reserve the first two, budgets the cost of the first and the last (nothing for a model
+        without a price: its calls cost nothing the budgets could count). It is asked only when a rate
+        limit or a budget applies: a call whose scopes have neither estimates nothing."""
+
+        def estimate() -> tuple[int, Callable[[], Decimal]]:
+            prompt, completion, worst = sizes()
+            return prompt + completion, lambda: prices.cost_usd(model, prompt, worst, 0) or Decimal(0)
+
         # The coroutine itself, not one awaiting it: a frame less on every limited call.
-        return self._admit(
-            call,
-            config,
-            prompt_tokens + completion_tokens,
-            lambda: prices.cost_usd(model, prompt_tokens, worst_completion_tokens, 0) or Decimal(0),
-        )
+        return self._admit(call, config, estimate)
 
     def admit_unpriced(
         self, call: CallRecord, config: GatewayConfig, *, spends: bool
     ) -> Coroutine[None, None, Admission | None]:
         """A call priced only once it is made, if ever (passthrough, model lists, retrievals): one request
         against every rate limit, no tokens reserved; refused by a spent budget only when it `spends`."""
-        return self._admit(call, config, 0, _unpriced if spends else None)
+        return self._admit(call, config, lambda: (0, _unpriced if spends else None))
 
     async def _admit(
-        self, call: CallRecord, config: GatewayConfig, estimate: int, cost: Callable[[], Decimal] | None
+        self,
+        call: CallRecord,
+        config: GatewayConfig,
+        estimate: Callable[[], tuple[int, Callable[[], Decimal] | None]],
     ) -> Admission | None:
         caps = self._caps(call, config)
         if not caps:
             return None
         limits = tuple(Limit(scope, c.rpm, c.tpm) for scope, c in caps if c.rpm or c.tpm)
         budgets = _budgets(caps)
-        now = self.clock()
         scopes = tuple(scope for scope, _ in caps)
+        if not limits and not budgets:
+            # Nothing to count or hold now; its cost is still charged to its scopes once it is known, so
+            # that a budget set later for one of them starts from what it has spent.
+            return Admission((), scopes, 0)
+        tokens, cost = estimate()
+        now = self.clock()
         reservation: Reservation | None = None
         if budgets and cost is not None:
             verdict = await self.ledger.reserve(budgets, cost(), self.reservation_ttl_s, now)
             if isinstance(verdict, OverBudget):
                 raise _over_budget(verdict, now)
             reservation = verdict
-        admission = Admission(limits, scopes, estimate, reservation)
+        admission = Admission(limits, scopes, tokens, reservation)
         if limits:
             try:
-                denied = await self.limiter.admit(limits, estimate, now.timestamp())
+                denied = await self.limiter.admit(limits, tokens, now.timestamp())
             except BaseException:
                 self.release(admission)
                 raise
@@ -229,18 +238,18 @@ class Guard:
             raise _over_budget(verdict, now)
         return admission if verdict is None else replace(admission, reservation=verdict)
 
-    def settle(self, admission: Admission, total_tokens: int, cost: Decimal | None) -> None:
+    def settle(self, admission: Admission, total_tokens: int, cost_units: int | None) -> None:
         """After the call, however it ended: correct the token reservation, let go of the budgets' hold
-        and charge the cost, off the request path (the request task may be cancelled by now, on a client
-        disconnect, and an await in it with the task)."""
+        and charge the cost (in units of 1e-10 USD, as usage events carry it), off the request path (the
+        request task may be cancelled by now, on a client disconnect, and an await in it with the task)."""
         held = admission.reservation is not None and admission.reservation.units > 0
-        if not held and not cost and (not admission.limits or total_tokens == admission.token_estimate):
+        if not held and not cost_units and (not admission.limits or total_tokens == admission.token_estimate):
             return
         if self._on_the_spot is not None:
             limiter, ledger = self._on_the_spot
             try:
                 now = self.clock()
-                delta, charge = _settlement(admission, total_tokens, cost)
+                delta, charge = _settlement(admission, total_tokens, cost_units)
                 if delta:
                     limiter.settle_now(admission.limits, delta, now.timestamp())
                 if charge is not None:
@@ -248,7 +257,7 @@ class Guard:
             except Exception:  # as in _settle: never the call's failure
                 log.warning("settling limits failed", exc_info=True)
             return
-        task = asyncio.get_running_loop().create_task(self._settle(admission, total_tokens, cost))
+        task = asyncio.get_running_loop().create_task(self._settle(admission, total_tokens, cost_units))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
@@ -257,14 +266,14 @@ class Guard:
         it): its budgets' hold goes, its token reservation stays as estimated."""
         self.settle(admission, admission.token_estimate, None)
 
-    async def _settle(self, admission: Admission, total_tokens: int, cost: Decimal | None) -> None:
+    async def _settle(self, admission: Admission, total_tokens: int, cost_units: int | None) -> None:
         try:
             now = self.clock()
-            delta, charge = _settlement(admission, total_tokens, cost)
+            delta, charge = _settlement(admission, total_tokens, cost_units)
             if delta:
                 await self.limiter.settle(admission.limits, delta, now.timestamp())
             if charge is not None:
-                await self.ledger.settle(admission.scopes, charge, admission.reservation, now)
+                await self.ledger.settle(admission.scopes, to_usd(charge), admission.reservation, now)
         except Exception:  # a lost settle skews one counter for a minute or a period; never the call
             log.warning("settling limits failed", exc_info=True)
 
@@ -286,12 +295,12 @@ class Guard:
             await self._shared_redis.aclose()
 
 
-def _settlement(admission: Admission, total_tokens: int, cost: Decimal | None) -> tuple[int, Decimal | None]:
-    """What a call's settle does: the tokens to add to its rate limits (or give back), and the cost to
+def _settlement(admission: Admission, total_tokens: int, cost_units: int | None) -> tuple[int, int | None]:
+    """What a call's settle does: the tokens to add to its rate limits (or give back), and the units to
     charge to its budgets, letting go of their hold (None: no budget to touch)."""
     delta = total_tokens - admission.token_estimate if admission.limits else 0
-    charges = bool(admission.scopes) and (bool(cost) or admission.reservation is not None)
-    return delta, (cost or Decimal(0)) if charges else None
+    charges = bool(admission.scopes) and (bool(cost_units) or admission.reservation is not None)
+    return delta, (cost_units or 0) if charges else None
 
 
 def _money(value: Decimal) -> str:

@@ -15,14 +15,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from decimal import Decimal
 from typing import Protocol
 
 from starlette.types import Scope
 
 from app.call.admission import Admission
 from app.call.record import CallRecord
-from app.db.events import cost_to_usd
 from app.metering import tokens
 from app.metering.metrics import Metrics
 from app.metering.pricing import PriceTable, rate_tier
@@ -45,7 +43,7 @@ class Settlement(Protocol):
     """The limits' end of a call (`app.limits.guard.Guard`, handed in by the lifespan): what its admission
     holds is settled at what the call cost, or let go when there is nothing to meter."""
 
-    def settle(self, admission: Admission, total_tokens: int, cost: Decimal | None) -> None: ...
+    def settle(self, admission: Admission, total_tokens: int, cost_units: int | None) -> None: ...
 
     def release(self, admission: Admission) -> None: ...
 
@@ -117,7 +115,7 @@ class Meter:
         cost = priced.cost_units
         outcome.metered_usage, outcome.cost_units = usage, cost
         if admitted.admission is not None:
-            self.guard.settle(admitted.admission, usage.total_tokens, cost_to_usd(cost))
+            self.guard.settle(admitted.admission, usage.total_tokens, cost)
         if self.recorder is not None:
             self.metrics.observe_usage(admitted.model or "", model or "", admitted.feature or "", usage, cost)
             self.recorder.submit(event_line(call, usage, source, priced, outcome.service_tier, elapsed))

@@ -124,16 +124,15 @@ async def _admit(
 ) -> None:
     """Admitted against the rate limits and budgets that concern the call, reserving its worst case: the
     prompt (counted when a prompt budget did, else estimated from its bytes) and the most output."""
-    call, policy = gw.call, gw.policy
-    if prompt_tokens is None:
-        prompt_tokens = estimate.prompt_tokens(raw)
-    # An endpoint without output (embeddings) reserves none, whatever the default output cap.
-    worst = (
-        worst_case_output(body, policy.config, call.admitted.feature, model) if endpoint.output_tokens else 0
-    )
-    call.admitted.admission = await gw.services.guard.admit(
-        call, policy.config, gw.prices, model, prompt_tokens, completion_allowance(body), worst
-    )
+    call, config = gw.call, gw.policy.config
+
+    def sizes() -> tuple[int, int, int]:
+        prompt = estimate.prompt_tokens(raw) if prompt_tokens is None else prompt_tokens
+        # An endpoint without output (embeddings) reserves none, whatever the default output cap.
+        worst = worst_case_output(body, config, call.admitted.feature, model) if endpoint.output_tokens else 0
+        return prompt, completion_allowance(body), worst
+
+    call.admitted.admission = await gw.services.guard.admit(call, config, gw.prices, model, sizes)
 
 
 async def forward_metered(
