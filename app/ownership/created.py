@@ -8,6 +8,7 @@ read up to that event and the owner recorded before any byte of it is relayed.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -31,10 +32,15 @@ def stored_completion(body: dict[str, Any]) -> bool:
     return body.get("store") is True
 
 
-async def record_created(who: Caller | None, kind: str, stored: bool, response: Response) -> None:
-    """Record the caller as the owner of the object `response` carries, when the upstream stores it."""
+def record_created(who: Caller | None, kind: str, stored: bool, response: Response) -> Awaitable[None] | None:
+    """Record the caller as the owner of the object `response` carries, when the upstream stores it:
+    what to await for it, or None when there is nothing to record (nearly every call: no coroutine)."""
     if who is None or not stored or response.status_code >= 300:
-        return
+        return None
+    return _record_created(who, kind, response)
+
+
+async def _record_created(who: Caller, kind: str, response: Response) -> None:
     if isinstance(response, EventRelayResponse):
         stream = response.upstream.stream
         assert stream is not None

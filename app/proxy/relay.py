@@ -4,8 +4,7 @@ turn what comes back into the client's response."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterable, Callable, Coroutine, Mapping
-from typing import Any
+from collections.abc import AsyncIterable, Callable, Mapping
 
 from starlette.responses import Response
 from starlette.types import Receive
@@ -14,7 +13,7 @@ from app.call.record import CallRecord
 from app.errors import GatewayError, RelayedError
 from app.proxy.answers import RelayedResponse
 from app.proxy.client_watch import ClientWatch
-from app.proxy.streaming import EventRelayResponse, KeepAliveResponse, KeepAlives
+from app.proxy.streaming import EventRelayResponse
 from app.proxy.targets import Candidate, UpstreamTarget
 from app.proxy.upstream import (
     ResponseHead,
@@ -174,16 +173,6 @@ async def forward(
         raise AssertionError("forward() needs at least one candidate")
     finally:
         clients.leave(receive)
-
-
-async def kept_alive(
-    answer: Coroutine[Any, Any, Response], call: CallRecord, keepalives: KeepAlives
-) -> Response:
-    """A stream's answer sent with keep-alive comments while it is awaited (KeepAliveResponse), unless
-    they are off (GATEWAY_SSE_KEEPALIVE_S=0); any other answer, awaited here."""
-    if call.admitted.stream and keepalives.interval_s:
-        return KeepAliveResponse(answer, call, keepalives)
-    return await answer
 
 
 def _abandoned() -> Response:

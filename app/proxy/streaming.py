@@ -383,15 +383,18 @@ class KeepAliveResponse(Response):
         keepalive = self.keepalives.open(send)
         response: Response | None
         try:
-            try:
-                response = await self.answer
-            except Exception as exc:
-                response = error_response(exc)
-            if isinstance(response, EventRelayResponse):
-                # Its relay goes on from here, comments between its events included.
-                response.keepalive = keepalive
-                await response(scope, receive, send)
-                return
+            response = await self.answer
+        except Exception as exc:
+            response = error_response(exc)
+        except BaseException:
+            keepalive.close()
+            raise
+        if isinstance(response, EventRelayResponse):
+            # Its relay goes on from here, comments between its events included, and closes it.
+            response.keepalive = keepalive
+            await response(scope, receive, send)
+            return
+        try:
             if (ping := keepalive.pause()) is not None:
                 await ping
             if response is None:

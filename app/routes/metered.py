@@ -18,7 +18,8 @@ from app.limits import estimate
 from app.limits.guard import completion_allowance, worst_case_output
 from app.limits.prompt_budget import fit_prompt
 from app.proxy.body import parse_object, read_body
-from app.proxy.relay import forward, kept_alive
+from app.proxy.relay import forward
+from app.proxy.streaming import KeepAliveResponse
 from app.proxy.targets import Candidate
 from app.routes.deps import Gateway
 from app.wire.dialect import Dialect, StreamDialect
@@ -140,7 +141,7 @@ async def forward_metered(
     gw: Gateway,
     endpoint: MeteredEndpoint[StreamDialect],
     metered: MeteredRequest,
-    answered: Callable[[Response], Awaitable[None]],
+    answered: Callable[[Response], Awaitable[None] | None],
 ) -> Response:
     """Forward a metered request whose answer may be a stream: the body its dialect sends upstream, the
     answer relayed (a stream event by event, read by the dialect's inspector, with keep-alives while it
@@ -163,7 +164,14 @@ async def forward_metered(
             receive=request.receive,
             clients=gw.services.client_watch,
         )
-        await answered(response)
+        recording = answered(response)
+        if recording is not None:
+            await recording
         return response
 
-    return await kept_alive(answer(), call, gw.services.keepalives)
+    keepalives = gw.services.keepalives
+    if stream and keepalives.interval_s:
+        # Keep-alive comments go out while the answer is awaited, unless they are off
+        # (GATEWAY_SSE_KEEPALIVE_S=0).
+        return KeepAliveResponse(answer(), call, keepalives)
+    return await answer()
