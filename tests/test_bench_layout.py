@@ -57,3 +57,14 @@ def test_the_instruction_counts_are_set_against_the_pass_through_and_metering_of
     assert "| json | gw | 600,000 | - |" in text  # no pass-through counted for that phase
     assert "stream: metering costs +40,000 instructions a call (+5.6%)" in text
     assert "json: metering" not in text
+    assert "(200 calls counted, one at a time; wrk's bodies)" in text
+
+
+def test_calls_in_flight_are_counted_in_whole_rounds_of_connections() -> None:
+    from instructions import report, sizes
+
+    assert sizes(1) == (20, 200)
+    assert sizes(32) == (32, 224)  # one call a connection at least, and every connection as many
+    assert sizes(8) == (24, 200)
+    text = report({("stream", "gw"): 720_000.0}, 224, client_body=True, in_flight=32)
+    assert "(224 calls counted, 32 in flight; the Python client's bodies)" in text
