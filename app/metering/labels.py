@@ -59,6 +59,8 @@ class MetricLabels:
         self._models: dict[str, str] = {"": ""}
         self._configured_models: frozenset[str] = frozenset()
         self._price_entry: Callable[[str], str | None] = _no_price
+        # (model, answering model, feature) as the calls name them, and their labels: one lookup a call.
+        self._usage_keys: dict[tuple[str, str, str], tuple[str, str, str]] = {}
 
     def name_routes(self, routes: Iterable[str]) -> None:
         self.route.name(routes)
@@ -81,6 +83,7 @@ class MetricLabels:
         )
         self._price_entry = prices.resolve
         self._models = {"": ""}
+        self._usage_keys = {}
 
     def model(self, name: str) -> str:
         """The name itself when GATEWAY_CONFIG names it, else the price table's entry it is priced by (a
@@ -91,3 +94,13 @@ class MetricLabels:
             if len(self._models) < _MAX_MODELS_REMEMBERED:
                 self._models[name] = label
         return label
+
+    def usage_key(self, model: str, upstream_model: str, feature: str) -> tuple[str, str, str]:
+        """The labels of a call's model, answering model and feature."""
+        named = (model, upstream_model, feature)
+        key = self._usage_keys.get(named)
+        if key is None:
+            key = (self.model(model), self.model(upstream_model), self.feature(feature))
+            if len(self._usage_keys) < _MAX_MODELS_REMEMBERED:
+                self._usage_keys[named] = key
+        return key

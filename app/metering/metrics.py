@@ -32,7 +32,7 @@ from prometheus_client.registry import Collector
 
 from app.call.record import CallRecord, Usage
 from app.db.events import COST_EXPONENT
-from app.metering.labels import MetricLabels
+from app.metering.labels import OTHER, MetricLabels
 
 COST_UNIT_USD = 10.0**COST_EXPONENT
 
@@ -69,28 +69,84 @@ class _LabelledCounter:
         return family
 
 
-class _LabelledHistogram:
-    def __init__(self, name: str, documentation: str, labels: tuple[str, ...]) -> None:
-        self.name, self.documentation, self.labels = name, documentation, labels
-        # per label set: [count per bucket (the last one +Inf)], sum
-        self.values: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
+class _Buckets:
+    """One histogram's counts per bucket (the last one +Inf) and sum."""
 
-    def observe(self, key: tuple[str, ...], seconds: float) -> None:
-        entry = self.values.get(key)
-        if entry is None:
-            entry = self.values[key] = ([0] * (len(_LATENCY_BUCKETS) + 1), [0.0])
-        entry[0][bisect_left(_LATENCY_BUCKETS, seconds)] += 1
-        entry[1][0] += seconds
+    __slots__ = ("counts", "sum")
 
-    def family(self) -> Metric:
-        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
-        for key, (counts, total) in self.values.items():
-            cumulative, buckets = 0, []
-            for bound, count in zip((*map(str, _LATENCY_BUCKETS), "+Inf"), counts, strict=True):
-                cumulative += count
-                buckets.append((bound, float(cumulative)))
-            family.add_metric(key, buckets, total[0])
-        return family
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+    def buckets(self) -> list[tuple[str, float]]:
+        cumulative, buckets = 0, []
+        for bound, count in zip((*map(str, _LATENCY_BUCKETS), "+Inf"), self.counts, strict=True):
+            cumulative += count
+            buckets.append((bound, float(cumulative)))
+        return buckets
+
+
+class _RouteTotals:
+    """A route's requests by status, durations, times to the first byte and upstream attempts: one lookup
+    a request for all four families, where four counters and histograms took five calls a request."""
+
+    __slots__ = ("attempts", "latency", "statuses", "ttfb")
+
+    def __init__(self) -> None:
+        self.statuses: dict[int, int] = {}
+        self.latency = _Buckets()
+        self.ttfb = _Buckets()
+        self.attempts = 0
+
+
+class _RequestTotals:
+    """The per-request families, by route label."""
+
+    def __init__(self, labels: MetricLabels) -> None:
+        self._labels = labels
+        self.by_label: dict[str, _RouteTotals] = {}
+        # Routes as the requests name them, each with its label's totals. A route without a label of its
+        # own (`other`) is looked up each time instead: the routes kept are as bounded as the labels.
+        self._by_route: dict[str, _RouteTotals] = {}
+
+    def of(self, route: str) -> _RouteTotals:
+        totals = self._by_route.get(route)
+        if totals is None:
+            label = self._labels.route(route)
+            totals = self.by_label.get(label)
+            if totals is None:
+                totals = self.by_label[label] = _RouteTotals()
+            if label != OTHER:
+                self._by_route[route] = totals
+        return totals
+
+    def families(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "gateway_requests", "Requests by route and status", labels=("route", "status")
+        )
+        latency = HistogramMetricFamily(
+            "gateway_request_duration_seconds", "Time to the end of the response", labels=("route",)
+        )
+        ttfb = HistogramMetricFamily(
+            "gateway_time_to_first_byte_seconds", "Time to the first byte of the answer", labels=("route",)
+        )
+        attempts = CounterMetricFamily("gateway_upstream_attempts", "Upstream attempts", labels=("route",))
+        for label, totals in self.by_label.items():
+            for status, count in totals.statuses.items():
+                requests.add_metric((label, str(status)), count)
+            latency.add_metric((label,), totals.latency.buckets(), totals.latency.sum)
+            if totals.ttfb.counts != _NONE_OBSERVED:
+                ttfb.add_metric((label,), totals.ttfb.buckets(), totals.ttfb.sum)
+            if totals.attempts:
+                attempts.add_metric((label,), totals.attempts)
+        yield from (requests, latency, ttfb, attempts)
+
+
+_NONE_OBSERVED = [0] * (len(_LATENCY_BUCKETS) + 1)
 
 
 class _UsageTotals:
@@ -150,28 +206,13 @@ class Metrics:
         # Feature, model and route labels come from clients: bounded (app/metering/labels.py).
         self.labels = MetricLabels(max_features)
         self.registry = CollectorRegistry(auto_describe=False)
-        self.requests = _LabelledCounter(
-            "gateway_requests", "Requests by route and status", ("route", "status")
-        )
-        self.latency = _LabelledHistogram(
-            "gateway_request_duration_seconds", "Time to the end of the response", ("route",)
-        )
-        self.ttfb = _LabelledHistogram(
-            "gateway_time_to_first_byte_seconds", "Time to the first byte of the answer", ("route",)
-        )
-        self.attempts = _LabelledCounter("gateway_upstream_attempts", "Upstream attempts", ("route",))
+        self.requests = _RequestTotals(self.labels)
         self.usage = _UsageTotals()
         self.unknown_models = _LabelledCounter(
             "gateway_unknown_model_calls", "Calls to a model with no known price", ("model",)
         )
-        metrics = (
-            self.requests,
-            self.latency,
-            self.ttfb,
-            self.attempts,
-            self.unknown_models,
-        )
-        self.registry.register(_Collected(lambda: (metric.family() for metric in metrics)))
+        self.registry.register(_Collected(self.requests.families))
+        self.registry.register(_Collected(lambda: iter((self.unknown_models.family(),))))
         self.registry.register(_Collected(self.usage.families))
         self._shared: _SharedFamilies | None = None
 
@@ -250,23 +291,20 @@ class Metrics:
 
     def observe_request(self, route: str, call: CallRecord, seconds: float) -> None:
         outcome = call.outcome
-        route = self.labels.route(route)
-        key = (route,)
-        self.requests.inc((route, str(outcome.status_code)))
-        self.latency.observe(key, seconds)
+        totals = self.requests.of(route)
+        statuses = totals.statuses
+        statuses[outcome.status_code] = statuses.get(outcome.status_code, 0) + 1
+        totals.latency.observe(seconds)
         if outcome.ttfb_s is not None:
-            self.ttfb.observe(key, outcome.ttfb_s)
-        if outcome.attempts:
-            self.attempts.inc(key, outcome.attempts)
+            totals.ttfb.observe(outcome.ttfb_s)
+        totals.attempts += outcome.attempts
 
     def observe_usage(
         self, model: str, upstream_model: str, feature: str, usage: Usage, cost_units: int | None
     ) -> None:
         """`model` as the client asked for it, as the usage rows have it; `upstream_model` the one that
         answered (after aliases and fallbacks; a dated snapshot counts under its model)."""
-        labels = self.labels
-        key = (labels.model(model), labels.model(upstream_model), labels.feature(feature))
-        self.usage.add(key, usage, cost_units)
+        self.usage.add(self.labels.usage_key(model, upstream_model, feature), usage, cost_units)
 
     def observe_unknown_model(self, model: str) -> None:
         self.unknown_models.inc((self.labels.model(model),))

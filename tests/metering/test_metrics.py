@@ -12,7 +12,10 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.call.record import CallRecord
+from app.config_file import FeatureConfig, GatewayConfig
+from app.metering.labels import MetricLabels
 from app.metering.metrics import Metrics
+from app.metering.pricing import PriceTable
 
 
 def _samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -103,3 +106,17 @@ class _Fixed:
             for sample_name, labels, value in samples:
                 family.add_sample(sample_name, labels, value)
             yield family
+
+
+def test_a_calls_usage_labels_are_kept_until_the_configuration_changes() -> None:
+    """The labels of a call's (model, answering model, feature) are looked up once and kept; a reload that
+    names a feature gives it its own label from then on, where it counted under `other` before."""
+    labels = MetricLabels(max_features=1)
+    config, prices = GatewayConfig(), PriceTable({})
+    labels.configure(config, prices)
+    assert labels.usage_key("gpt-4o", "gpt-4o-2024-08-06", "search") == ("gpt-4o", "gpt-4o", "search")
+    assert labels.usage_key("gpt-4o", "gpt-4o", "chat") == ("gpt-4o", "gpt-4o", "other")  # no spare left
+    assert labels.usage_key("gpt-4o", "gpt-4o", "chat") == ("gpt-4o", "gpt-4o", "other")
+    labels.configure(GatewayConfig(features={"chat": FeatureConfig()}), prices)
+    assert labels.usage_key("gpt-4o", "gpt-4o", "chat") == ("gpt-4o", "gpt-4o", "chat")
+    assert labels.usage_key("made-up", "made-up", "") == ("other", "other", "")
