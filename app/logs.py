@@ -7,6 +7,7 @@ import asyncio
 import atexit
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -80,9 +81,10 @@ class AccessLog:
         self.message = message
         self._waiting: list[bytes] = []
         self._waiting_for: JsonHandler | None = None
-        # The loop whose pass will end by writing them (a loop closed meanwhile never does: the next line
-        # asks its own loop).
+        # The loop whose pass will end by writing them, and the thread that runs it (a loop closed or
+        # stopped meanwhile never does: the next line asks for its own loop).
         self._flushing_on: asyncio.AbstractEventLoop | None = None
+        self._flushing_thread = 0
         # The second the lines start with, that start, and what follows the timestamp.
         self._second = -1
         self._second_start = b""
@@ -94,10 +96,7 @@ class AccessLog:
 
     def write(self, fields: dict[str, Any]) -> None:
         """`fields` as `extra`; the request id is the current request's."""
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
+        loop = self._running_loop()
         # Where the lines go is looked up once a pass of the loop: the pass's lines go out together.
         if loop is not None and self._flushing_on is loop:
             handler = self._waiting_for
@@ -130,8 +129,21 @@ class AccessLog:
             self._waiting_for = handler
         self._waiting.append(data)
         if self._flushing_on is not loop:
-            self._flushing_on = loop
+            self._flushing_on, self._flushing_thread = loop, threading.get_ident()
             loop.call_soon(self.flush)
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop | None:
+        """This thread's running loop, if any. The loop a flush waits on is taken to be it when this
+        thread scheduled that flush and the loop is running (a thread runs one loop at a time), without
+        asking asyncio, which makes a system call (getpid) each time: a pass's first line asks, its other
+        lines do not."""
+        loop = self._flushing_on
+        if loop is not None and self._flushing_thread == threading.get_ident() and loop.is_running():
+            return loop
+        try:
+            return asyncio.get_running_loop()
+        except RuntimeError:
+            return None
 
     def _start(self) -> tuple[bytes, bytes, bytes]:
         """`{"ts":"...`, up to its millisecond, the millisecond's end, and `,"level":"info",...` up to the

@@ -165,3 +165,45 @@ def test_a_line_reaches_a_byte_stream_as_its_text_would(configure: Configure, en
     lines = [json.loads(line) for line in raw.getvalue().decode(encoding).splitlines()]
     assert [line["msg"] for line in lines] == ["before", "request"]
     assert lines[1]["feature"] == "café" and lines[1]["request_id"] == "req-access-1"
+
+
+def test_a_pass_asks_for_its_loop_once_and_a_stale_loop_is_not_trusted(
+    configure: Configure, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asyncio.get_running_loop makes a system call; the lines after a pass's first know the loop from
+    the flush they wait for. A loop that stopped with a flush pending is not taken for the next one."""
+    configure("info")
+    (handler,) = logging.getLogger().handlers
+    stream = _Writes()
+    handler.setStream(stream)  # type: ignore[attr-defined]
+    access = AccessLog("gateway.access", "request")
+    asked: list[int] = []
+    real = asyncio.get_running_loop
+
+    def counted() -> asyncio.AbstractEventLoop:
+        asked.append(1)
+        return real()
+
+    monkeypatch.setattr(asyncio, "get_running_loop", counted)
+
+    stale = asyncio.new_event_loop()
+
+    def three_lines_then_stop() -> None:
+        for status in (200, 201, 202):
+            access.write({**FIELDS, "status": status})
+        stale.stop()  # the pass ends the loop's run: the flush it scheduled is left pending
+
+    stale.call_soon(three_lines_then_stop)
+    stale.run_forever()
+    assert len(asked) == 1
+    assert stream.writes == []
+
+    async def one_line_then_a_pass() -> None:
+        access.write({**FIELDS, "status": 203})
+        await asyncio.sleep(0)
+
+    asyncio.run(one_line_then_a_pass())
+    assert len(asked) == 2  # asked again: the stale loop was not running
+    written = "".join(stream.writes).splitlines()
+    assert [json.loads(line)["status"] for line in written] == [200, 201, 202, 203]
+    stale.close()
