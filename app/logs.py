@@ -106,8 +106,8 @@ class AccessLog:
             self.logger.info(self.message, extra=fields)
             return
         # The line's start as JsonFormatter writes it, then `fields` as orjson writes them: one dict
-        # serialised, not a second one built of both (a line's 31,700 instructions became 26,800,
-        # callgrind).
+        # serialised, not a second one built of both (with the start made below, a line went from 31,700
+        # instructions to 23,000, callgrind, eight lines a pass).
         parts = [*self._start()]
         request_id = request_id_var.get()
         if request_id is not None:
