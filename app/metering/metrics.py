@@ -139,14 +139,11 @@ class _RequestTotals:
             for status, count in totals.statuses.items():
                 requests.add_metric((label, str(status)), count)
             latency.add_metric((label,), totals.latency.buckets(), totals.latency.sum)
-            if totals.ttfb.counts != _NONE_OBSERVED:
+            if any(totals.ttfb.counts):
                 ttfb.add_metric((label,), totals.ttfb.buckets(), totals.ttfb.sum)
             if totals.attempts:
                 attempts.add_metric((label,), totals.attempts)
         yield from (requests, latency, ttfb, attempts)
-
-
-_NONE_OBSERVED = [0] * (len(_LATENCY_BUCKETS) + 1)
 
 
 class _UsageTotals:
