@@ -10,10 +10,11 @@ database; (e) this gateway with metering off; and (d) with --workers 2 for the s
 
 Phases; every proxy is started afresh for each, since an upstream has one canned answer:
   json    nginx's canned chat.completion: wrk, closed loop, 32 and 256 connections; then loadgen at a
-          fixed 200 req/s, open loop, latency from each request's scheduled time. Then (d), (e) and (d)
-          with two workers in alternated rounds: the metering cost and the scaling.
+          fixed 200 req/s, open loop, latency from each request's scheduled time. Then (d) and (b) in
+          alternated rounds, wrk and the Python client at 32 connections: the share of the pass-through;
+          and (d), (e) and (d) with two workers in alternated rounds: the metering cost and the scaling.
   stream  nginx's canned SSE stream (include_usage chunk, [DONE]): wrk, 32 connections, each body
-          checked to end with [DONE] -> streams/s.
+          checked to end with [DONE] -> streams/s. Then (d) and (b) in alternated rounds, as for JSON.
   burst   the tests' fake upstream shaped like a model (20 ms to the first token, then 50 tokens 100 ms
           apart): 200 streams/s open loop, ~1,000 in flight at once (TTFB from the scheduled time), then
           1,000 streams written at once (TTFB and total from the common start); peak RSS.
@@ -76,7 +77,7 @@ from harness import (
     wait_quiet,
     wait_ready,
 )
-from report import OFFERED_RPS, STREAMS, render, summarize_profile
+from report import ALTERNATED_WITH_FLOOR, OFFERED_RPS, STREAMS, render, summarize_profile
 
 RESULTS = BENCH / "results"
 RECORDER_BENCH = BENCH / "recorder_bench.py"
@@ -487,36 +488,38 @@ class Runner:
                 if proc is not None:
                     proc.stop()
 
-    def alternated_streams(self, origin: str, upstream_port: int) -> None:
-        """The metered gateway and the aiohttp pass-through relaying streams, alternated: AB_ROUNDS rounds,
-        each with a fresh pair of processes, wrk and then the Python client on each in turn (the order
-        reversed every other round). One process of the same code measured up to ±10% from the next
-        here (its memory layout, the machine's drift), the pass-through as much: the streams' ratio of
-        the separate phases, one process each, read 61% in one run and 76% in the next. The stream
-        checks use the median of the rounds' ratios."""
-        seconds = self.args.duration / self.args.repeats
+    def alternated_with_floor(self, phase: str, origin: str, upstream_port: int) -> None:
+        """The metered gateway and the aiohttp pass-through, alternated: AB_ROUNDS rounds, each with a
+        fresh pair of processes, wrk and then the Python client at 32 connections on each in turn (the
+        order reversed every other round). One process of the same code measured up to ±10% from the
+        next here (its memory layout, the machine's drift), the pass-through as much: the streams' ratio
+        of the separate phases, one process each, read 61% in one run and 76% in the next, and the JSON
+        ratio with the Python client 57% and 64% in two runs whose alternated rounds read 77-97%. The
+        checks against the pass-through at 32 connections use the median of the rounds' ratios."""
+        seconds, stream = self.args.duration / self.args.repeats, phase == "stream"
         pair = (GW, FLOOR)
         rounds: dict[str, dict[str, list[float]]] = {c: {t.key: [] for t in pair} for c in ("wrk", "py")}
+        what = "streams" if stream else "requests"
         try:
             for i in range(AB_ROUNDS):
-                with self._round(i, pair, origin, upstream_port, f"streams{i}", stream=True) as started:
+                with self._round(i, pair, origin, upstream_port, f"{phase}{i}", stream=stream) as started:
                     for client in ("wrk", "py"):
                         for target, proc, port in started:
                             w = self.measured(
-                                f"{target.key}, alternated streams, {client}",
+                                f"{target.key}, alternated {what}, {client}",
                                 proc,
-                                partial(self.client(client), port, target.client_key, 32, seconds, True),
+                                partial(self.client(client), port, target.client_key, 32, seconds, stream),
                             )
                             if w["errors"]:
-                                raise RuntimeError(f"{target.key}: {w['errors']} failed streams ({client})")
+                                raise RuntimeError(f"{target.key}: {w['errors']} failed {what} ({client})")
                             rounds[client][target.key].append(round(w["rps"], 1))
-                            self.settle(target, proc, f"{client} streams")
+                            self.settle(target, proc, f"{client} {what}")
         except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
-            self.notes.append(f"alternated streams: {exc}")
+            self.notes.append(f"alternated {what}: {exc}")
             log(f"  failed: {exc}")
         for client, runs in rounds.items():
-            log(f"  {client:>4}, alternated streams: " + "  ".join(f"{k} {v}" for k, v in runs.items()))
-        self.results["alternated_streams"] = rounds
+            log(f"  {client:>4}, alternated {what}: " + "  ".join(f"{k} {v}" for k, v in runs.items()))
+        self.results[ALTERNATED_WITH_FLOOR[phase]] = rounds
 
     def stream_work(self, target: Target, port: int, proc: Proc | None) -> None:
         self.wrk(port, target.client_key, 32, min(1.0, self.args.duration), stream=True)
@@ -700,6 +703,9 @@ def main(argv: list[str] | None = None) -> int:
             runner.upstream = nginx
             if "json" in phases:
                 runner.run_phase("json", single, f"http://127.0.0.1:{json_port}", json_port, runner.json_work)
+                if GW in targets and FLOOR in targets:
+                    log("json: the gateway and the pass-through, alternated")
+                    runner.alternated_with_floor("json", f"http://127.0.0.1:{json_port}", json_port)
                 if GW in targets and (GW_NOMETER in targets or GW_W2 in targets):
                     log("json: metering on, off and two workers, alternated")
                     runner.alternated(targets, f"http://127.0.0.1:{json_port}", json_port)
@@ -709,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if GW in targets and FLOOR in targets:
                     log("stream: the gateway and the pass-through, alternated")
-                    runner.alternated_streams(f"http://127.0.0.1:{sse_port}", sse_port)
+                    runner.alternated_with_floor("stream", f"http://127.0.0.1:{sse_port}", sse_port)
             nginx.stop()
         if "burst" in phases:
             fake, fake_port = start_fake(runner.logdir)

@@ -68,3 +68,28 @@ def test_calls_in_flight_are_counted_in_whole_rounds_of_connections() -> None:
     assert sizes(8) == (24, 200)
     text = report({("stream", "gw"): 720_000.0}, 224, client_body=True, in_flight=32)
     assert "(224 calls counted, 32 in flight; the Python client's bodies)" in text
+
+
+def test_the_figures_against_the_pass_through_at_32_connections_are_the_alternated_rounds() -> None:
+    from report import checks
+
+    results = {
+        # The separate phases, one process each: the Python client's JSON figure reads 50% there.
+        "gw": {"rps_32": 900.0, "py_rps_32": 500.0, "streams_per_s": 600.0, "py_streams_per_s": 600.0},
+        "passthrough": {"rps_32": 1000.0, "py_rps_32": 1000.0, "streams_per_s": 1000.0},
+        "alternated_json": {
+            "wrk": {"gw": [60.0, 90.0, 95.0], "passthrough": [100.0, 100.0, 100.0]},
+            "py": {"gw": [72.0, 80.0, 40.0], "passthrough": [100.0, 100.0, 100.0]},
+        },
+        # Rounds that do not pair up are not used: the separate phases are.
+        "alternated_streams": {"wrk": {"gw": [1.0], "passthrough": []}},
+    }
+    pinning = {"proxy": "0", "workers2": "0,1", "load": "1"}
+    rows = {row[0].split(" (")[0]: row for row in checks(results, pinning)}
+    json_py = rows["JSON req/s, 1 worker, metering on, 32 conns, Python client"]
+    assert "3 rounds alternated" in json_py[0] and "(72%)" in json_py[1] and json_py[4] == "PASS"
+    assert "separate phases: 500 / 1,000 = 50%" in json_py[2]
+    json_wrk = rows["JSON req/s, 1 worker, metering on, 32 conns"]
+    assert "(90%)" in json_wrk[1] and json_wrk[4] == "PASS"
+    streams = rows["streams/s, 1 worker, metering on, 32 conns"]
+    assert "rounds" not in streams[0] and "(60%)" in streams[1] and streams[4] == "**FAIL**"
