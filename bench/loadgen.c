@@ -59,6 +59,8 @@ static double *sched, *first_byte, *done_at, *timer_lag;
 static int *ok;
 static long total, next_sched, next_dispatch, finished, failed_n, started_n, peak_in_flight;
 static int *idle;
+/* The idle connections, a queue (a ring of idle_cap): the one idle longest goes next. */
+static int idle_head, idle_cap;
 static int idle_n, connected_n, connecting_n, burst_mode, running;
 
 static double now_s(void) {
@@ -130,19 +132,36 @@ static void start_request(int i, long r) {
     }
 }
 
+/* First in, first out: at a low rate every connection of the pool takes its turn and none sits idle past
+ * the server's keep-alive timeout. Taken from a stack, the deepest ones did, and one was now and then
+ * picked up in the instant the server closed it: a request failed that no proxy had failed. */
+static void idle_push(int i) { idle[(idle_head + idle_n++) % idle_cap] = i; }
+
+static int idle_pop(void) {
+    int i = idle[idle_head];
+    idle_head = (idle_head + 1) % idle_cap;
+    idle_n--;
+    return i;
+}
+
+static void idle_remove(int i) {
+    for (int k = 0; k < idle_n; k++) {
+        if (idle[(idle_head + k) % idle_cap] == i) {
+            for (; k + 1 < idle_n; k++) idle[(idle_head + k) % idle_cap] = idle[(idle_head + k + 1) % idle_cap];
+            idle_n--;
+            return;
+        }
+    }
+}
+
 static void dispatch(void) {
-    while (!burst_mode && next_dispatch < next_sched && idle_n > 0) start_request(idle[--idle_n], next_dispatch++);
+    while (!burst_mode && next_dispatch < next_sched && idle_n > 0) start_request(idle_pop(), next_dispatch++);
 }
 
 static void close_conn(int i, int reopen) {
     conn_t *c = &conns[i];
-    /* An idle connection the server closed (its keep-alive timeout) leaves the idle stack. */
-    for (int k = 0; k < idle_n; k++) {
-        if (idle[k] == i) {
-            idle[k] = idle[--idle_n];
-            break;
-        }
-    }
+    /* An idle connection the server closed (its keep-alive timeout) leaves the idle queue. */
+    idle_remove(i);
     epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
     close(c->fd);
     if (c->state == C_CONNECTING) connecting_n--;
@@ -275,7 +294,7 @@ static void on_complete(int i) {
     } else {
         c->state = C_IDLE;
         watch(i, EPOLLIN, EPOLL_CTL_MOD);
-        idle[idle_n++] = i;
+        idle_push(i);
     }
 }
 
@@ -294,7 +313,7 @@ static void on_event(int i, unsigned events) {
         connected_n++;
         c->state = C_IDLE;
         watch(i, EPOLLIN, EPOLL_CTL_MOD);
-        idle[idle_n++] = i;
+        idle_push(i);
         return;
     }
     if (c->state == C_WRITING && (events & EPOLLOUT)) {
@@ -396,6 +415,7 @@ static int all_finished(void) { return finished >= total; }
 static void open_pool(int n) {
     conns = calloc((size_t)n, sizeof *conns);
     idle = calloc((size_t)n, sizeof *idle);
+    idle_cap = n;
     for (int i = 0; i < n; i++) {
         open_conn(i);
         if (connecting_n >= max_connecting) loop_until(now_s() + 10, all_connected);
@@ -455,7 +475,7 @@ int main(int argc, char **argv) {
         double t0 = now_s();
         for (long r = 0; r < total && idle_n > 0; r++) {
             sched[r] = t0;
-            start_request(idle[--idle_n], r);
+            start_request(idle_pop(), r);
         }
         loop_until(t0 + timeout_s, all_finished);
         double wall = now_s() - t0;
