@@ -404,8 +404,8 @@ class Runner:
     def alternated(self, targets: list[Target], origin: str, upstream_port: int) -> None:
         """Metering on, metering off and two workers, alternated: AB_ROUNDS rounds, each with a fresh set
         of gateways up at once (one worker pinned to CPU 0, two on CPUs 0-1; only the one under load is
-        busy) and wrk on one after the other (the order reversed every other round), at 32 and at 256
-        connections. A slow spell of the machine then slows all alike, where separate phases minutes
+        busy) and wrk on one after the other in interleaved slices of a second (`interleaved`), at 32 and
+        at 256 connections. A slow spell of the machine then slows all alike, where separate phases minutes
         apart can catch it on one side only; and fresh processes each round, because two identical
         processes measured up to 18% apart here, run after run (the memory layout each one happened to
         get). The metering and scaling checks use the medians."""
@@ -448,17 +448,13 @@ class Runner:
         samples: dict[tuple[str, str], list[tuple[float, float, float, float]]],
     ) -> None:
         """One round of the alternated runs: a fresh set of gateways, each load on each in turn."""
-        seconds = self.args.duration / self.args.repeats
         with self._round(i, compared, origin, upstream_port, f"ab{i}", stream=False) as started:
             for load, client, conns in AB_LOADS:
-                for target, proc, port in started:
-                    if client == "py" and target is GW_W2:
-                        continue
-                    w = self.measured(
-                        f"{target.key}, alternated {client} at {conns} connections",
-                        proc,
-                        partial(self.client(client), port, target.client_key, conns, seconds, False),
-                    )
+                sides = [s for s in started if not (client == "py" and s[0] is GW_W2)]
+                got = self.interleaved(
+                    f"alternated {client} at {conns} connections", sides, client, conns, False
+                )
+                for target, w in got.items():
                     per_request = 1e6 / max(1, w["requests"])
                     samples[(load, target.key)].append(
                         (
@@ -466,7 +462,33 @@ class Runner:
                             *(w[k] * per_request for k in ("proxy_cpu_s", "db_cpu_s", "load_cpu_s")),
                         )
                     )
-                    self.settle(target, proc, f"{client} at {conns} connections")
+
+    def interleaved(
+        self,
+        label: str,
+        sides: Sequence[tuple[Target, Proc | None, int]],
+        client: str,
+        conns: int,
+        stream: bool,
+    ) -> dict[Target, dict[str, Any]]:
+        """The same load on each side in turn, in slices of a second (wrk's shortest run), the order
+        reversed every other slice; each side's slices summed. The VM's speed moves within seconds: here
+        one process's 1-s slices of streams read from 59% to 92% of the other's, where their sums over
+        eight slices, in four pairs of fresh processes, read 74-79% (bench/README.md)."""
+        seconds = self.args.duration / self.args.repeats
+        n = max(1, round(seconds))
+        slices: dict[Target, list[dict[str, Any]]] = {target: [] for target, _, _ in sides}
+        for k in range(n):
+            for target, proc, port in sides if k % 2 == 0 else sides[::-1]:
+                slices[target].append(
+                    self.measured(
+                        f"{target.key}, {label}",
+                        proc,
+                        partial(self.client(client), port, target.client_key, conns, seconds / n, stream),
+                    )
+                )
+                self.settle(target, proc, f"{client} at {conns} connections")
+        return {target: summed(runs) for target, runs in slices.items()}
 
     @contextlib.contextmanager
     def _round(
@@ -490,13 +512,14 @@ class Runner:
 
     def alternated_with_floor(self, phase: str, origin: str, upstream_port: int) -> None:
         """The metered gateway and the aiohttp pass-through, alternated: AB_ROUNDS rounds, each with a
-        fresh pair of processes, wrk and then the Python client at 32 connections on each in turn (the
-        order reversed every other round). One process of the same code measured up to ±10% from the
-        next here (its memory layout, the machine's drift), the pass-through as much: the streams' ratio
-        of the separate phases, one process each, read 61% in one run and 76% in the next, and the JSON
-        ratio with the Python client 57% and 64% in two runs whose alternated rounds read 77-97%. The
-        checks against the pass-through at 32 connections use the median of the rounds' ratios."""
-        seconds, stream = self.args.duration / self.args.repeats, phase == "stream"
+        fresh pair of processes, wrk and then the Python client at 32 connections, on the two in
+        interleaved slices of a second (`interleaved`). One process of the same code measured up to ±10%
+        from the next here (its memory layout), the pass-through as much, and the machine's speed moves
+        within seconds: the streams' ratio of the separate phases, one process each, read 61% in one run
+        and 76% in the next, and the JSON ratio with the Python client 57% and 64% in two runs whose
+        alternated rounds read 77-97%. The checks against the pass-through at 32 connections use the
+        median of the rounds' ratios."""
+        stream = phase == "stream"
         pair = (GW, FLOOR)
         rounds: dict[str, dict[str, list[float]]] = {c: {t.key: [] for t in pair} for c in ("wrk", "py")}
         what = "streams" if stream else "requests"
@@ -504,16 +527,11 @@ class Runner:
             for i in range(AB_ROUNDS):
                 with self._round(i, pair, origin, upstream_port, f"{phase}{i}", stream=stream) as started:
                     for client in ("wrk", "py"):
-                        for target, proc, port in started:
-                            w = self.measured(
-                                f"{target.key}, alternated {what}, {client}",
-                                proc,
-                                partial(self.client(client), port, target.client_key, 32, seconds, stream),
-                            )
+                        got = self.interleaved(f"alternated {what}, {client}", started, client, 32, stream)
+                        for target, w in got.items():
                             if w["errors"]:
                                 raise RuntimeError(f"{target.key}: {w['errors']} failed {what} ({client})")
                             rounds[client][target.key].append(round(w["rps"], 1))
-                            self.settle(target, proc, f"{client} {what}")
         except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
             self.notes.append(f"alternated {what}: {exc}")
             log(f"  failed: {exc}")
@@ -609,6 +627,19 @@ class Runner:
         lines = [x.strip() for x in out.stdout.splitlines() if x.strip()]
         last = lines[-1] if lines else f"no output (exit {out.returncode})"
         self.results["recorder"] = {"line": last, "ok": out.returncode == 0, "stdout": out.stdout[-4000:]}
+
+
+def summed(slices: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Slices of one load on one side (Runner.interleaved) as one run: its requests, time, errors and CPU
+    added up, the busiest reading of other processes kept."""
+    total: dict[str, Any] = {k: sum(w[k] for w in slices) for k in _SUMMED}
+    total["rps"] = total["requests"] / (total["duration_us"] / 1e6) if total["duration_us"] else 0.0
+    total["other_cpus"] = max(w["other_cpus"] for w in slices)
+    total["slices_rps"] = [round(w["rps"], 1) for w in slices]
+    return total
+
+
+_SUMMED = ("requests", "duration_us", "errors", "proxy_cpu_s", "db_cpu_s", "load_cpu_s")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

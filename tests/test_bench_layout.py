@@ -93,3 +93,25 @@ def test_the_figures_against_the_pass_through_at_32_connections_are_the_alternat
     assert "(90%)" in json_wrk[1] and json_wrk[4] == "PASS"
     streams = rows["streams/s, 1 worker, metering on, 32 conns"]
     assert "rounds" not in streams[0] and "(60%)" in streams[1] and streams[4] == "**FAIL**"
+
+
+def test_a_sides_slices_add_up_to_one_run() -> None:
+    from run import summed
+
+    def slice_(requests: int, seconds: float, errors: int, other: float) -> dict[str, float]:
+        return {
+            "requests": requests,
+            "duration_us": seconds * 1e6,
+            "errors": errors,
+            "proxy_cpu_s": seconds * 0.9,
+            "db_cpu_s": 0.1,
+            "load_cpu_s": 0.2,
+            "other_cpus": other,
+            "rps": requests / seconds,
+        }
+
+    total = summed([slice_(6000, 1.0, 0, 0.0), slice_(3000, 1.0, 1, 0.3), slice_(3000, 1.0, 0, 0.1)])
+    # The requests over the time of all slices, not the mean of the slices' rates.
+    assert total["rps"] == 4000.0 and total["requests"] == 12000 and total["errors"] == 1
+    assert total["proxy_cpu_s"] == pytest.approx(2.7) and total["other_cpus"] == 0.3
+    assert total["slices_rps"] == [6000.0, 3000.0, 3000.0]
