@@ -50,7 +50,7 @@ lint: install
 	$(VENV)/bin/ruff format --check app tests bench
 	$(VENV)/bin/mypy app
 
-# The benchmark harness (bench/README.md): installs what it needs, stops what it starts, ~10 minutes.
+# The benchmark harness (bench/README.md): installs what it needs, stops what it starts, ~25 minutes.
 # BENCH_ARGS=--quick for a short run without LiteLLM; --profile adds py-spy profiles of the gateway.
 bench: install
 	$(PY) bench/run.py $(BENCH_ARGS)
