@@ -473,7 +473,7 @@ class Runner:
     ) -> dict[Target, dict[str, Any]]:
         """The same load on each side in turn, in slices of a second (wrk's shortest run), the order
         reversed every other slice; each side's slices summed. The VM's speed moves within seconds: here
-        one process's 1-s slices of streams read from 59% to 92% of the other's, where their sums over
+        one process's 1-s slices of streams read from 59% to 97% of the other's, where their sums over
         eight slices, in four pairs of fresh processes, read 74-79% (bench/README.md)."""
         seconds = self.args.duration / self.args.repeats
         n = max(1, round(seconds))
