@@ -39,8 +39,6 @@ PROXY_CPUS, WORKERS2_CPUS, LOAD_CPUS = cpu_sets(os.cpu_count() or 1)
 UPSTREAM_KEY = "sk-upstream-test"
 # A name of its own (BENCH_DB) where several runs share one Postgres server.
 BENCH_DB = os.environ.get("BENCH_DB", "llm_gateway_bench")
-if not BENCH_DB.replace("_", "").isalnum():
-    raise SystemExit("BENCH_DB: letters, digits and _ only")
 PG_ADMIN_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 # Shaped like a model: 20 ms to the first token, then 50 more 100 ms apart, so a stream lasts ~5 s and
 # 200 streams/s keep 1,000 open at once (10,000 events/s to relay; the Python floor pays ~40 µs an event).
@@ -382,6 +380,8 @@ def bench_db_url() -> str:
 
 
 def create_db() -> None:
+    if not BENCH_DB.replace("_", "").isalnum():
+        raise SystemExit("BENCH_DB: letters, digits and _ only")
     # Quoted, so that the name keeps its case, as the URL gives it (unquoted, Postgres folds it).
     _pg(f'DROP DATABASE IF EXISTS "{BENCH_DB}" WITH (FORCE)')
     _pg(f'CREATE DATABASE "{BENCH_DB}"')
