@@ -227,7 +227,7 @@ def reload_config(services: Services) -> None:
         # In the background: the tokenizers may not be built yet (see the lifespan).
         threading.Thread(target=tokens.preload, name="tokenizer-preload", daemon=True).start()
     live = _live_config(settings, fresh, services.metrics)
-    services.metrics.labels.configure(fresh, live.prices)
+    services.metrics.configure_labels(fresh, live.prices)
     services.config.current = live
     log.info("configuration reloaded")
 
@@ -254,7 +254,7 @@ def create_app(settings: Settings | None = None) -> GatewayApp:
         # Without the tables there is no spend to load, only one more failure to log.
         guard = await _make_guard(settings, config, engine, seed=not behind)
         app_metrics.watch_limits(guard.stats)
-        app_metrics.labels.configure(config, live.current.prices)
+        app_metrics.configure_labels(config, live.current.prices)
         app_metrics.labels.name_routes([*HOT_ROUTES, *(getattr(route, "path", "") for route in app.routes)])
         recorder: Recorder | None = None
         if _has_prompt_budgets(config):

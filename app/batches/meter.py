@@ -63,7 +63,6 @@ from app.errors import GatewayError
 from app.limits.guard import Guard
 from app.live_config import ConfigHolder
 from app.metering.pricing import PriceTable
-from app.metering.usage import price_usage
 from app.proxy.targets import UpstreamTarget
 from app.proxy.upstream import UpstreamClient, UpstreamUnavailable
 from app.wire.openai import usage_of
@@ -686,7 +685,7 @@ def line_event(
     usage = usage_of(reported) if isinstance(reported, dict) else Usage()
     model = body.get("model")
     model = model if isinstance(model, str) and model and is_model_name(model) else None
-    priced = price_usage(prices, model, "batch", usage)
+    priced = prices.price_usage(model, "batch", usage)
     return UsageEvent(
         request_id=line_key(batch_id, line.get("custom_id")),
         created_at=ended,

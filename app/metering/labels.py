@@ -23,7 +23,7 @@ OTHER = "other"
 _MAX_OTHER_ROUTES = 100
 # Model names remembered with their label; beyond that a name is looked up again (the price table's own
 # cache is bounded likewise).
-_MAX_MODELS_REMEMBERED = 4096
+MAX_NAMES_REMEMBERED = 4096
 
 
 def _no_price(_: str) -> str | None:
@@ -59,8 +59,6 @@ class MetricLabels:
         self._models: dict[str, str] = {"": ""}
         self._configured_models: frozenset[str] = frozenset()
         self._price_entry: Callable[[str], str | None] = _no_price
-        # (model, answering model, feature) as the calls name them, and their labels: one lookup a call.
-        self._usage_keys: dict[tuple[str, str, str], tuple[str, str, str]] = {}
 
     def name_routes(self, routes: Iterable[str]) -> None:
         self.route.name(routes)
@@ -83,7 +81,6 @@ class MetricLabels:
         )
         self._price_entry = prices.resolve
         self._models = {"": ""}
-        self._usage_keys = {}
 
     def model(self, name: str) -> str:
         """The name itself when GATEWAY_CONFIG names it, else the price table's entry it is priced by (a
@@ -91,16 +88,10 @@ class MetricLabels:
         label = self._models.get(name)
         if label is None:
             label = name if name in self._configured_models else self._price_entry(name) or OTHER
-            if len(self._models) < _MAX_MODELS_REMEMBERED:
+            if len(self._models) < MAX_NAMES_REMEMBERED:
                 self._models[name] = label
         return label
 
     def usage_key(self, model: str, upstream_model: str, feature: str) -> tuple[str, str, str]:
         """The labels of a call's model, answering model and feature."""
-        named = (model, upstream_model, feature)
-        key = self._usage_keys.get(named)
-        if key is None:
-            key = (self.model(model), self.model(upstream_model), self.feature(feature))
-            if len(self._usage_keys) < _MAX_MODELS_REMEMBERED:
-                self._usage_keys[named] = key
-        return key
+        return (self.model(model), self.model(upstream_model), self.feature(feature))

@@ -31,8 +31,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from app.call.record import CallRecord, Usage
+from app.config_file import GatewayConfig
 from app.db.events import COST_EXPONENT
-from app.metering.labels import OTHER, MetricLabels
+from app.metering.labels import MAX_NAMES_REMEMBERED, OTHER, MetricLabels
+from app.metering.pricing import PriceTable
 
 COST_UNIT_USD = 10.0**COST_EXPONENT
 
@@ -146,28 +148,55 @@ class _RequestTotals:
         yield from (requests, latency, ttfb, attempts)
 
 
+class _UsageSum:
+    """One label set's totals: tokens by kind, and the cost in units of 1e-10 USD (exact; None until a
+    call was priced)."""
+
+    __slots__ = ("cached", "completion", "cost_units", "prompt", "reasoning")
+
+    def __init__(self) -> None:
+        self.prompt = self.completion = self.cached = self.reasoning = 0
+        self.cost_units: int | None = None
+
+
 class _UsageTotals:
-    """Tokens by kind and cost, per (model, upstream_model, feature): one dict lookup a call, expanded
-    into the gateway_tokens and gateway_cost_usd families at scrape time."""
+    """Tokens by kind and cost, per (model, upstream_model, feature) label: one dict lookup a call, by the
+    names the call gives, expanded into the gateway_tokens and gateway_cost_usd families at scrape time."""
 
     _KINDS = ("prompt", "completion", "cached", "reasoning")
 
-    def __init__(self) -> None:
-        # per (model, upstream_model, feature): [prompt, completion, cached, reasoning tokens], cost in USD
-        # or None
-        self.values: dict[tuple[str, str, str], tuple[list[int], list[float | None]]] = {}
+    def __init__(self, labels: MetricLabels) -> None:
+        self._labels = labels
+        self.values: dict[tuple[str, str, str], _UsageSum] = {}
+        # The same sums by the names calls give: a call's names are labelled once, not at every call.
+        self._by_name: dict[tuple[str, str, str], _UsageSum] = {}
 
-    def add(self, key: tuple[str, str, str], usage: Usage, cost_units: int | None) -> None:
+    def relabel(self) -> None:
+        """The labels may have changed (a new configuration): names are labelled again as they come."""
+        self._by_name = {}
+
+    def add(
+        self, model: str, upstream_model: str, feature: str, usage: Usage, cost_units: int | None
+    ) -> None:
+        entry = self._by_name.get((model, upstream_model, feature))
+        if entry is None:
+            entry = self._entry(model, upstream_model, feature)
+        entry.prompt += usage.prompt_tokens
+        entry.completion += usage.completion_tokens
+        entry.cached += usage.cached_tokens
+        entry.reasoning += usage.reasoning_tokens
+        if cost_units is not None:
+            entry.cost_units = (entry.cost_units or 0) + cost_units
+
+    def _entry(self, model: str, upstream_model: str, feature: str) -> _UsageSum:
+        key = self._labels.usage_key(model, upstream_model, feature)
         entry = self.values.get(key)
         if entry is None:
-            entry = self.values[key] = ([0, 0, 0, 0], [None])
-        counts = entry[0]
-        counts[0] += usage.prompt_tokens
-        counts[1] += usage.completion_tokens
-        counts[2] += usage.cached_tokens
-        counts[3] += usage.reasoning_tokens
-        if cost_units is not None:
-            entry[1][0] = (entry[1][0] or 0.0) + cost_units * COST_UNIT_USD
+            entry = self.values[key] = _UsageSum()
+        # Bounded: the names come from clients.
+        if len(self._by_name) < MAX_NAMES_REMEMBERED:
+            self._by_name[(model, upstream_model, feature)] = entry
+        return entry
 
     def families(self) -> Iterator[Metric]:
         tokens = CounterMetricFamily(
@@ -180,12 +209,13 @@ class _UsageTotals:
             "Cost in USD by requested model, answering model and feature",
             labels=("model", "upstream_model", "feature"),
         )
-        for (model, upstream_model, feature), (counts, (usd,)) in self.values.items():
+        for (model, upstream_model, feature), entry in self.values.items():
+            counts = (entry.prompt, entry.completion, entry.cached, entry.reasoning)
             for kind, count in zip(self._KINDS, counts, strict=True):
                 if count:
                     tokens.add_metric((model, upstream_model, feature, kind), count)
-            if usd is not None:
-                cost.add_metric((model, upstream_model, feature), usd)
+            if entry.cost_units is not None:
+                cost.add_metric((model, upstream_model, feature), entry.cost_units * COST_UNIT_USD)
         yield tokens
         yield cost
 
@@ -204,7 +234,7 @@ class Metrics:
         self.labels = MetricLabels(max_features)
         self.registry = CollectorRegistry(auto_describe=False)
         self.requests = _RequestTotals(self.labels)
-        self.usage = _UsageTotals()
+        self.usage = _UsageTotals(self.labels)
         self.unknown_models = _LabelledCounter(
             "gateway_unknown_model_calls", "Calls to a model with no known price", ("model",)
         )
@@ -301,7 +331,12 @@ class Metrics:
     ) -> None:
         """`model` as the client asked for it, as the usage rows have it; `upstream_model` the one that
         answered (after aliases and fallbacks; a dated snapshot counts under its model)."""
-        self.usage.add(self.labels.usage_key(model, upstream_model, feature), usage, cost_units)
+        self.usage.add(model, upstream_model, feature, usage, cost_units)
+
+    def configure_labels(self, config: GatewayConfig, prices: PriceTable) -> None:
+        """At start-up and on SIGHUP (MetricLabels.configure)."""
+        self.labels.configure(config, prices)
+        self.usage.relabel()
 
     def observe_unknown_model(self, model: str) -> None:
         self.unknown_models.inc((self.labels.model(model),))

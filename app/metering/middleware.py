@@ -24,7 +24,7 @@ from app.call.record import CallRecord
 from app.metering import tokens
 from app.metering.metrics import Metrics
 from app.metering.pricing import PriceTable, rate_tier
-from app.metering.usage import estimated_with, event_line, price_usage, usage_of
+from app.metering.usage import UPSTREAM, estimated_with, event_line, usage_of
 
 log = logging.getLogger("gateway.metering")
 
@@ -75,10 +75,12 @@ class Meter:
         if self.recorder is None and admitted.admission is None:
             return
         prices = self.config.prices_for(scope)
-        model = estimated_with(call)
-        if model is not None and not tokens.is_built_for(model):
-            self._build_then_record(call, prices, model, elapsed)
-            return
+        # An answer with its usage (nearly every call) needs no tokenizer.
+        if outcome.usage is None:
+            model = estimated_with(call)
+            if model is not None and not tokens.is_built_for(model):
+                self._build_then_record(call, prices, model, elapsed)
+                return
         self._record(call, prices, elapsed)
 
     def _build_then_record(self, call: CallRecord, prices: PriceTable, model: str, elapsed: float) -> None:
@@ -107,11 +109,13 @@ class Meter:
 
     def _record(self, call: CallRecord, prices: PriceTable, elapsed: float) -> None:
         admitted, outcome = call.admitted, call.outcome
-        usage, source = usage_of(call)
+        usage, source = outcome.usage, UPSTREAM
+        if usage is None:
+            usage, source = usage_of(call)
         # Priced by the model that answered (a dated snapshot resolves to its family), at the rates of the
         # service tier its answer reported.
         model = outcome.upstream_model or outcome.routed_model or admitted.model
-        priced = price_usage(prices, model, rate_tier(outcome.service_tier), usage)
+        priced = prices.price_usage(model, rate_tier(outcome.service_tier), usage)
         cost = priced.cost_units
         outcome.metered_usage, outcome.cost_units = usage, cost
         if admitted.admission is not None:

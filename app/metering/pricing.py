@@ -37,7 +37,7 @@ import re
 import threading
 from collections.abc import Callable, Mapping
 from decimal import Decimal
-from typing import Any, Final, Literal, NamedTuple
+from typing import Any, Final, Literal, NamedTuple, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -169,6 +169,18 @@ class TokenCounts(NamedTuple):
         )
 
 
+class UsageCounts(Protocol):
+    """A call's usage as `app.call.record.Usage` holds it: the totals and their subsets."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    audio_prompt_tokens: int
+    audio_completion_tokens: int
+    image_prompt_tokens: int
+    image_completion_tokens: int
+
+
 class Priced(NamedTuple):
     """A call's cost in units of QUANTUM (None: no price) and the entry that priced it."""
 
@@ -187,6 +199,17 @@ def _units_per_token(rates: Rates) -> tuple[int, ...]:
     if any(unit != unit.to_integral_value() for unit in units):
         return ()
     return tuple(int(unit) for unit in units)
+
+
+def _text_cost(units: tuple[int, ...], prompt: int, cached: int, completion: int) -> int:
+    """The cost of a text-only call in units of QUANTUM, without building TokenCounts (the same clamps):
+    this runs on every request."""
+    prompt = prompt if prompt > 0 else 0
+    cached = cached if cached > 0 else 0
+    if cached > prompt:
+        cached = prompt
+    completion = completion if completion > 0 else 0
+    return (prompt - cached) * units[0] + cached * units[1] + completion * units[2]
 
 
 def _cost_units(rates: Rates, units: tuple[int, ...], counts: TokenCounts) -> int:
@@ -261,7 +284,7 @@ class PriceTable:
             self._versions[name] = override_version(price)
         self._on_unknown = on_unknown
         self._resolved: dict[str, tuple[str, ModelPrice] | None] = {}
-        self._tiered: dict[tuple[str, str], _TierHit | None] = {}
+        self._tiered: dict[tuple[str | None, str], _TierHit | None] = {}
         self._warned: set[str] = set()
         self._warn_lock = threading.Lock()
 
@@ -355,19 +378,42 @@ class PriceTable:
             return _UNPRICED
         units = hit.units
         if units and not (audio_prompt or audio_completion or image_prompt or image_completion):
-            # The common call, text only, without building TokenCounts: this runs on every request.
-            prompt = prompt if prompt > 0 else 0
-            cached = cached if cached > 0 else 0
-            if cached > prompt:
-                cached = prompt
-            completion = completion if completion > 0 else 0
-            cost = (prompt - cached) * units[0] + cached * units[1] + completion * units[2]
+            cost = _text_cost(units, prompt, cached, completion)
         else:
             counts = TokenCounts.split(
                 prompt, completion, cached, audio_prompt, audio_completion, image_prompt, image_completion
             )
             cost = _cost_units(hit.rates, units, counts)
         return _new_priced(Priced, (cost, hit.price_key, hit.version))
+
+    def price_usage(self, model: str | None, tier: str, usage: UsageCounts) -> Priced:
+        """price() of a call's usage object. Every metered call comes here, and nearly all are text only
+        and of a model priced before: those are priced straight from the rates found then, without
+        unpacking the counts they do not have."""
+        hit = self._tiered.get((model, tier))
+        if (
+            hit is not None
+            and hit.units
+            and not (
+                usage.audio_prompt_tokens
+                or usage.audio_completion_tokens
+                or usage.image_prompt_tokens
+                or usage.image_completion_tokens
+            )
+        ):
+            cost = _text_cost(hit.units, usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
+            return _new_priced(Priced, (cost, hit.price_key, hit.version))
+        return self.price(
+            model,
+            tier,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.cached_tokens,
+            usage.audio_prompt_tokens,
+            usage.audio_completion_tokens,
+            usage.image_prompt_tokens,
+            usage.image_completion_tokens,
+        )
 
     def lookup(self, model: str | None, tier: str) -> tuple[str, str] | None:
         """(price_key, price_version) a call of `model` at `tier` is priced by now; None: no price."""

@@ -8,10 +8,12 @@ from typing import Any
 from app.call.record import CallRecord, Usage
 from app.db.events import UsageSource, line
 from app.metering import tokens
-from app.metering.pricing import Priced, PriceTable
+from app.metering.pricing import Priced
 from app.wire import endpoints
 
 log = logging.getLogger("gateway.metering")
+
+UPSTREAM: UsageSource = "upstream"
 
 
 def estimated_with(call: CallRecord) -> str | None:
@@ -48,7 +50,7 @@ def usage_of(call: CallRecord) -> tuple[Usage, UsageSource]:
     """The call's tokens and where they come from."""
     outcome = call.outcome
     if outcome.usage is not None:
-        return outcome.usage, "upstream"
+        return outcome.usage, UPSTREAM
     model = estimated_with(call)
     if model is not None:
         return _estimate(call, model), "estimated"
@@ -97,18 +99,4 @@ def event_line(
             usage.image_completion_tokens,
             None if admitted.browser_token is None else admitted.browser_token.id,
         )
-    )
-
-
-def price_usage(prices: PriceTable, model: str | None, tier: str, usage: Usage) -> Priced:
-    return prices.price(
-        model,
-        tier,
-        usage.prompt_tokens,
-        usage.completion_tokens,
-        usage.cached_tokens,
-        usage.audio_prompt_tokens,
-        usage.audio_completion_tokens,
-        usage.image_prompt_tokens,
-        usage.image_completion_tokens,
     )

@@ -11,9 +11,8 @@ import orjson
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.call.record import CallRecord
+from app.call.record import CallRecord, Usage
 from app.config_file import FeatureConfig, GatewayConfig
-from app.metering.labels import MetricLabels
 from app.metering.metrics import Metrics
 from app.metering.pricing import PriceTable
 
@@ -111,12 +110,37 @@ class _Fixed:
 def test_a_calls_usage_labels_are_kept_until_the_configuration_changes() -> None:
     """The labels of a call's (model, answering model, feature) are looked up once and kept; a reload that
     names a feature gives it its own label from then on, where it counted under `other` before."""
-    labels = MetricLabels(max_features=1)
+    metrics = Metrics(max_features=1)
     config, prices = GatewayConfig(), PriceTable({})
-    labels.configure(config, prices)
-    assert labels.usage_key("gpt-4o", "gpt-4o-2024-08-06", "search") == ("gpt-4o", "gpt-4o", "search")
-    assert labels.usage_key("gpt-4o", "gpt-4o", "chat") == ("gpt-4o", "gpt-4o", "other")  # no spare left
-    assert labels.usage_key("gpt-4o", "gpt-4o", "chat") == ("gpt-4o", "gpt-4o", "other")
-    labels.configure(GatewayConfig(features={"chat": FeatureConfig()}), prices)
-    assert labels.usage_key("gpt-4o", "gpt-4o", "chat") == ("gpt-4o", "gpt-4o", "chat")
-    assert labels.usage_key("made-up", "made-up", "") == ("other", "other", "")
+    metrics.configure_labels(config, prices)
+    usage = Usage(prompt_tokens=10, completion_tokens=5, total_tokens=15, cached_tokens=4)
+    metrics.observe_usage("gpt-4o", "gpt-4o-2024-08-06", "search", usage, 25_000_000)
+    metrics.observe_usage("gpt-4o", "gpt-4o", "chat", usage, 10_000_000)  # no spare feature label left
+    metrics.observe_usage("gpt-4o", "gpt-4o", "chat", usage, None)
+    metrics.observe_usage("made-up", "made-up", "", usage, None)
+    metrics.configure_labels(GatewayConfig(features={"chat": FeatureConfig()}), prices)
+    metrics.observe_usage("gpt-4o", "gpt-4o", "chat", usage, 30_000_000)
+    tokens = {
+        ("gpt-4o", "gpt-4o", "search"): 1,
+        ("gpt-4o", "gpt-4o", "other"): 2,
+        ("other", "other", ""): 1,
+        ("gpt-4o", "gpt-4o", "chat"): 1,
+    }
+
+    def named(model: str, upstream_model: str, feature: str, **more: str) -> tuple[tuple[str, str], ...]:
+        return tuple(
+            sorted({"model": model, "upstream_model": upstream_model, "feature": feature, **more}.items())
+        )
+
+    samples = _samples(metrics)
+    assert {k: v for k, v in samples.items() if k[0] == "gateway_tokens_total"} == {
+        ("gateway_tokens_total", named(*labels, kind=kind)): calls * count
+        for labels, calls in tokens.items()
+        for kind, count in (("prompt", 10), ("completion", 5), ("cached", 4))
+    }
+    # Summed in units of 1e-10 USD, exact, and only where a call was priced.
+    assert {k: v for k, v in samples.items() if k[0] == "gateway_cost_usd_total"} == {
+        ("gateway_cost_usd_total", named("gpt-4o", "gpt-4o", "search")): 0.0025,
+        ("gateway_cost_usd_total", named("gpt-4o", "gpt-4o", "other")): 0.001,
+        ("gateway_cost_usd_total", named("gpt-4o", "gpt-4o", "chat")): 0.003,
+    }
