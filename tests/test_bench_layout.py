@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 from harness import cpu_sets
-from report import _shared_cores_bound
+from report import _scaling_verdict, _shared_cores_bound
 
 
 @pytest.mark.parametrize(
@@ -115,3 +115,15 @@ def test_a_sides_slices_add_up_to_one_run() -> None:
     assert total["rps"] == 4000.0 and total["requests"] == 12000 and total["errors"] == 1
     assert total["proxy_cpu_s"] == pytest.approx(2.7) and total["other_cpus"] == 0.3
     assert total["slices_rps"] == [6000.0, 3000.0, 3000.0]
+
+
+def test_scaling_is_judged_only_where_the_workers_have_their_own_cores() -> None:
+    def verdict(ok: bool | None) -> str:
+        return "-" if ok is None else ("PASS" if ok else "FAIL")
+
+    shared = {"proxy": "0", "workers2": "0,1", "load": "1"}
+    own = {"proxy": "0", "workers2": "0,1", "load": "2,3"}
+    assert _scaling_verdict(11_000.0, 7_800.0, shared, verdict) == "measured (shared cores)"
+    assert _scaling_verdict(11_000.0, 7_800.0, own, verdict) == "FAIL"
+    assert _scaling_verdict(13_500.0, 7_800.0, own, verdict) == "PASS"
+    assert _scaling_verdict(None, 7_800.0, own, verdict) == "-"
