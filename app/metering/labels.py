@@ -21,8 +21,8 @@ from app.metering.pricing import PriceTable
 OTHER = "other"
 # Passthrough endpoints with a label of their own besides the app's routes.
 _MAX_OTHER_ROUTES = 100
-# Model names remembered with their label; beyond that a name is looked up again (the price table's own
-# cache is bounded likewise).
+# Names remembered with their label (model names here, a call's three names in the usage metrics); beyond
+# that a name is looked up again (the price table's own cache is bounded likewise).
 MAX_NAMES_REMEMBERED = 4096
 
 
