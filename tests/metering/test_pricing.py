@@ -398,13 +398,13 @@ def test_subsets_never_bill_more_than_their_total() -> None:
 
 
 @pytest.mark.parametrize(
-    "usage",
+    "counts",
     [
-        Usage(prompt_tokens=1200, completion_tokens=300, total_tokens=1500, cached_tokens=1000),
-        Usage(prompt_tokens=10, completion_tokens=5, total_tokens=15, cached_tokens=50),  # cached > prompt
-        Usage(prompt_tokens=-3, completion_tokens=-1),  # an upstream's nonsense: billed as nothing
-        Usage(prompt_tokens=900, completion_tokens=200, audio_prompt_tokens=300, audio_completion_tokens=50),
-        Usage(prompt_tokens=900, completion_tokens=200, image_prompt_tokens=400, image_completion_tokens=20),
+        {"prompt": 1200, "completion": 300, "cached": 1000},
+        {"prompt": 10, "completion": 5, "cached": 50},  # cached > prompt
+        {"prompt": -3, "completion": -1},  # an upstream's nonsense: billed as nothing
+        {"prompt": 900, "completion": 200, "audio_prompt": 300, "audio_completion": 50},
+        {"prompt": 900, "completion": 200, "image_prompt": 400, "image_completion": 20},
     ],
 )
 @pytest.mark.parametrize(
@@ -420,20 +420,14 @@ def test_subsets_never_bill_more_than_their_total() -> None:
         ("", "standard"),
     ],
 )
-def test_a_calls_usage_is_priced_as_its_counts_are(usage: Usage, model: str | None, tier: str) -> None:
+def test_a_calls_usage_is_priced_as_its_counts_are(
+    counts: dict[str, int], model: str | None, tier: str
+) -> None:
     """price_usage, the metered call's way in (text-only calls of a model priced before skip the general
     path), prices exactly as price() does with the same counts, the first time and every time after."""
-    counts = (
-        usage.prompt_tokens,
-        usage.completion_tokens,
-        usage.cached_tokens,
-        usage.audio_prompt_tokens,
-        usage.audio_completion_tokens,
-        usage.image_prompt_tokens,
-        usage.image_completion_tokens,
-    )
-    expected = PriceTable().price(model, tier, *counts)
+    usage = Usage(**{f"{name}_tokens": count for name, count in counts.items()})
+    expected = PriceTable().price(model, tier, **counts)
     table = PriceTable()
     assert [table.price_usage(model, tier, usage) for _ in range(3)] == [expected] * 3
-    if model in ("gpt-4o-mini", "gpt-5-mini-2025-08-07") and usage.prompt_tokens > 0:
+    if model in ("gpt-4o-mini", "gpt-5-mini-2025-08-07") and counts["prompt"] > 0:
         assert expected.cost_units
