@@ -430,6 +430,8 @@ class Runner:
                     continue
                 runs[side] = [x[0] for x in got]
                 runs[f"{side}_cpu_us"] = [round(statistics.median(x[k] for x in got), 1) for k in (1, 2, 3)]
+                # Each round's, beside its req/s: how busy the gateway's core was (report.metering_cost).
+                runs[f"{side}_gateway_us"] = [round(x[1], 1) for x in got]
             if "w2" in runs:
                 # The two-worker row of the table: there is no separate phase for it.
                 self.r(GW_W2)[f"rps_{load}"] = statistics.median(runs["w2"])

@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 from harness import cpu_sets
-from report import _scaling_verdict, _shared_cores_bound
+from report import _scaling_verdict, _shared_cores_bound, metering_cost
 
 
 @pytest.mark.parametrize(
@@ -127,3 +127,40 @@ def test_scaling_is_judged_only_where_the_workers_have_their_own_cores() -> None
     assert _scaling_verdict(11_000.0, 7_800.0, own, verdict) == "FAIL"
     assert _scaling_verdict(13_500.0, 7_800.0, own, verdict) == "PASS"
     assert _scaling_verdict(None, 7_800.0, own, verdict) == "-"
+
+
+def _rounds(on: float, off: float, on_us: float, off_us: float) -> dict[str, list[float]]:
+    """Three alike rounds of the alternated metering comparison: req/s and the gateway's CPU a request."""
+    return {
+        "on": [on] * 3,
+        "off": [off] * 3,
+        "on_gateway_us": [on_us] * 3,
+        "off_gateway_us": [off_us] * 3,
+        "on_cpu_us": [on_us, 26.0, 220.0],
+    }
+
+
+def test_the_metering_cost_is_the_throughputs_while_the_gateway_bounds_it_on_both_sides() -> None:
+    # wrk, 2026-12-06 12:14: both gateways ~99% busy; 1 - 4,667/5,029.
+    cost, judged = metering_cost(_rounds(4667.0, 5029.0, 212.9, 197.9))
+    assert cost == pytest.approx(1 - 4667 / 5029)
+    assert judged == ""
+
+
+def test_the_metering_cost_is_the_gateways_cpu_where_the_load_left_it_waiting() -> None:
+    # The Python client the same run: metering on, the gateway 93% busy (3,862 req/s x 239.8 µs), off 99%.
+    runs = _rounds(3862.0, 4268.0, 239.8, 231.5)
+    cost, judged = metering_cost(runs)
+    assert cost == pytest.approx(1 - 231.5 / 239.8)
+    assert "busy 93% of its turns metering on, 99% off" in judged
+    assert "the load's core 95%" in judged
+    assert "the throughput's cost (+9.5%) measured that core" in judged
+    # Idle on the unmetered side only: judged on the CPU too, whichever way it would have erred.
+    cost, judged = metering_cost(_rounds(4000.0, 3400.0, 240.0, 230.0))
+    assert cost == pytest.approx(1 - 230 / 240)
+    assert "78% off" in judged
+
+
+def test_results_without_each_rounds_cpu_are_judged_on_the_throughput() -> None:
+    runs = {"on": [3862.0], "off": [4268.0], "on_cpu_us": [239.8, 26.4, 220.7]}
+    assert metering_cost(runs) == (pytest.approx(1 - 3862 / 4268), "")
