@@ -363,12 +363,10 @@ def metering_cost(runs: dict[str, Any]) -> tuple[float, str]:
     if min(busy.values()) >= SATURATED:
         return throughput, ""
     own = statistics.median(1 - off / on for on, off in zip(cpu["on"], cpu["off"], strict=True))
-    _, postgres, load = runs["on_cpu_us"]
-    load_busy = statistics.median(runs["on"]) * (postgres + load) / 1e6
     return own, (
         f"; judged on the gateway's CPU a request: its core was busy {busy['on']:.0%} of its turns "
-        f"metering on, {busy['off']:.0%} off, the load's core {load_busy:.0%} (the client, nginx and "
-        f"Postgres): the throughput's cost ({throughput:+.1%}) measured that core"
+        f"metering on, {busy['off']:.0%} off, waiting for the load's core (the client, nginx and "
+        f"Postgres's writes), whose shortage the throughput's cost ({throughput:+.1%}) measured"
     )
 
 
