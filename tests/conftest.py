@@ -4,6 +4,7 @@ HTTP servers on 127.0.0.1, and the official openai SDK as the client."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -75,15 +76,21 @@ def fake(fake_server: FakeOpenAI) -> FakeOpenAI:
 def make_settings(
     fake_server: FakeOpenAI, database_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Callable[..., Settings]:
-    data_dir = tmp_path_factory.mktemp("gateway-data")
+    # A data directory per database, as in production: the spool and batch intents in it are replayed by
+    # whichever gateway sharing it looks first, into that gateway's database. One shared by all the
+    # tests' gateways had a test's spooled events written to another test's database.
+    data_dirs: dict[str | None, Path] = {}
 
     def make(**overrides: Any) -> Settings:
+        url = overrides.get("database_url", database_url)
+        if url not in data_dirs:
+            data_dirs[url] = tmp_path_factory.mktemp("gateway-data")
         values: dict[str, Any] = {
             "master_key": MASTER_KEY,
             "openai_api_key": fake_server.api_key,
             "openai_base_url": fake_server.base_url,
             "database_url": database_url,
-            "data_dir": data_dir,
+            "data_dir": data_dirs[url],
             # Short waits keep retry tests fast; the policy under test is the same.
             "backoff_initial_s": 0.01,
             "backoff_max_s": 0.05,
