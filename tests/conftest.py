@@ -13,7 +13,7 @@ import pytest
 from app.config import Settings
 from tests.db import ADMIN_URL, create_database, drop_database, masked, postgres_problem
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.harness import MASTER_KEY, ThreadedGateway
+from tests.harness import MASTER_KEY, NO_BATCH_POLLS, ThreadedGateway
 from tests.limits import REDIS_URL, redis_problem
 
 
@@ -94,6 +94,7 @@ def make_settings(
             # Short waits keep retry tests fast; the policy under test is the same.
             "backoff_initial_s": 0.01,
             "backoff_max_s": 0.05,
+            **NO_BATCH_POLLS,
             "log_level": "warning",
         }
         values.update(overrides)

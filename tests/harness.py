@@ -23,6 +23,10 @@ from app.main import create_app
 from tests.fakes.openai_upstream import FakeOpenAI
 
 MASTER_KEY = "sk-gw-test-master-key"
+# The tests' gateways leave the batches they see unpolled within a run unless a test asks otherwise: a
+# batch a test created and left unfinished, polled in a later test's window, is a request at the shared
+# fake upstream that test did not make.
+NO_BATCH_POLLS = {"batch_poll_initial_s": 3600.0, "batch_poll_max_s": 3600.0}
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:
@@ -108,6 +112,7 @@ class GatewayProcess:
             "DATABASE_URL": database_url,
             "GATEWAY_DATA_DIR": str(data_dir),
             "GATEWAY_LOG_LEVEL": "info",
+            **{f"GATEWAY_{name.upper()}": str(value) for name, value in NO_BATCH_POLLS.items()},
             **(env or {}),
         }
         self.log_path = data_dir / "gateway.log"
