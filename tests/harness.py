@@ -42,11 +42,12 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
 
 
 class ThreadedGateway:
-    """The gateway app served by uvicorn (uvloop + httptools, as in production) in a background thread."""
+    """The gateway app served by uvicorn (uvloop + httptools, as in production) in a background thread;
+    or, given `app`, that ASGI app behind the gateway's HTTP server protocol."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, app: Any = None) -> None:
         self.settings = settings
-        self.app = create_app(settings)
+        self.app = create_app(settings) if app is None else app
         config = uvicorn.Config(
             self.app,
             host="127.0.0.1",

@@ -17,7 +17,8 @@ connection closed; the application waiting for the rest is told the client has g
 arrives with its head starts no timer.
 
 Its responses go out with their head and their first body bytes in one send (_HeadWithBody), the head's
-names and values checked in two passes over all of them (_write_head).
+names and values checked in two passes over all of them (_write_head). Between two requests a kept-alive
+connection holds nothing of the one that ended (uvicorn keeps it until the next one comes).
 """
 
 from __future__ import annotations
@@ -145,6 +146,18 @@ class HeadLimitedProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
         super()._start_asgi_task(cycle, partial(_heads_written_here, app, cycle))
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # uvicorn keeps a kept-alive connection's last request until the next one comes (its cycle, its
+        # scope and headers), and with it all the request left in the scope: its call record, its parsed
+        # body, ~30 objects. With 1,000 streams ending and starting on ~1,200 connections, the idle ones'
+        # were a third of the objects each collection of the garbage collector walked, a stall of every
+        # open stream. Kept while the next request is already there: parsed (pipelined) or being parsed.
+        cycle = self.cycle
+        if cycle is not None and cycle.response_complete and not self.pipeline and self._head_bytes < 0:
+            self.cycle = self.scope = None  # type: ignore[assignment]
+            self.headers = []
 
     def _parsed_head_bytes(self) -> int:
         return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
