@@ -42,13 +42,17 @@ class EventFramer:
         self.idle = True
 
     def feed(self, chunk: bytes) -> bytes:
-        """The events this read completes, each ending with a blank line (b"" when none did)."""
+        """The events this read completes, each ending with a blank line (b"" when none did).
+
+        Bytes are searched with `find`, never with `in`: CPython first tries the operand of `in` as an
+        integer (a byte's value), and for a bytes operand that raises and clears a TypeError, ~1,900
+        instructions a test (callgrind), more than the search itself."""
         # The usual read of a live stream: whole events, nothing before them. Checked first, since a
         # stream makes one such read an event (a tenth of the relay's cost per read otherwise).
         if (
             self.idle
             and chunk.endswith(_BLANK_LINE)
-            and b"\r" not in chunk
+            and chunk.find(b"\r") == -1
             and len(chunk) <= self.max_event_bytes
         ):
             return chunk
@@ -63,7 +67,7 @@ class EventFramer:
             self._cr = False
             if chunk[:1] == b"\n":
                 chunk = chunk[1:]
-        if b"\r" in chunk:
+        if chunk.find(b"\r") != -1:
             self._cr = chunk[-1:] == b"\r"
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         if not chunk:
@@ -71,7 +75,7 @@ class EventFramer:
         held = self._held
         # A long read without a line end, the usual one in a large event, is not searched further: memchr
         # is over 10x as fast as rfind's search for the pair (and slower than it on a short read).
-        at = chunk.rfind(_BLANK_LINE) if len(chunk) < 4096 or b"\n" in chunk else -1
+        at = chunk.rfind(_BLANK_LINE) if len(chunk) < 4096 or chunk.find(b"\n") != -1 else -1
         if at != -1:
             end = at + 2
         elif held and chunk[:1] == b"\n" and held[-1][-1:] == b"\n":

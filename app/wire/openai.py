@@ -202,7 +202,7 @@ class ChatChunkInspector:
         at += len(_MODEL_KEY)
         end = block.find(b'"', at)
         name = block[at:end] if end != -1 else b""
-        if name and b"\\" not in name:
+        if name and name.find(b"\\") == -1:  # not `in`: see EventFramer.feed
             try:
                 self.outcome.upstream_model = name.decode()
             except UnicodeDecodeError:
