@@ -86,8 +86,10 @@ _RELAY_RESPONSE = frozenset(
 )
 
 
-# Parsed URLs an upstream client keeps.
+# Parsed URLs an upstream client keeps, and the longest it keeps: what a client's paths and queries can make
+# it hold stays under a megabyte.
 _MAX_URLS = 256
+_MAX_URL_CHARS = 1024
 
 
 class UpstreamUnavailable(Exception):
@@ -422,13 +424,14 @@ class UpstreamClient:
     def _parsed(self, url: str) -> Url:
         """`url` parsed, as pyreqwest would parse the string on every call (~1 us of a call's CPU). Nearly
         every call goes to one of a few URLs (the metered endpoints'); the passthrough's may be any, so
-        the cache starts over once it holds _MAX_URLS rather than grow."""
+        the cache starts over once it holds _MAX_URLS rather than grow, and a long URL is not kept."""
         parsed = self._urls.get(url)
         if parsed is None:
             parsed = Url(url)
-            if len(self._urls) >= _MAX_URLS:
-                self._urls.clear()
-            self._urls[url] = parsed
+            if len(url) <= _MAX_URL_CHARS:
+                if len(self._urls) >= _MAX_URLS:
+                    self._urls.clear()
+                self._urls[url] = parsed
         return parsed
 
     async def _bounded_exchange(

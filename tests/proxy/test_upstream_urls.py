@@ -28,6 +28,10 @@ def test_the_parsed_urls_kept_are_bounded(make_settings: Callable[..., Settings]
         assert len(client._urls) <= upstream._MAX_URLS
     latest = "http://127.0.0.1:8101/v1/chat/completions"
     assert client._parsed(latest) is client._parsed(latest)
+    # A long one (a client's query, say) is parsed for its call and not kept.
+    long_url = "http://127.0.0.1:8101/v1/files?after=" + "x" * upstream._MAX_URL_CHARS
+    assert str(client._parsed(long_url)) == long_url
+    assert long_url not in client._urls
 
 
 @pytest.mark.parametrize("url", ["http://exa mple.com/v1", "not a url", "http://127.0.0.1:99999/v1"])
