@@ -153,9 +153,22 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         # scope and headers), and with it all the request left in the scope: its call record, its parsed
         # body, ~30 objects. With 1,000 streams ending and starting on ~1,200 connections, the idle ones'
         # were a third of the objects each collection of the garbage collector walked, a stall of every
-        # open stream. Kept while the next request is already there: parsed (pipelined) or being parsed.
+        # open stream. Kept while the next request is already there: parsed (pipelined) or being parsed,
+        # and while this one's body is still arriving (it was answered before all of it came: a refusal),
+        # since the parser hands the rest of it to this cycle.
         cycle = self.cycle
-        if cycle is not None and cycle.response_complete and not self.pipeline and self._head_bytes < 0:
+        if cycle is not None and not cycle.more_body:
+            self._release(cycle)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.response_complete:
+            # Answered before its body had all come: let go now that it has.
+            self._release(cycle)
+
+    def _release(self, cycle: RequestResponseCycle) -> None:
+        if cycle.response_complete and not self.pipeline and self._head_bytes < 0:
             self.cycle = self.scope = None  # type: ignore[assignment]
             self.headers = []
 

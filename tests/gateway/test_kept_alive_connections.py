@@ -61,6 +61,45 @@ def test_a_request_that_ended_on_a_kept_alive_connection_is_released_before_the_
         server.stop()
 
 
+def test_a_request_answered_before_its_body_came_keeps_its_connection_usable(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A refusal answers before the body is read; the rest of the body arrives after the answer, and the
+    parser hands it to the request it belongs to. Released before that, the request's cycle was gone and
+    the body's bytes were a parse error (a 400 "Invalid HTTP request" and a closed connection)."""
+    left: list[weakref.ref[_Leftover]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        leftover = _Leftover()
+        left.append(weakref.ref(leftover))
+        scope["leftover"] = leftover
+        # Answered without reading the body, as the gateway refuses a key before it reads one.
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    server = ThreadedGateway(make_settings(), app=app).start()
+    head = b"POST /any HTTP/1.1\r\nHost: gateway\r\nContent-Length: 10\r\n\r\n"
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(head + b"01234")
+            _answers(sock, 1)
+            sock.sendall(b"56789")
+            # Let go once the body has all come, before any next request.
+            wait_until(lambda: left[-1]() is None, timeout=2)
+            sock.sendall(head + b"0123456789")
+            _answers(sock, 1)
+            sock.sendall(REQUEST)
+            _answers(sock, 1)
+            assert len(left) == 3
+    finally:
+        server.stop()
+
+
 def _answers(sock: socket.socket, count: int) -> None:
     """Read `count` answers, which may come in one read."""
     data = b""
