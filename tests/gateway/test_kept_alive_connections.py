@@ -26,19 +26,7 @@ def test_a_request_that_ended_on_a_kept_alive_connection_is_released_before_the_
 ) -> None:
     left: list[weakref.ref[_Leftover]] = []
 
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-        leftover = _Leftover()
-        left.append(weakref.ref(leftover))
-        scope["leftover"] = leftover
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-        await send({"type": "http.response.body", "body": b"ok"})
-
-    server = ThreadedGateway(make_settings(), app=app).start()
+    server = ThreadedGateway(make_settings(), app=_answering_ok(left)).start()
     try:
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
             for n in (1, 2):
@@ -69,20 +57,7 @@ def test_a_request_answered_before_its_body_came_keeps_its_connection_usable(
     the body's bytes were a parse error (a 400 "Invalid HTTP request" and a closed connection)."""
     left: list[weakref.ref[_Leftover]] = []
 
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-        leftover = _Leftover()
-        left.append(weakref.ref(leftover))
-        scope["leftover"] = leftover
-        # Answered without reading the body, as the gateway refuses a key before it reads one.
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-        await send({"type": "http.response.body", "body": b"ok"})
-
-    server = ThreadedGateway(make_settings(), app=app).start()
+    server = ThreadedGateway(make_settings(), app=_answering_ok(left)).start()
     head = b"POST /any HTTP/1.1\r\nHost: gateway\r\nContent-Length: 10\r\n\r\n"
     try:
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
@@ -98,6 +73,25 @@ def test_a_request_answered_before_its_body_came_keeps_its_connection_usable(
             assert len(left) == 3
     finally:
         server.stop()
+
+
+def _answering_ok(left: list[weakref.ref[_Leftover]]) -> Any:
+    """An application answering every request `ok` without reading its body (as the gateway refuses a key
+    before it reads one), leaving a _Leftover in its scope; `left` gets a weak reference to each."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        leftover = _Leftover()
+        left.append(weakref.ref(leftover))
+        scope["leftover"] = leftover
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    return app
 
 
 def _answers(sock: socket.socket, count: int) -> None:
