@@ -106,11 +106,9 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         self._read = len(data)
         super().data_received(data)
         cycle = self.cycle
-        if cycle is not None and cycle.more_body and not cycle.response_complete:
-            # A body still arriving: this read is its latest sign of life.
-            self._body_read_at = self.loop.time()
-            if self._body_timer is None:
-                self._body_timer = self.loop.call_later(self.body_timeout_s, self._body_timed_out)
+        if cycle is not None and cycle.more_body:
+            # A body still arriving (even one answered already): this read is its latest sign of life.
+            self._watch_body()
         if self._head_bytes < 0 or self.transport.is_closing():
             return
         # The head is still incomplete: all of this read was head (or, after a pipelined request, its end
@@ -159,6 +157,9 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is not None and not cycle.more_body:
             self._release(cycle)
+        elif cycle is not None and cycle.response_complete:
+            # Its body is still owed: bounded in time as any body is, though nobody will read it.
+            self._watch_body()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -183,6 +184,12 @@ class HeadLimitedProtocol(HttpToolsProtocol):
             self._head_timer.cancel()
             self._head_timer = None
 
+    def _watch_body(self) -> None:
+        """A body's bytes came (or are still owed): its idle timer runs from now."""
+        self._body_read_at = self.loop.time()
+        if self._body_timer is None:
+            self._body_timer = self.loop.call_later(self.body_timeout_s, self._body_timed_out)
+
     def _cancel_body_timer(self) -> None:
         if self._body_timer is not None:
             self._body_timer.cancel()
@@ -191,7 +198,7 @@ class HeadLimitedProtocol(HttpToolsProtocol):
     def _body_timed_out(self) -> None:
         self._body_timer = None
         cycle = self.cycle
-        if cycle is None or not cycle.more_body or cycle.response_complete or self.transport.is_closing():
+        if cycle is None or not cycle.more_body or self.transport.is_closing():
             return
         if self.flow.read_paused:
             # Not the client's wait: the application has not taken what came (uvicorn stopped reading).
@@ -199,6 +206,10 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         idle = self.loop.time() - self._body_read_at
         if idle < self.body_timeout_s:
             self._body_timer = self.loop.call_later(self.body_timeout_s - idle, self._body_timed_out)
+            return
+        if cycle.response_complete:
+            # Answered before its body came (a refusal): nobody waits for the rest, only the connection.
+            self.transport.close()
             return
         # The application waiting for the rest of the body is told the client has gone.
         started = cycle.response_started

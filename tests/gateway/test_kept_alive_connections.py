@@ -6,6 +6,7 @@ the garbage collector walked."""
 from __future__ import annotations
 
 import socket
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -71,6 +72,26 @@ def test_a_request_answered_before_its_body_came_keeps_its_connection_usable(
             sock.sendall(REQUEST)
             _answers(sock, 1)
             assert len(left) == 3
+    finally:
+        server.stop()
+
+
+def test_a_body_owed_after_its_answer_is_bounded_in_time(make_settings: Callable[..., Settings]) -> None:
+    """A client that is answered (refused) before its body came and then sends no more of it has its
+    connection closed once the body timeout passes, as any body that stops arriving does: not held for
+    as long as the client likes."""
+    left: list[weakref.ref[_Leftover]] = []
+    timeout_s = 0.5
+    server = ThreadedGateway(make_settings(body_timeout_s=timeout_s), app=_answering_ok(left)).start()
+    head = b"POST /any HTTP/1.1\r\nHost: gateway\r\nContent-Length: 10\r\n\r\n"
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10 * timeout_s) as sock:
+            sock.sendall(head + b"01234")
+            _answers(sock, 1)
+            started = time.monotonic()
+            assert sock.recv(65536) == b"", "the connection was closed without another byte"
+            assert timeout_s * 0.8 <= time.monotonic() - started < 10 * timeout_s
+            wait_until(lambda: left[-1]() is None, timeout=2)
     finally:
         server.stop()
 
