@@ -155,21 +155,24 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         # and while this one's body is still arriving (it was answered before all of it came: a refusal),
         # since the parser hands the rest of it to this cycle.
         cycle = self.cycle
-        if cycle is not None and not cycle.more_body:
-            self._release(cycle)
-        elif cycle is not None and cycle.response_complete:
+        if cycle is None or not cycle.response_complete:
+            return
+        if cycle.more_body:
             # Its body is still owed: bounded in time as any body is, though nobody will read it.
             self._watch_body()
+        else:
+            self._release()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         cycle = self.cycle
         if cycle is not None and cycle.response_complete:
             # Answered before its body had all come: let go now that it has.
-            self._release(cycle)
+            self._release()
 
-    def _release(self, cycle: RequestResponseCycle) -> None:
-        if cycle.response_complete and not self.pipeline and self._head_bytes < 0:
+    def _release(self) -> None:
+        """Let go of the connection's ended request, unless the next one is already there."""
+        if not self.pipeline and self._head_bytes < 0:
             self.cycle = self.scope = None  # type: ignore[assignment]
             self.headers = []
 
