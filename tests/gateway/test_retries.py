@@ -11,6 +11,7 @@ import pytest
 
 from app.proxy.retry_policy import retry_after_s
 from tests.conftest import sdk_client
+from tests.db import wait_for_rows
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import ThreadedGateway, free_port
 
@@ -57,6 +58,52 @@ def test_client_errors_are_relayed_without_retry(
     assert caught.value.code == "nope"
     assert caught.value.response.headers["x-gateway-attempts"] == "1"
     assert len(fake.requests) == 1
+
+
+_BILLED = {
+    "id": "chatcmpl-billed",
+    "object": "chat.completion",
+    "created": 1,
+    "model": "gpt-4o",
+    "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "billed once"}, "finish_reason": "stop"}
+    ],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+}
+_BILLED_EVENTS = (
+    b'data: {"id":"chatcmpl-billed","object":"chat.completion.chunk","created":1,"model":"gpt-4o",'
+    b'"choices":[{"index":0,"delta":{"role":"assistant","content":"billed once"},"finish_reason":"stop"}],'
+    b'"usage":null}\n\n'
+    b'data: {"id":"chatcmpl-billed","object":"chat.completion.chunk","created":1,"model":"gpt-4o",'
+    b'"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_success_is_not_retried_whatever_its_headers_say(
+    stream: bool, client: openai.OpenAI, fake: FakeOpenAI, database_url: str
+) -> None:
+    """openai-python asks `x-should-retry` only of an error. A success is the answer, and billed: tried
+    again, the call would run and be billed twice, and the answer the client got would not be the one
+    metered."""
+    if stream:
+        headers = {"Content-Type": "text/event-stream", "x-should-retry": "true"}
+        fake.fail(200, body=_BILLED_EVENTS, headers=headers)
+    else:
+        fake.fail(200, body=_BILLED, headers={"x-should-retry": "true"})
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=MESSAGES, stream=stream, extra_headers={"X-Request-Id": f"billed-{stream}"}
+    )
+    if stream:
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in raw.parse() if chunk.choices)
+    else:
+        text = raw.parse().choices[0].message.content
+    assert text == "billed once"
+    assert raw.headers["x-gateway-attempts"] == "1"
+    assert len(fake.requests) == 1
+    (row,) = wait_for_rows(database_url, f"billed-{stream}")
+    assert (row["prompt_tokens"], row["completion_tokens"], row["attempts"]) == (5, 2, 1)
 
 
 def test_upstream_401_is_the_gateways_fault_not_the_callers(client: openai.OpenAI, fake: FakeOpenAI) -> None:
