@@ -28,7 +28,7 @@ from pyreqwest.client import Client, ClientBuilder
 from pyreqwest.exceptions import PyreqwestError
 from pyreqwest.http import Url
 from pyreqwest.request import StreamRequest
-from pyreqwest.response import Response
+from pyreqwest.response import Response, ResponseBodyReader
 
 from app.call.record import CallRecord
 from app.config import Settings
@@ -152,14 +152,16 @@ class UpstreamStream:
 
     __slots__ = ("_left", "_reader", "_request")
 
-    def __init__(self, request: StreamRequest, response: Response, first: int) -> None:
+    def __init__(
+        self, request: StreamRequest, reader: ResponseBodyReader, headers: Mapping[str, str], first: int
+    ) -> None:
         self._request = request
-        self._reader = response.body_reader
+        self._reader = reader
         # A length-delimited body is over once its declared length came (RFC 9112 §6.3), and hyper then
         # gives the connection back to the pool without reading on: asking pyreqwest for the end would
         # cost a round trip to its I/O thread, ~6 us of a short stream's CPU, to learn nothing. -1: a
         # chunked body, whose end only a read tells.
-        declared = response.headers.get("content-length")
+        declared = headers.get("content-length")
         self._left = int(declared) - first if declared is not None and declared.isdigit() else -1
 
     async def read(self) -> bytes | None:
@@ -214,16 +216,15 @@ def is_redirect(status: int) -> bool:
     return 300 <= status < 400 and status != 304
 
 
-async def read_whole(response: Response, limit: int) -> bytes:
+async def read_whole(reader: ResponseBodyReader, headers: Mapping[str, str], limit: int) -> bytes:
     """The body, or UpstreamUnavailable once it passes `limit` bytes (counted decoded: reqwest undoes a
     Content-Encoding, dropping Content-Length, before the gateway sees a byte)."""
-    declared = response.headers.get("content-length")
+    declared = headers.get("content-length")
     if declared is not None and declared.isdigit():
         if int(declared) > limit:
             raise _too_large(limit)
         # A length-delimited body ends at its declared length (RFC 9112 §6.3): hyper reads no further.
-        return bytes(await response.body_reader.bytes())
-    reader = response.body_reader
+        return bytes(await reader.bytes())
     chunks: list[bytes] = []
     size = 0
     while (chunk := await reader.read_chunk()) is not None:
@@ -451,19 +452,23 @@ class UpstreamClient:
         kept = False
         try:
             response = await request.__aenter__()
-            if is_redirect(response.status):
-                status = response.status
+            # The status, headers and reader taken from pyreqwest once each: every read of its objects
+            # is a call into the extension, where the answer's own attributes are plain Python.
+            answer = UpstreamResponse(response.status, response.headers, b"")
+            status = answer.status
+            if is_redirect(status):
                 raise UpstreamUnavailable("redirect", f"the upstream redirected ({status}): not followed")
-            if keep_open(response):
-                first = await response.body_reader.read_chunk()
-                if first is None and is_sse(response):
+            reader = response.body_reader
+            if keep_open(answer):
+                first = await reader.read_chunk()
+                if first is None and is_sse(answer):
                     raise UpstreamClosedEarly("upstream closed the stream before its first byte")
                 kept = True
-                body = bytes(first or b"")
-                stream = UpstreamStream(request, response, len(body))
-                return UpstreamResponse(response.status, response.headers, body, stream)
-            data = await read_whole(response, self._max_answer)
-            return UpstreamResponse(response.status, response.headers, data)
+                answer.body = bytes(first or b"")
+                answer.stream = UpstreamStream(request, reader, answer.headers, len(answer.body))
+                return answer
+            answer.body = await read_whole(reader, answer.headers, self._max_answer)
+            return answer
         finally:
             # Read to its end, the connection goes back to the pool; otherwise it is closed. (Never
             # opened, there is nothing to close: pyreqwest refuses an exit without an entry.)
