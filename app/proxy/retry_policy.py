@@ -104,6 +104,10 @@ def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float
 
 
 def is_retryable_status(status: int, headers: Mapping[str, str]) -> bool:
+    # openai-python asks `x-should-retry` only of a 4xx or 5xx: a success is the answer, billed, whatever
+    # its headers say (retried, the call would run and be billed again, the first answer's usage lost).
+    if status < 400:
+        return False
     hint = headers.get("x-should-retry")
     if hint == "true":
         return True
@@ -121,14 +125,7 @@ class _RetryOutcome(retry_base):
         return phase is Phase.NOT_CONNECTED or (self._replayable and phase is Phase.CLOSED)
 
     def retries_response(self, response: Any) -> bool:
-        # Only an error is asked whether to retry, as openai-python asks only a 4xx or 5xx: a success is the
-        # answer, billed, whatever its headers say (an `x-should-retry: true` on it would have the call run
-        # and billed again, and the first answer's usage lost).
-        return (
-            self._replayable
-            and response.status >= 400
-            and is_retryable_status(response.status, response.headers)
-        )
+        return self._replayable and is_retryable_status(response.status, response.headers)
 
     def __call__(self, retry_state: RetryCallState) -> bool:
         outcome = retry_state.outcome
