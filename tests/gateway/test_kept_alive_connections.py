@@ -16,6 +16,8 @@ from tests.harness import ThreadedGateway, wait_until
 from tests.security import _read_response
 
 REQUEST = b"GET /any HTTP/1.1\r\nHost: gateway\r\n\r\n"
+# The head of a request with a 10-byte body, which the tests send in parts.
+HEAD_OF_TEN = b"POST /any HTTP/1.1\r\nHost: gateway\r\nContent-Length: 10\r\n\r\n"
 
 
 class _Leftover:
@@ -59,15 +61,14 @@ def test_a_request_answered_before_its_body_came_keeps_its_connection_usable(
     left: list[weakref.ref[_Leftover]] = []
 
     server = ThreadedGateway(make_settings(), app=_answering_ok(left)).start()
-    head = b"POST /any HTTP/1.1\r\nHost: gateway\r\nContent-Length: 10\r\n\r\n"
     try:
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-            sock.sendall(head + b"01234")
+            sock.sendall(HEAD_OF_TEN + b"01234")
             _answers(sock, 1)
             sock.sendall(b"56789")
             # Let go once the body has all come, before any next request.
             wait_until(lambda: left[-1]() is None, timeout=2)
-            sock.sendall(head + b"0123456789")
+            sock.sendall(HEAD_OF_TEN + b"0123456789")
             _answers(sock, 1)
             sock.sendall(REQUEST)
             _answers(sock, 1)
@@ -83,10 +84,9 @@ def test_a_body_owed_after_its_answer_is_bounded_in_time(make_settings: Callable
     left: list[weakref.ref[_Leftover]] = []
     timeout_s = 0.5
     server = ThreadedGateway(make_settings(body_timeout_s=timeout_s), app=_answering_ok(left)).start()
-    head = b"POST /any HTTP/1.1\r\nHost: gateway\r\nContent-Length: 10\r\n\r\n"
     try:
         with socket.create_connection(("127.0.0.1", server.port), timeout=10 * timeout_s) as sock:
-            sock.sendall(head + b"01234")
+            sock.sendall(HEAD_OF_TEN + b"01234")
             _answers(sock, 1)
             started = time.monotonic()
             assert sock.recv(65536) == b"", "the connection was closed without another byte"
