@@ -162,3 +162,20 @@ def test_the_metering_cost_is_the_gateways_cpu_where_the_load_left_it_waiting() 
 def test_results_without_each_rounds_cpu_are_judged_on_the_throughput() -> None:
     runs = {"on": [3862.0], "off": [4268.0], "on_cpu_us": [239.8, 26.4, 220.7]}
     assert metering_cost(runs) == (pytest.approx(1 - 3862 / 4268), "")
+
+
+def test_the_streams_ttfb_says_how_much_cpu_the_load_asked_of_the_proxys_core() -> None:
+    from report import checks
+
+    # 2026-12-07 09:11, the slowest VM met: 5.6 ms of CPU a stream at 200 streams/s is more than a core.
+    def run(cpu_s: float | None, ttfb_p99_ms: float) -> dict[str, object]:
+        timing = {"ok": 1004, "measured": 1004, "peak_in_flight": 1098, "ttfb_p99_ms": ttfb_p99_ms}
+        return {"stream_latency": {**timing, "proxy_cpu_s": cpu_s, "started": 2000}}
+
+    results = {"gw": run(11.22, 179.48), "passthrough": run(10.07, 390.43), "direct": run(None, 98.24)}
+    pinning = {"proxy": "0", "workers2": "0,1", "load": "1"}
+    rows = {row[0].split(" (")[0]: row for row in checks(results, pinning)}
+    ttfb = rows["1000 concurrent streams: TTFB overhead p99"]
+    assert ttfb[1].startswith("+81.24 ms") and ttfb[4] == "**FAIL**"
+    assert "pass-through +292.19 ms" in ttfb[2]
+    assert "asks of the proxy's one core: 1.12 cores (pass-through 1.01)" in ttfb[2]
