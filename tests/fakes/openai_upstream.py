@@ -532,12 +532,14 @@ class FakeOpenAI:
                 await response.write(data[start : start + step])
         if cut is not None:
             return await self._cut(call, cut, response)
+        # Recorded before the tail ([DONE]) goes: a client that has read the whole stream (a test, then
+        # looking at the record) must find it, not race this handler's last steps.
+        self._update(call.record, status=200, usage=answer.usage)
         if answer.tail:
             await response.write(compressor.compress(answer.tail) if compressor else answer.tail)
         if compressor:
             await response.write(compressor.flush())
         await response.write_eof()
-        self._update(call.record, status=200, usage=answer.usage)
         return response
 
     async def _raw_stream(self, call: _Call, raw: RawStream) -> web.StreamResponse:
