@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 from harness import cpu_sets
-from report import _scaling_verdict, _shared_cores_bound, metering_cost
+from report import _scaling_verdict, _shared_cores_bound, checks, metering_cost
 
 
 @pytest.mark.parametrize(
@@ -71,8 +71,6 @@ def test_calls_in_flight_are_counted_in_whole_rounds_of_connections() -> None:
 
 
 def test_the_figures_against_the_pass_through_at_32_connections_are_the_alternated_rounds() -> None:
-    from report import checks
-
     results = {
         # The separate phases, one process each: the Python client's JSON figure reads 50% there.
         "gw": {"rps_32": 900.0, "py_rps_32": 500.0, "streams_per_s": 600.0, "py_streams_per_s": 600.0},
@@ -165,8 +163,6 @@ def test_results_without_each_rounds_cpu_are_judged_on_the_throughput() -> None:
 
 
 def test_the_streams_ttfb_says_how_much_cpu_the_load_asked_of_the_proxys_core() -> None:
-    from report import checks
-
     # 2026-12-07 09:11, the slowest VM met: 5.6 ms of CPU a stream at 200 streams/s is more than a core.
     def run(cpu_s: float | None, ttfb_p99_ms: float) -> dict[str, object]:
         timing = {"ok": 1004, "measured": 1004, "peak_in_flight": 1098, "ttfb_p99_ms": ttfb_p99_ms}
