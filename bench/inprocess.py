@@ -56,7 +56,7 @@ class _RestOfStream:
     def __init__(self, events: list[bytes]) -> None:
         self._events = iter(events)
 
-    async def read(self) -> bytes | None:
+    async def read_chunk(self) -> bytes | None:
         return next(self._events, None)
 
     async def close(self) -> None:

@@ -275,15 +275,21 @@ def _heads_written_here(
     `send`; anything else, or a start uvicorn would log or wait to send, goes to uvicorn's `send`. The
     application's coroutine itself, not one awaiting it: a frame less at each of the request's waits."""
 
-    async def send_or_write_head(message: ASGISendEvent) -> None:
+    # Not a coroutine itself: uvicorn's send's awaitable is handed back as it is, a frame less for each
+    # of a stream's events.
+    def send_or_write_head(message: ASGISendEvent) -> Awaitable[None]:
         if message["type"] == "http.response.start" and not (
             cycle.response_started or cycle.access_log or cycle.flow.write_paused or cycle.disconnected
         ):
             _write_head(cycle, message)
-        else:
-            await send(message)
+            return _written()
+        return send(message)
 
     return app(scope, receive, send_or_write_head)
+
+
+async def _written() -> None:
+    """What awaiting a head that `_write_head` wrote waits for: nothing."""
 
 
 def _write_head(cycle: RequestResponseCycle, message: HTTPResponseStartEvent) -> None:

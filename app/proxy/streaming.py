@@ -260,6 +260,7 @@ class EventRelayResponse(Response):
         )
         stream = upstream.stream
         assert stream is not None
+        read_chunk = stream.read_chunk
         framer = EventFramer(self.max_event_bytes)
         chunk: bytes | None = upstream.body
         failure: tuple[str, str] | None = None
@@ -305,7 +306,8 @@ class EventRelayResponse(Response):
                         )
                         break
                 watch.start()
-                chunk = await stream.read()
+                raw = await read_chunk()
+                chunk = None if raw is None else bytes(raw)
             if failure is None and not inspect.done:
                 failure = (
                     "The upstream ended the stream before it was complete.",

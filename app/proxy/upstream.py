@@ -24,6 +24,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
+from pyreqwest.bytes import Bytes
 from pyreqwest.client import Client, ClientBuilder
 from pyreqwest.exceptions import PyreqwestError
 from pyreqwest.http import Url
@@ -150,7 +151,7 @@ class ResponseHead(Protocol):
 class UpstreamStream:
     """An answer whose body is still arriving."""
 
-    __slots__ = ("_left", "_reader", "_request")
+    __slots__ = ("_left", "_reader", "_request", "read_chunk")
 
     def __init__(
         self, request: StreamRequest, reader: ResponseBodyReader, headers: Mapping[str, str], first: int
@@ -163,17 +164,25 @@ class UpstreamStream:
         # chunked body, whose end only a read tells.
         declared = headers.get("content-length")
         self._left = int(declared) - first if declared is not None and declared.isdigit() else -1
+        # The next bytes as pyreqwest hands them over (`bytes()` makes them bytes); None at the end. For
+        # a chunked body, a stream's, pyreqwest's own awaitable: the SSE relay reads each event through
+        # it, a coroutine less an event.
+        self.read_chunk: Callable[[], Awaitable[Bytes | None]] = (
+            reader.read_chunk if self._left < 0 else self._read_counted
+        )
 
     async def read(self) -> bytes | None:
         """The next bytes as they arrive; None at the end of the body."""
+        chunk = await self.read_chunk()
+        return None if chunk is None else bytes(chunk)
+
+    async def _read_counted(self) -> Bytes | None:
         if self._left == 0:
             return None
         chunk = await self._reader.read_chunk()
-        if chunk is None:
-            return None
-        if self._left > 0:
+        if chunk is not None:
             self._left -= len(chunk)
-        return bytes(chunk)
+        return chunk
 
     def close(self) -> Awaitable[object]:
         """Read to its end, the connection goes back to the pool; otherwise it is closed, so the upstream
