@@ -81,6 +81,12 @@ class DisconnectWatch:
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
+        if self.ended:
+            # uvicorn says `http.disconnect` once the response is complete, too: the relay's last send
+            # woke the watcher, and the relay goes on reading the upstream to its end. Cancelled there,
+            # a whole answer counted as the client's leaving, and the connection was closed instead of
+            # going back to the pool (2% of the benchmark's live streams).
+            return
         self.gone = True
         if self._relay is not None:
             self._relay.cancel()

@@ -38,11 +38,14 @@ class Cut:
 
 @dataclass(frozen=True)
 class RawStream:
-    """Answer with an SSE stream of exactly these bytes, one write each; then, with ``endless``, write
-    that again and again until the client leaves (a stream whose event never ends)."""
+    """Answer with an SSE stream of exactly these bytes, one write each, ``gap_s`` apart; then, with
+    ``endless``, write that again and again until the client leaves (a stream whose event never ends);
+    else end the body ``end_delay_s`` after the last piece."""
 
     pieces: tuple[bytes, ...]
     endless: bytes | None
+    gap_s: float = 0.0
+    end_delay_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -280,10 +280,13 @@ class FakeOpenAI:
         """Send some events (none for a non-streamed call), then wait for the client to leave."""
         self._add_fault(Cut(chunks_before_hang, hang=True), times)
 
-    def stream_raw(self, *pieces: bytes, endless: bytes | None = None) -> None:
-        """Answer the next POST with an SSE stream of exactly these bytes (one write each), whatever it
-        asked for; then, with ``endless``, write that piece until the client leaves."""
-        self._add_fault(RawStream(pieces, endless), 1)
+    def stream_raw(
+        self, *pieces: bytes, endless: bytes | None = None, gap_s: float = 0.0, end_delay_s: float = 0.0
+    ) -> None:
+        """Answer the next POST with an SSE stream of exactly these bytes (one write each, ``gap_s``
+        apart), whatever it asked for; then, with ``endless``, write that piece until the client leaves;
+        else end the body (the chunked terminator) ``end_delay_s`` after the last piece."""
+        self._add_fault(RawStream(pieces, endless, gap_s, end_delay_s), 1)
 
     def slow_first_byte(self, seconds: float, times: int = 1) -> None:
         self._add_fault(SlowFirstByte(seconds), times)
@@ -545,12 +548,16 @@ class FakeOpenAI:
     async def _raw_stream(self, call: _Call, raw: RawStream) -> web.StreamResponse:
         response = web.StreamResponse(headers=self._headers(call, SSE_TYPE))
         await response.prepare(call.request)
-        for piece in raw.pieces:
+        for index, piece in enumerate(raw.pieces):
+            if index and raw.gap_s:
+                await asyncio.sleep(raw.gap_s)
             await response.write(piece)
         while raw.endless is not None:
             await response.write(raw.endless)
             # A write that needs no drain does not yield: the client's leaving must get a turn.
             await asyncio.sleep(0)
+        if raw.end_delay_s:
+            await asyncio.sleep(raw.end_delay_s)
         await response.write_eof()
         self._update(call.record, status=200)
         return response
