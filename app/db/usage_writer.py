@@ -6,21 +6,23 @@ created_at), as usage_events is partitioned by created_at on Postgres (a unique 
 partition key): an event's created_at is fixed when it is made and travels with it through the spool,
 so its replay conflicts with the row it wrote.
 
-Postgres: the batch's lines (events.py) go as they are, by COPY, into a session temp table with one jsonb
-column; then one statement takes the fields out of each line, inserts the events and adds the rows it
-inserted to usage_daily. The gateway encodes nothing per row here: Postgres parses the lines (before
-lines, asyncpg's COPY encoding of each event's fields cost the gateway ~1.6 us an event). Measured
-earlier on the 2-core dev box, 200k events in batches of 2,000, events only: COPY + INSERT ... SELECT
-~37k events/s, INSERT ... SELECT FROM unnest($1::text[], ...) ~31k, SQLAlchemy's executemany ~23k.
-Summing the rollup in that statement instead of in Python keeps the aggregation off the gateway's event
-loop.
+Postgres: one statement, one round trip. The batch's lines (events.py) go as they are, one bytea
+parameter; the statement splits them, takes the fields out of each line, inserts the events and adds
+the rows it inserted to usage_daily, atomically as any single statement is. The gateway encodes nothing
+per row here: Postgres parses the lines (before lines, asyncpg's COPY encoding of each event's fields
+cost the gateway ~1.6 us an event). The lines went by COPY into a session temp table first, in a
+transaction: seven round trips with the pool's ping where there are two, each a wait for a pass of the
+gateway's event loop, and 37-39 us of Postgres's CPU an event where this takes 27-35 us
+(bench/recorder_bench.py; docs/performance-log.md, "Twentieth round"). The lines' CTE is MATERIALIZED:
+inlined, each field's `line->>i` parsed its line again. Summing the rollup in that statement instead
+of in Python keeps the aggregation off the gateway's event loop.
 SQLite (no data-modifying CTEs): the lines are parsed here, the inserted request_ids come back and Python
 sums them, then the same INSERT ... ON CONFLICT DO UPDATE.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, date
 from typing import Any
 
@@ -40,13 +42,6 @@ TABLE_COLUMNS = tuple(_MONEY_COLUMNS.get(c, c) for c in EVENT_COLUMNS)
 
 _DAILY_KEY = ("day", "feature", "user_id", "model")
 _DAILY_SUMS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "cost_usd")
-
-_STAGE = "usage_event_lines"
-# ON COMMIT DELETE ROWS: the table lives as long as the pooled connection and is empty in every batch.
-_PG_CREATE_STAGE = f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (line jsonb) ON COMMIT DELETE ROWS"
-# CSV with a quote and a delimiter JSON text never holds raw (orjson escapes every control character),
-# so each line is one value, taken verbatim: text format would read JSON's backslash escapes as its own.
-_PG_COPY_OPTIONS = {"format": "csv", "quote": "\x01", "delimiter": "\x02"}
 
 
 def _field(index: int, name: str) -> str:
@@ -71,10 +66,14 @@ _FIELDS = ", ".join(_field(i, name) for i, name in enumerate(EVENT_COLUMNS))
 # events and in the rollup: every writer takes its locks in the same order, so two gateway workers
 # writing the same rows wait for each other instead of deadlocking. The data-modifying CTEs run exactly
 # once whatever the final SELECT reads.
+# The lines split at their newlines: JSON text holds none raw (orjson escapes every control character).
 _PG_WRITE = f"""
-WITH inserted AS (
+WITH lines AS MATERIALIZED (
+    SELECT raw::jsonb AS line FROM unnest(string_to_array(convert_from($1, 'UTF8'), E'\\n')) AS raw
+    WHERE raw <> ''
+), inserted AS (
     INSERT INTO usage_events ({", ".join(TABLE_COLUMNS)})
-    SELECT DISTINCT ON (line->>0) {_FIELDS} FROM {_STAGE} ORDER BY line->>0
+    SELECT DISTINCT ON (line->>0) {_FIELDS} FROM lines ORDER BY line->>0
     ON CONFLICT (request_id, created_at) DO NOTHING
     RETURNING created_at, feature, user_id, model, prompt_tokens, completion_tokens, total_tokens, cost_usd
 ), rollup AS (
@@ -134,18 +133,10 @@ def _prepare(events: Sequence[UsageEvent]) -> list[UsageEvent]:
 
 
 async def _write_postgres(conn: AsyncConnection, batch: Batch) -> int:
-    # asyncpg directly: SQLAlchemy has no COPY.
+    # asyncpg directly: the lines go as bytes, not decoded to be encoded again.
     pg = (await conn.get_raw_connection()).driver_connection
     assert pg is not None, "a checked-out connection has a driver connection"
-
-    async def source() -> AsyncIterator[bytes]:
-        # An async iterable, not a file object: asyncpg reads those through a thread.
-        yield batch.data
-
-    async with pg.transaction():
-        await pg.execute(_PG_CREATE_STAGE)
-        await pg.copy_to_table(_STAGE, source=source(), columns=["line"], **_PG_COPY_OPTIONS)
-        inserted: int = await pg.fetchval(_PG_WRITE)
+    inserted: int = await pg.fetchval(_PG_WRITE, batch.data)
     return inserted
 
 
