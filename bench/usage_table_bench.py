@@ -2,7 +2,7 @@
 SQL with generate_series, not through the gateway; spread evenly in time, so the current month holds the
 days gone so far), then measured:
 
-- the recorder's insert rate (write_batch: COPY into the staging table, INSERT ... ON CONFLICT and the
+- the recorder's insert rate (write_batch: the batch's lines in one INSERT ... ON CONFLICT with the
   usage_daily upsert, batches of 2,000) into the current month's partition, beside the same into the
   empty table at the start of the run, and the WAL it writes per event (pg_current_wal_lsn before and
   after: the cluster's WAL, so a Postgres that other work writes to meanwhile inflates it);

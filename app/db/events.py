@@ -7,9 +7,9 @@ buffer. The request path writes its line straight from the call (`usage.event_li
 object: on a saturated core every object a request builds field by field, or leaves alive, costs several
 times its own run time in what it does to the caches, where one small bytes object appended to a buffer
 and dropped costs about nothing (docs/performance-log.md, "What was left", metering). Postgres takes the
-lines as they are (COPY into a jsonb column). Spool files written before lines existed hold one JSON
-object per event (`to_json`, still written for the rejected file an operator reads); `from_line` reads
-both.
+lines as they are (a batch's lines one parameter, split and parsed there). Spool files written before
+lines existed hold one JSON object per event (`to_json`, still written for the rejected file an
+operator reads); `from_line` reads both.
 """
 
 from __future__ import annotations

@@ -12,10 +12,10 @@ the rows it inserted to usage_daily, atomically as any single statement is. The 
 per row here: Postgres parses the lines (before lines, asyncpg's COPY encoding of each event's fields
 cost the gateway ~1.6 us an event). The lines went by COPY into a session temp table first, in a
 transaction: seven round trips with the pool's ping where there are two, each a wait for a pass of the
-gateway's event loop, and 37-39 us of Postgres's CPU an event where this takes 27-35 us
-(bench/recorder_bench.py; docs/performance-log.md, "Twentieth round"). The lines' CTE is MATERIALIZED:
-inlined, each field's `line->>i` parsed its line again. Summing the rollup in that statement instead
-of in Python keeps the aggregation off the gateway's event loop.
+gateway's event loop, and 30-39 us of Postgres's CPU an event where this takes 27-35 us (four
+alternated pairs of bench/recorder_bench.py; docs/performance-log.md, "Twentieth round"). The lines'
+CTE is MATERIALIZED: inlined, each field's `line->>i` parsed its line again. Summing the rollup in that
+statement instead of in Python keeps the aggregation off the gateway's event loop.
 SQLite (no data-modifying CTEs): the lines are parsed here, the inserted request_ids come back and Python
 sums them, then the same INSERT ... ON CONFLICT DO UPDATE.
 """

@@ -233,8 +233,8 @@ async def test_events_land_once_with_all_columns(
             usage_source="estimated",
         ),
         make_event(cached_tokens=0, reasoning_tokens=17, cost_usd=Decimal("12.3456789012")),
-        # Lines go to Postgres through a CSV COPY into jsonb: quotes, backslashes, tabs, commas, newlines
-        # and non-ASCII text in client-supplied fields must come out unchanged.
+        # Lines go to Postgres as one parameter split at its newlines: quotes, backslashes, tabs, commas,
+        # newlines and non-ASCII text in client-supplied fields must come out unchanged.
         make_event(user_id='a "quoted", back\\slash', feature="tab\there", model="ünïcødé 模型 \U0001f600"),
         make_event(user_id="new\nline\r\n", feature="\\N", error_type="\\.", client_request_id="x,y"),
         make_event(feature="", user_id=None, cost_usd=None, ttfb_ms=None),
