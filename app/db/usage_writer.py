@@ -6,16 +6,14 @@ created_at), as usage_events is partitioned by created_at on Postgres (a unique 
 partition key): an event's created_at is fixed when it is made and travels with it through the spool,
 so its replay conflicts with the row it wrote.
 
-Postgres: one statement, one round trip. The batch's lines (events.py) go as they are, one bytea
-parameter; the statement splits them, takes the fields out of each line, inserts the events and adds
-the rows it inserted to usage_daily, atomically as any single statement is. The gateway encodes nothing
-per row here: Postgres parses the lines (before lines, asyncpg's COPY encoding of each event's fields
-cost the gateway ~1.6 us an event). The lines went by COPY into a session temp table first, in a
-transaction: seven round trips with the pool's ping where there are two, each a wait for a pass of the
-gateway's event loop, and 30-39 us of Postgres's CPU an event where this takes 27-35 us (four
-alternated pairs of bench/recorder_bench.py; docs/performance-log.md, "Twentieth round"). The lines'
-CTE is MATERIALIZED: inlined, each field's `line->>i` parsed its line again. Summing the rollup in that
-statement instead of in Python keeps the aggregation off the gateway's event loop.
+Postgres: one statement. The batch's lines (events.py) go as they are, one bytea parameter; the
+statement splits them, takes the fields out of each line, inserts the events and adds the rows it
+inserted to usage_daily, atomically as any single statement is. The gateway encodes nothing per row
+(asyncpg's encoding of each event's fields cost it ~1.6 us an event), and a batch is one round trip
+besides the pool's ping: each round trip waits for a pass of the gateway's event loop, which under load
+takes milliseconds (a COPY into a temp table in a transaction took seven, and more of Postgres's CPU;
+docs/performance-log.md, "Twentieth round"). Summing the rollup in that statement instead of in Python
+keeps the aggregation off the gateway's event loop.
 SQLite (no data-modifying CTEs): the lines are parsed here, the inserted request_ids come back and Python
 sums them, then the same INSERT ... ON CONFLICT DO UPDATE.
 """
@@ -67,6 +65,7 @@ _FIELDS = ", ".join(_field(i, name) for i, name in enumerate(EVENT_COLUMNS))
 # writing the same rows wait for each other instead of deadlocking. The data-modifying CTEs run exactly
 # once whatever the final SELECT reads.
 # The lines split at their newlines: JSON text holds none raw (orjson escapes every control character).
+# MATERIALIZED, so each line is parsed once: inlined, every field's `line->>i` parsed its line again.
 _PG_WRITE = f"""
 WITH lines AS MATERIALIZED (
     SELECT raw::jsonb AS line FROM unnest(string_to_array(convert_from($1, 'UTF8'), E'\\n')) AS raw
@@ -133,7 +132,7 @@ def _prepare(events: Sequence[UsageEvent]) -> list[UsageEvent]:
 
 
 async def _write_postgres(conn: AsyncConnection, batch: Batch) -> int:
-    # asyncpg directly: the lines go as bytes, not decoded to be encoded again.
+    # asyncpg directly: one cached prepared statement, the lines passed as the bytes they are.
     pg = (await conn.get_raw_connection()).driver_connection
     assert pg is not None, "a checked-out connection has a driver connection"
     inserted: int = await pg.fetchval(_PG_WRITE, batch.data)
