@@ -91,6 +91,8 @@ class Target:
     kind: str  # direct | passthrough | litellm | gateway
     metering: bool = False
     workers: int = 1
+    # The gateway's environment beyond the benchmark's own, which it overrides (bench/ab.py's variants).
+    env: tuple[tuple[str, str], ...] = ()
 
     @property
     def client_key(self) -> str:
@@ -176,6 +178,7 @@ class Runner:
                 "GATEWAY_LOG_LEVEL": "info",
                 "GATEWAY_DATA_DIR": str(self.run_dir / f"data-{target.key}"),
                 "GATEWAY_SHUTDOWN_TIMEOUT_S": "10",
+                **dict(target.env),
             }
             cmd = [str(GATEWAY_BIN), "serve", "--port", str(port), "--workers", str(target.workers)]
             cpus = PROXY_CPUS if target.workers == 1 else WORKERS2_CPUS
@@ -450,7 +453,7 @@ class Runner:
         samples: dict[tuple[str, str], list[tuple[float, float, float, float]]],
     ) -> None:
         """One round of the alternated runs: a fresh set of gateways, each load on each in turn."""
-        with self._round(i, compared, origin, upstream_port, f"ab{i}", stream=False) as started:
+        with self.fresh_round(i, compared, origin, upstream_port, f"ab{i}", stream=False) as started:
             for load, client, conns in AB_LOADS:
                 sides = [s for s in started if not (client == "py" and s[0] is GW_W2)]
                 got = self.interleaved(
@@ -493,7 +496,7 @@ class Runner:
         return {target: summed(runs) for target, runs in slices.items()}
 
     @contextlib.contextmanager
-    def _round(
+    def fresh_round(
         self, i: int, targets: Sequence[Target], origin: str, upstream_port: int, phase: str, *, stream: bool
     ) -> Iterator[list[tuple[Target, Proc | None, int]]]:
         """Round `i` of an alternated comparison: each target started afresh and warmed up, given in the
@@ -527,7 +530,9 @@ class Runner:
         what = "streams" if stream else "requests"
         try:
             for i in range(AB_ROUNDS):
-                with self._round(i, pair, origin, upstream_port, f"{phase}{i}", stream=stream) as started:
+                with self.fresh_round(
+                    i, pair, origin, upstream_port, f"{phase}{i}", stream=stream
+                ) as started:
                     for client in ("wrk", "py"):
                         got = self.interleaved(f"alternated {what}, {client}", started, client, 32, stream)
                         for target, w in got.items():
