@@ -10,16 +10,18 @@ Postgres: one statement. The batch's lines (events.py) go as they are, one bytea
 statement splits them, takes the fields out of each line, inserts the events and adds the rows it
 inserted to usage_daily, atomically as any single statement is. The gateway encodes nothing per row
 (asyncpg's encoding of each event's fields cost it ~1.6 us an event), and a batch is one round trip
-besides the pool's ping: each round trip waits for a pass of the gateway's event loop, which under load
-takes milliseconds (a COPY into a temp table in a transaction took seven, and more of Postgres's CPU;
-docs/performance-log.md, "Twentieth round"). Summing the rollup in that statement instead of in Python
-keeps the aggregation off the gateway's event loop.
+(on a connection the recorder keeps, `UsageWriter`, without the pool's ping): each round trip waits for
+a pass of the gateway's event loop, which under load takes milliseconds (a COPY into a temp table in a
+transaction took seven, and more of Postgres's CPU; docs/performance-log.md, "Twentieth round").
+Summing the rollup in that statement instead of in Python keeps the aggregation off the gateway's event
+loop.
 SQLite (no data-modifying CTEs): the lines are parsed here, the inserted request_ids come back and Python
 sums them, then the same INSERT ... ON CONFLICT DO UPDATE.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from datetime import UTC, date
 from typing import Any
@@ -97,15 +99,68 @@ async def write_batch(engine: AsyncEngine, batch: Batch) -> int:
     """Insert the events not stored yet and add exactly those to usage_daily, in one transaction.
     Returns how many were inserted."""
     async with engine.connect() as conn:
+        return await _write(conn, batch)
+
+
+class UsageWriter:
+    """write_batch for a steady stream of batches (the recorder's): on connections kept from one write
+    to the next, up to `keep` of them, rather than each checked out of the pool for its write.
+
+    On Postgres the pool pings a connection at each checkout, and asyncpg's ping is three round trips
+    (BEGIN, the ping, ROLLBACK) before the write's one, each waiting for a pass of the gateway's event
+    loop. At 256 connections of load that made most writes outlast the recorder's hedge (half a flush
+    interval), so most batches were also copied to the spool, fsynced and deleted (docs/performance-log.md,
+    "Twenty-second round"). A write that fails on a kept connection for any reason but its rows (the
+    server closed it while it was kept: a restart, an idle timeout) is made once more on a connection
+    from the pool, pinged; a write inserts nothing twice. SQLite's pool does not ping: there each write
+    checks out a connection, as write_batch does."""
+
+    def __init__(self, engine: AsyncEngine, keep: int) -> None:
+        self._engine = engine
+        self._keep = keep if engine.dialect.name == "postgresql" else 0
+        self._kept: list[AsyncConnection] = []
+
+    async def write(self, batch: Batch) -> int:
+        """write_batch's insert; raises as it does."""
+        if self._kept:
+            try:
+                return await self._write_on(self._kept.pop(), batch)
+            except Exception as exc:
+                if is_rejected_data(exc):
+                    raise
+        return await self._write_on(await self._engine.connect(), batch)
+
+    async def close(self) -> None:
+        """Give the kept connections back to the pool (before the engine is disposed of)."""
+        kept, self._kept = self._kept, []
+        for conn in kept:
+            # One the server has dropped is discarded by the pool all the same.
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def _write_on(self, conn: AsyncConnection, batch: Batch) -> int:
         try:
-            if conn.dialect.name == "postgresql":
-                return await _write_postgres(conn, batch)
-            return await _write_sqlite(conn, _prepare(batch.events()))
+            inserted = await _write(conn, batch)
         except BaseException:
-            # The connection may be mid-statement (a timeout cancelled us) or in an aborted transaction;
-            # it must not go back to the pool.
-            await conn.invalidate()
+            await conn.close()
             raise
+        if len(self._kept) < self._keep:
+            self._kept.append(conn)
+        else:
+            await conn.close()
+        return inserted
+
+
+async def _write(conn: AsyncConnection, batch: Batch) -> int:
+    try:
+        if conn.dialect.name == "postgresql":
+            return await _write_postgres(conn, batch)
+        return await _write_sqlite(conn, _prepare(batch.events()))
+    except BaseException:
+        # The connection may be mid-statement (a timeout cancelled us) or in an aborted transaction;
+        # it must not go back to the pool.
+        await conn.invalidate()
+        raise
 
 
 def is_rejected_data(exc: BaseException) -> bool:

@@ -42,7 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db.events import Batch
 from app.db.migrate import BEHIND, is_schema_error
-from app.db.usage_writer import is_rejected_data, write_batch
+from app.db.usage_writer import UsageWriter, is_rejected_data
 from app.metering.spool import HeldCopy, Spool
 
 log = logging.getLogger("gateway.metering.recorder")
@@ -68,7 +68,8 @@ class Recorder:
         spool_after_s: float | None = None,
         schema_behind_logged: bool = False,
     ) -> None:
-        self._engine = engine
+        # A connection kept for each write that can be in flight, and one for the replay.
+        self._usage = UsageWriter(engine, keep=concurrent_writes + 1)
         self._spool = Spool(spool_dir)
         self._max_queue = max_queue
         self._batch_size = batch_size
@@ -175,6 +176,7 @@ class Recorder:
             if batch.size:
                 await self._spool_batch(batch)
         await asyncio.to_thread(self._spool.seal)
+        await self._usage.close()
 
     def queue_depth(self) -> int:
         return self._queued
@@ -327,7 +329,7 @@ class Recorder:
         """Write a batch, rejecting the events the database refuses; raises when it is unavailable."""
         try:
             async with asyncio.timeout(self._write_timeout_s):
-                inserted = await write_batch(self._engine, batch)
+                inserted = await self._usage.write(batch)
         except Exception as exc:
             if not is_rejected_data(exc):
                 raise
@@ -337,7 +339,7 @@ class Recorder:
                 for half in batch.halves():
                     await self._store(half)
         else:
-            # Not `+= await write_batch(...)`, which reads the counter before the await and so loses
+            # Not `+= await self._usage.write(...)`, which reads the counter before the await and so loses
             # what the other task (writer or replay) added meanwhile.
             self.events_written += inserted
             # Written: should the schema fall behind again, that is news again.

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import func, select, text
+from sqlalchemy import event, func, select, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
@@ -28,8 +28,7 @@ from app.db.events import Batch, UsageEvent, epoch_us, usd_to_cost
 from app.db.migrate import upgrade
 from app.db.models import metadata, usage_daily, usage_events
 from app.db.partitions import alembic_include_object
-from app.db.usage_writer import TABLE_COLUMNS
-from app.metering import recorder as recorder_module
+from app.db.usage_writer import TABLE_COLUMNS, UsageWriter
 from app.metering.pricing import Priced
 from app.metering.recorder import Recorder
 from app.metering.spool import REJECTED_FILE, Spool
@@ -260,13 +259,13 @@ async def test_a_burst_is_written_in_batches_of_at_most_batch_size(
     """Events queued faster than they are written wait as full batches: a write never grows with the
     backlog (a bigger one would take longer than the write timeout allows)."""
     sizes: list[int] = []
-    real_write = recorder_module.write_batch
+    real_write = UsageWriter.write
 
-    async def observed_write(engine: AsyncEngine, batch: Batch) -> int:
+    async def observed_write(self: UsageWriter, batch: Batch) -> int:
         sizes.append(batch.size)
-        return await real_write(engine, batch)
+        return await real_write(self, batch)
 
-    monkeypatch.setattr(recorder_module, "write_batch", observed_write)
+    monkeypatch.setattr(UsageWriter, "write", observed_write)
     recorder = make_recorder(engine, batch_size=10)
     await recorder.start()
     events = varied_events(95)
@@ -333,6 +332,48 @@ async def test_usage_daily_equals_the_sums_of_usage_events(
     async with engine.connect() as conn:
         days = (await conn.execute(select(func.count(func.distinct(usage_daily.c.day))))).scalar_one()
     assert days == 4
+
+
+async def test_the_recorder_keeps_its_connection_from_one_write_to_the_next(
+    engine: AsyncEngine, make_recorder: Callable[..., Recorder]
+) -> None:
+    """A checkout costs a write the pool's ping, three more round trips: one checkout for five batches,
+    and the connection back in the pool once the recorder is closed."""
+    checkouts: list[object] = []
+    event.listen(engine.sync_engine, "checkout", lambda *args: checkouts.append(args))
+    recorder = make_recorder(engine, batch_size=10)
+    await recorder.start()
+    events = varied_events(50)
+    for first in range(0, len(events), 10):
+        for e in events[first : first + 10]:
+            recorder.submit(e.to_line())
+
+        async def batch_written(written: int = first + 10) -> bool:
+            return recorder.events_written == written
+
+        await eventually(batch_written)
+    assert len(checkouts) == 1
+    assert engine.sync_engine.pool.checkedout() == 1  # type: ignore[attr-defined]
+    await recorder.close(5)
+    assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert await stored(engine) == {e.request_id: as_row(e) for e in events}
+
+
+async def test_a_kept_connection_the_server_closed_loses_no_write(engine: AsyncEngine, pg_url: str) -> None:
+    """Closed by the server while kept (a restart, an idle timeout): the write is made again on a
+    connection from the pool, and lands once."""
+    writer = UsageWriter(engine, keep=1)
+    first, second = make_event(), make_event()
+    assert await writer.write(Batch.of([first])) == 1
+    await _admin(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        f" WHERE datname = '{make_url(pg_url).database}' AND pid <> pg_backend_pid()"
+    )
+    assert await writer.write(Batch.of([first, second])) == 1
+    assert await stored(engine) == {e.request_id: as_row(e) for e in (first, second)}
+    await assert_rollup_matches_events(engine)
+    await writer.close()
+    assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
 async def test_outage_spools_then_replays_every_event_exactly_once(
